@@ -1,0 +1,145 @@
+/*
+ * dualblade: KV-cache residency for llama.cpp (DUAL-BLADE, arXiv:2604.26557).
+ *
+ * Every layer's K/V lives in one of three places: pinned in RAM, on the page-cache path (a
+ * MAP_SHARED file extent) or on the direct path (O_DIRECT to a block-aligned extent).
+ *
+ * Conventions (as liburing): opaque handles, functions return 0 or a negative errno,
+ * nothing but what this header declares is exported.
+ *
+ * Two sides use this API:
+ *  - the embedding program (the Python package): creates a session with a config, binds it to
+ *    the calling thread while it creates a llama_context, reads statistics;
+ *  - the patched llama.cpp: each llama_kv_cache opens a cache handle with its geometry while the
+ *    session is bound, and closes it when destroyed. An unbound thread gets no handle and
+ *    llama.cpp behaves exactly as stock.
+ */
+#ifndef DUALBLADE_H
+#define DUALBLADE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#    define DBLADE_API
+#else
+#    define DBLADE_API __attribute__((visibility("default")))
+#endif
+
+/* Bumped whenever a struct below changes layout; the Python binding checks it. */
+#define DBLADE_ABI_VERSION 1
+
+enum dblade_path {
+    DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
+    DBLADE_PATH_MMAP   = 1, /* page-cache path: MAP_SHARED extent of a file */
+    DBLADE_PATH_DIRECT = 2, /* direct path: O_DIRECT to a contiguous aligned extent */
+};
+
+enum dblade_policy {
+    DBLADE_POLICY_RAM    = 0, /* stock: every layer pinned */
+    DBLADE_POLICY_MMAP   = 1, /* what does not fit the budget goes on the page-cache path */
+    DBLADE_POLICY_DIRECT = 2, /* what does not fit the budget goes on the direct path */
+    DBLADE_POLICY_AUTO   = 3, /* per layer, from the memory actually available */
+};
+
+#define DBLADE_BUDGET_UNLIMITED UINT64_MAX
+
+struct dblade_config {
+    uint32_t     policy;       /* enum dblade_policy */
+    uint32_t     flags;        /* reserved, 0 */
+    uint64_t     budget_bytes; /* pinned + staging bytes allowed; DBLADE_BUDGET_UNLIMITED for none */
+    const char * kv_dir;       /* directory for the KV file, or NULL */
+    const char * kv_device;    /* block device for the KV, or NULL */
+};
+
+/* One layer of one llama_kv_cache, as the cache allocates it. */
+enum dblade_layer_flags {
+    DBLADE_LAYER_SWA = 1u << 0, /* sliding-window layer */
+};
+
+struct dblade_layer_desc {
+    int32_t  il;          /* layer index in the model */
+    uint32_t flags;       /* enum dblade_layer_flags */
+    uint32_t n_rows;      /* cells (kv_size) */
+    uint32_t n_stream;
+    uint64_t k_bytes;     /* whole K tensor */
+    uint64_t v_bytes;     /* whole V tensor (0 for MLA) */
+    uint64_t k_row_bytes; /* one cell of K */
+    uint64_t v_row_bytes; /* one cell of V (row of the untransposed layout) */
+};
+
+struct dblade_cache_desc {
+    const char *                     name;     /* "" or the llama.cpp name tag ("swa_") */
+    uint32_t                         type_k;   /* ggml_type */
+    uint32_t                         type_v;   /* ggml_type */
+    uint32_t                         v_trans;  /* V stored transposed (flash attention off) */
+    uint32_t                         n_layers;
+    const struct dblade_layer_desc * layers;
+};
+
+/* The placement and counters of one layer, as reported to the user. */
+struct dblade_layer_stats {
+    int32_t  il;
+    uint32_t path;           /* enum dblade_path */
+    uint64_t bytes;          /* K + V */
+    uint64_t resident_bytes; /* bytes in RAM now */
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    uint64_t io_wait_ns;
+};
+
+struct dblade_stats {
+    uint32_t policy;
+    uint32_t n_layers;
+    uint64_t budget_bytes;
+    uint64_t kv_bytes_total;
+    uint64_t resident_bytes;
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    uint64_t io_wait_ns;
+};
+
+struct dblade_session;
+struct dblade_cache;
+
+DBLADE_API int          dblade_abi_version(void);
+DBLADE_API const char * dblade_path_name(uint32_t path);
+DBLADE_API const char * dblade_policy_name(uint32_t policy);
+
+/* --- placement plan: geometry + budget -> a path per layer (also what `dualblade info` prints) --- */
+
+/*
+ * layer_bytes[i]: K+V bytes of layer i. Writes paths[i] and, if staging_bytes is not NULL, the
+ * memory the direct path needs for its staging. Returns 0, -EINVAL, or -ENOMEM when the budget is
+ * below the minimum working set (then *staging_bytes holds that minimum).
+ */
+DBLADE_API int dblade_plan(uint32_t policy, uint64_t budget_bytes, uint32_t n_layers,
+                           const uint64_t * layer_bytes, uint32_t * paths, uint64_t * staging_bytes);
+
+/* --- session: what one llama_context's KV caches belong to --- */
+
+DBLADE_API int  dblade_session_create(const struct dblade_config * cfg, struct dblade_session ** out);
+/* Drops the caller's reference; caches still open keep the session alive until they close. */
+DBLADE_API void dblade_session_release(struct dblade_session * s);
+/* Caches opened by this thread from now on belong to s (NULL unbinds). */
+DBLADE_API int  dblade_session_bind(struct dblade_session * s);
+
+DBLADE_API int dblade_session_stats(struct dblade_session * s, struct dblade_stats * out);
+/* Fills up to cap layers sorted by il; returns the number of layers the session has. */
+DBLADE_API int dblade_session_layers(struct dblade_session * s, struct dblade_layer_stats * out, uint32_t cap);
+
+/* --- cache: called by the patched llama.cpp --- */
+
+/* With no session bound to this thread, returns 0 and sets *out to NULL: stock behaviour. */
+DBLADE_API int  dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache ** out);
+DBLADE_API void dblade_cache_close(struct dblade_cache * c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DUALBLADE_H */
