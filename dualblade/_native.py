@@ -1,0 +1,180 @@
+"""ctypes bindings to libdualblade, the C residency module (native/include/dualblade.h).
+
+libdualblade is reached through the handle of the libllama that llama_cpp loaded: the patched
+libllama links it, so this is the very instance llama.cpp calls. A stock libllama does not link it,
+which is how a llama_cpp replaced by a stock llama-cpp-python install is detected.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
+
+ABI_VERSION = 1
+
+PATHS = ("ram", "mmap", "direct")
+POLICIES = ("ram", "mmap", "direct", "auto")
+BUDGET_UNLIMITED = (1 << 64) - 1
+
+
+class NativeError(RuntimeError):
+    """libdualblade is missing, of another version, or failed."""
+
+
+class Config(ctypes.Structure):
+    _fields_ = [
+        ("policy", c_uint32),
+        ("flags", c_uint32),
+        ("budget_bytes", c_uint64),
+        ("kv_dir", c_char_p),
+        ("kv_device", c_char_p),
+    ]
+
+
+class LayerStats(ctypes.Structure):
+    _fields_ = [
+        ("il", c_int32),
+        ("path", c_uint32),
+        ("bytes", c_uint64),
+        ("resident_bytes", c_uint64),
+        ("bytes_read", c_uint64),
+        ("bytes_written", c_uint64),
+        ("io_wait_ns", c_uint64),
+    ]
+
+
+class Stats(ctypes.Structure):
+    _fields_ = [
+        ("policy", c_uint32),
+        ("n_layers", c_uint32),
+        ("budget_bytes", c_uint64),
+        ("kv_bytes_total", c_uint64),
+        ("resident_bytes", c_uint64),
+        ("bytes_read", c_uint64),
+        ("bytes_written", c_uint64),
+        ("io_wait_ns", c_uint64),
+    ]
+
+
+_lib = None
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded libdualblade (through libllama), with prototypes set; raises NativeError."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    import llama_cpp.llama_cpp as llama_cpp_lib  # loads libllama
+
+    handle = llama_cpp_lib._lib
+    path = getattr(handle, "_name", "libllama")
+    try:
+        handle.dblade_abi_version  # noqa: B018  (dlsym through libllama's dependencies)
+    except AttributeError:
+        raise NativeError(f"the llama_cpp library in use ({path}) is not dualblade's patched build "
+                          "(was llama-cpp-python installed over it?); reinstall dualblade: "
+                          "pip install --force-reinstall --no-deps dualblade") from None
+    handle.dblade_abi_version.restype = c_int
+    handle.dblade_abi_version.argtypes = []
+    if handle.dblade_abi_version() != ABI_VERSION:
+        raise NativeError(f"libdualblade ABI {handle.dblade_abi_version()} does not match this Python package "
+                          f"(ABI {ABI_VERSION}); reinstall dualblade so both come from one build")
+    protos = {
+        "dblade_plan": (c_int, [c_uint32, c_uint64, c_uint32, POINTER(c_uint64), POINTER(c_uint32),
+                                POINTER(c_uint64)]),
+        "dblade_session_create": (c_int, [POINTER(Config), POINTER(c_void_p)]),
+        "dblade_session_release": (None, [c_void_p]),
+        "dblade_session_bind": (c_int, [c_void_p]),
+        "dblade_session_stats": (c_int, [c_void_p, POINTER(Stats)]),
+        "dblade_session_layers": (c_int, [c_void_p, POINTER(LayerStats), c_uint32]),
+    }
+    for name, (res, args) in protos.items():
+        fn = getattr(handle, name)
+        fn.restype, fn.argtypes = res, args
+    _lib = handle
+    return _lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        import os
+
+        raise NativeError(f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+def plan(policy: str, budget_bytes: int | None, layer_bytes: list[int]) -> tuple[list[str], int]:
+    """The C module's placement plan: a path per layer and the staging bytes of the direct path.
+
+    Raises MemoryError naming the minimum budget when budget_bytes is below the working set.
+    """
+    n = len(layer_bytes)
+    arr = (c_uint64 * max(n, 1))(*layer_bytes)
+    paths = (c_uint32 * max(n, 1))()
+    staging = c_uint64()
+    budget = BUDGET_UNLIMITED if budget_bytes is None else budget_bytes
+    rc = lib().dblade_plan(POLICIES.index(policy), budget, n, arr, paths, ctypes.byref(staging))
+    if rc == -12:  # ENOMEM: below the minimum working set
+        raise MemoryError(staging.value)
+    _check(rc, "placement plan")
+    return [PATHS[paths[i]] for i in range(n)], staging.value
+
+
+class Session:
+    """One Llama object's residency state in the C module."""
+
+    def __init__(self, policy: str, budget_bytes: int | None, kv_dir: str | None, kv_device: str | None):
+        self._kv_dir = kv_dir.encode() if kv_dir else None
+        self._kv_device = kv_device.encode() if kv_device else None
+        cfg = Config(POLICIES.index(policy), 0, BUDGET_UNLIMITED if budget_bytes is None else budget_bytes,
+                     self._kv_dir, self._kv_device)
+        h = c_void_p()
+        self._lib = lib()
+        _check(self._lib.dblade_session_create(ctypes.byref(cfg), ctypes.byref(h)), "creating the KV session")
+        self._h = h
+
+    @contextlib.contextmanager
+    def bound(self):
+        """KV caches created by this thread inside the block belong to this session."""
+        self._lib.dblade_session_bind(self._h)
+        try:
+            yield self
+        finally:
+            self._lib.dblade_session_bind(None)
+
+    def stats(self) -> dict:
+        st = Stats()
+        _check(self._lib.dblade_session_stats(self._h, ctypes.byref(st)), "reading KV stats")
+        n = _check(self._lib.dblade_session_layers(self._h, None, 0), "reading KV layers")
+        layers = (LayerStats * max(n, 1))()
+        n = min(n, _check(self._lib.dblade_session_layers(self._h, layers, n), "reading KV layers"))
+        return {
+            "policy": POLICIES[st.policy],
+            "budget_bytes": None if st.budget_bytes == BUDGET_UNLIMITED else st.budget_bytes,
+            "kv_bytes_total": st.kv_bytes_total,
+            "resident_bytes": st.resident_bytes,
+            "offloaded_bytes": st.kv_bytes_total - st.resident_bytes,
+            "bytes_read": st.bytes_read,
+            "bytes_written": st.bytes_written,
+            "io_wait_s": st.io_wait_ns / 1e9,
+            "layers": [
+                {
+                    "layer": layers[i].il,
+                    "path": PATHS[layers[i].path],
+                    "bytes": layers[i].bytes,
+                    "resident_bytes": layers[i].resident_bytes,
+                    "bytes_read": layers[i].bytes_read,
+                    "bytes_written": layers[i].bytes_written,
+                    "io_wait_s": layers[i].io_wait_ns / 1e9,
+                }
+                for i in range(n)
+            ],
+        }
+
+    def release(self) -> None:
+        if getattr(self, "_h", None):
+            self._lib.dblade_session_release(self._h)
+            self._h = None
+
+    def __del__(self):
+        self.release()
