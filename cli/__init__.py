@@ -1,0 +1,1 @@
+"""The dualblade command line (typer + rich): presentation only; the logic is in dualblade/."""

@@ -1,0 +1,134 @@
+"""The `dualblade` command: flags in, the same objects the Python API takes, rich output out.
+
+Every error a user can cause ends as one line on stderr, `dualblade: error: <problem>; <fix>`,
+and a non-zero exit; `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+# typer >= 0.2x carries its own copy of click; older ones use the click package
+try:
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer
+    import click
+
+_ABORT = getattr(click.exceptions, "Abort", KeyboardInterrupt)
+
+app = typer.Typer(
+    name="dualblade",
+    help="Long-context LLM chat past the RAM limit: the KV cache in RAM, page cache or O_DIRECT storage.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Policy(str, Enum):
+    auto = "auto"
+    ram = "ram"
+    mmap = "mmap"
+    direct = "direct"
+
+
+class CacheType(str, Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+    q4_0 = "q4_0"
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show a traceback on errors.")):
+    """dualblade: llama.cpp chat whose KV cache may exceed RAM (DUAL-BLADE, arXiv:2604.26557)."""
+
+
+ModelArg = typer.Argument(None, help="GGUF model file (default: the bundled Gemma-3-270M Q4_K_M).",
+                          show_default=False)
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = ModelArg,
+    mem_budget: Optional[str] = typer.Option(None, "--mem-budget", "-m",
+                                             help="Memory for pinned KV + staging, e.g. 2G, 512MiB."),
+    ctx_size: int = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per reply."),
+    temp: float = typer.Option(0.7, "--temp", help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(-1, "--seed", help="RNG seed (-1 = random)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+    policy: Policy = typer.Option(Policy.ram, "--policy", help="Where KV that exceeds the budget goes."),
+    kv_dir: Optional[Path] = typer.Option(None, "--kv-dir", help="Directory for the KV file."),
+    kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
+    cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    stats: Optional[bool] = typer.Option(None, "--stats/--no-stats",
+                                         help="Status line after each reply (default: on in a terminal)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what was chosen and why (DUALBLADE_LLAMA_LOG=1 adds llama.cpp's logs)."),
+):
+    """Chat with a model; type /help for commands. Reads lines from a pipe too."""
+    from .chat import ChatOptions, run_chat
+
+    run_chat(ChatOptions(model=model, mem_budget=mem_budget, ctx_size=ctx_size, max_tokens=max_tokens,
+                         temp=temp, seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir,
+                         kv_device=kv_device, cache_type=cache_type.value, system=system, stats=stats,
+                         verbose=verbose))
+
+
+@app.command()
+def info(
+    model: Optional[Path] = ModelArg,
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c",
+                                           help="Context size (default: the model's training context)."),
+    mem_budget: Optional[str] = typer.Option(None, "--mem-budget", "-m", help="Budget to plan for, e.g. 2G."),
+    policy: Policy = typer.Option(Policy.direct, "--policy", help="Policy to plan for."),
+    cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV type of the plan."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+):
+    """Read a GGUF header (no weights) and show KV geometry, sizes and the placement plan."""
+    from .info import run_info
+
+    run_info(model, ctx_size, mem_budget, policy.value, cache_type.value, as_json)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    msg = " ".join(str(msg).split())  # one line
+    print(f"dualblade: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DUALBLADE_DEBUG") == "1"
+    try:
+        rc = app(args=argv, prog_name="dualblade", standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except SystemExit:
+        raise
+    except click.exceptions.NoArgsIsHelpError:
+        sys.exit(0)  # the help was printed
+    except click.exceptions.UsageError as e:
+        where = f"; see 'dualblade {e.ctx.info_name} --help'" if e.ctx and e.ctx.info_name != "dualblade" \
+            else "; see 'dualblade --help'"
+        _fail(e.format_message().rstrip(".") + where, 2)
+    except (_ABORT, KeyboardInterrupt):
+        print(file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if debug:
+            raise
+        from dualblade.errors import DualbladeError
+
+        if isinstance(e, (DualbladeError, ValueError, OSError, NotImplementedError, MemoryError, RuntimeError)):
+            _fail(str(e) or type(e).__name__)
+        _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback and report it)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""`dualblade chat`: a streaming terminal chat, or a line-by-line responder on a pipe."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from dualblade.errors import ConfigError, DualbladeError, ModelError
+from dualblade.gguf_header import GGML_TYPE_IDS
+from dualblade.models import chat_format_for
+from dualblade.sizes import format_size
+
+from .common import check_ctx, resolve_model
+
+HELP = """commands:
+  /stats   KV placement and counters
+  /reset   forget the conversation
+  /help    this text
+  /exit    quit (or Ctrl-D); Ctrl-C stops a reply"""
+
+# tokens a chat format adds around one message (turn markers); an over-estimate keeps us in context
+_TURN_OVERHEAD = 8
+
+
+@dataclass
+class ChatOptions:
+    model: Optional[Path]
+    mem_budget: Optional[str]
+    ctx_size: int
+    max_tokens: int
+    temp: float
+    seed: int
+    threads: Optional[int]
+    policy: str
+    kv_dir: Optional[Path]
+    kv_device: Optional[Path]
+    cache_type: str
+    system: Optional[str]
+    stats: Optional[bool]
+    verbose: bool
+
+
+class Chat:
+    """The conversation: history within the context, one streamed reply at a time."""
+
+    def __init__(self, llm, opts: ChatOptions, chat_format: Optional[str], out, err: Console, status: bool):
+        self.llm, self.opts, self.format = llm, opts, chat_format
+        self.out, self.err, self.show_status = out, err, status
+        self.messages: list[dict] = []
+        self._tokens: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.llm.reset()
+
+    def _count(self, msg: dict) -> int:
+        key = msg["content"]
+        if key not in self._tokens:
+            self._tokens[key] = len(self.llm.tokenize(msg["content"].encode(), add_bos=False, special=False))
+        return self._tokens[key] + _TURN_OVERHEAD
+
+    def _request(self) -> list[dict]:
+        """The messages to send: the system prompt, then as much recent history as fits."""
+        msgs = list(self.messages)
+        system = self.opts.system
+        if system and self.format == "gemma":
+            # Gemma has no system role: its convention is to lead the first user turn with it
+            first = {"role": "user", "content": f"{system}\n\n{msgs[0]['content']}"}
+            msgs = [first] + msgs[1:] if msgs else msgs
+            system = None
+        room = self.llm.n_ctx() - self.opts.max_tokens - _TURN_OVERHEAD
+        head = [{"role": "system", "content": system}] if system else []
+        used = sum(self._count(m) for m in head)
+        keep: list[dict] = []
+        for m in reversed(msgs):
+            c = self._count(m)
+            if used + c > room:
+                break
+            keep.insert(0, m)
+            used += c
+        if not keep or keep[-1] is not msgs[-1]:
+            raise ConfigError(f"the message is too long for the context ({self._count(msgs[-1])} tokens, "
+                              f"{max(room, 0)} free after --max-tokens); raise --ctx-size or lower --max-tokens")
+        while keep and keep[0]["role"] != "user":  # a conversation restarts on a user turn
+            keep.pop(0)
+        return head + keep
+
+    def reply(self, text: str, live: bool) -> str:
+        self.messages.append({"role": "user", "content": text})
+        try:
+            request = self._request()
+        except ConfigError:
+            self.messages.pop()
+            raise
+        before = self.llm.counters()
+        t0 = time.perf_counter()
+        t_first = None
+        parts: list[str] = []
+        progress = _PromptProgress(self.err) if live else None
+        self.llm.eval_progress = progress.update if progress else None
+        stream = self.llm.create_chat_completion(messages=request, stream=True, max_tokens=self.opts.max_tokens,
+                                                 temperature=self.opts.temp,
+                                                 seed=self.opts.seed if self.opts.seed >= 0 else None)
+        interrupted = False
+        try:
+            for chunk in stream:
+                delta = chunk["choices"][0]["delta"].get("content")
+                if not delta:
+                    continue
+                if t_first is None:
+                    delta = delta.lstrip()
+                    if not delta:
+                        continue
+                    t_first = time.perf_counter()
+                    if progress:
+                        progress.stop()
+                parts.append(delta)
+                self.out.write(delta)
+                self.out.flush()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            stream.close()
+            if progress:
+                progress.stop()
+            self.llm.eval_progress = None
+        answer = "".join(parts)
+        self.out.write("\n")
+        self.out.flush()
+        if interrupted:
+            self.err.print("[dim][reply stopped][/dim]")
+        self.messages.append({"role": "assistant", "content": answer})
+        if self.show_status:
+            self._status(before, t0, t_first)
+        return answer
+
+    def _status(self, before: dict, t0: float, t_first: Optional[float]) -> None:
+        after = self.llm.counters()
+        generated = after["sampled"] - before["sampled"]
+        prompt = after["eval_tokens"] - before["eval_tokens"] - max(generated - 1, 0)
+        t_end = time.perf_counter()
+        rate = (generated - 1) / (t_end - t_first) if t_first and generated > 1 and t_end > t_first else 0.0
+        st = self.llm.kv_stats()
+        self.err.print(f"[dim]{prompt} prompt tok, {generated} generated, {rate:.1f} tok/s, "
+                       f"first token {((t_first or t_end) - t0):.2f} s, KV {format_size(st['resident_bytes'])} "
+                       f"resident / {format_size(st['offloaded_bytes'])} offloaded[/dim]", soft_wrap=True)
+
+    def print_stats(self, console: Console) -> None:
+        st = self.llm.kv_stats()
+        budget = "none" if st["budget_bytes"] is None else format_size(st["budget_bytes"])
+        t = Table(title=f"KV cache: policy {st['policy']}, budget {budget}")
+        for c in ("layer", "path", "size", "resident", "read", "written", "io wait"):
+            t.add_column(c, justify="left" if c == "path" else "right")
+        for l in st["layers"]:
+            t.add_row(str(l["layer"]), l["path"], format_size(l["bytes"]), format_size(l["resident_bytes"]),
+                      format_size(l["bytes_read"]), format_size(l["bytes_written"]), f"{l['io_wait_s']:.3f} s")
+        t.add_section()
+        t.add_row("all", "", format_size(st["kv_bytes_total"]), format_size(st["resident_bytes"]),
+                  format_size(st["bytes_read"]), format_size(st["bytes_written"]), f"{st['io_wait_s']:.3f} s")
+        console.print(t)
+
+
+class _PromptProgress:
+    """A progress line on stderr while a long prompt is evaluated (more than one batch)."""
+
+    def __init__(self, err: Console):
+        self.err, self._progress, self._task = err, None, None
+
+    def update(self, done: int, total: int) -> None:
+        if self._progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self._progress = Progress(TextColumn("prompt"), BarColumn(), MofNCompleteColumn(),
+                                      console=self.err, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("prompt", total=total)
+        self._progress.update(self._task, completed=done, total=total)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def load(opts: ChatOptions, err: Console, live: bool):
+    """Validates every option, then loads the model; returns (llm, chat_format)."""
+    from dualblade import Llama
+    from dualblade.config import KVConfig
+
+    if not os.environ.get("DUALBLADE_LLAMA_LOG"):
+        _quiet_llama_logs()
+
+    path, info = resolve_model(opts.model)
+    check_ctx(opts.ctx_size, info)
+    if opts.max_tokens <= 0:
+        raise ConfigError(f"--max-tokens {opts.max_tokens} is not positive; give 1 or more")
+    if opts.max_tokens >= opts.ctx_size:
+        raise ConfigError(f"--max-tokens {opts.max_tokens} leaves no room for the prompt in a {opts.ctx_size}-token "
+                          "context; lower --max-tokens or raise --ctx-size")
+    if opts.temp < 0:
+        raise ConfigError(f"--temp {opts.temp} is negative; give 0 (greedy) or more")
+    if opts.threads is not None and opts.threads <= 0:
+        raise ConfigError(f"--threads {opts.threads} is not positive; give 1 or more")
+    # validated here, before the weights are read, with the same rules the API applies
+    KVConfig.from_args(opts.mem_budget, opts.policy, opts.kv_dir, opts.kv_device)
+
+    chat_format, why = chat_format_for(info)
+    flash = opts.cache_type != "f16"
+    if opts.verbose:
+        err.print(f"model: {path} ({info.arch}, {info.n_layer} layers)")
+        err.print(f"chat format: {chat_format or 'from the model'}: {why}")
+        if flash:
+            err.print(f"flash attention: on (the {opts.cache_type} V cache requires it)")
+    kwargs = dict(n_ctx=opts.ctx_size, n_threads=opts.threads or os.cpu_count() or 1,
+                  verbose=bool(os.environ.get("DUALBLADE_LLAMA_LOG")),
+                  chat_format=chat_format, flash_attn=flash, type_k=GGML_TYPE_IDS[opts.cache_type],
+                  type_v=GGML_TYPE_IDS[opts.cache_type], mem_budget=opts.mem_budget, kv_policy=opts.policy,
+                  kv_dir=str(opts.kv_dir) if opts.kv_dir else None,
+                  kv_device=str(opts.kv_device) if opts.kv_device else None)
+    if opts.seed >= 0:
+        kwargs["seed"] = opts.seed
+    try:
+        if live:
+            with err.status(f"loading {path.name} …"):
+                llm = Llama(str(path), **kwargs)
+        else:
+            llm = Llama(str(path), **kwargs)
+    except DualbladeError:
+        raise
+    except ValueError as e:
+        raise ModelError(f"llama.cpp could not load {path} ({e}); check that the file is complete and its "
+                         "architecture is supported") from None
+    return llm, chat_format
+
+
+_quiet_cb = None
+
+
+def _quiet_llama_logs() -> None:
+    """llama.cpp logs some warnings whatever llama_cpp's verbose says; DUALBLADE_LLAMA_LOG=1 shows them."""
+    global _quiet_cb
+    import ctypes
+
+    import llama_cpp
+
+    if _quiet_cb is None:
+        _quiet_cb = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_quiet_cb, ctypes.c_void_p(0))
+
+
+def run_chat(opts: ChatOptions) -> None:
+    interactive = sys.stdin.isatty()
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    llm, chat_format = load(opts, err, live=interactive and err.is_terminal)
+    try:
+        show = opts.stats if opts.stats is not None else interactive
+        chat = Chat(llm, opts, chat_format, sys.stdout, err, show)
+        if interactive:
+            _interactive(chat, err)
+        else:
+            _piped(chat, err)
+    finally:
+        llm.close()
+
+
+def _command(chat: Chat, line: str, console: Console) -> Optional[bool]:
+    """Runs a /command; True to quit, False if handled, None if the line is not a command."""
+    cmd = line.strip().lower()
+    if cmd in ("/exit", "/quit"):
+        return True
+    if cmd == "/reset":
+        chat.reset()
+        console.print("[dim]conversation cleared[/dim]")
+        return False
+    if cmd == "/stats":
+        chat.print_stats(console)
+        return False
+    if cmd == "/help":
+        console.print(HELP, highlight=False, markup=False)
+        return False
+    if cmd.startswith("/") and " " not in cmd:
+        console.print(f"unknown command {cmd}; /help lists them", markup=False)
+        return False
+    return None
+
+
+def _interactive(chat: Chat, err: Console) -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    out = Console(highlight=False)
+    out.print(f"[bold]dualblade chat[/bold] — /help for commands, Ctrl-D to quit", highlight=False)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit quits)")
+            continue
+        if not line.strip():
+            continue
+        r = _command(chat, line, out)
+        if r is True:
+            return
+        if r is False:
+            continue
+        try:
+            chat.reply(line, live=err.is_terminal)
+        except ConfigError as e:
+            err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+
+
+def _piped(chat: Chat, err: Console) -> None:
+    out = Console(highlight=False, no_color=True, soft_wrap=True)
+    for line in sys.stdin:
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        r = _command(chat, line, out)
+        if r is True:
+            return
+        if r is False:
+            continue
+        chat.reply(line, live=False)

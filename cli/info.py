@@ -1,0 +1,103 @@
+"""`dualblade info`: KV geometry and placement plan from a GGUF header alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from dualblade import _native
+from dualblade.config import KVConfig
+from dualblade.errors import BudgetError
+from dualblade.gguf_header import CACHE_TYPES
+from dualblade.sizes import format_size
+
+from .common import check_ctx, resolve_model
+
+
+def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Optional[str], policy: str,
+                 cache_type: str) -> dict:
+    path, info = resolve_model(model)
+    n_ctx = ctx_size if ctx_size is not None else (info.n_ctx_train or 4096)
+    check_ctx(n_ctx, info)
+    cfg = KVConfig.from_args(mem_budget, policy)
+    layer_bytes = info.layer_bytes(n_ctx, cache_type)
+    try:
+        paths, staging = _native.plan(cfg.policy, cfg.budget_bytes, layer_bytes)
+    except MemoryError as e:
+        raise BudgetError(f"memory budget {mem_budget} is below the minimum working set of the {policy} policy "
+                          f"at this context ({format_size(e.args[0])}); give --mem-budget "
+                          f"{-(-e.args[0] // 2**20)}M or more, or a smaller --ctx-size") from None
+    resident = sum(b for b, p in zip(layer_bytes, paths) if p == "ram")
+    return {
+        "model": str(path),
+        "name": info.name,
+        "architecture": info.arch,
+        "file_bytes": info.file_bytes,
+        "n_layer": info.n_layer,
+        "n_kv_layers": len(info.layers),
+        "n_ctx_train": info.n_ctx_train,
+        "n_ctx": n_ctx,
+        "n_embd": info.n_embd,
+        "n_head": info.n_head,
+        "n_head_kv": sorted(set(info.n_head_kv)),
+        "head_dim_k": info.head_dim_k,
+        "head_dim_v": info.head_dim_v,
+        "sliding_window": info.n_swa,
+        "swa_layers": [l.il for l in info.layers if l.swa],
+        "chat_template": bool(info.chat_template),
+        "cache_types": {
+            t: {"kv_bytes_per_token": info.kv_bytes_per_token(t), "kv_bytes_total": sum(info.layer_bytes(n_ctx, t))}
+            for t in CACHE_TYPES
+        },
+        "plan": {
+            "policy": cfg.policy,
+            "cache_type": cache_type,
+            "budget_bytes": cfg.budget_bytes,
+            "staging_bytes": staging,
+            "resident_bytes": resident,
+            "offloaded_bytes": sum(layer_bytes) - resident,
+            "layers": [{"layer": l.il, "swa": l.swa, "bytes": b, "path": p}
+                       for l, b, p in zip(info.layers, layer_bytes, paths)],
+        },
+    }
+
+
+def run_info(model, ctx_size, mem_budget, policy, cache_type, as_json) -> None:
+    r = build_report(model, ctx_size, mem_budget, policy, cache_type)
+    if as_json:
+        print(json.dumps(r, indent=1))
+        return
+    con = Console()
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_row("model", f"{r['name']}  ({r['model']}, {format_size(r['file_bytes'])})")
+    head.add_row("architecture", f"{r['architecture']}, {r['n_layer']} layers ({r['n_kv_layers']} with KV)")
+    heads_kv = "/".join(map(str, r["n_head_kv"]))
+    head.add_row("attention", f"{r['n_head']} heads, {heads_kv} KV heads, head dim K {r['head_dim_k']} / "
+                              f"V {r['head_dim_v']}")
+    if r["swa_layers"]:
+        head.add_row("sliding window", f"{r['sliding_window']} tokens on {len(r['swa_layers'])} layers "
+                                       f"(full-size cache, as llama-cpp-python allocates it)")
+    head.add_row("context", f"{r['n_ctx']} tokens (trained {r['n_ctx_train']})")
+    head.add_row("chat template", "yes" if r["chat_template"] else "none in the file")
+    con.print(head)
+
+    sizes = Table(title="KV cache size")
+    for c in ("type", "per token", f"at {r['n_ctx']} tokens"):
+        sizes.add_column(c, justify="right" if c != "type" else "left")
+    for t, v in r["cache_types"].items():
+        sizes.add_row(t, format_size(v["kv_bytes_per_token"]), format_size(v["kv_bytes_total"]))
+    con.print(sizes)
+
+    p = r["plan"]
+    budget = "no budget" if p["budget_bytes"] is None else f"budget {format_size(p['budget_bytes'])}"
+    plan = Table(title=f"Placement: policy {p['policy']}, {budget}, {p['cache_type']}")
+    for c in ("layer", "kind", "bytes", "path"):
+        plan.add_column(c, justify="right" if c in ("layer", "bytes") else "left")
+    for l in p["layers"]:
+        plan.add_row(str(l["layer"]), "window" if l["swa"] else "global", format_size(l["bytes"]), l["path"])
+    con.print(plan)
+    con.print(f"resident {format_size(p['resident_bytes'])}, offloaded {format_size(p['offloaded_bytes'])}, "
+              f"direct-path staging {format_size(p['staging_bytes'])}")
