@@ -63,9 +63,11 @@ def chat(
     temp: float = typer.Option(0.7, "--temp", help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(-1, "--seed", help="RNG seed (-1 = random)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
-    policy: Policy = typer.Option(Policy.ram, "--policy", help="Where KV that exceeds the budget goes."),
+    policy: Policy = typer.Option(Policy.auto, "--policy", help="Where KV that exceeds the budget goes."),
     kv_dir: Optional[Path] = typer.Option(None, "--kv-dir", help="Directory for the KV file."),
     kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
+    force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
+                                                      "(destroys what is there)."),
     cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     stats: Optional[bool] = typer.Option(None, "--stats/--no-stats",
@@ -77,7 +79,7 @@ def chat(
 
     run_chat(ChatOptions(model=model, mem_budget=mem_budget, ctx_size=ctx_size, max_tokens=max_tokens,
                          temp=temp, seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir,
-                         kv_device=kv_device, cache_type=cache_type.value, system=system, stats=stats,
+                         kv_device=kv_device, force=force, cache_type=cache_type.value, system=system, stats=stats,
                          verbose=verbose))
 
 
@@ -87,7 +89,7 @@ def info(
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c",
                                            help="Context size (default: the model's training context)."),
     mem_budget: Optional[str] = typer.Option(None, "--mem-budget", "-m", help="Budget to plan for, e.g. 2G."),
-    policy: Policy = typer.Option(Policy.direct, "--policy", help="Policy to plan for."),
+    policy: Policy = typer.Option(Policy.auto, "--policy", help="Policy to plan for."),
     cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV type of the plan."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):

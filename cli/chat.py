@@ -40,6 +40,7 @@ class ChatOptions:
     policy: str
     kv_dir: Optional[Path]
     kv_device: Optional[Path]
+    force: bool
     cache_type: str
     system: Optional[str]
     stats: Optional[bool]
@@ -219,10 +220,12 @@ def load(opts: ChatOptions, err: Console, live: bool):
             err.print(f"flash attention: on (the {opts.cache_type} V cache requires it)")
     kwargs = dict(n_ctx=opts.ctx_size, n_threads=opts.threads or os.cpu_count() or 1,
                   verbose=bool(os.environ.get("DUALBLADE_LLAMA_LOG")),
-                  chat_format=chat_format, flash_attn=flash, type_k=GGML_TYPE_IDS[opts.cache_type],
+                  chat_format=chat_format, type_k=GGML_TYPE_IDS[opts.cache_type],
                   type_v=GGML_TYPE_IDS[opts.cache_type], mem_budget=opts.mem_budget, kv_policy=opts.policy,
                   kv_dir=str(opts.kv_dir) if opts.kv_dir else None,
-                  kv_device=str(opts.kv_device) if opts.kv_device else None)
+                  kv_device=str(opts.kv_device) if opts.kv_device else None, kv_force=opts.force)
+    if flash:
+        kwargs["flash_attn"] = True
     if opts.seed >= 0:
         kwargs["seed"] = opts.seed
     try:
@@ -236,6 +239,13 @@ def load(opts: ChatOptions, err: Console, live: bool):
     except ValueError as e:
         raise ModelError(f"llama.cpp could not load {path} ({e}); check that the file is complete and its "
                          "architecture is supported") from None
+    if opts.verbose:
+        st = llm.kv_stats()
+        where = f" on {st['store']['kind']} {st['store']['path']}" if st["store"] else ""
+        err.print(f"KV: {format_size(st['kv_bytes_total'])}, {format_size(st['resident_bytes'])} pinned, "
+                  f"{format_size(st['offloaded_bytes'])} offloaded{where} (policy {st['policy']})")
+        if st["offloaded_bytes"]:
+            err.print("flash attention: on (offloaded KV layers require it)")
     return llm, chat_format
 
 

@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 PATHS = ("ram", "mmap", "direct")
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -31,6 +31,21 @@ class Config(ctypes.Structure):
     ]
 
 
+class LayoutLayer(ctypes.Structure):
+    _fields_ = [("il", c_int32), ("path", c_uint32), ("k_bytes", c_uint64), ("v_bytes", c_uint64)]
+
+
+class StoreInfo(ctypes.Structure):
+    _fields_ = [
+        ("kind", c_uint32),
+        ("align", c_uint32),
+        ("n_extents", c_uint32),
+        ("reserved", c_uint32),
+        ("data_bytes", c_uint64),
+        ("path", ctypes.c_char * 512),
+    ]
+
+
 class LayerStats(ctypes.Structure):
     _fields_ = [
         ("il", c_int32),
@@ -47,6 +62,8 @@ class Stats(ctypes.Structure):
     _fields_ = [
         ("policy", c_uint32),
         ("n_layers", c_uint32),
+        ("staged_bytes", c_uint64),
+        ("staged_peak", c_uint64),
         ("budget_bytes", c_uint64),
         ("kv_bytes_total", c_uint64),
         ("resident_bytes", c_uint64),
@@ -82,7 +99,13 @@ def lib() -> ctypes.CDLL:
     protos = {
         "dblade_plan": (c_int, [c_uint32, c_uint64, c_uint32, POINTER(c_uint64), POINTER(c_uint32),
                                 POINTER(c_uint64)]),
-        "dblade_session_create": (c_int, [POINTER(Config), POINTER(c_void_p)]),
+        "dblade_session_create": (c_int, [POINTER(Config), c_uint32, POINTER(LayoutLayer), POINTER(c_void_p)]),
+        "dblade_session_error": (c_int, [c_void_p, ctypes.c_char_p, ctypes.c_size_t]),
+        "dblade_session_flush": (c_int, [c_void_p]),
+        "dblade_session_store": (c_int, [c_void_p, POINTER(StoreInfo)]),
+        "dblade_store_check": (c_int, [POINTER(Config), c_uint64, c_uint64, ctypes.c_char_p, ctypes.c_size_t]),
+        "dblade_layout_geometry": (c_uint64, [c_uint32, POINTER(LayoutLayer)]),
+        "dblade_last_error": (ctypes.c_char_p, []),
         "dblade_session_release": (None, [c_void_p]),
         "dblade_session_bind": (c_int, [c_void_p]),
         "dblade_session_stats": (c_int, [c_void_p, POINTER(Stats)]),
@@ -120,17 +143,33 @@ def plan(policy: str, budget_bytes: int | None, layer_bytes: list[int]) -> tuple
     return [PATHS[paths[i]] for i in range(n)], staging.value
 
 
-class Session:
-    """One Llama object's residency state in the C module."""
+class SessionError(NativeError):
+    """The C module refused a configuration; the message says why and what to do."""
 
-    def __init__(self, policy: str, budget_bytes: int | None, kv_dir: str | None, kv_device: str | None):
+
+class Session:
+    """One Llama object's residency state in the C module.
+
+    layout: [(il, path, k_bytes, v_bytes)] for every KV layer the context will allocate, or None
+    (every layer pinned in RAM). The store for the offloaded ones is opened here.
+    """
+
+    def __init__(self, policy: str, budget_bytes: int | None, kv_dir: str | None, kv_device: str | None,
+                 layout: list[tuple[int, str, int, int]] | None = None, force: bool = False):
         self._kv_dir = kv_dir.encode() if kv_dir else None
         self._kv_device = kv_device.encode() if kv_device else None
-        cfg = Config(POLICIES.index(policy), 0, BUDGET_UNLIMITED if budget_bytes is None else budget_bytes,
-                     self._kv_dir, self._kv_device)
+        cfg = Config(POLICIES.index(policy), 1 if force else 0,
+                     BUDGET_UNLIMITED if budget_bytes is None else budget_bytes, self._kv_dir, self._kv_device)
+        layout = layout or []
+        arr = (LayoutLayer * max(len(layout), 1))(*[LayoutLayer(il, PATHS.index(p), k, v) for il, p, k, v in layout])
         h = c_void_p()
         self._lib = lib()
-        _check(self._lib.dblade_session_create(ctypes.byref(cfg), ctypes.byref(h)), "creating the KV session")
+        rc = self._lib.dblade_session_create(ctypes.byref(cfg), len(layout), arr, ctypes.byref(h))
+        if rc < 0:
+            import os
+
+            msg = (self._lib.dblade_last_error() or b"").decode(errors="replace")
+            raise SessionError(msg or f"creating the KV session: {os.strerror(-rc)}")
         self._h = h
 
     @contextlib.contextmanager
@@ -142,21 +181,41 @@ class Session:
         finally:
             self._lib.dblade_session_bind(None)
 
+    def error(self) -> str | None:
+        """The first I/O error of the session, in words, or None."""
+        buf = ctypes.create_string_buffer(512)
+        rc = self._lib.dblade_session_error(self._h, buf, len(buf))
+        return buf.value.decode(errors="replace") or f"KV I/O error {rc}" if rc < 0 else None
+
+    def flush(self) -> None:
+        self._lib.dblade_session_flush(self._h)
+
     def stats(self) -> dict:
         st = Stats()
         _check(self._lib.dblade_session_stats(self._h, ctypes.byref(st)), "reading KV stats")
         n = _check(self._lib.dblade_session_layers(self._h, None, 0), "reading KV layers")
         layers = (LayerStats * max(n, 1))()
         n = min(n, _check(self._lib.dblade_session_layers(self._h, layers, n), "reading KV layers"))
+        si = StoreInfo()
+        _check(self._lib.dblade_session_store(self._h, ctypes.byref(si)), "reading the KV store")
         return {
             "policy": POLICIES[st.policy],
             "budget_bytes": None if st.budget_bytes == BUDGET_UNLIMITED else st.budget_bytes,
             "kv_bytes_total": st.kv_bytes_total,
             "resident_bytes": st.resident_bytes,
-            "offloaded_bytes": st.kv_bytes_total - st.resident_bytes,
+            "offloaded_bytes": sum(layers[i].bytes for i in range(n) if layers[i].path != 0),
+            "staged_bytes": st.staged_bytes,
+            "staged_peak_bytes": st.staged_peak,
             "bytes_read": st.bytes_read,
             "bytes_written": st.bytes_written,
             "io_wait_s": st.io_wait_ns / 1e9,
+            "store": None if si.kind == 0 else {
+                "kind": {1: "file", 2: "device"}[si.kind],
+                "path": si.path.decode(errors="replace"),
+                "align": si.align,
+                "bytes": si.data_bytes,
+                "extents": si.n_extents,
+            },
             "layers": [
                 {
                     "layer": layers[i].il,

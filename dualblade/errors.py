@@ -13,9 +13,5 @@ class ModelError(DualbladeError, ValueError):
     """The model file is missing, not GGUF, truncated or unusable."""
 
 
-class PolicyNotAvailableError(DualbladeError, NotImplementedError):
-    """A KV policy this build cannot honour yet; nothing is silently substituted."""
-
-
 class BudgetError(ConfigError):
     """The memory budget is below the minimum working set of the chosen policy."""

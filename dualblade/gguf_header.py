@@ -23,6 +23,7 @@ _SCALAR = {_UINT8: "<B", _INT8: "<b", _UINT16: "<H", _INT16: "<h", _UINT32: "<I"
 # bytes per block and elements per block of the KV cache types offered
 CACHE_TYPES = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 GGML_TYPE_IDS = {"f16": 1, "q4_0": 2, "q8_0": 8}
+GGML_TYPE_NAMES = {v: k for k, v in GGML_TYPE_IDS.items()}
 
 # llama.cpp pads the KV cache to whole 256-cell blocks
 KV_PAD = 256
@@ -141,11 +142,17 @@ class ModelInfo:
             size = min(size, _pad(self.n_swa + n_ubatch))
         return size
 
+    def layer_kv_bytes(self, n_ctx: int, type_k: str = "f16", type_v: str | None = None, swa_full: bool = True,
+                       n_ubatch: int = 512) -> list[tuple[int, int]]:
+        """(K bytes, V bytes) per KV layer at context n_ctx, as llama.cpp allocates them."""
+        type_v = type_v or type_k
+        return [(self.kv_rows(l, n_ctx, swa_full, n_ubatch) * row_bytes(l.n_embd_k_gqa, type_k),
+                 self.kv_rows(l, n_ctx, swa_full, n_ubatch) * row_bytes(l.n_embd_v_gqa, type_v))
+                for l in self.layers]
+
     def layer_bytes(self, n_ctx: int, cache_type: str = "f16", swa_full: bool = True) -> list[int]:
         """K+V bytes per KV layer at context n_ctx."""
-        return [self.kv_rows(l, n_ctx, swa_full) * (row_bytes(l.n_embd_k_gqa, cache_type)
-                                                   + row_bytes(l.n_embd_v_gqa, cache_type))
-                for l in self.layers]
+        return [k + v for k, v in self.layer_kv_bytes(n_ctx, cache_type, cache_type, swa_full)]
 
     def kv_bytes_per_token(self, cache_type: str = "f16") -> int:
         return sum(row_bytes(l.n_embd_k_gqa, cache_type) + row_bytes(l.n_embd_v_gqa, cache_type)

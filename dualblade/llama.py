@@ -1,42 +1,100 @@
 """`dualblade.Llama`: llama_cpp.Llama with the KV cache under dualblade's residency module."""
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from typing import Callable, Optional, Sequence
 
 import llama_cpp
 
 from . import _native
 from .config import KVConfig
-from .errors import PolicyNotAvailableError
+from .errors import BudgetError, ConfigError, DualbladeError
+from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
+from .sizes import format_size
 
-# storage paths land with the residency engine; until then only "ram" is honoured
-_AVAILABLE_POLICIES = ("ram",)
+log = logging.getLogger("dualblade")
+
+
+class KVIOError(DualbladeError, OSError):
+    """Reading or writing an offloaded KV layer failed; the output since then is not trustworthy."""
+
+
+def default_kv_dir() -> str:
+    from .models import cache_dir
+
+    d = cache_dir() / "kv"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return str(d)
 
 
 class Llama(llama_cpp.Llama):
     """A drop-in for ``llama_cpp.Llama``: same arguments and methods, plus
 
     mem_budget: bytes (int) or a size string ("2G", "1.5GiB", "512M", "64MiB") that pinned KV and
-        staging memory may use; None for no budget.
-    kv_policy: "ram" | "mmap" | "direct" | "auto": where KV layers that do not fit the budget go.
-    kv_dir: directory for the KV file; kv_device: a raw block device or partition instead.
+        staging memory may use; None for no budget (every layer pinned).
+    kv_policy: "auto" | "ram" | "mmap" | "direct": where KV layers that do not fit the budget go
+        ("auto" currently means "direct").
+    kv_dir: directory for the (unnamed, preallocated) KV file; default ~/.cache/dualblade/kv.
+    kv_device: a raw block device or partition instead of a file; kv_force: take over a device that
+        holds something else (destroys it).
     """
 
-    def __init__(self, model_path: str, *args, mem_budget: int | str | None = None, kv_policy: str = "ram",
-                 kv_dir: Optional[str] = None, kv_device: Optional[str] = None, **kwargs):
-        # validate before anything heavy is loaded
-        self._kv_config = KVConfig.from_args(mem_budget, kv_policy, kv_dir, kv_device)
-        if self._kv_config.policy not in _AVAILABLE_POLICIES:
-            raise PolicyNotAvailableError(
-                f"KV policy {self._kv_config.policy!r} is not available in this build yet "
-                f"(storage residency lands with the next release); use kv_policy='ram' (CLI: --policy ram)")
-        self._kv_session = _native.Session(self._kv_config.policy, self._kv_config.budget_bytes,
-                                           self._kv_config.kv_dir, self._kv_config.kv_device)
+    def __init__(self, model_path: str, *args, mem_budget: int | str | None = None, kv_policy: str = "auto",
+                 kv_dir: Optional[str] = None, kv_device: Optional[str] = None, kv_force: bool = False, **kwargs):
+        # everything is validated, and the KV store opened, before any weight is loaded
+        cfg = KVConfig.from_args(mem_budget, kv_policy, kv_dir, kv_device)
+        layout = self._plan_layout(model_path, cfg, kwargs)
+        offloaded = any(path != "ram" for _, path, _, _ in layout)
+        if offloaded:
+            if kwargs.get("flash_attn") is False:
+                warnings.warn("flash attention switched on: offloaded KV layers need it (V untransposed)",
+                              stacklevel=2)
+            kwargs["flash_attn"] = True
+            if cfg.kv_dir is None and cfg.kv_device is None:
+                cfg = KVConfig(cfg.policy, cfg.budget_bytes, default_kv_dir(), None)
+        self._kv_config = cfg
+        self._kv_layout = layout
         self.eval_progress: Optional[Callable[[int, int], None]] = None
         self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0}
+        try:
+            self._kv_session = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
+                                               layout if offloaded else None, force=kv_force)
+        except _native.SessionError as e:
+            raise ConfigError(str(e)) from None
         with self._kv_session.bound():
             super().__init__(model_path, *args, **kwargs)
+
+    @staticmethod
+    def _plan_layout(model_path, cfg: KVConfig, kwargs: dict) -> list[tuple[int, str, int, int]]:
+        """[(layer, path, K bytes, V bytes)] from the model's header and the C module's plan."""
+        if cfg.policy == "ram" or cfg.budget_bytes is None:
+            return []
+        info = model_info(model_path)
+        if info.arch in RECURRENT_ARCHS:
+            warnings.warn(f"{info.arch} keeps recurrent state, not a per-layer KV cache: it runs in RAM",
+                          stacklevel=3)
+            return []
+        n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
+        types = []
+        for key in ("type_k", "type_v"):
+            t = kwargs.get(key)
+            if t is not None and t not in GGML_TYPE_NAMES:
+                raise ConfigError(f"{key}={t} is not a KV type dualblade can offload; use f16 (1), q8_0 (8) or "
+                                  "q4_0 (2), or kv_policy='ram'")
+            types.append(GGML_TYPE_NAMES.get(t, "f16"))
+        swa_full = kwargs.get("swa_full")
+        kv = info.layer_kv_bytes(n_ctx, types[0], types[1], swa_full=True if swa_full is None else swa_full,
+                                 n_ubatch=kwargs.get("n_ubatch", 512))
+        try:
+            paths, _ = _native.plan(cfg.policy, cfg.budget_bytes, [k + v for k, v in kv])
+        except MemoryError as e:
+            minimum = e.args[0]
+            raise BudgetError(f"memory budget {format_size(cfg.budget_bytes)} is below the minimum working set of "
+                              f"the {cfg.policy} policy for this model at n_ctx={n_ctx} ({format_size(minimum)}); "
+                              f"give mem_budget='{-(-minimum // 2**20)}M' or more, or a smaller n_ctx") from None
+        return [(l.il, p, k, v) for l, p, (k, v) in zip(info.layers, paths, kv)]
 
     def kv_stats(self) -> dict:
         """Placement and I/O counters of the KV cache, as the C module reports them."""
@@ -54,13 +112,17 @@ class Llama(llama_cpp.Llama):
         total = len(tokens)
         start = time.perf_counter()
         done = 0
-        while done < total or total == 0:
+        while True:
             batch = tokens[done:done + self.n_batch]
             super().eval(batch)
             done += len(batch)
+            err = self._kv_session.error()
+            if err:
+                raise KVIOError(f"{err}; the KV cache is no longer trustworthy: call reset() and try again, "
+                                "or close() this Llama")
             if self.eval_progress is not None and total > 1:
                 self.eval_progress(done, total)
-            if total == 0:
+            if done >= total:
                 break
         self._counters["eval_tokens"] += total
         self._counters["eval_s"] += time.perf_counter() - start

@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 1
+#define DBLADE_ABI_VERSION 2
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -48,9 +48,13 @@ enum dblade_policy {
 
 #define DBLADE_BUDGET_UNLIMITED UINT64_MAX
 
+enum dblade_config_flags {
+    DBLADE_CONFIG_FORCE = 1u << 0, /* take over a kv_device that holds something else */
+};
+
 struct dblade_config {
     uint32_t     policy;       /* enum dblade_policy */
-    uint32_t     flags;        /* reserved, 0 */
+    uint32_t     flags;        /* enum dblade_config_flags */
     uint64_t     budget_bytes; /* pinned + staging bytes allowed; DBLADE_BUDGET_UNLIMITED for none */
     const char * kv_dir;       /* directory for the KV file, or NULL */
     const char * kv_device;    /* block device for the KV, or NULL */
@@ -95,6 +99,8 @@ struct dblade_layer_stats {
 struct dblade_stats {
     uint32_t policy;
     uint32_t n_layers;
+    uint64_t staged_bytes;   /* memory of the direct path in use now */
+    uint64_t staged_peak;    /* its peak */
     uint64_t budget_bytes;
     uint64_t kv_bytes_total;
     uint64_t resident_bytes;
@@ -122,13 +128,49 @@ DBLADE_API int dblade_plan(uint32_t policy, uint64_t budget_bytes, uint32_t n_la
 
 /* --- session: what one llama_context's KV caches belong to --- */
 
-DBLADE_API int  dblade_session_create(const struct dblade_config * cfg, struct dblade_session ** out);
+/* Where one layer of the model's KV goes, planned before the context is created. */
+struct dblade_layout_layer {
+    int32_t  il;
+    uint32_t path;    /* enum dblade_path */
+    uint64_t k_bytes;
+    uint64_t v_bytes;
+};
+
+/*
+ * With n_layers == 0 every layer of every cache is pinned in RAM. Otherwise the layout names every
+ * KV layer the context will allocate (checked when the caches open) and the backing store for the
+ * offloaded ones is opened here, before any weight is loaded. On failure dblade_last_error() says why.
+ */
+DBLADE_API int  dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
+                                      const struct dblade_layout_layer * layers, struct dblade_session ** out);
 /* Drops the caller's reference; caches still open keep the session alive until they close. */
 DBLADE_API void dblade_session_release(struct dblade_session * s);
 /* Caches opened by this thread from now on belong to s (NULL unbinds). */
 DBLADE_API int  dblade_session_bind(struct dblade_session * s);
 
 DBLADE_API int dblade_session_stats(struct dblade_session * s, struct dblade_stats * out);
+/* The first I/O error of the session (sticky): 0, or -errno with its text in msg. */
+DBLADE_API int dblade_session_error(struct dblade_session * s, char * msg, size_t cap);
+/* Writes back every dirty block and releases every staged layer. */
+DBLADE_API int dblade_session_flush(struct dblade_session * s);
+
+struct dblade_store_info {
+    uint32_t kind;        /* 0 none, 1 file, 2 device */
+    uint32_t align;       /* O_DIRECT alignment in use */
+    uint32_t n_extents;   /* file extents of the reservation (1 = contiguous; 0 = unknown) */
+    uint32_t reserved;
+    uint64_t data_bytes;  /* bytes reserved */
+    char     path[512];
+};
+DBLADE_API int dblade_session_store(struct dblade_session * s, struct dblade_store_info * out);
+
+/* Whether a store for data_bytes can be opened under cfg, without writing anything. */
+DBLADE_API int dblade_store_check(const struct dblade_config * cfg, uint64_t data_bytes, uint64_t geometry,
+                                  char * msg, size_t cap);
+/* The hash a device header records for a layout (also what dblade_store_check compares). */
+DBLADE_API uint64_t dblade_layout_geometry(uint32_t n_layers, const struct dblade_layout_layer * layers);
+/* The calling thread's last error text. */
+DBLADE_API const char * dblade_last_error(void);
 /* Fills up to cap layers sorted by il; returns the number of layers the session has. */
 DBLADE_API int dblade_session_layers(struct dblade_session * s, struct dblade_layer_stats * out, uint32_t cap);
 
@@ -137,6 +179,29 @@ DBLADE_API int dblade_session_layers(struct dblade_session * s, struct dblade_la
 /* With no session bound to this thread, returns 0 and sets *out to NULL: stock behaviour. */
 DBLADE_API int  dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache ** out);
 DBLADE_API void dblade_cache_close(struct dblade_cache * c);
+
+/* One K (which = 0) or V (which = 1) tensor of layer il; its address never changes. */
+struct dblade_tensor;
+DBLADE_API struct dblade_tensor * dblade_cache_tensor(struct dblade_cache * c, int32_t il, uint32_t which);
+DBLADE_API void *                 dblade_tensor_data(struct dblade_tensor * t);
+
+/*
+ * Fences, called from the graph (one thread) around every use of a tensor:
+ *  - write: before rows[0..n) (of row_bytes each) are stored into t;
+ *  - read:  before the nbytes at data (inside t) are read by attention.
+ * They stage the tensor's blocks, write back and release the previous layer's.
+ */
+DBLADE_API void dblade_fence_write(struct dblade_tensor * t, const int64_t * rows, int64_t n, uint64_t row_bytes);
+DBLADE_API void dblade_fence_read(struct dblade_tensor * t, const void * data, uint64_t nbytes);
+
+/* The cache's cells were emptied: forget the contents without writing them anywhere. */
+DBLADE_API void dblade_cache_clear(struct dblade_cache * c);
+/* Whether K can be shifted in place (context shift): not when layers are offloaded. */
+DBLADE_API int  dblade_cache_can_shift(struct dblade_cache * c);
+/* Around state save/restore, which touch tensors outside graphs: stage everything, then write
+ * back rows [0, rows_written) (0 after a save) and release. */
+DBLADE_API void dblade_cache_state_begin(struct dblade_cache * c);
+DBLADE_API void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written);
 
 #ifdef __cplusplus
 }

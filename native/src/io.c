@@ -1,0 +1,75 @@
+// The I/O engine: synchronous O_DIRECT transfers of whole aligned ranges, plus the module's
+// thread-local error text and clock.
+
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+
+static _Thread_local char tls_error[512];
+
+void dblade_set_error(const char * fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(tls_error, sizeof(tls_error), fmt, ap);
+    va_end(ap);
+}
+
+const char * dblade_get_error(void) {
+    return tls_error;
+}
+
+const char * dblade_last_error(void) {
+    return tls_error;
+}
+
+uint64_t dblade_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t) ts.tv_sec * 1000000000ull + (uint64_t) ts.tv_nsec;
+}
+
+// large transfers are split so that one request never exceeds what the kernel takes in one go
+#define IO_CHUNK (8u << 20)
+
+int dblade_io_read(int fd, void * buf, uint64_t len, uint64_t off) {
+    uint8_t * p = buf;
+    while (len > 0) {
+        const size_t  n = len < IO_CHUNK ? (size_t) len : IO_CHUNK;
+        const ssize_t r = pread(fd, p, n, (off_t) off);
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        if (r == 0) {
+            return -EIO; // the store ended inside a reserved extent
+        }
+        p += r, off += (uint64_t) r, len -= (uint64_t) r;
+    }
+    return 0;
+}
+
+int dblade_io_write(int fd, const void * buf, uint64_t len, uint64_t off) {
+    const uint8_t * p = buf;
+    while (len > 0) {
+        const size_t  n = len < IO_CHUNK ? (size_t) len : IO_CHUNK;
+        const ssize_t r = pwrite(fd, p, n, (off_t) off);
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        if (r == 0) {
+            return -ENOSPC;
+        }
+        p += r, off += (uint64_t) r, len -= (uint64_t) r;
+    }
+    return 0;
+}
