@@ -69,6 +69,9 @@ def chat(
     force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
                                                       "(destroys what is there)."),
     cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type."),
+    flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn",
+                                              help="Flash attention (default: on when the cache type or "
+                                                   "offloaded layers need it)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     stats: Optional[bool] = typer.Option(None, "--stats/--no-stats",
                                          help="Status line after each reply (default: on in a terminal)."),
@@ -79,7 +82,7 @@ def chat(
 
     run_chat(ChatOptions(model=model, mem_budget=mem_budget, ctx_size=ctx_size, max_tokens=max_tokens,
                          temp=temp, seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir,
-                         kv_device=kv_device, force=force, cache_type=cache_type.value, system=system, stats=stats,
+                         kv_device=kv_device, force=force, cache_type=cache_type.value, flash_attn=flash_attn, system=system, stats=stats,
                          verbose=verbose))
 
 
@@ -108,6 +111,10 @@ def _fail(msg: str, code: int = 1) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DUALBLADE_DEBUG") == "1"
+    if not debug:
+        import warnings
+
+        warnings.formatwarning = lambda message, *args, **kwargs: f"dualblade: warning: {message}\n"
     try:
         rc = app(args=argv, prog_name="dualblade", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)

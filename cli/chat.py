@@ -42,6 +42,7 @@ class ChatOptions:
     kv_device: Optional[Path]
     force: bool
     cache_type: str
+    flash_attn: Optional[bool]
     system: Optional[str]
     stats: Optional[bool]
     verbose: bool
@@ -213,6 +214,8 @@ def load(opts: ChatOptions, err: Console, live: bool):
 
     chat_format, why = chat_format_for(info)
     flash = opts.cache_type != "f16"
+    if opts.flash_attn is False and flash:
+        raise ConfigError(f"--cache-type {opts.cache_type} needs flash attention; drop --no-flash-attn or use f16")
     if opts.verbose:
         err.print(f"model: {path} ({info.arch}, {info.n_layer} layers)")
         err.print(f"chat format: {chat_format or 'from the model'}: {why}")
@@ -224,8 +227,8 @@ def load(opts: ChatOptions, err: Console, live: bool):
                   type_v=GGML_TYPE_IDS[opts.cache_type], mem_budget=opts.mem_budget, kv_policy=opts.policy,
                   kv_dir=str(opts.kv_dir) if opts.kv_dir else None,
                   kv_device=str(opts.kv_device) if opts.kv_device else None, kv_force=opts.force)
-    if flash:
-        kwargs["flash_attn"] = True
+    if flash or opts.flash_attn is not None:
+        kwargs["flash_attn"] = flash or bool(opts.flash_attn)
     if opts.seed >= 0:
         kwargs["seed"] = opts.seed
     try:

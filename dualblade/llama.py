@@ -127,6 +127,15 @@ class Llama(llama_cpp.Llama):
         self._counters["eval_tokens"] += total
         self._counters["eval_s"] += time.perf_counter() - start
 
+    def save_state(self):
+        state = super().save_state()
+        self._kv_session.flush()  # the copy is done: release the layers staged for it
+        return state
+
+    def load_state(self, state) -> None:
+        super().load_state(state)
+        self._kv_session.flush()  # write the restored rows back and release them
+
     def sample(self, *args, **kwargs):
         token = super().sample(*args, **kwargs)
         self._counters["sampled"] += 1

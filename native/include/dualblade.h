@@ -198,8 +198,9 @@ DBLADE_API void dblade_fence_read(struct dblade_tensor * t, const void * data, u
 DBLADE_API void dblade_cache_clear(struct dblade_cache * c);
 /* Whether K can be shifted in place (context shift): not when layers are offloaded. */
 DBLADE_API int  dblade_cache_can_shift(struct dblade_cache * c);
-/* Around state save/restore, which touch tensors outside graphs: stage everything, then write
- * back rows [0, rows_written) (0 after a save) and release. */
+/* Around state save/restore, which touch tensors outside graphs: stage everything; at the end mark
+ * rows [0, rows_written) dirty (0 after a save). llama.cpp copies the data after state_end returns,
+ * so the memory stays staged until the next fence or dblade_session_flush() writes it back. */
 DBLADE_API void dblade_cache_state_begin(struct dblade_cache * c);
 DBLADE_API void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written);
 

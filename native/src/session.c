@@ -537,7 +537,8 @@ void dblade_cache_state_begin(struct dblade_cache * c) {
     }
     struct dblade_session * s = c->session;
     pthread_mutex_lock(&s->lock);
-    release_all(s, NULL);
+    // nothing is released here: with two caches (iSWA) the other one may hold restored rows that
+    // llama.cpp has not copied in yet; staged dirty blocks simply stay staged
     for (uint32_t i = 0; i < c->n_tensors; i++) {
         if (c->tensors[i].path == DBLADE_PATH_DIRECT) {
             tensor_ensure_valid(s, &c->tensors[i], c->tensors[i].map_bytes);
@@ -571,7 +572,10 @@ void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written) {
     if (s->staged_bytes > s->staged_peak) {
         s->staged_peak = s->staged_bytes;
     }
-    release_all(s, c);
+    // not released here: llama.cpp copies the tensor data when its io object is destroyed, after
+    // this returns; the next fence (or a flush) writes the rows back and releases the memory
+    s->active_cache = NULL;
+    s->active_il    = -1;
     pthread_mutex_unlock(&s->lock);
 }
 

@@ -112,14 +112,23 @@ int main(void) {
     dblade_fence_write(k0, rows, 1, ROW);
     CHECK(rows_ok(p0, 0, 11, 1));
 
-    // state restore: the host writes rows 0..19 of layer 1 between begin and end
+    // state restore: the host writes rows 0..19 of layer 1 between begin and end (llama.cpp does it
+    // after end returns); nothing staged before begin is lost or released by it
+    rows[0] = 11;
+    dblade_fence_write(k0, rows, 1, ROW);
+    fill_rows(p0, 11, 12, 1);
     dblade_cache_state_begin(c);
+    CHECK(rows_ok(p0, 0, 12, 1));
     CHECK(rows_ok(p1, 0, 10, 2));
     fill_rows(p1, 0, 20, 4);
     dblade_cache_state_end(c, 20);
+    CHECK(layer(s, 1).resident_bytes > 0); // still staged: llama.cpp copies after state_end
+    CHECK_EQ(dblade_session_flush(s), 0);
     CHECK_EQ(layer(s, 1).resident_bytes, 0);
     dblade_fence_read(k1, p1, 20 * ROW);
     CHECK(rows_ok(p1, 0, 20, 4));
+    dblade_fence_read(k0, p0, 12 * ROW);
+    CHECK(rows_ok(p0, 0, 12, 1));
 
     // clear: metadata only; nothing is read back afterwards
     struct dblade_stats before, after;

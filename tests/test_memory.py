@@ -1,0 +1,55 @@
+"""Under a real cgroup memory limit (RSS + page cache): the direct path completes a context whose KV
+is 4x the budget; the all-in-RAM run at the same limit is killed."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from dualblade import cgroup
+from dualblade.gguf_header import model_info
+from dualblade.synthetic import Shape, write_model
+
+pytestmark = pytest.mark.skipif(cgroup.available() is not None, reason=f"no memory cgroup: {cgroup.available()}")
+
+# 16 layers x 2 x 512 x f16 = 32 KiB of KV per token: 256 MiB at 8192 tokens, 16 MiB per layer
+SHAPE = Shape("kvheavy", n_layer=16, n_embd=512, n_head=4, n_head_kv=4, n_ff=512, vocab="llama-spm",
+              n_ctx_train=16384)
+N_CTX, N_TOKENS = 8192, 8000
+MiB = 1 << 20
+PROBE = str(Path(__file__).parent / "memory_probe.py")
+
+
+@pytest.fixture(scope="module")
+def heavy_model(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("heavy") / "kvheavy.gguf", SHAPE, seed=3)
+
+
+def _run(model, policy, budget, n_ctx, n_tokens, kv_dir, limit):
+    args = [sys.executable, PROBE, str(model), policy, str(budget), str(n_ctx), str(n_tokens), str(kv_dir)]
+    return cgroup.run_limited(args, limit, timeout=900)
+
+
+def test_direct_completes_where_ram_is_killed(heavy_model, tmp_path):
+    kv_total = sum(model_info(heavy_model).layer_bytes(N_CTX))
+    budget = kv_total // 4
+    weights = os.path.getsize(heavy_model)
+    # the overhead: interpreter, libraries, compute buffers, at a context too small to matter
+    base = _run(heavy_model, "ram", "none", 256, 200, tmp_path, 8 << 30)
+    assert base.returncode == 0, base.stderr
+    overhead = base.peak_bytes - weights + 48 * MiB  # + compute buffers that grow with the context
+    limit = weights + budget + overhead
+
+    direct = _run(heavy_model, "direct", budget, N_CTX, N_TOKENS, tmp_path, limit)
+    assert direct.returncode == 0, direct.stderr[-2000:]
+    res = json.loads(direct.stdout.strip().splitlines()[-1])
+    assert res["kv_bytes_total"] == kv_total >= 4 * budget
+    assert res["n_tokens"] == N_TOKENS + 8 and res["bytes_read"] > 0
+    assert direct.peak_bytes <= limit
+
+    ram = _run(heavy_model, "ram", "none", N_CTX, N_TOKENS, tmp_path, limit)
+    assert ram.returncode != 0 and (ram.oom_killed or ram.returncode < 0 or "alloc" in ram.stderr.lower())
+    print(f"\nlimit {limit / MiB:.0f} MiB (weights {weights / MiB:.0f} + budget {budget / MiB:.0f} + overhead "
+          f"{overhead / MiB:.0f}); KV {kv_total / MiB:.0f} MiB; direct peak {direct.peak_bytes / MiB:.0f} MiB "
+          f"(RSS + page cache, cgroup v{direct.version}), ram: rc {ram.returncode}, oom {ram.oom_killed}")
