@@ -102,8 +102,30 @@ def info(
     run_info(model, ctx_size, mem_budget, policy.value, cache_type.value, as_json)
 
 
+# The library's messages name its keyword arguments; a CLI user should read the flags instead.
+_API_TO_FLAGS = [
+    (r"mem_budget='([^']*)'", r"--mem-budget \1"),
+    (r"\bmem_budget\b", "--mem-budget"),
+    (r"kv_policy='([^']*)'", r"--policy \1"),
+    (r"\bkv_policy\b", "--policy"),
+    (r"\bkv_dir\b", "--kv-dir"),
+    (r"\bkv_device\b", "--kv-device"),
+    (r"\bkv_force\b|\(force takes", lambda m: "--force" if m.group(0) == "kv_force" else "(--force takes"),
+    (r"\bn_ctx=(\d+)", r"--ctx-size \1"),
+    (r"\bn_ctx\b", "--ctx-size"),
+]
+
+
+def _as_cli(msg: str) -> str:
+    import re
+
+    for pattern, repl in _API_TO_FLAGS:
+        msg = re.sub(pattern, repl, msg)
+    return msg
+
+
 def _fail(msg: str, code: int = 1) -> None:
-    msg = " ".join(str(msg).split())  # one line
+    msg = " ".join(_as_cli(str(msg)).split())  # one line, in the CLI's words
     print(f"dualblade: error: {msg}", file=sys.stderr)
     sys.exit(code)
 

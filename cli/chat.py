@@ -56,6 +56,7 @@ class Chat:
         self.out, self.err, self.show_status = out, err, status
         self.messages: list[dict] = []
         self._tokens: dict[str, int] = {}
+        self.one_line = False
 
     def reset(self) -> None:
         self.messages.clear()
@@ -94,27 +95,18 @@ class Chat:
         return head + keep
 
     def reply(self, text: str, live: bool) -> str:
+        """Streams the answer to text; Ctrl-C at any point stops it and keeps what came."""
         self.messages.append({"role": "user", "content": text})
-        try:
-            request = self._request()
-        except ConfigError:
-            self.messages.pop()
-            raise
         before = self.llm.counters()
         t0 = time.perf_counter()
         t_first = None
         parts: list[str] = []
         progress = _PromptProgress(self.err) if live else None
-        self.llm.eval_progress = progress.update if progress else None
-        stream = self.llm.create_chat_completion(messages=request, stream=True, max_tokens=self.opts.max_tokens,
-                                                 temperature=self.opts.temp,
-                                                 seed=self.opts.seed if self.opts.seed >= 0 else None)
         interrupted = False
         try:
-            for chunk in stream:
-                delta = chunk["choices"][0]["delta"].get("content")
-                if not delta:
-                    continue
+            stream = self._stream()
+            self.llm.eval_progress = progress.update if progress else None
+            for delta in stream:
                 if t_first is None:
                     delta = delta.lstrip()
                     if not delta:
@@ -122,13 +114,17 @@ class Chat:
                     t_first = time.perf_counter()
                     if progress:
                         progress.stop()
+                if self.one_line:  # a pipe: one answer, one line
+                    delta = delta.replace("\r", " ").replace("\n", " ")
                 parts.append(delta)
                 self.out.write(delta)
                 self.out.flush()
         except KeyboardInterrupt:
             interrupted = True
+        except ConfigError:
+            self.messages.pop()
+            raise
         finally:
-            stream.close()
             if progress:
                 progress.stop()
             self.llm.eval_progress = None
@@ -136,11 +132,46 @@ class Chat:
         self.out.write("\n")
         self.out.flush()
         if interrupted:
-            self.err.print("[dim][reply stopped][/dim]")
+            self.err.print("[reply stopped]", style="dim", markup=False)
         self.messages.append({"role": "assistant", "content": answer})
         if self.show_status:
             self._status(before, t0, t_first)
         return answer
+
+    def _stream(self):
+        """The reply's text pieces. When the formatted conversation does not fit the context, the oldest
+        turns are dropped until it does (the turn-marker estimate of _request can be short)."""
+        while True:
+            request = self._request()
+            gen = self.llm.create_chat_completion(messages=request, stream=True, max_tokens=self.opts.max_tokens,
+                                                  temperature=self.opts.temp,
+                                                  seed=self.opts.seed if self.opts.seed >= 0 else None)
+            try:
+                first = next(gen, None)
+            except ValueError as e:
+                if "exceed context window" not in str(e):
+                    raise
+                if not self._drop_oldest_turn():
+                    raise ConfigError(f"the message is too long for the context ({e}); raise --ctx-size or "
+                                      "lower --max-tokens") from None
+                continue
+            break
+        try:
+            for chunk in ([first] if first is not None else []):
+                yield chunk["choices"][0]["delta"].get("content") or ""
+            for chunk in gen:
+                yield chunk["choices"][0]["delta"].get("content") or ""
+        finally:
+            gen.close()
+
+    def _drop_oldest_turn(self) -> bool:
+        """Forgets the oldest user/assistant exchange; False when only the current message is left."""
+        if len(self.messages) <= 1:
+            return False
+        del self.messages[0]
+        while len(self.messages) > 1 and self.messages[0]["role"] != "user":
+            del self.messages[0]
+        return True
 
     def _status(self, before: dict, t0: float, t_first: Optional[float]) -> None:
         after = self.llm.counters()
@@ -148,10 +179,12 @@ class Chat:
         prompt = after["eval_tokens"] - before["eval_tokens"] - max(generated - 1, 0)
         t_end = time.perf_counter()
         rate = (generated - 1) / (t_end - t_first) if t_first and generated > 1 and t_end > t_first else 0.0
+        first = f"first token {t_first - t0:.2f} s" if t_first else "no token"
         st = self.llm.kv_stats()
-        self.err.print(f"[dim]{prompt} prompt tok, {generated} generated, {rate:.1f} tok/s, "
-                       f"first token {((t_first or t_end) - t0):.2f} s, KV {format_size(st['resident_bytes'])} "
-                       f"resident / {format_size(st['offloaded_bytes'])} offloaded[/dim]", soft_wrap=True)
+        cached = f" + {format_size(st['page_cache_bytes'])} page cache" if st["page_cache_bytes"] else ""
+        self.err.print(f"{prompt} prompt tok, {generated} generated, {rate:.1f} tok/s, {first}, "
+                       f"KV {format_size(st['resident_bytes'])} resident{cached} / "
+                       f"{format_size(st['offloaded_bytes'])} offloaded", style="dim", markup=False, soft_wrap=True)
 
     def print_stats(self, console: Console) -> None:
         st = self.llm.kv_stats()
@@ -328,12 +361,13 @@ def _interactive(chat: Chat, err: Console) -> None:
             continue
         try:
             chat.reply(line, live=err.is_terminal)
-        except ConfigError as e:
-            err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        except (DualbladeError, ValueError) as e:  # this message failed; the conversation goes on
+            err.print(f"error: {e}", style="red", markup=False, highlight=False)
 
 
 def _piped(chat: Chat, err: Console) -> None:
-    out = Console(highlight=False, no_color=True, soft_wrap=True)
+    chat.one_line = True
+    out = err  # command output (/stats, /help) stays out of the answers on stdout
     for line in sys.stdin:
         line = line.rstrip("\n")
         if not line.strip():

@@ -20,7 +20,7 @@ def resolve_model(model: Optional[Path]) -> tuple[Path, ModelInfo]:
 
 def check_ctx(ctx_size: int, info: ModelInfo) -> None:
     if ctx_size <= 0:
-        raise ConfigError(f"context size {ctx_size} is not positive; give --ctx-size of at least 256")
+        raise ConfigError(f"context size {ctx_size} is not positive; give a positive --ctx-size such as 4096")
     if info.n_ctx_train and ctx_size > info.n_ctx_train:
         raise ConfigError(f"context size {ctx_size} exceeds the model's training context ({info.n_ctx_train}); "
                           f"give --ctx-size {info.n_ctx_train} or less")

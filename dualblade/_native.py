@@ -202,7 +202,9 @@ class Session:
             "policy": POLICIES[st.policy],
             "budget_bytes": None if st.budget_bytes == BUDGET_UNLIMITED else st.budget_bytes,
             "kv_bytes_total": st.kv_bytes_total,
-            "resident_bytes": st.resident_bytes,
+            # memory the process holds (pinned + staged); page cache of the mmap path apart
+            "resident_bytes": sum(layers[i].resident_bytes for i in range(n) if PATHS[layers[i].path] != "mmap"),
+            "page_cache_bytes": sum(layers[i].resident_bytes for i in range(n) if PATHS[layers[i].path] == "mmap"),
             "offloaded_bytes": sum(layers[i].bytes for i in range(n) if layers[i].path != 0),
             "staged_bytes": st.staged_bytes,
             "staged_peak_bytes": st.staged_peak,

@@ -3,7 +3,8 @@
 "transcript": for base (pretrained, not instruction-tuned) models, which have no chat template and
 never saw turn markers. A plain "User: / Assistant:" transcript is what such a model continues
 sensibly (Gemma-3-270M answers "The capital of France is Paris." in it, and repeats the question
-in Gemma's own turn format). The reply ends where the model starts the next turn.
+in Gemma's own turn format). A turn is one line: the reply ends at the end of its line, before the
+model goes on to invent the next speaker ("User:", "You:", "Q:", ...).
 """
 from __future__ import annotations
 
@@ -22,4 +23,4 @@ def format_transcript(messages, **kwargs) -> _lcf.ChatFormatterResponse:
         if role and m.get("content") is not None:
             lines.append(f"{role}: {m['content'].strip()}\n")
     lines.append("Assistant:")
-    return _lcf.ChatFormatterResponse(prompt="".join(lines), stop=["\nUser:", "\nAssistant:", "\n\n\n"])
+    return _lcf.ChatFormatterResponse(prompt="".join(lines), stop=["\n"])

@@ -45,6 +45,8 @@ class Llama(llama_cpp.Llama):
                  kv_dir: Optional[str] = None, kv_device: Optional[str] = None, kv_force: bool = False, **kwargs):
         # everything is validated, and the KV store opened, before any weight is loaded
         cfg = KVConfig.from_args(mem_budget, kv_policy, kv_dir, kv_device)
+        if cfg.policy == "ram" and cfg.budget_bytes is not None:
+            warnings.warn("kv_policy='ram' pins every layer: the memory budget is not enforced", stacklevel=2)
         layout = self._plan_layout(model_path, cfg, kwargs)
         offloaded = any(path != "ram" for _, path, _, _ in layout)
         if offloaded:

@@ -8,13 +8,14 @@ import re
 import shlex
 import time
 
+import pexpect
 import pytest
 
 from conftest import dualblade_exe, run_cli
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-STATUS = re.compile(r"^(\d+) prompt tok, (\d+) generated, (\d+(?:\.\d+)?) tok/s, first token \d+(?:\.\d+)? s, "
-                    r"KV (\S+ \S+) resident / (\S+ \S+) offloaded$")
+STATUS = re.compile(r"^(\d+) prompt tok, (\d+) generated, (\d+(?:\.\d+)?) tok/s, (?:first token \d+(?:\.\d+)? s|no token), "
+                    r"KV (\S+ \S+) resident(?: \+ \S+ \S+ page cache)? / (\S+ \S+) offloaded$")
 # a layer row of the /stats table: "│     0 │ ram  │ 1.00 MiB │ ..."
 STATS_ROW = re.compile(r"^│\s+(\d+)\s+│\s+(ram|mmap|direct)\s+│")
 # a layer row of `info`'s placement table: "│     5 │ global │ 4.00 MiB │ ram    │"
@@ -97,18 +98,18 @@ def test_pipe_commands_stats_help_unknown():
     p = run_cli("chat", *GREEDY, input="What is the capital of France?\n/stats\n/help\n/bogus\n", timeout=180)
     _no_traceback(p)
     assert p.returncode == 0, p.stderr
-    assert p.stderr == ""
-    assert "\x1b" not in p.stdout
+    assert "\x1b" not in p.stdout and "\x1b" not in p.stderr
+    # stdout carries the answers only; what the commands print goes to stderr
     lines = p.stdout.splitlines()
-    assert "Paris" in lines[0]
-    assert "KV cache: policy" in p.stdout
-    rows = _stats_rows(p.stdout)
-    assert [l for l, _ in rows] == list(range(N_LAYERS)), p.stdout
+    assert len(lines) == 1 and "Paris" in lines[0], p.stdout
+    assert "KV cache: policy" in p.stderr
+    rows = _stats_rows(p.stderr)
+    assert [l for l, _ in rows] == list(range(N_LAYERS)), p.stderr
     assert {path for _, path in rows} == {"ram"}
-    assert re.search(r"^│\s+all\s+│.*18\.0 MiB", p.stdout, re.M), p.stdout
+    assert re.search(r"^│\s+all\s+│.*18\.0 MiB", p.stderr, re.M), p.stderr
     for cmd in ("/stats", "/reset", "/help", "/exit"):
-        assert cmd in p.stdout
-    assert "unknown command /bogus" in p.stdout
+        assert cmd in p.stderr
+    assert "unknown command /bogus" in p.stderr
 
 
 def test_pipe_reset_forgets_the_conversation():
@@ -120,8 +121,8 @@ def test_pipe_reset_forgets_the_conversation():
         _no_traceback(r)
         assert r.returncode == 0, r.stderr
     lines = p.stdout.splitlines()
-    assert len(lines) == 4 and lines[2] == "conversation cleared", p.stdout
-    in_context, after_reset = lines[1], lines[3]
+    assert len(lines) == 3 and "conversation cleared" in p.stderr, p.stdout
+    in_context, after_reset = lines[1], lines[2]
     # after /reset the follow-up is answered exactly as in a fresh process ...
     assert after_reset == fresh.stdout.strip()
     # ... and the conversation did matter before it (so the comparison above can tell)
@@ -150,6 +151,44 @@ def test_pipe_multiline_reply_stays_on_one_line():
     assert len(p.stdout.splitlines()) == 2, f"2 questions, stdout lines: {p.stdout.splitlines()!r}"
 
 
+@pytest.fixture(scope="module")
+def tiny_instruct_path(tmp_path_factory):
+    """The synthetic tiny model named as instruction-tuned: it chats in the Llama 3 turn format (not the
+    one-line transcript), and its random weights write line breaks into replies."""
+    import dataclasses
+
+    from dualblade.synthetic import SHAPES, write_model
+
+    shape = dataclasses.replace(SHAPES["tiny"], name="tiny-instruct")
+    return write_model(tmp_path_factory.mktemp("models") / "tiny-instruct.gguf", shape, seed=2)
+
+
+def test_pipe_reply_with_line_breaks_stays_one_line(tiny_instruct_path):
+    """README: 'a pipe: one answer per line'. Whatever the chat format, a reply the model writes over
+    several lines must come out as one stdout line per question."""
+    questions = ["Hello", "What is the capital of France?", "Tell me a story.", "Write a poem.",
+                 "List three colors.", "Why is the sky blue?"]
+    p = run_cli("chat", str(tiny_instruct_path), "-c", "2048", "-n", "64", "--temp", "0", "--seed", "1", "-v",
+                input="\n".join(questions) + "\n", timeout=180)
+    _no_traceback(p)
+    assert p.returncode == 0, p.stderr
+    assert "Llama 3" in p.stderr  # the chat format this test is about
+    lines = p.stdout.splitlines()
+    assert len(lines) == len(questions), f"{len(questions)} questions, {len(lines)} stdout lines: {lines!r}"
+
+
+def test_pipe_long_conversation_keeps_within_the_context(tiny_instruct_path):
+    """History that outgrows the context is trimmed from the oldest turn ('as much recent history as
+    fits'), whatever the chat format's turn markers cost: the conversation goes on."""
+    questions = ["Hello", "What is the capital of France?", "Tell me a story.", "Write a poem.",
+                 "List three colors.", "Why is the sky blue?", "Thanks!", "Goodbye"]
+    p = run_cli("chat", str(tiny_instruct_path), "-c", "512", "-n", "64", "--temp", "0", "--seed", "1", "--stats",
+                input="\n".join(questions) + "\n", timeout=180)
+    _no_traceback(p)
+    assert p.returncode == 0, p.stderr
+    assert len(_status_lines(p.stderr)) == len(questions)
+
+
 def test_pipe_message_too_long_is_a_one_line_error():
     p = run_cli("chat", "-c", "512", "-n", "64", "--temp", "0", input="Hi\n" + "word " * 800 + "\nBye\n",
                 timeout=180)
@@ -164,28 +203,39 @@ def test_pipe_message_too_long_is_a_one_line_error():
 
 
 OFFLOAD_QUESTIONS = "What is the capital of France?\nAnd of Italy?\nTell me about Rome.\n" + LONG_REPLY + "\n"
+_RAM_REFERENCE: dict = {}
 
 
 def _offload_run(tmp_path, *args):
+    """A 4-turn greedy pipe chat at -c 4096 (72 MiB of f16 KV); with --mem-budget, in a fresh --kv-dir."""
     kv = tmp_path / "kv"
     kv.mkdir(exist_ok=True)
+    offload = "--mem-budget" in args
     p = run_cli("chat", "-c", "4096", "-n", "48", "--temp", "0", "--seed", "1", "--stats", *args,
-                *(("--kv-dir", str(kv)) if "--mem-budget" in args else ()), input=OFFLOAD_QUESTIONS, timeout=240)
+                *(("--kv-dir", str(kv)) if offload else ()), input=OFFLOAD_QUESTIONS, timeout=240)
     _no_traceback(p)
     assert p.returncode == 0, p.stderr
     assert len(p.stdout.splitlines()) == 4, p.stdout
     status = _status_lines(p.stderr)
     assert len(status) == 4
-    if "--mem-budget" in args:
+    if offload:
         assert status[-1][5] != "0 B", status[-1][0]  # something was offloaded
         assert list(kv.iterdir()) == []  # the KV file is unnamed: nothing is left behind
+    else:
+        assert status[-1][5] == "0 B", status[-1][0]
     return p
+
+
+def _ram_reference(tmp_path, *args):
+    if args not in _RAM_REFERENCE:
+        _RAM_REFERENCE[args] = _offload_run(tmp_path, "--policy", "ram", *args)
+    return _RAM_REFERENCE[args]
 
 
 @pytest.mark.parametrize("cache_type,budget", [("q8_0", "30M"), ("q4_0", "20M")])
 @pytest.mark.parametrize("policy", ["direct", "mmap"])
 def test_pipe_offloaded_kv_same_answers_as_ram_quantized(tmp_path, policy, cache_type, budget):
-    ram = _offload_run(tmp_path, "--policy", "ram", "--cache-type", cache_type)
+    ram = _ram_reference(tmp_path, "--cache-type", cache_type)
     off = _offload_run(tmp_path, "--policy", policy, "--mem-budget", budget, "--cache-type", cache_type)
     assert off.stdout == ram.stdout
 
@@ -194,14 +244,22 @@ def test_pipe_offloaded_kv_same_answers_as_ram_quantized(tmp_path, policy, cache
 def test_pipe_offloaded_kv_same_answers_as_ram_f16(tmp_path, policy):
     """README: 'Outputs are exact: token-identical to the all-in-RAM run.' Offloaded layers switch flash
     attention on, so the all-in-RAM reference runs with --flash-attn."""
-    ram = _offload_run(tmp_path, "--policy", "ram", "--flash-attn")
+    ram = _ram_reference(tmp_path, "--flash-attn")
     off = _offload_run(tmp_path, "--policy", policy, "--mem-budget", "40M")
     assert off.stdout == ram.stdout
 
 
+@pytest.mark.parametrize("policy", ["direct", "mmap"])
+def test_pipe_storage_policy_without_budget_pins_everything(tmp_path, policy):
+    """No --mem-budget: every layer pinned, whatever the policy (README, 'Where the KV goes')."""
+    ram = _ram_reference(tmp_path)
+    p = _offload_run(tmp_path, "--policy", policy)
+    assert p.stdout == ram.stdout
+    assert _status_lines(p.stderr)[-1][4] == "72.0 MiB"
+
+
 # --------------------------------------------------------------------------- terminal chat (pty)
 
-pexpect = pytest.importorskip("pexpect")
 TTY_TIMEOUT = 120
 
 
@@ -247,6 +305,7 @@ def test_tty_ctrl_c_stops_a_long_reply():
     child = _spawn("-c", "1024", "-n", "400", "--temp", "0")
     try:
         child.sendline(LONG_REPLY)
+        child.expect_exact(LONG_REPLY + "\r\n")  # the terminal's echo of the question
         child.expect(r"5, 6, ")  # the reply is streaming
         child.sendintr()
         child.expect(TTY_STATUS)
@@ -261,6 +320,27 @@ def test_tty_ctrl_c_stops_a_long_reply():
         child.expect(TTY_STATUS)
         child.expect(r"\n> ")
         assert child.isalive()
+    finally:
+        _finish(child)
+
+
+def test_tty_ctrl_c_right_after_enter_does_not_quit():
+    """Ctrl-C pressed just after Enter, before the first token, stops that reply like any other: the
+    chat must not exit (and lose the conversation). Tried a few times: the moment it lands varies."""
+    child = _spawn("-c", "1024", "-n", "400", "--temp", "0")
+    try:
+        for attempt in range(6):
+            child.sendline(LONG_REPLY)
+            child.expect_exact(LONG_REPLY + "\r\n")
+            child.sendintr()
+            i = child.expect([r"\n> ", pexpect.EOF])
+            assert i == 0, (f"attempt {attempt}: the chat exited on Ctrl-C right after Enter "
+                            f"(output {_plain(child.before)!r})")
+            assert child.isalive()
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
     finally:
         _finish(child)
 

@@ -22,7 +22,7 @@ def test_stats_show_real_placement(tmp_path):
     r = run_cli("chat", "-c", "2048", "-n", "8", "--temp", "0", "--policy", "direct", "--mem-budget", "12M",
                 "--kv-dir", str(tmp_path), input="Hello\n/stats\n")
     assert r.returncode == 0, r.stderr
-    rows = re.findall(r"^\s*\S?\s*(\d+)\s*\S?\s*(ram|direct|mmap)\b", r.stdout, re.M)
+    rows = re.findall(r"^\s*\S?\s*(\d+)\s*\S?\s*(ram|direct|mmap)\b", r.stderr, re.M)
     paths = {p for _, p in rows}
     assert len(rows) == 18 and paths == {"ram", "direct"}
 
