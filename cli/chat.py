@@ -336,6 +336,16 @@ def _command(chat: Chat, line: str, console: Console) -> Optional[bool]:
     return None
 
 
+def _turn(chat: Chat, line: str, console: Console, live: bool) -> bool:
+    """One input line: a /command or a message to answer. True to quit."""
+    if not line.strip():
+        return False
+    r = _command(chat, line, console)
+    if r is None:
+        chat.reply(line, live=live)
+    return r is True
+
+
 def _interactive(chat: Chat, err: Console) -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -352,15 +362,9 @@ def _interactive(chat: Chat, err: Console) -> None:
         except KeyboardInterrupt:
             print("\n(Ctrl-D or /exit quits)")
             continue
-        if not line.strip():
-            continue
-        r = _command(chat, line, out)
-        if r is True:
-            return
-        if r is False:
-            continue
         try:
-            chat.reply(line, live=err.is_terminal)
+            if _turn(chat, line, out, live=err.is_terminal):
+                return
         except (DualbladeError, ValueError) as e:  # this message failed; the conversation goes on
             err.print(f"error: {e}", style="red", markup=False, highlight=False)
 
@@ -369,12 +373,5 @@ def _piped(chat: Chat, err: Console) -> None:
     chat.one_line = True
     out = err  # command output (/stats, /help) stays out of the answers on stdout
     for line in sys.stdin:
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        r = _command(chat, line, out)
-        if r is True:
+        if _turn(chat, line.rstrip("\n"), out, live=False):
             return
-        if r is False:
-            continue
-        chat.reply(line, live=False)

@@ -43,7 +43,15 @@ struct dblade_tensor {
     uint64_t              store_off; // absolute offset of the extent in the store (offloaded only)
     uint64_t              valid, hwm, dirty_lo, dirty_hi;
     _Atomic uint64_t      bytes_read, bytes_written, io_wait_ns;
+    // prefetch (guarded by the session lock)
+    int                    pf_state; // PF_IDLE, PF_QUEUED (or in flight), PF_READY
+    uint64_t               pf_upto;
+    struct dblade_tensor * pf_next;    // queue link
+    struct dblade_cache *  succ_cache; // K tensor: the layer the graph entered after this one
+    int32_t                succ_il;
 };
+
+enum { PF_IDLE = 0, PF_QUEUED = 1, PF_READY = 2 };
 
 struct dblade_cache {
     struct dblade_session * session;
@@ -72,6 +80,11 @@ struct dblade_session {
     int32_t               active_il;
     int                   error;
     char                  error_msg[256];
+    // the prefetcher: one thread staging the next layer while the current one computes
+    pthread_t              pf_thread;
+    bool                   pf_started, pf_stop;
+    pthread_cond_t         pf_work, pf_done;
+    struct dblade_tensor * pf_head, * pf_tail, * pf_busy;
 };
 
 static _Thread_local struct dblade_session * tls_bound;
@@ -82,6 +95,15 @@ int dblade_abi_version(void) {
 
 static void session_unref(struct dblade_session * s) {
     if (atomic_fetch_sub(&s->refs, 1) == 1) {
+        if (s->pf_started) {
+            pthread_mutex_lock(&s->lock);
+            s->pf_stop = true;
+            pthread_cond_broadcast(&s->pf_work);
+            pthread_mutex_unlock(&s->lock);
+            pthread_join(s->pf_thread, NULL);
+        }
+        pthread_cond_destroy(&s->pf_work);
+        pthread_cond_destroy(&s->pf_done);
         dblade_store_close(&s->store);
         pthread_mutex_destroy(&s->lock);
         free(s->layout);
@@ -122,6 +144,8 @@ int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
     s->active_il = -1;
     atomic_init(&s->refs, 1);
     pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->pf_work, NULL);
+    pthread_cond_init(&s->pf_done, NULL);
     if ((cfg->kv_dir && !s->kv_dir) || (cfg->kv_device && !s->kv_device) || !s->layout) {
         session_unref(s);
         return -ENOMEM;
@@ -240,27 +264,194 @@ static void tensor_release(struct dblade_session * s, struct dblade_tensor * t) 
     t->valid = 0;
 }
 
+// --- the prefetcher ---
+
+static struct dblade_tensor * tensor_of(struct dblade_cache * c, int32_t il, uint32_t which) {
+    for (uint32_t i = 0; c && i < c->n_tensors; i++) {
+        if (c->tensors[i].il == il && c->tensors[i].which == which) {
+            return &c->tensors[i];
+        }
+    }
+    return NULL;
+}
+
+static void * prefetch_main(void * arg) {
+    struct dblade_session * s = arg;
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        while (!s->pf_head && !s->pf_stop) {
+            pthread_cond_wait(&s->pf_work, &s->lock);
+        }
+        if (s->pf_stop) {
+            break;
+        }
+        struct dblade_tensor * t = s->pf_head;
+        s->pf_head = t->pf_next;
+        if (!s->pf_head) {
+            s->pf_tail = NULL;
+        }
+        t->pf_next = NULL;
+        s->pf_busy = t;
+        // nobody else touches t until it is READY: a fence for its layer waits for it first
+        const uint64_t a    = s->store.align;
+        const uint64_t off  = t->valid;
+        uint64_t       end  = dblade_align_up(t->hwm, a);
+        end = end < t->pf_upto ? end : t->pf_upto;
+        pthread_mutex_unlock(&s->lock);
+
+        int rc = 0;
+        if (end > off) {
+            rc = dblade_io_read(s->store.fd, t->addr + off, end - off, t->store_off + off);
+        }
+
+        pthread_mutex_lock(&s->lock);
+        if (rc < 0) {
+            fail(s, rc, "reading layer %d %c from %s failed: %s", t->il, "KV"[t->which], s->store.path, strerror(-rc));
+        } else if (end > off) {
+            atomic_fetch_add(&t->bytes_read, end - off);
+        }
+        if (t->pf_upto > t->valid) {
+            s->staged_bytes += t->pf_upto - t->valid;
+            s->staged_peak = s->staged_bytes > s->staged_peak ? s->staged_bytes : s->staged_peak;
+            t->valid = t->pf_upto;
+        }
+        t->pf_state = PF_READY;
+        s->pf_busy  = NULL;
+        pthread_cond_broadcast(&s->pf_done);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+// t's prefetch is finished or withdrawn; the time the graph waits for it is its stall
+static void pf_settle(struct dblade_session * s, struct dblade_tensor * t) {
+    if (t->pf_state != PF_QUEUED) {
+        return;
+    }
+    if (s->pf_busy != t) {
+        // still queued: withdraw it
+        struct dblade_tensor ** p = &s->pf_head;
+        while (*p && *p != t) {
+            p = &(*p)->pf_next;
+        }
+        if (*p) {
+            *p = t->pf_next;
+            if (s->pf_tail == t) {
+                s->pf_tail = NULL;
+                for (struct dblade_tensor * q = s->pf_head; q; q = q->pf_next) {
+                    s->pf_tail = q;
+                }
+            }
+            t->pf_next  = NULL;
+            t->pf_state = PF_IDLE;
+            return;
+        }
+    }
+    const uint64_t t0 = dblade_now_ns();
+    while (t->pf_state == PF_QUEUED) {
+        pthread_cond_wait(&s->pf_done, &s->lock);
+    }
+    atomic_fetch_add(&t->io_wait_ns, dblade_now_ns() - t0);
+}
+
+static void pf_enqueue(struct dblade_session * s, struct dblade_tensor * t) {
+    const uint64_t a = s->store.align;
+    if (!t || t->path != DBLADE_PATH_DIRECT || t->pf_state != PF_IDLE || t->valid >= dblade_align_up(t->hwm, a)) {
+        return;
+    }
+    if (!s->pf_started) {
+        if (pthread_create(&s->pf_thread, NULL, prefetch_main, s) != 0) {
+            return; // no prefetch: fences stage synchronously
+        }
+        s->pf_started = true;
+    }
+    uint64_t upto = dblade_align_up(t->hwm, a);
+    t->pf_upto  = upto < t->map_bytes ? upto : t->map_bytes;
+    t->pf_state = PF_QUEUED;
+    t->pf_next  = NULL;
+    if (s->pf_tail) {
+        s->pf_tail->pf_next = t;
+    } else {
+        s->pf_head = t;
+    }
+    s->pf_tail = t;
+    pthread_cond_signal(&s->pf_work);
+}
+
+static void release_tensor(struct dblade_session * s, struct dblade_tensor * t) {
+    pf_settle(s, t);
+    tensor_release(s, t);
+    t->pf_state = PF_IDLE;
+}
+
 static void release_all(struct dblade_session * s, struct dblade_cache * only) {
     for (struct dblade_cache * c = s->caches; c; c = c->next) {
         if (only && c != only) {
             continue;
         }
         for (uint32_t i = 0; i < c->n_tensors; i++) {
-            tensor_release(s, &c->tensors[i]);
+            release_tensor(s, &c->tensors[i]);
         }
     }
     s->active_cache = NULL;
     s->active_il    = -1;
 }
 
-// the graph moved to t's layer: the previous layer's attention is done, release it
+static void settle_cache(struct dblade_session * s, struct dblade_cache * c) {
+    for (uint32_t i = 0; i < c->n_tensors; i++) {
+        pf_settle(s, &c->tensors[i]);
+    }
+}
+
+// The graph moved to t's layer: the previous layer's attention is done. Wait for this layer's
+// prefetch, release every other staged layer but the one predicted next, and start staging that
+// one (the order of layers is learned from the previous pass: graphs repeat it).
 static void enter_layer(struct dblade_session * s, struct dblade_tensor * t) {
     if (s->active_cache == t->cache && s->active_il == t->il) {
         return;
     }
-    release_all(s, NULL);
+    struct dblade_tensor * prev_k = tensor_of(s->active_cache, s->active_il, 0);
+    if (prev_k) {
+        prev_k->succ_cache = t->cache;
+        prev_k->succ_il    = t->il;
+    }
+    for (uint32_t w = 0; w < 2; w++) {
+        struct dblade_tensor * x = tensor_of(t->cache, t->il, w);
+        if (x) {
+            pf_settle(s, x);
+            x->pf_state = PF_IDLE;
+        }
+    }
+    // the next layer on the direct path, as the previous pass went
+    struct dblade_cache * nc = NULL;
+    int32_t               nl = -1;
+    struct dblade_tensor * k = tensor_of(t->cache, t->il, 0);
+    for (int hops = 0; k && k->succ_cache && hops < 1024; hops++) {
+        struct dblade_tensor * nk = tensor_of(k->succ_cache, k->succ_il, 0);
+        if (!nk || (nk->cache == t->cache && nk->il == t->il)) {
+            break;
+        }
+        if (nk->path == DBLADE_PATH_DIRECT) {
+            nc = nk->cache, nl = nk->il;
+            break;
+        }
+        k = nk;
+    }
+    for (struct dblade_cache * c = s->caches; c; c = c->next) {
+        for (uint32_t i = 0; i < c->n_tensors; i++) {
+            struct dblade_tensor * x = &c->tensors[i];
+            const bool keep = (c == t->cache && x->il == t->il) || (c == nc && x->il == nl);
+            if (!keep) {
+                release_tensor(s, x);
+            }
+        }
+    }
     s->active_cache = t->cache;
     s->active_il    = t->il;
+    if (nc) {
+        pf_enqueue(s, tensor_of(nc, nl, 0));
+        pf_enqueue(s, tensor_of(nc, nl, 1));
+    }
 }
 
 void dblade_fence_write(struct dblade_tensor * t, const int64_t * rows, int64_t n, uint64_t row_bytes) {
@@ -453,9 +644,18 @@ void dblade_cache_close(struct dblade_cache * c) {
     }
     struct dblade_session * s = c->session;
     pthread_mutex_lock(&s->lock);
+    settle_cache(s, c);
     for (uint32_t i = 0; i < c->n_tensors; i++) {
         if (c->tensors[i].path == DBLADE_PATH_DIRECT) {
             s->staged_bytes -= c->tensors[i].valid; // the contents die with the cache
+        }
+    }
+    // forget predictions that lead into this cache
+    for (struct dblade_cache * o = s->caches; o; o = o->next) {
+        for (uint32_t i = 0; i < o->n_tensors; i++) {
+            if (o->tensors[i].succ_cache == c) {
+                o->tensors[i].succ_cache = NULL;
+            }
         }
     }
     if (s->active_cache == c) {
@@ -499,8 +699,10 @@ void dblade_cache_clear(struct dblade_cache * c) {
     }
     struct dblade_session * s = c->session;
     pthread_mutex_lock(&s->lock);
+    settle_cache(s, c);
     for (uint32_t i = 0; i < c->n_tensors; i++) {
         struct dblade_tensor * t = &c->tensors[i];
+        t->pf_state = PF_IDLE;
         // metadata only: nothing is written to the store, rows above hwm are never read back
         if (t->path == DBLADE_PATH_DIRECT) {
             t->dirty_lo = t->dirty_hi = 0;
@@ -539,6 +741,7 @@ void dblade_cache_state_begin(struct dblade_cache * c) {
     pthread_mutex_lock(&s->lock);
     // nothing is released here: with two caches (iSWA) the other one may hold restored rows that
     // llama.cpp has not copied in yet; staged dirty blocks simply stay staged
+    settle_cache(s, c);
     for (uint32_t i = 0; i < c->n_tensors; i++) {
         if (c->tensors[i].path == DBLADE_PATH_DIRECT) {
             tensor_ensure_valid(s, &c->tensors[i], c->tensors[i].map_bytes);
