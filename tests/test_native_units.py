@@ -9,10 +9,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(not shutil.which("cmake") or not shutil.which("ninja"), reason="cmake and ninja are needed")
-def test_c_units_under_sanitizers(tmp_path):
-    build = tmp_path / "debug"
+@pytest.mark.parametrize("preset", ["debug", "tsan"])  # ASan + UBSan; TSan for the prefetcher thread
+def test_c_units_under_sanitizers(tmp_path, preset):
+    build = tmp_path / preset
     run = lambda *a: subprocess.run(a, cwd=REPO, capture_output=True, text=True, timeout=600)  # noqa: E731
-    r = run("cmake", "--preset", "debug", "-B", str(build))
+    r = run("cmake", "--preset", preset, "-B", str(build))
     assert r.returncode == 0, r.stdout + r.stderr
     r = run("cmake", "--build", str(build))
     assert r.returncode == 0, r.stdout + r.stderr
