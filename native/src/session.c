@@ -678,15 +678,7 @@ void dblade_cache_close(struct dblade_cache * c) {
 }
 
 struct dblade_tensor * dblade_cache_tensor(struct dblade_cache * c, int32_t il, uint32_t which) {
-    if (!c || which > 1) {
-        return NULL;
-    }
-    for (uint32_t i = 0; i < c->n_tensors; i++) {
-        if (c->tensors[i].il == il && c->tensors[i].which == which) {
-            return &c->tensors[i];
-        }
-    }
-    return NULL;
+    return which > 1 ? NULL : tensor_of(c, il, which);
 }
 
 void * dblade_tensor_data(struct dblade_tensor * t) {
