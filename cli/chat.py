@@ -182,9 +182,15 @@ class Chat:
         first = f"first token {t_first - t0:.2f} s" if t_first else "no token"
         st = self.llm.kv_stats()
         cached = f" + {format_size(st['page_cache_bytes'])} page cache" if st["page_cache_bytes"] else ""
+        paths = ""
+        if st["offloaded_bytes"]:
+            n_mmap = sum(1 for l in st["layers"] if l["path"] == "mmap")
+            n_direct = sum(1 for l in st["layers"] if l["path"] == "direct")
+            paths = f" ({n_mmap} layers page cache, {n_direct} direct)" if st["policy"] == "auto" else ""
         self.err.print(f"{prompt} prompt tok, {generated} generated, {rate:.1f} tok/s, {first}, "
                        f"KV {format_size(st['resident_bytes'])} resident{cached} / "
-                       f"{format_size(st['offloaded_bytes'])} offloaded", style="dim", markup=False, soft_wrap=True)
+                       f"{format_size(st['offloaded_bytes'])} offloaded{paths}", style="dim", markup=False,
+                       soft_wrap=True)
 
     def print_stats(self, console: Console) -> None:
         st = self.llm.kv_stats()
@@ -199,6 +205,25 @@ class Chat:
         t.add_row("all", "", format_size(st["kv_bytes_total"]), format_size(st["resident_bytes"]),
                   format_size(st["bytes_read"]), format_size(st["bytes_written"]), f"{st['io_wait_s']:.3f} s")
         console.print(t)
+        if st["io_engine"]:
+            console.print(f"I/O: {st['io_engine']} ({st['io_engine_reason']}), pipeline depth {st['pipeline_depth']}, "
+                          f"staged {format_size(st['staged_bytes'])} (peak {format_size(st['staged_peak_bytes'])})",
+                          markup=False, soft_wrap=True)
+        mem = st.get("memory")
+        if mem:
+            limit = "none" if mem["limit_bytes"] is None else format_size(mem["limit_bytes"])
+            room = "unlimited" if mem["page_cache_room_bytes"] is None else format_size(mem["page_cache_room_bytes"])
+            console.print(f"memory: limit {limit}, page cache room for KV {room}, "
+                          f"page-cache layers hold {format_size(mem['page_cache_need_bytes'])}", markup=False,
+                          soft_wrap=True)
+        if st["switches"]:
+            more = st["switch_count"] - len(st["switches"])
+            console.print(f"path switches: {st['switch_count']}" + (f" (last {len(st['switches'])})" if more else ""),
+                          markup=False)
+            for e in st["switches"][-10:]:
+                who = "all offloaded layers" if e["layer"] is None else f"layer {e['layer']}"
+                console.print(f"  {e['t_s']:8.2f} s  {who}: {e['from']} -> {e['to']}  ({e['reason']})",
+                              markup=False, soft_wrap=True)
 
 
 class _PromptProgress:

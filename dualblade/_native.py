@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 PATHS = ("ram", "mmap", "direct")
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -28,6 +28,7 @@ class Config(ctypes.Structure):
         ("budget_bytes", c_uint64),
         ("kv_dir", c_char_p),
         ("kv_device", c_char_p),
+        ("reserve_bytes", c_uint64),
     ]
 
 
@@ -62,6 +63,14 @@ class Stats(ctypes.Structure):
     _fields_ = [
         ("policy", c_uint32),
         ("n_layers", c_uint32),
+        ("io_engine", c_uint32),
+        ("depth", c_uint32),
+        ("io_engine_why", ctypes.c_char * 96),
+        ("n_switches", c_uint64),
+        ("mem_limit", c_uint64),
+        ("mem_available", c_uint64),
+        ("page_cache_room", c_uint64),
+        ("page_cache_need", c_uint64),
         ("staged_bytes", c_uint64),
         ("staged_peak", c_uint64),
         ("budget_bytes", c_uint64),
@@ -72,6 +81,19 @@ class Stats(ctypes.Structure):
         ("io_wait_ns", c_uint64),
     ]
 
+
+class Switch(ctypes.Structure):
+    _fields_ = [
+        ("t_ms", c_uint64),
+        ("il", c_int32),
+        ("from_path", c_uint32),
+        ("to_path", c_uint32),
+        ("reason", ctypes.c_char * 100),
+    ]
+
+
+IO_ENGINES = {0: None, 1: "io_uring", 2: "threads"}
+SWITCH_LOG = 64
 
 _lib = None
 
@@ -110,6 +132,8 @@ def lib() -> ctypes.CDLL:
         "dblade_session_bind": (c_int, [c_void_p]),
         "dblade_session_stats": (c_int, [c_void_p, POINTER(Stats)]),
         "dblade_session_layers": (c_int, [c_void_p, POINTER(LayerStats), c_uint32]),
+        "dblade_session_switches": (c_int, [c_void_p, POINTER(Switch), c_uint32]),
+        "dblade_session_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
     }
     for name, (res, args) in protos.items():
         fn = getattr(handle, name)
@@ -155,11 +179,13 @@ class Session:
     """
 
     def __init__(self, policy: str, budget_bytes: int | None, kv_dir: str | None, kv_device: str | None,
-                 layout: list[tuple[int, str, int, int]] | None = None, force: bool = False):
+                 layout: list[tuple[int, str, int, int]] | None = None, force: bool = False,
+                 reserve_bytes: int = 0):
         self._kv_dir = kv_dir.encode() if kv_dir else None
         self._kv_device = kv_device.encode() if kv_device else None
         cfg = Config(POLICIES.index(policy), 1 if force else 0,
-                     BUDGET_UNLIMITED if budget_bytes is None else budget_bytes, self._kv_dir, self._kv_device)
+                     BUDGET_UNLIMITED if budget_bytes is None else budget_bytes, self._kv_dir, self._kv_device,
+                     reserve_bytes)
         layout = layout or []
         arr = (LayoutLayer * max(len(layout), 1))(*[LayoutLayer(il, PATHS.index(p), k, v) for il, p, k, v in layout])
         h = c_void_p()
@@ -190,6 +216,26 @@ class Session:
     def flush(self) -> None:
         self._lib.dblade_session_flush(self._h)
 
+    def set_path(self, il: int, path: str) -> None:
+        """Move an offloaded layer to the page-cache ("mmap") or the direct path when next used."""
+        if path not in ("mmap", "direct") or self._lib.dblade_session_set_path(self._h, il, PATHS.index(path)) < 0:
+            raise ValueError(f"layer {il} is not an offloaded layer, or {path!r} is not mmap or direct")
+
+    def switches(self) -> tuple[int, list[dict]]:
+        """How many path switches there were, and the last ones (oldest first)."""
+        log = (Switch * SWITCH_LOG)()
+        total = _check(self._lib.dblade_session_switches(self._h, log, SWITCH_LOG), "reading KV switches")
+        return total, [
+            {
+                "t_s": e.t_ms / 1000,
+                "layer": None if e.il < 0 else e.il,
+                "from": PATHS[e.from_path],
+                "to": PATHS[e.to_path],
+                "reason": e.reason.decode(errors="replace"),
+            }
+            for e in log[: min(total, SWITCH_LOG)]
+        ]
+
     def stats(self) -> dict:
         st = Stats()
         _check(self._lib.dblade_session_stats(self._h, ctypes.byref(st)), "reading KV stats")
@@ -198,6 +244,7 @@ class Session:
         n = min(n, _check(self._lib.dblade_session_layers(self._h, layers, n), "reading KV layers"))
         si = StoreInfo()
         _check(self._lib.dblade_session_store(self._h, ctypes.byref(si)), "reading the KV store")
+        n_switches, switches = self.switches()
         return {
             "policy": POLICIES[st.policy],
             "budget_bytes": None if st.budget_bytes == BUDGET_UNLIMITED else st.budget_bytes,
@@ -211,6 +258,17 @@ class Session:
             "bytes_read": st.bytes_read,
             "bytes_written": st.bytes_written,
             "io_wait_s": st.io_wait_ns / 1e9,
+            "io_engine": IO_ENGINES.get(st.io_engine),
+            "io_engine_reason": st.io_engine_why.decode(errors="replace") or None,
+            "pipeline_depth": st.depth,
+            "memory": {
+                "limit_bytes": None if st.mem_limit == BUDGET_UNLIMITED else st.mem_limit,
+                "available_bytes": st.mem_available or None,
+                "page_cache_room_bytes": None if st.page_cache_room in (0, BUDGET_UNLIMITED) else st.page_cache_room,
+                "page_cache_need_bytes": st.page_cache_need,
+            } if st.policy == POLICIES.index("auto") else None,
+            "switches": switches,
+            "switch_count": n_switches,
             "store": None if si.kind == 0 else {
                 "kind": {1: "file", 2: "device"}[si.kind],
                 "path": si.path.decode(errors="replace"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from typing import Callable, Optional, Sequence
@@ -34,8 +35,11 @@ class Llama(llama_cpp.Llama):
 
     mem_budget: bytes (int) or a size string ("2G", "1.5GiB", "512M", "64MiB") that pinned KV and
         staging memory may use; None for no budget (every layer pinned).
-    kv_policy: "auto" | "ram" | "mmap" | "direct": where KV layers that do not fit the budget go
-        ("auto" currently means "direct").
+    kv_policy: "auto" | "ram" | "mmap" | "direct": where KV layers that do not fit the budget go.
+        "auto" puts them on the page-cache path while the memory actually available (cgroup limit,
+        MemAvailable, memory pressure) holds them next to the model's weights, and moves them to the
+        direct path (O_DIRECT) when it does not, and back when memory recovers; kv_stats() shows
+        each layer's path and the switches with their reasons.
     kv_dir: directory for the (unnamed, preallocated) KV file; default ~/.cache/dualblade/kv.
     kv_device: a raw block device or partition instead of a file; kv_force: take over a device that
         holds something else (destroys it).
@@ -61,8 +65,11 @@ class Llama(llama_cpp.Llama):
         self.eval_progress: Optional[Callable[[int, int], None]] = None
         self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0}
         try:
+            # the weights are mmap'ed: the auto policy leaves them their page cache
+            reserve = os.path.getsize(model_path) if offloaded else 0
             self._kv_session = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
-                                               layout if offloaded else None, force=kv_force)
+                                               layout if offloaded else None, force=kv_force,
+                                               reserve_bytes=reserve)
         except _native.SessionError as e:
             raise ConfigError(str(e)) from None
         with self._kv_session.bound():
@@ -105,6 +112,12 @@ class Llama(llama_cpp.Llama):
         st["kv_device"] = self._kv_config.kv_device
         return st
 
+    def kv_set_path(self, layer: int, path: str) -> None:
+        """Move offloaded layer `layer` to the page-cache ("mmap") or the direct path; it happens
+        between graph computations and never changes the output. Under kv_policy="auto" the policy
+        may move it again."""
+        self._kv_session.set_path(layer, path)
+
     def counters(self) -> dict:
         """Tokens evaluated and sampled so far, and the time spent evaluating (for status lines)."""
         return dict(self._counters)
@@ -144,8 +157,10 @@ class Llama(llama_cpp.Llama):
         return token
 
     def close(self) -> None:
+        session = getattr(self, "_kv_session", None)
+        if session is not None and getattr(session, "_h", None):
+            session.flush()  # tails included: what the store holds is complete
         if hasattr(self, "_stack"):  # __init__ may have stopped before the parent set up
             super().close()
-        session = getattr(self, "_kv_session", None)
         if session is not None:
             session.release()

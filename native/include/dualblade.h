@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 2
+#define DBLADE_ABI_VERSION 3
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -58,6 +58,8 @@ struct dblade_config {
     uint64_t     budget_bytes; /* pinned + staging bytes allowed; DBLADE_BUDGET_UNLIMITED for none */
     const char * kv_dir;       /* directory for the KV file, or NULL */
     const char * kv_device;    /* block device for the KV, or NULL */
+    uint64_t     reserve_bytes; /* memory the model's weights need (mmap'ed: the auto policy leaves them
+                                   this much page cache) */
 };
 
 /* One layer of one llama_kv_cache, as the cache allocates it. */
@@ -99,6 +101,14 @@ struct dblade_layer_stats {
 struct dblade_stats {
     uint32_t policy;
     uint32_t n_layers;
+    uint32_t io_engine;      /* 0 none (nothing offloaded), 1 io_uring, 2 threads */
+    uint32_t depth;          /* direct layers staged ahead of the one computing */
+    char     io_engine_why[96];
+    uint64_t n_switches;     /* path switches so far (see dblade_session_switches) */
+    uint64_t mem_limit;      /* auto: the tightest limit seen (cgroup), UINT64_MAX for none */
+    uint64_t mem_available;  /* auto: MemAvailable at the last sample */
+    uint64_t page_cache_room; /* auto: page cache the offloaded layers may use, at the last decision */
+    uint64_t page_cache_need; /* auto: what the page-cache layers held then */
     uint64_t staged_bytes;   /* memory of the direct path in use now */
     uint64_t staged_peak;    /* its peak */
     uint64_t budget_bytes;
@@ -149,6 +159,20 @@ DBLADE_API void dblade_session_release(struct dblade_session * s);
 DBLADE_API int  dblade_session_bind(struct dblade_session * s);
 
 DBLADE_API int dblade_session_stats(struct dblade_session * s, struct dblade_stats * out);
+/* One change of path of a layer (il -1: the initial placement), with its reason in words. */
+struct dblade_switch {
+    uint64_t t_ms; /* since the session was created */
+    int32_t  il;
+    uint32_t from, to; /* enum dblade_path */
+    char     reason[100];
+};
+/* The last (at most 64) switches, oldest first, up to cap; returns how many there were in all. */
+DBLADE_API int dblade_session_switches(struct dblade_session * s, struct dblade_switch * out, uint32_t cap);
+/* Moves an offloaded layer between the page-cache and the direct path (applied when the graph next
+ * enters it; same address, same data). -EINVAL for a pinned or unknown layer. The auto policy may
+ * move it again. */
+DBLADE_API int dblade_session_set_path(struct dblade_session * s, int32_t il, uint32_t path);
+
 /* The first I/O error of the session (sticky): 0, or -errno with its text in msg. */
 DBLADE_API int dblade_session_error(struct dblade_session * s, char * msg, size_t cap);
 /* Writes back every dirty block and releases every staged layer. */

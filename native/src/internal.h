@@ -15,10 +15,11 @@
 static inline uint64_t dblade_align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 static inline uint64_t dblade_align_down(uint64_t x, uint64_t a) { return x / a * a; }
 
-// Staging memory the direct path needs for layers of at most max_layer bytes: the layer in use
-// and the one being prefetched, rounded up to whole blocks.
-static inline uint64_t dblade_staging_bytes(uint64_t max_layer) {
-    return 2 * dblade_align_up(max_layer, DBLADE_BLOCK);
+// Staging memory the direct path needs for layers of at most max_layer bytes out of n_layers: the
+// layer in use and the one being prefetched, rounded up to whole blocks, and the tail page each
+// direct K and V tensor keeps in memory between passes.
+static inline uint64_t dblade_staging_bytes(uint64_t max_layer, uint32_t n_layers) {
+    return 2 * dblade_align_up(max_layer, DBLADE_BLOCK) + (uint64_t) n_layers * 2 * DBLADE_BLOCK;
 }
 
 uint64_t dblade_now_ns(void);
@@ -74,5 +75,70 @@ int  dblade_probe_align(int fd, uint32_t * off_align, uint32_t * mem_align);
 // --- I/O engine (io.c): whole aligned ranges, retried on EINTR and short transfers ---
 int dblade_io_read(int fd, void * buf, uint64_t len, uint64_t off);
 int dblade_io_write(int fd, const void * buf, uint64_t len, uint64_t off);
+
+// --- asynchronous engine (engine.c): batches of transfers, DBLADE_IO_DEPTH chunks in flight ---
+#define DBLADE_IO_CHUNK (4u << 20)
+#define DBLADE_IO_DEPTH 16u // 64 MiB in flight at most
+
+enum { DBLADE_IO_URING = 1, DBLADE_IO_THREADS = 2 };
+
+struct dblade_io_req {
+    void *   buf;
+    uint64_t len;
+    uint64_t off;
+    int      write;
+    int      res; // out: 0 or the first -errno of this request
+};
+
+struct dblade_io;
+// picks io_uring where it works, else the thread pool (DUALBLADE_IO_ENGINE forces one)
+int          dblade_io_open(struct dblade_io ** out, int fd);
+void         dblade_io_close(struct dblade_io * io);
+int          dblade_io_kind(const struct dblade_io * io);
+const char * dblade_io_why(const struct dblade_io * io);
+const char * dblade_io_engine_name(int kind);
+// every request to completion; 0 or the first failing request's -errno
+int          dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n);
+
+// --- memory monitor and the auto policy (monitor.c) ---
+#define DBLADE_MONITOR_PERIOD_NS (20ull * 1000 * 1000)         // at most one sample per 20 ms
+#define DBLADE_AUTO_STALL_HIGH   0.10                          // share of time stalled on memory: demote
+#define DBLADE_AUTO_STALL_LOW    0.01                          // below this (and room to spare): promote
+#define DBLADE_AUTO_HOLD_NS      (2ull * 1000 * 1000 * 1000)   // no promotion within 2 s of a switch
+
+struct dblade_monitor {
+    int  cg_version; // 0 none found, 1, 2
+    char cg_dir[512];
+};
+
+struct dblade_mem_sample {
+    uint64_t t_ns;
+    uint64_t cg_limit; // UINT64_MAX: no limit
+    uint64_t cg_usage, cg_anon, cg_file;
+    uint64_t mem_total, mem_available; // UINT64_MAX: unknown
+    uint64_t psi_us;                   // memory stall ("some"), cumulative microseconds; UINT64_MAX: no PSI
+};
+
+struct dblade_auto_state {
+    uint64_t last_t_ns, last_psi_us, last_switch_ns;
+    uint64_t cap_bytes, need_bytes; // of the last decision
+};
+
+struct dblade_auto_layer {
+    uint32_t want;           // DBLADE_PATH_MMAP or DBLADE_PATH_DIRECT; updated by the decision
+    uint64_t need_bytes;     // what the layer holds now (rows written)
+    uint64_t resident_bytes; // of it in the page cache now (mmap layers)
+};
+
+void     dblade_monitor_init(struct dblade_monitor * m);
+void     dblade_monitor_sample(const struct dblade_monitor * m, struct dblade_mem_sample * o);
+// bytes of page cache the offloaded layers may use; reserve = the weights' working set
+uint64_t dblade_auto_capacity(const struct dblade_mem_sample * m, uint64_t reserve, uint64_t page_cached);
+// updates layers[].want; returns how many changed, with the reason in why
+int      dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sample * m, uint64_t reserve,
+                            struct dblade_auto_layer * layers, uint32_t n, char * why, size_t why_cap);
+
+// --- for tests: wait until the worker has nothing queued or running ---
+void dblade_session_quiesce(struct dblade_session * s);
 
 #endif

@@ -87,7 +87,7 @@ int dblade_plan(uint32_t policy, uint64_t budget, uint32_t n, const uint64_t * l
     uint64_t best_pinned = 0, best_staging = 0, min_needed = UINT64_MAX, prefix = 0;
     int      best_k      = -1;
     for (uint32_t k = 0; k < n; prefix += order[k].bytes, k++) {
-        const uint64_t staging = off_path == DBLADE_PATH_DIRECT ? dblade_staging_bytes(order[k].bytes) : 0;
+        const uint64_t staging = off_path == DBLADE_PATH_DIRECT ? dblade_staging_bytes(order[k].bytes, n - k) : 0;
         if (prefix + staging < min_needed) {
             min_needed = prefix + staging;
         }

@@ -1,0 +1,403 @@
+// The asynchronous I/O engine of the direct path: a batch of O_DIRECT transfers is cut into chunks
+// and kept DBLADE_IO_DEPTH chunks deep in flight, so one staged layer (or several) saturates the
+// device (measured here: >= 32 MiB in flight reaches the ceiling; one request at a time does not).
+//
+// Two engines, picked at run time:
+//  - io_uring (when built with liburing and the kernel lets us: it may be disabled by sysctl or a
+//    container's seccomp profile), one ring per engine;
+//  - a small pool of threads doing pread/pwrite, everywhere else.
+// DUALBLADE_IO_ENGINE=io_uring|threads forces one (io_uring fails loudly where it is missing).
+//
+// Buffers are not registered with the ring: registration pins the pages for as long as it lasts,
+// while the direct path gives staged memory back after every layer (MADV_DONTNEED); a registered
+// buffer would keep the old pages and receive reads the tensor no longer maps. The kernel pins the
+// pages per request instead, which is cheap for multi-MiB requests.
+//
+// One batch runs at a time per engine (callers serialize on its lock); the lock is never held while
+// taking the session's.
+
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifdef DBLADE_HAVE_URING
+#    include <liburing.h>
+#endif
+
+#define IO_THREADS 4
+
+struct chunk {
+    uint32_t req;
+    uint64_t pos; // from the request's start
+    uint64_t len;
+};
+
+struct dblade_io {
+    int             fd;
+    int             kind;
+    int             broken;   // io_uring: a submission failed, the ring cannot be trusted
+    char            why[160]; // why this engine (a fallback says what failed)
+    pthread_mutex_t lock;     // one batch at a time
+    // the batch in progress
+    struct dblade_io_req * reqs;
+    uint32_t               n_reqs;
+    uint32_t               cur_req; // next chunk: request and position
+    uint64_t               cur_pos;
+#ifdef DBLADE_HAVE_URING
+    struct io_uring ring;
+#endif
+    // thread pool
+    pthread_t       threads[IO_THREADS];
+    uint32_t        n_threads;
+    pthread_mutex_t pool_lock;
+    pthread_cond_t  pool_work, pool_done;
+    uint64_t        generation;
+    uint32_t        busy;
+    bool            stop;
+};
+
+const char * dblade_io_engine_name(int kind) {
+    switch (kind) {
+        case DBLADE_IO_URING:   return "io_uring";
+        case DBLADE_IO_THREADS: return "threads";
+        default:                return "none";
+    }
+}
+
+// the next chunk of the batch, or false when every byte has been handed out
+static bool next_chunk(struct dblade_io * io, struct chunk * c) {
+    while (io->cur_req < io->n_reqs) {
+        const struct dblade_io_req * r = &io->reqs[io->cur_req];
+        if (io->cur_pos < r->len && r->res == 0) {
+            c->req = io->cur_req;
+            c->pos = io->cur_pos;
+            c->len = r->len - io->cur_pos < DBLADE_IO_CHUNK ? r->len - io->cur_pos : DBLADE_IO_CHUNK;
+            io->cur_pos += c->len;
+            return true;
+        }
+        io->cur_req++;
+        io->cur_pos = 0;
+    }
+    return false;
+}
+
+static void chunk_failed(struct dblade_io * io, const struct chunk * c, int err) {
+    if (io->reqs[c->req].res == 0) {
+        io->reqs[c->req].res = err;
+    }
+}
+
+// --- the thread pool ---
+
+static void * pool_main(void * arg) {
+    struct dblade_io * io = arg;
+    uint64_t           seen = 0;
+    pthread_mutex_lock(&io->pool_lock);
+    for (;;) {
+        while (!io->stop && io->generation == seen) {
+            pthread_cond_wait(&io->pool_work, &io->pool_lock);
+        }
+        if (io->stop) {
+            break;
+        }
+        struct chunk c;
+        if (!next_chunk(io, &c)) {
+            seen = io->generation; // this batch is handed out; wait for the next one
+            continue;
+        }
+        io->busy++;
+        const struct dblade_io_req r = io->reqs[c.req];
+        pthread_mutex_unlock(&io->pool_lock);
+        const int rc = r.write ? dblade_io_write(io->fd, (const uint8_t *) r.buf + c.pos, c.len, r.off + c.pos)
+                               : dblade_io_read(io->fd, (uint8_t *) r.buf + c.pos, c.len, r.off + c.pos);
+        pthread_mutex_lock(&io->pool_lock);
+        if (rc < 0) {
+            chunk_failed(io, &c, rc);
+        }
+        io->busy--;
+        pthread_cond_broadcast(&io->pool_done);
+    }
+    pthread_mutex_unlock(&io->pool_lock);
+    return NULL;
+}
+
+static int pool_run(struct dblade_io * io) {
+    pthread_mutex_lock(&io->pool_lock);
+    io->generation++;
+    pthread_cond_broadcast(&io->pool_work);
+    for (;;) {
+        // done when every chunk was handed out and none is in flight
+        struct chunk c;
+        const uint32_t save_req = io->cur_req;
+        const uint64_t save_pos = io->cur_pos;
+        const bool     more     = next_chunk(io, &c);
+        io->cur_req = save_req, io->cur_pos = save_pos;
+        if (!more && io->busy == 0) {
+            break;
+        }
+        pthread_cond_wait(&io->pool_done, &io->pool_lock);
+    }
+    pthread_mutex_unlock(&io->pool_lock);
+    return 0;
+}
+
+static int pool_start(struct dblade_io * io) {
+    pthread_mutex_init(&io->pool_lock, NULL);
+    pthread_cond_init(&io->pool_work, NULL);
+    pthread_cond_init(&io->pool_done, NULL);
+    for (uint32_t i = 0; i < IO_THREADS; i++) {
+        if (pthread_create(&io->threads[i], NULL, pool_main, io) != 0) {
+            break;
+        }
+        io->n_threads++;
+    }
+    return io->n_threads > 0 ? 0 : -EAGAIN;
+}
+
+static void pool_stop(struct dblade_io * io) {
+    pthread_mutex_lock(&io->pool_lock);
+    io->stop = true;
+    pthread_cond_broadcast(&io->pool_work);
+    pthread_mutex_unlock(&io->pool_lock);
+    for (uint32_t i = 0; i < io->n_threads; i++) {
+        pthread_join(io->threads[i], NULL);
+    }
+    pthread_cond_destroy(&io->pool_work);
+    pthread_cond_destroy(&io->pool_done);
+    pthread_mutex_destroy(&io->pool_lock);
+}
+
+// --- io_uring ---
+
+#ifdef DBLADE_HAVE_URING
+static int uring_start(struct dblade_io * io) {
+    int rc = io_uring_queue_init(2 * DBLADE_IO_DEPTH, &io->ring, 0);
+    if (rc < 0) {
+        return rc;
+    }
+    // a container may allow the ring's setup and still refuse io_uring_enter: try one no-op
+    struct io_uring_sqe * sqe = io_uring_get_sqe(&io->ring);
+    io_uring_prep_nop(sqe);
+    rc = io_uring_submit(&io->ring);
+    if (rc >= 0) {
+        struct io_uring_cqe * cqe = NULL;
+        rc = io_uring_wait_cqe(&io->ring, &cqe);
+        if (rc == 0) {
+            rc = cqe->res;
+            io_uring_cqe_seen(&io->ring, cqe);
+        }
+    }
+    if (rc < 0) {
+        io_uring_queue_exit(&io->ring);
+    }
+    return rc < 0 ? rc : 0;
+}
+
+static void uring_prep(struct dblade_io * io, struct chunk * c, uint32_t slot) {
+    struct io_uring_sqe *        sqe = io_uring_get_sqe(&io->ring);
+    const struct dblade_io_req * r   = &io->reqs[c->req];
+    if (r->write) {
+        io_uring_prep_write(sqe, io->fd, (const uint8_t *) r->buf + c->pos, (unsigned) c->len, r->off + c->pos);
+    } else {
+        io_uring_prep_read(sqe, io->fd, (uint8_t *) r->buf + c->pos, (unsigned) c->len, r->off + c->pos);
+    }
+    io_uring_sqe_set_data64(sqe, slot);
+}
+
+static int uring_run(struct dblade_io * io) {
+    struct chunk slots[DBLADE_IO_DEPTH];
+    uint32_t     free_slots[DBLADE_IO_DEPTH], n_free = DBLADE_IO_DEPTH, in_flight = 0;
+    for (uint32_t i = 0; i < DBLADE_IO_DEPTH; i++) {
+        free_slots[i] = DBLADE_IO_DEPTH - 1 - i;
+    }
+    uint32_t retry[DBLADE_IO_DEPTH], n_retry = 0; // slots to submit again (short or interrupted)
+    int      fatal = 0;
+    for (;;) {
+        uint32_t queued = 0;
+        while (n_retry > 0) {
+            uring_prep(io, &slots[retry[n_retry - 1]], retry[n_retry - 1]);
+            n_retry--, queued++;
+        }
+        while (!fatal && n_free > 0) {
+            struct chunk c;
+            if (!next_chunk(io, &c)) {
+                break;
+            }
+            const uint32_t slot = free_slots[--n_free];
+            slots[slot] = c;
+            uring_prep(io, &slots[slot], slot);
+            queued++;
+        }
+        if (queued > 0) {
+            int rc;
+            do {
+                rc = io_uring_submit(&io->ring);
+            } while (rc == -EINTR);
+            if (rc < 0) {
+                // the entries never reached the kernel and stay in the ring: this engine is done for;
+                // wait for what is in flight (its buffers belong to the caller), then report
+                io->broken = rc;
+                fatal      = rc;
+                queued     = 0;
+            }
+            in_flight += queued;
+        }
+        if (in_flight == 0) {
+            break;
+        }
+        struct io_uring_cqe * cqe = NULL;
+        int                   rc  = io_uring_wait_cqe(&io->ring, &cqe);
+        if (rc == -EINTR) {
+            continue;
+        }
+        if (rc < 0) {
+            return rc;
+        }
+        const uint32_t slot = (uint32_t) io_uring_cqe_get_data64(cqe);
+        const int      res  = cqe->res;
+        io_uring_cqe_seen(&io->ring, cqe);
+        in_flight--;
+        struct chunk * c = &slots[slot];
+        if (!fatal && (res == -EINTR || res == -EAGAIN)) {
+            retry[n_retry++] = slot;
+            continue;
+        }
+        if (res < 0 || res == 0) {
+            chunk_failed(io, c, res < 0 ? res : (io->reqs[c->req].write ? -ENOSPC : -EIO));
+        } else if (!fatal && (uint64_t) res < c->len) {
+            c->pos += (uint64_t) res, c->len -= (uint64_t) res; // short: the rest again
+            retry[n_retry++] = slot;
+            continue;
+        }
+        free_slots[n_free++] = slot;
+    }
+    return fatal;
+}
+#endif
+
+// --- the engine ---
+
+int dblade_io_open(struct dblade_io ** out, int fd) {
+    struct dblade_io * io = calloc(1, sizeof(*io));
+    if (!io) {
+        return -ENOMEM;
+    }
+    io->fd = fd;
+    pthread_mutex_init(&io->lock, NULL);
+    const char * want = getenv("DUALBLADE_IO_ENGINE");
+    if (want && *want && strcmp(want, "io_uring") && strcmp(want, "threads") && strcmp(want, "auto")) {
+        dblade_set_error("DUALBLADE_IO_ENGINE=%s is not an engine: use io_uring, threads or auto", want);
+        free(io);
+        return -EINVAL;
+    }
+    const bool force_uring   = want && !strcmp(want, "io_uring");
+    const bool force_threads = want && !strcmp(want, "threads");
+    int        rc            = -ENOSYS;
+#ifdef DBLADE_HAVE_URING
+    if (!force_threads) {
+        rc = uring_start(io);
+        if (rc == 0) {
+            io->kind = DBLADE_IO_URING;
+            snprintf(io->why, sizeof(io->why), "%s", force_uring ? "forced by DUALBLADE_IO_ENGINE" : "available");
+        } else {
+            snprintf(io->why, sizeof(io->why), "io_uring unavailable (%s)", strerror(-rc));
+        }
+    } else {
+        snprintf(io->why, sizeof(io->why), "forced by DUALBLADE_IO_ENGINE");
+    }
+#else
+    snprintf(io->why, sizeof(io->why), force_threads ? "forced by DUALBLADE_IO_ENGINE" : "built without liburing");
+#endif
+    if (io->kind == 0) {
+        if (force_uring) {
+            dblade_set_error("DUALBLADE_IO_ENGINE=io_uring, but %s",
+                             rc == -ENOSYS ? "this build has no io_uring support" : io->why);
+            free(io);
+            return rc;
+        }
+        rc = pool_start(io);
+        if (rc < 0) {
+            dblade_set_error("cannot start the I/O threads");
+            free(io);
+            return rc;
+        }
+        io->kind = DBLADE_IO_THREADS;
+    }
+    *out = io;
+    return 0;
+}
+
+void dblade_io_close(struct dblade_io * io) {
+    if (!io) {
+        return;
+    }
+#ifdef DBLADE_HAVE_URING
+    if (io->kind == DBLADE_IO_URING) {
+        io_uring_queue_exit(&io->ring);
+    }
+#endif
+    if (io->kind == DBLADE_IO_THREADS) {
+        pool_stop(io);
+    }
+    pthread_mutex_destroy(&io->lock);
+    free(io);
+}
+
+int dblade_io_kind(const struct dblade_io * io) {
+    return io ? io->kind : 0;
+}
+
+const char * dblade_io_why(const struct dblade_io * io) {
+    return io ? io->why : "";
+}
+
+int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++) {
+        reqs[i].res = 0;
+    }
+    if (n == 0) {
+        return 0;
+    }
+    pthread_mutex_lock(&io->lock);
+    if (io->broken) {
+        pthread_mutex_unlock(&io->lock);
+        return io->broken;
+    }
+    if (io->kind == DBLADE_IO_THREADS) {
+        pthread_mutex_lock(&io->pool_lock);
+    }
+    io->reqs    = reqs;
+    io->n_reqs  = n;
+    io->cur_req = 0;
+    io->cur_pos = 0;
+    if (io->kind == DBLADE_IO_THREADS) {
+        pthread_mutex_unlock(&io->pool_lock);
+    }
+    int rc = 0;
+#ifdef DBLADE_HAVE_URING
+    if (io->kind == DBLADE_IO_URING) {
+        rc = uring_run(io);
+    }
+#endif
+    if (io->kind == DBLADE_IO_THREADS) {
+        rc = pool_run(io);
+    }
+    if (io->kind == DBLADE_IO_THREADS) {
+        pthread_mutex_lock(&io->pool_lock); // a thread waking late must see the batch gone
+    }
+    io->reqs   = NULL;
+    io->n_reqs = 0;
+    if (io->kind == DBLADE_IO_THREADS) {
+        pthread_mutex_unlock(&io->pool_lock);
+    }
+    pthread_mutex_unlock(&io->lock);
+    for (uint32_t i = 0; rc == 0 && i < n; i++) {
+        rc = reqs[i].res;
+    }
+    return rc;
+}

@@ -1,0 +1,86 @@
+// The memory monitor reads this machine; the auto decision demotes the largest layers when the
+// page cache cannot hold them (or tasks stall), and promotes back only with room, calm and time.
+#include "../src/internal.h"
+#include "check.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define MiB (1ull << 20)
+
+static struct dblade_mem_sample sample(uint64_t t_s, uint64_t limit, uint64_t anon, uint64_t psi_us) {
+    struct dblade_mem_sample m = { .t_ns = t_s * 1000000000ull, .cg_limit = limit, .cg_anon = anon,
+                                   .mem_total = 64ull << 30, .mem_available = 60ull << 30, .psi_us = psi_us };
+    return m;
+}
+
+int main(void) {
+    // this machine: something sane comes back
+    struct dblade_monitor mon;
+    dblade_monitor_init(&mon);
+    struct dblade_mem_sample now;
+    dblade_monitor_sample(&mon, &now);
+    printf("cgroup v%d %s: limit %llu, usage %llu, anon %llu; MemAvailable %llu of %llu; psi %llu us\n",
+           mon.cg_version, mon.cg_dir, (unsigned long long) now.cg_limit, (unsigned long long) now.cg_usage,
+           (unsigned long long) now.cg_anon, (unsigned long long) now.mem_available,
+           (unsigned long long) now.mem_total, (unsigned long long) now.psi_us);
+    CHECK(now.mem_total > 0 && now.mem_total != UINT64_MAX);
+    CHECK(now.mem_available > 0 && now.mem_available <= now.mem_total);
+    if (mon.cg_version) {
+        CHECK(now.cg_usage > 0 && now.cg_usage != UINT64_MAX);
+    }
+
+    // capacity: the cgroup's limit less anon, weights and a margin
+    struct dblade_mem_sample m = sample(1, 1024 * MiB, 200 * MiB, 0);
+    const uint64_t cap = dblade_auto_capacity(&m, 300 * MiB, 0);
+    CHECK_EQ(cap, (1024 - 200 - 300 - 64) * MiB); // margin: limit/16
+    m.cg_limit = UINT64_MAX; // no limit: the system's MemAvailable rules
+    CHECK(dblade_auto_capacity(&m, 300 * MiB, 0) > 50ull << 30);
+
+    // 4 page-cache layers: 100, 200, 150, 50 MiB; the room is 460 MiB
+    struct dblade_auto_layer L[4] = {
+        { DBLADE_PATH_MMAP, 100 * MiB, 100 * MiB }, { DBLADE_PATH_MMAP, 200 * MiB, 200 * MiB },
+        { DBLADE_PATH_MMAP, 150 * MiB, 150 * MiB }, { DBLADE_PATH_MMAP, 50 * MiB, 50 * MiB },
+    };
+    struct dblade_auto_state st = { .last_psi_us = UINT64_MAX };
+    char why[100];
+    m = sample(10, 1024 * MiB, 200 * MiB, 0);
+    // 500 MiB needed > 460: the largest goes direct, and the one after it (down to 7/8 of the room)
+    CHECK_EQ(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)), 1);
+    CHECK_EQ(L[1].want, DBLADE_PATH_DIRECT);
+    CHECK_EQ(L[0].want, DBLADE_PATH_MMAP);
+    CHECK(strstr(why, "page cache short") != NULL);
+    printf("demote: %s\n", why);
+
+    // the same sample again: nothing flaps
+    m.t_ns += 100000000ull;
+    CHECK_EQ(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)), 0);
+
+    // memory frees up (the limit is raised) but within the hold time: stays
+    m = sample(11, 1200 * MiB, 0, 0);
+    CHECK_EQ(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)), 0);
+    // a small room after the hold time is not enough (the layer must fit in 70% of it)
+    m = sample(12, 1024 * MiB, 0, 0); // 12 s: past the hold
+    CHECK_EQ(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)), 0);
+    // after the hold time with a wide margin: back to the page cache
+    m = sample(13, 1200 * MiB, 0, 0);
+    CHECK_EQ(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)), 1);
+    CHECK_EQ(L[1].want, DBLADE_PATH_MMAP);
+    printf("promote: %s\n", why);
+
+    // stalls on memory (30% of the last second) demote even when the numbers look fine
+    m = sample(20, 1024 * MiB, 0, 0);
+    dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why));
+    m = sample(21, 1024 * MiB, 0, 300000);
+    CHECK(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)) >= 1);
+    CHECK(strstr(why, "pressure") != NULL);
+    printf("pressure: %s\n", why);
+
+    // no room at all: every layer goes direct
+    m = sample(30, 400 * MiB, 300 * MiB, 300000);
+    dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why));
+    for (int i = 0; i < 4; i++) {
+        CHECK_EQ(L[i].want, DBLADE_PATH_DIRECT);
+    }
+    return 0;
+}
