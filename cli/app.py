@@ -102,6 +102,39 @@ def info(
     run_info(model, ctx_size, mem_budget, policy.value, cache_type.value, as_json)
 
 
+@app.command()
+def bench(
+    model: Optional[Path] = ModelArg,
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark a random-weight model of a named "
+                                            "shape instead: tiny, kv-heavy, llama-1b (written once, cached)."),
+    policies: str = typer.Option("stock,ram,mmap,direct,auto", "--policies", help="Comma-separated: stock "
+                                 "(llama-cpp-python as is), ram, mmap, direct, auto."),
+    budgets: str = typer.Option("100%,50%,25%,10%", "--budgets", help="Comma-separated: % of the KV or sizes."),
+    ctx_size: int = typer.Option(8192, "--ctx-size", "-c", help="Context size in tokens."),
+    prompt_tokens: int = typer.Option(4096, "--prompt-tokens", "-p", help="Prompt length (prefill)."),
+    gen_tokens: int = typer.Option(32, "--gen-tokens", "-n", help="Tokens generated greedily (decode)."),
+    reps: int = typer.Option(3, "--reps", "-r", help="Repetitions of the whole matrix (median [min, max])."),
+    kv_dir: Optional[Path] = typer.Option(None, "--kv-dir", help="Directory for the KV file (and the probe)."),
+    kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV (its "
+                                             "contents are destroyed)."),
+    no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Run without a memory limit (numbers are then not "
+                                   "memory-enforced)."),
+    overhead: Optional[str] = typer.Option(None, "--overhead", help="Memory besides weights and budget in each "
+                                           "cell's limit (default: calibrated)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every raw figure to this file."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a plot (PNG, needs matplotlib)."),
+    probe_size: str = typer.Option("512M", "--probe-size", help="Bytes the device probe reads."),
+):
+    """Measure policies x budgets, each in a fresh process under a memory limit, against stock llama.cpp."""
+    from .bench import run_bench_cli
+
+    if reps < 1 or gen_tokens < 1 or prompt_tokens < 1:
+        raise click.exceptions.BadParameter("--reps, --gen-tokens and --prompt-tokens must be at least 1")
+    run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
+                  no_cgroup, overhead, threads, json_path, plot_path, probe_size)
+
+
 # The library's messages name its keyword arguments; a CLI user should read the flags instead.
 _API_TO_FLAGS = [
     (r"mem_budget='([^']*)'", r"--mem-budget \1"),

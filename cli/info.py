@@ -101,3 +101,6 @@ def run_info(model, ctx_size, mem_budget, policy, cache_type, as_json) -> None:
     con.print(plan)
     con.print(f"resident {format_size(p['resident_bytes'])}, offloaded {format_size(p['offloaded_bytes'])}, "
               f"direct-path staging {format_size(p['staging_bytes'])}")
+    if p["policy"] == "auto" and p["offloaded_bytes"]:
+        con.print("auto: the offloaded layers go to the page cache or the direct path (shown) as the memory "
+                  "available at run time allows, and move when it changes", markup=False)

@@ -71,6 +71,7 @@ class Stats(ctypes.Structure):
         ("mem_available", c_uint64),
         ("page_cache_room", c_uint64),
         ("page_cache_need", c_uint64),
+        ("huge_page_bytes", c_uint64),
         ("staged_bytes", c_uint64),
         ("staged_peak", c_uint64),
         ("budget_bytes", c_uint64),
@@ -261,6 +262,7 @@ class Session:
             "io_engine": IO_ENGINES.get(st.io_engine),
             "io_engine_reason": st.io_engine_why.decode(errors="replace") or None,
             "pipeline_depth": st.depth,
+            "huge_page_bytes": st.huge_page_bytes,
             "memory": {
                 "limit_bytes": None if st.mem_limit == BUDGET_UNLIMITED else st.mem_limit,
                 "available_bytes": st.mem_available or None,

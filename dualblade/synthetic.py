@@ -35,6 +35,9 @@ SHAPES = {
     # small and fast: for tests and smoke runs (dense GQA, llama architecture)
     "tiny": Shape("tiny", n_layer=8, n_embd=256, n_head=8, n_head_kv=2, n_ff=512, vocab="llama-spm",
                   n_ctx_train=32768),
+    # KV-heavy: 32 KiB of f16 KV per token (like Llama-3.2-1B) on small weights: decode is I/O bound
+    "kv-heavy": Shape("kv-heavy", n_layer=16, n_embd=512, n_head=4, n_head_kv=4, n_ff=512, vocab="llama-spm",
+                      n_ctx_train=65536),
     # Llama-3.2-1B: 16 layers, 2048 embd, 32 heads, 8 KV heads, 8192 ff, 128256 vocab
     "llama-1b": Shape("llama-1b", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, vocab="llama-bpe",
                       weights="q8_0"),
@@ -130,4 +133,18 @@ def write_model(path: str | os.PathLike, shape: Shape | str, seed: int = 0) -> P
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def cached_model(shape: str, seed: int = 0) -> Path:
+    """The synthetic model of a named shape, written once into the cache directory."""
+    from .models import cache_dir
+
+    if shape not in SHAPES:
+        raise ConfigError(f"unknown synthetic shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    d = cache_dir() / "synthetic"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{shape}-seed{seed}.gguf"
+    if not path.exists():
+        write_model(path, shape, seed=seed)
     return path

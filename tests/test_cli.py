@@ -15,7 +15,8 @@ from conftest import dualblade_exe, run_cli
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STATUS = re.compile(r"^(\d+) prompt tok, (\d+) generated, (\d+(?:\.\d+)?) tok/s, (?:first token \d+(?:\.\d+)? s|no token), "
-                    r"KV (\S+ \S+) resident(?: \+ \S+ \S+ page cache)? / (\S+ \S+) offloaded$")
+                    r"KV (\S+ \S+) resident(?: \+ \S+ \S+ page cache)? / (\S+ \S+) offloaded"
+                    r"(?: \((\d+) layers page cache, (\d+) direct\))?$")
 # a layer row of the /stats table: "│     0 │ ram  │ 1.00 MiB │ ..."
 STATS_ROW = re.compile(r"^│\s+(\d+)\s+│\s+(ram|mmap|direct)\s+│")
 # a layer row of `info`'s placement table: "│     5 │ global │ 4.00 MiB │ ram    │"
@@ -428,7 +429,7 @@ ERROR_CASES = [
     ("info {TRUNC}", "truncated"),
     ("info -c 0", "not positive"),
     ("info -c 99999", "training context"),
-    ("info --mem-budget 1M -c 32768", "64M"),
+    ("info --mem-budget 1M -c 32768", "65M"),
     ("info --mem-budget 2X", "unknown unit"),
     ("info --policy bogus", "bogus"),
     ("chat --frobnicate", "--frobnicate"),
@@ -450,7 +451,7 @@ def test_user_error_is_one_line(bad_files, cmdline, word):
 
 
 CLI_WORDING_CASES = [
-    ("chat --mem-budget 1M -c 4096", "--mem-budget 8M"),
+    ("chat --mem-budget 1M -c 4096", "--mem-budget 9M"),
     ("chat --kv-dir /dev/shm --mem-budget 40M -c 4096", "--kv-dir"),
     ("chat --kv-dir {KVDIR} --kv-device /dev/null", "--kv-dir"),
 ]
@@ -541,7 +542,7 @@ def test_info_human_output():
     assert [r[0] for r in rows] == list(range(N_LAYERS)), out
     assert [r[0] for r in rows if r[1] == "global"] == list(GLOBAL_LAYERS)
     assert {r[2] for r in rows} == {"ram", "direct"}
-    assert "resident 32.0 MiB, offloaded 40.0 MiB, direct-path staging 8.00 MiB" in out
+    assert "resident 28.0 MiB, offloaded 44.0 MiB, direct-path staging 8.09 MiB" in out
 
 
 def test_info_tiny_model(tiny_path):

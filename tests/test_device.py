@@ -93,7 +93,7 @@ def test_other_layout_of_ours_is_refused(tiny_path, make_loop):
     dev = make_loop(64 << 20)
     _open(tiny_path, dev).close()
     with pytest.raises(ConfigError, match="another model or context size"):
-        Llama(str(tiny_path), n_ctx=2048, verbose=False, kv_policy="direct", mem_budget="1M", kv_device=dev)
+        Llama(str(tiny_path), n_ctx=2048, verbose=False, kv_policy="direct", mem_budget="2M", kv_device=dev)
 
 
 def test_too_small_device_names_the_size(tiny_path, make_loop):

@@ -31,6 +31,43 @@ def _run(model, policy, budget, n_ctx, n_tokens, kv_dir, limit):
     return cgroup.run_limited(args, limit, timeout=900)
 
 
+@pytest.fixture(scope="module")
+def limits(heavy_model, tmp_path_factory):
+    """The limit of the tests: weights + a quarter of the KV + the measured overhead."""
+    kv_total = sum(model_info(heavy_model).layer_bytes(N_CTX))
+    budget = kv_total // 4
+    weights = os.path.getsize(heavy_model)
+    base = _run(heavy_model, "ram", "none", 256, 200, tmp_path_factory.mktemp("base"), 8 << 30)
+    assert base.returncode == 0, base.stderr
+    overhead = base.peak_bytes - weights + 48 * MiB  # + compute buffers that grow with the context
+    return {"kv_total": kv_total, "budget": budget, "weights": weights, "overhead": overhead,
+            "limit": weights + budget + overhead}
+
+
+def test_auto_moves_to_the_direct_path_under_the_limit(heavy_model, limits, tmp_path):
+    """At the same limit, auto sees that the page cache cannot hold the offloaded layers next to the
+    weights: it puts them on the direct path (and says why), completes, stays under the limit."""
+    r = _run(heavy_model, "auto", limits["budget"], N_CTX, N_TOKENS, tmp_path, limits["limit"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["n_tokens"] == N_TOKENS + 8
+    assert r.peak_bytes <= limits["limit"]
+    assert res["paths"]["direct"] >= res["paths"]["mmap"], res
+    assert res["memory"]["limit_bytes"] == limits["limit"]
+    reasons = [s["reason"] for s in res["switches"]]
+    assert reasons and reasons[0].startswith("start"), reasons
+    print(f"\nauto under {limits['limit'] / MiB:.0f} MiB: paths {res['paths']}, peak {r.peak_bytes / MiB:.0f} MiB, "
+          f"switches: {reasons}")
+
+
+def test_auto_keeps_the_page_cache_when_memory_is_ample(heavy_model, limits, tmp_path):
+    r = _run(heavy_model, "auto", limits["budget"], N_CTX, 2000, tmp_path, 8 << 30)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["paths"]["direct"] == 0 and res["paths"]["mmap"] > 0, res
+    assert len(res["switches"]) == 1 and res["switches"][0]["to"] == "mmap"
+
+
 def test_direct_completes_where_ram_is_killed(heavy_model, tmp_path):
     kv_total = sum(model_info(heavy_model).layer_bytes(N_CTX))
     budget = kv_total // 4

@@ -137,6 +137,61 @@ def test_offloaded_equals_ram(model, cache_type, where, references, gemma_path, 
     assert not os.listdir(tmp_path)  # the KV file is unnamed: nothing left behind
 
 
+@pytest.mark.parametrize("model", ["gemma", "tiny"])
+def test_switching_paths_mid_generation_is_exact(model, references, gemma_path, tiny_path, tmp_path):
+    """Layers move between the page cache and the direct path between decode steps (as the auto
+    policy does under changing memory): same tokens and the same logits, bit for bit, as RAM."""
+    path = {"gemma": gemma_path, "tiny": tiny_path}[model]
+    ref = references(model, "f16")
+    tid = GGML_TYPE_IDS["f16"]
+    llm = Llama(str(path), n_ctx=N_CTX, n_batch=512, flash_attn=True, type_k=tid, type_v=tid, verbose=False,
+                kv_policy="auto", mem_budget=_budget_quarter(path, "f16"), kv_dir=str(tmp_path))
+    try:
+        st = llm.kv_stats()
+        offloaded = [l["layer"] for l in st["layers"] if l["path"] != "ram"]
+        start = st["switches"][0]
+        assert start["layer"] is None and start["reason"].startswith("start")
+        # no memory limit here: the page cache has room, auto starts there
+        assert {l["path"] for l in st["layers"] if l["path"] != "ram"} == {"mmap"}
+        llm.eval(_prompt(llm))
+        out, hashes = [], []
+        for step in range(GEN_TOKENS):
+            lg = _logits(llm)
+            hashes.append(hashlib.sha256(lg.tobytes()).hexdigest())
+            tok = int(np.argmax(lg))
+            out.append(tok)
+            il = offloaded[step % len(offloaded)]
+            now = {l["layer"]: l["path"] for l in llm.kv_stats()["layers"]}[il]
+            llm.kv_set_path(il, "direct" if now == "mmap" else "mmap")
+            llm.eval([tok])
+        st = llm.kv_stats()
+        assert out == ref["tokens"]
+        assert hashes == ref["hashes"]
+        assert st["switch_count"] >= GEN_TOKENS  # every request applied (plus the start entry)
+        # with memory ample, auto itself moves layers sent to the direct path back to the page cache
+        reasons = {e["reason"].split(":")[0] for e in st["switches"]}
+        assert "requested" in reasons and reasons <= {"start", "requested", "memory available again"}
+        with pytest.raises(ValueError):
+            llm.kv_set_path(offloaded[0], "ram")
+    finally:
+        llm.close()
+
+
+def test_auto_reports_engine_and_depth(tiny_path, tmp_path):
+    llm = Llama(str(tiny_path), n_ctx=1024, verbose=False, kv_policy="direct", mem_budget="1M", kv_dir=str(tmp_path))
+    try:
+        llm.eval(llm.tokenize(b"x " * 300))
+        st = llm.kv_stats()
+        engine = os.environ.get("DUALBLADE_IO_ENGINE") or "io_uring"
+        if st["io_engine_reason"] == "built without liburing":
+            engine = "threads"
+        assert st["io_engine"] == engine, st["io_engine_reason"]
+        assert st["pipeline_depth"] >= 1
+        assert st["memory"] is None  # only auto samples memory
+    finally:
+        llm.close()
+
+
 def test_counters_match_the_layout(tiny_path, tmp_path):
     """Prefill N tokens then decode one: bytes read and written are exactly what the layout implies."""
     info = model_info(tiny_path)

@@ -109,6 +109,7 @@ struct dblade_stats {
     uint64_t mem_available;  /* auto: MemAvailable at the last sample */
     uint64_t page_cache_room; /* auto: page cache the offloaded layers may use, at the last decision */
     uint64_t page_cache_need; /* auto: what the page-cache layers held then */
+    uint64_t huge_page_bytes; /* the direct path stages into huge pages of this size (0: base pages) */
     uint64_t staged_bytes;   /* memory of the direct path in use now */
     uint64_t staged_peak;    /* its peak */
     uint64_t budget_bytes;

@@ -25,7 +25,7 @@ static uint32_t next(void) {
     return rng >> 8;
 }
 
-static void run(const char * engine) {
+static void run(const char * engine, uint64_t budget) {
     setenv("DUALBLADE_IO_ENGINE", engine, 1);
     const char * base = getenv("DUALBLADE_TEST_DIR") ? getenv("DUALBLADE_TEST_DIR") : "/var/tmp";
     char dir[512];
@@ -39,7 +39,7 @@ static void run(const char * engine) {
         { 3, DBLADE_PATH_DIRECT, BYTES, BYTES },
     };
     // budget: the pinned layer plus room for a deep pipeline
-    struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = 8 * BYTES, .kv_dir = dir };
+    struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = budget, .kv_dir = dir };
     struct dblade_session * s;
     int rc = dblade_session_create(&cfg, LAYERS, lay, &s);
     if (rc == -ENOSYS) {
@@ -128,6 +128,7 @@ static void run(const char * engine) {
            engine, switches, ns, flushes, clears, reuses, (unsigned long long) st.bytes_read,
            (unsigned long long) st.bytes_written, st.depth);
     CHECK(ns > 10);
+    CHECK_EQ(st.huge_page_bytes, budget > (16u << 20) ? (2u << 20) : 0);
     CHECK(log[0].from != log[0].to);
     CHECK(strcmp(log[0].reason, "requested") == 0);
     CHECK(st.staged_peak <= cfg.budget_bytes - 2 * BYTES); // the pinned layer takes the rest
@@ -137,8 +138,11 @@ static void run(const char * engine) {
 }
 
 int main(void) {
-    run("threads");
-    run("io_uring");
+    // budget: the pinned layer plus room for a deep pipeline
+    run("threads", 8 * BYTES);
+    run("io_uring", 8 * BYTES);
+    // room for huge pages too (two layers rounded up to 2 MiB pages): staging uses them
+    run("io_uring", 2 * BYTES + (24u << 20));
     puts("test_pipeline: ok");
     return 0;
 }

@@ -1,0 +1,194 @@
+"""`dualblade bench`: the rich front of dualblade.bench (table, progress bar, JSON, plot)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from dualblade.errors import ConfigError
+from dualblade.sizes import format_size
+
+GiB = 1 << 30
+
+
+def _model(model: Optional[Path], synthetic: Optional[str]) -> tuple[Path, str]:
+    if model and synthetic:
+        raise ConfigError("give a model file or --synthetic SHAPE, not both")
+    if synthetic:
+        from dualblade.synthetic import cached_model
+
+        return cached_model(synthetic), f"synthetic {synthetic}"
+    if model is None:
+        from dualblade.models import bundled_model_path
+
+        return bundled_model_path(), "bundled Gemma-3-270M Q4_K_M"
+    if not model.is_file():
+        raise ConfigError(f"model file {model} does not exist; give the path of a .gguf file")
+    return model, model.name
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None:
+        return "-"
+    if kind == "s":
+        return f"{v:.2f}"
+    if kind == "ms":
+        return f"{v:.1f}"
+    if kind == "bytes":
+        return format_size(v)
+    if kind == "gib":
+        return f"{v:.2f}"
+    if kind == "pct":
+        return f"{100 * v:.0f}%"
+    return str(v)
+
+
+def _short_status(status: str) -> str:
+    if status.startswith("BudgetError"):
+        return "budget < min"
+    if status.startswith("OOM"):
+        return "OOM"
+    return status if len(status) <= 12 else "failed"
+
+
+def render(res: dict, console: Console) -> None:
+    m, w, p = res["model"], res["workload"], res["probe"]
+    title = (f"{m['label'] or m['path']}: KV {format_size(m['kv_bytes_total'])} at {w['n_ctx']} tokens, "
+             f"weights {format_size(m['weights_bytes'])}; prompt {w['prompt_tokens']}, {w['gen_tokens']} generated, "
+             f"{w['reps']} rep(s)")
+    t = Table(title=title, title_justify="left")
+    cols = [("budget", "left"), ("policy", "left"), ("status", "left"), ("TTFT s", "right"), ("decode ms/tok", "right"),
+            ("tok/s", "right"), ("peak mem", "right"), ("peak RSS", "right"), ("read", "right"), ("GiB/s", "right"),
+            ("dev util", "right"), ("CPU user/sys s", "right"), ("io stall s", "right"), ("layers r/m/d", "right"),
+            ("exact", "left")]
+    for name, just in cols:
+        t.add_column(name, justify=just)
+    last = None
+    for r in res["rows"]:
+        if last is not None and r["budget"] != last:
+            t.add_section()
+        last = r["budget"]
+        lp = r.get("layers_by_path") or {}
+        paths = f"{lp.get('ram', 0)}/{lp.get('mmap', 0)}/{lp.get('direct', 0)}" if lp else "-"
+        dec = _fmt(r["decode_ms"], "ms")
+        if r.get("decode_ms_range") and r["ok_runs"] > 1:
+            lo, hi = r["decode_ms_range"]
+            dec += f" [{lo:.1f}, {hi:.1f}]"
+        exact = {True: "yes", False: "NO", None: "-"}[r.get("tokens_equal_ram")]
+        t.add_row(f"{r['budget']} ({format_size(r['budget_bytes'])})", r["policy"], _short_status(r["status"]),
+                  _fmt(r["ttft_s"], "s"), dec, _fmt(r.get("decode_tok_s"), "ms"), _fmt(r["peak_bytes"], "bytes"),
+                  _fmt(r["maxrss_bytes"], "bytes"), _fmt(r["bytes_read"], "bytes"), _fmt(r.get("read_gib_s"), "gib"),
+                  _fmt(r.get("device_util"), "pct"),
+                  "-" if r["user_s"] is None else f"{r['user_s']:.1f}/{r['sys_s']:.1f}",
+                  _fmt(r["io_wait_s"], "s"), paths, exact)
+    console.print(t)
+    for r in res["rows"]:
+        if r["status"] != "ok" and _short_status(r["status"]) != r["status"]:
+            console.print(f"{r['policy']} @ {r['budget']}: {r['status']}", markup=False, soft_wrap=True)
+    ref = res["ram_reference"]
+    console.print(f"device probe ({res['location'].get('path')}): O_DIRECT read {p['read_gib_s']:.2f} GiB/s "
+                  f"({p['in_flight']} x {p['request_bytes'] >> 20} MiB in flight)"
+                  + (f", write {p['write_gib_s']:.2f} GiB/s" if p.get("write_gib_s") else ""), markup=False)
+    console.print(f"all KV in RAM, no limit: TTFT {_fmt(ref['ttft_s'], 's')} s, decode {_fmt(ref['decode_ms'], 'ms')} "
+                  f"ms/token", markup=False)
+    if res["memory_enforced"]:
+        console.print(f"memory limit per cell: weights + budget + overhead {format_size(res['overhead_bytes'])} "
+                      "(cgroup; RSS + page cache)", markup=False)
+    else:
+        console.print("NOT memory-enforced (--no-cgroup): the page cache was free to hold everything", style="bold",
+                      markup=False)
+    for e in res["ratios"]:
+        parts = []
+        if "auto_vs_mmap_decode" in e:
+            parts.append(f"auto vs mmap: decode {e['auto_vs_mmap_decode']:.2f}x")
+        if "auto_vs_mmap_prefill" in e:
+            parts.append(f"prefill {e['auto_vs_mmap_prefill']:.2f}x")
+        if "auto_vs_bound" in e:
+            parts.append(f"auto decode / bound {e['auto_vs_bound']:.2f} (bound {e['bound_decode_ms']:.1f} ms: "
+                         f"compute {_fmt(e['ram_decode_ms'], 'ms')}, I/O {e['io_bound_ms']:.1f})")
+        if "auto_vs_ram_decode" in e:
+            parts.append(f"auto / ram: decode {e['auto_vs_ram_decode']:.2f}, prefill {e.get('auto_vs_ram_prefill', 0):.2f}")
+        if parts:
+            console.print(f"budget {e['budget']}: " + "; ".join(parts), markup=False)
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib; install it with: pip install matplotlib") from None
+    budgets = [e["budget_bytes"] / res["model"]["kv_bytes_total"] * 100 for e in res["ratios"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    policies = sorted({r["policy"] for r in res["rows"]}, key=["stock", "ram", "mmap", "direct", "auto"].index)
+    for pol in policies:
+        xs, dec, ttft = [], [], []
+        for x, e in zip(budgets, res["ratios"]):
+            row = next((r for r in res["rows"] if r["policy"] == pol and r["budget"] == e["budget"]), None)
+            if row and row["decode_ms"]:
+                xs.append(x)
+                dec.append(row["decode_ms"])
+                ttft.append(row["ttft_s"])
+        if xs:
+            ax1.plot(xs, dec, marker="o", label=pol)
+            ax2.plot(xs, ttft, marker="o", label=pol)
+    ax1.plot(budgets, [e["bound_decode_ms"] for e in res["ratios"]], "k--", label="bound")
+    ax1.set_xlabel("memory budget, % of the KV cache")
+    ax1.set_ylabel("decode time per token, ms")
+    ax2.set_xlabel("memory budget, % of the KV cache")
+    ax2.set_ylabel("time to first token, s")
+    for ax in (ax1, ax2):
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{res['model']['label']}: {res['workload']['prompt_tokens']}-token prompt, "
+                 f"n_ctx {res['workload']['n_ctx']}" + ("" if res["memory_enforced"] else " (no memory limit)"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
+                  no_cgroup, overhead, threads, json_path, plot_path, probe_size) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dualblade.bench import BenchOptions, run_bench
+    from dualblade.sizes import parse_size
+
+    console, err = Console(), Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(width=200)  # a file or a pipe: the whole table, unwrapped
+    path, label = _model(model, synthetic)
+    for target in (json_path, plot_path):
+        if target is not None and target.exists():
+            raise ConfigError(f"{target} exists and would be overwritten; choose another name or remove it")
+        if target is not None and not os.access(target.parent if str(target.parent) else ".", os.W_OK):
+            raise ConfigError(f"cannot write {target}: its directory is missing or read-only; choose another path")
+    if kv_dir is not None and not kv_dir.is_dir():
+        raise ConfigError(f"--kv-dir {kv_dir} is not a directory; create it or choose another")
+    opts = BenchOptions(model=path, policies=[p.strip() for p in policies.split(",") if p.strip()],
+                        budgets=[b for b in budgets.split(",") if b.strip()], n_ctx=ctx_size,
+                        prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps,
+                        kv_dir=str(kv_dir) if kv_dir else None, kv_device=str(kv_device) if kv_device else None,
+                        use_cgroup=not no_cgroup, overhead=parse_size(overhead) if overhead else None,
+                        threads=threads, probe_bytes=parse_size(probe_size), model_label=label)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as prog:
+        task = prog.add_task("bench", total=None)
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            prog.update(task, description=what, completed=done, total=total)
+
+        res = run_bench(opts, on_progress=on_progress, log=lambda s: prog.update(task, description=s))
+    render(res, console)
+    if json_path:
+        json_path.write_text(json.dumps(res, indent=1) + "\n")
+        err.print(f"raw figures: {json_path}", markup=False)
+    if plot_path:
+        plot(res, plot_path)
+        err.print(f"plot: {plot_path}", markup=False)

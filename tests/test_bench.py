@@ -1,0 +1,86 @@
+"""`dualblade bench`: a tiny matrix end to end (the CI smoke run), and its errors.
+
+Speed is not asserted (machines here are shared and noisy); every column must be filled and sane.
+"""
+import json
+
+import pytest
+
+from dualblade import cgroup
+from conftest import run_cli
+
+POLICIES = ["stock", "ram", "mmap", "direct", "auto"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--synthetic", "tiny", "--ctx-size", "2048", "-p", "1024", "-n", "6", "-r", "1",
+            "--budgets", "100%,40%", "--policies", ",".join(POLICIES), "--kv-dir", str(out), "--probe-size", "64M",
+            "--json", str(out / "bench.json")]
+    if cgroup.available() is not None:
+        args.append("--no-cgroup")
+    p = run_cli(*args, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p, json.loads((out / "bench.json").read_text())
+
+
+def test_every_cell_ran_and_is_exact(smoke):
+    p, res = smoke
+    rows = {(r["policy"], r["budget"]): r for r in res["rows"]}
+    assert set(rows) == {(pol, b) for pol in POLICIES for b in ("100%", "40%")}
+    for (pol, budget), r in rows.items():
+        assert r["status"] == "ok", (pol, budget, r["status"])
+        assert r["ttft_s"] > 0 and r["decode_ms"] > 0 and r["decode_tok_s"] > 0
+        assert r["user_s"] > 0 and r["maxrss_bytes"] > 0
+        assert r["tokens_equal_ram"] is True, (pol, budget)  # exact: the all-in-RAM tokens
+        if res["memory_enforced"]:
+            assert 0 < r["peak_bytes"] <= r["limit_bytes"]
+    # offloaded policies at 40% really went to storage
+    for pol in ("mmap", "direct", "auto"):
+        r = rows[(pol, "40%")]
+        assert r["offloaded_bytes"] > 0 and r["layers_by_path"]["ram"] < 8
+    assert rows[("direct", "40%")]["bytes_read"] > 0 and rows[("direct", "40%")]["read_gib_s"] > 0
+    assert rows[("direct", "40%")]["io_engine"] in ("io_uring", "threads")
+    # at 100% nothing is offloaded
+    assert rows[("direct", "100%")]["offloaded_bytes"] == 0
+
+
+def test_report_has_probe_machine_and_ratios(smoke):
+    p, res = smoke
+    assert res["probe"]["read_gib_s"] > 0 and res["probe"]["bytes"] >= 32 << 20
+    assert res["machine"]["cores"] >= 1 and res["machine"]["kernel"]
+    assert res["ram_reference"]["decode_ms"] > 0
+    r40 = next(e for e in res["ratios"] if e["budget"] == "40%")
+    assert r40["auto_vs_mmap_decode"] > 0 and r40["auto_vs_mmap_prefill"] > 0 and r40["bound_decode_ms"] > 0
+    # the table names every policy, and says when memory was not enforced
+    for pol in POLICIES:
+        assert f" {pol} " in p.stdout
+    assert "device probe" in p.stdout
+    if not res["memory_enforced"]:
+        assert "NOT memory-enforced" in p.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--synthetic", "nope"], "unknown synthetic shape"),
+    (["/nonexistent.gguf"], "does not exist"),
+    (["--synthetic", "tiny", "-p", "5000", "-c", "2048"], "do not fit"),
+    (["--synthetic", "tiny", "--budgets", "150%"], "between 0% and 100%"),
+    (["--synthetic", "tiny", "--budgets", "lots"], "lots"),
+    (["--synthetic", "tiny", "--policies", "fast"], "unknown policy"),
+    (["--synthetic", "tiny", "-r", "0"], "at least 1"),
+])
+def test_bad_input_is_one_line(args, words, tmp_path):
+    p = run_cli("bench", *args, "--kv-dir", str(tmp_path), "--no-cgroup", timeout=120)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dualblade: error:") and words in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    target = tmp_path / "mine.json"
+    target.write_text("precious")
+    p = run_cli("bench", "--synthetic", "tiny", "--json", str(target), "--no-cgroup", timeout=120)
+    assert p.returncode != 0 and "would be overwritten" in p.stderr
+    assert target.read_text() == "precious"
