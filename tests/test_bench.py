@@ -17,11 +17,12 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     args = ["bench", "--synthetic", "tiny", "--ctx-size", "2048", "-p", "1024", "-n", "6", "-r", "1",
             "--budgets", "100%,40%", "--policies", ",".join(POLICIES), "--kv-dir", str(out), "--probe-size", "64M",
-            "--json", str(out / "bench.json")]
+            "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
     if cgroup.available() is not None:
         args.append("--no-cgroup")
     p = run_cli(*args, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return p, json.loads((out / "bench.json").read_text())
 
 
@@ -42,6 +43,9 @@ def test_every_cell_ran_and_is_exact(smoke):
         assert r["offloaded_bytes"] > 0 and r["layers_by_path"]["ram"] < 8
     assert rows[("direct", "40%")]["bytes_read"] > 0 and rows[("direct", "40%")]["read_gib_s"] > 0
     assert rows[("direct", "40%")]["io_engine"] in ("io_uring", "threads")
+    # the module's counters agree with the kernel's: O_DIRECT reads show in /proc/self/io
+    d = rows[("direct", "40%")]
+    assert d["proc_read_bytes"] >= 0.9 * d["bytes_read"]
     # at 100% nothing is offloaded
     assert rows[("direct", "100%")]["offloaded_bytes"] == 0
 

@@ -105,6 +105,7 @@ int          dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, u
 #define DBLADE_AUTO_STALL_HIGH   0.10                          // share of time stalled on memory: demote
 #define DBLADE_AUTO_STALL_LOW    0.01                          // below this (and room to spare): promote
 #define DBLADE_AUTO_HOLD_NS      (2ull * 1000 * 1000 * 1000)   // no promotion within 2 s of a switch
+#define DBLADE_AUTO_HOLD_MAX_NS  (64ull * 1000 * 1000 * 1000)  // the hold doubles on flaps, up to this
 
 struct dblade_monitor {
     int  cg_version; // 0 none found, 1, 2
@@ -120,7 +121,8 @@ struct dblade_mem_sample {
 };
 
 struct dblade_auto_state {
-    uint64_t last_t_ns, last_psi_us, last_switch_ns;
+    uint64_t last_t_ns, last_psi_us, last_switch_ns, last_promote_ns;
+    uint64_t hold_ns;               // current hold before a promotion; doubles when promotions flap
     uint64_t cap_bytes, need_bytes; // of the last decision
 };
 

@@ -211,6 +211,9 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
     st->cap_bytes       = cap;
     st->need_bytes      = need;
 
+    if (st->hold_ns == 0 || m->t_ns - st->last_switch_ns > DBLADE_AUTO_HOLD_MAX_NS) {
+        st->hold_ns = DBLADE_AUTO_HOLD_NS; // calm for a long while: back to the short hold
+    }
     int changed = 0;
     const bool over     = need > cap;
     const bool stalling = had_prev && stall > DBLADE_AUTO_STALL_HIGH && need > 0;
@@ -233,6 +236,10 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
             changed++;
         }
         if (changed) {
+            // demoted again soon after a promotion: that promotion was a mistake, wait longer next time
+            if (st->last_promote_ns && m->t_ns - st->last_promote_ns < 4 * st->hold_ns) {
+                st->hold_ns = st->hold_ns * 2 < DBLADE_AUTO_HOLD_MAX_NS ? st->hold_ns * 2 : DBLADE_AUTO_HOLD_MAX_NS;
+            }
             if (over) {
                 snprintf(why, why_cap, "page cache short: layers need %llu MiB, %llu MiB available",
                          (unsigned long long) (st->need_bytes >> 20), (unsigned long long) (cap >> 20));
@@ -244,7 +251,7 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
         return changed;
     }
     // back to the page cache: calm, room with a wide margin, and not right after a switch
-    if (stall < DBLADE_AUTO_STALL_LOW && m->t_ns - st->last_switch_ns >= DBLADE_AUTO_HOLD_NS) {
+    if (stall < DBLADE_AUTO_STALL_LOW && m->t_ns - st->last_switch_ns >= st->hold_ns) {
         const uint64_t room = cap / 10 * 7;
         for (;;) {
             int best = -1;
@@ -264,7 +271,8 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
         if (changed) {
             snprintf(why, why_cap, "memory available again: layers need %llu MiB, %llu MiB available",
                      (unsigned long long) (need >> 20), (unsigned long long) (cap >> 20));
-            st->last_switch_ns = m->t_ns;
+            st->last_switch_ns  = m->t_ns;
+            st->last_promote_ns = m->t_ns;
         }
     }
     return changed;

@@ -358,6 +358,12 @@ static uint64_t tensor_staged(const struct dblade_tensor * t) {
     return dblade_align_up(t->valid, t->gran) + (t->tail != NO_TAIL ? t->page : 0);
 }
 
+// what staging t up to upto adds to its memory
+static uint64_t stage_growth(const struct dblade_tensor * t, uint64_t upto) {
+    const uint64_t now = dblade_align_up(t->valid, t->gran), then = dblade_align_up(upto, t->gran);
+    return then > now ? then - now : 0;
+}
+
 static void staged_set(struct dblade_session * s, struct dblade_tensor * t, uint64_t before) {
     s->staged_bytes += tensor_staged(t);
     s->staged_bytes -= before;
@@ -621,7 +627,7 @@ static bool enqueue(struct dblade_session * s, struct dblade_tensor * t, int job
     t->job_upto = upto;
     t->job_next = NULL;
     if (job == JOB_STAGE) {
-        t->job_pending = upto > t->valid ? upto - t->valid : 0;
+        t->job_pending = stage_growth(t, upto);
         s->stage_pending += t->job_pending;
     }
     if (s->q_tail) {
@@ -690,7 +696,7 @@ static void tensor_stage_now(struct dblade_session * s, struct dblade_tensor * t
         return;
     }
     if (budgeted) {
-        make_room(s, upto - t->valid);
+        make_room(s, stage_growth(t, upto));
     }
     struct dblade_io_req r;
     if (stage_plan(s, t, upto, &r) && io_now(s, t, &r) < 0) {
@@ -735,7 +741,7 @@ static void stage_later(struct dblade_session * s, struct dblade_tensor * t) {
     upto          = upto < t->map_bytes ? upto : t->map_bytes;
     // prefetch only inside the budget: staged + queued + this <= allowance
     if (t->job == JOB_NONE && tensor_stage_end(s, t, upto) > t->valid &&
-        s->staged_bytes + s->stage_pending + (upto - t->valid) <= s->allowance) {
+        s->staged_bytes + s->stage_pending + stage_growth(t, upto) <= s->allowance) {
         enqueue(s, t, JOB_STAGE, upto);
     }
 }

@@ -69,15 +69,23 @@ int main(void) {
     printf("promote: %s\n", why);
 
     // stalls on memory (30% of the last second) demote even when the numbers look fine
-    m = sample(20, 1024 * MiB, 0, 0);
+    m = sample(15, 1024 * MiB, 0, 0);
     dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why));
-    m = sample(21, 1024 * MiB, 0, 300000);
+    m = sample(16, 1024 * MiB, 0, 300000);
     CHECK(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)) >= 1);
     CHECK(strstr(why, "pressure") != NULL);
     printf("pressure: %s\n", why);
 
+    // that demotion came 3 s after the promotion at 13 s (within 4 holds): the hold doubled, so
+    // memory coming back 3 s later does not bring the layers back yet; 5 s later it does
+    CHECK_EQ(st.hold_ns, 2 * DBLADE_AUTO_HOLD_NS);
+    m = sample(19, 4096 * MiB, 0, 300000);
+    CHECK_EQ(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)), 0);
+    m = sample(21, 4096 * MiB, 0, 300000);
+    CHECK(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)) >= 1);
+
     // no room at all: every layer goes direct
-    m = sample(30, 400 * MiB, 300 * MiB, 300000);
+    m = sample(30, 400 * MiB, 300 * MiB, 600000);
     dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why));
     for (int i = 0; i < 4; i++) {
         CHECK_EQ(L[i].want, DBLADE_PATH_DIRECT);
