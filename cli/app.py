@@ -125,6 +125,8 @@ def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every raw figure to this file."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a plot (PNG, needs matplotlib)."),
     probe_size: str = typer.Option("512M", "--probe-size", help="Bytes the device probe reads."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds a cell may run before it counts as "
+                                            "thrashing (default: 8x the all-in-RAM run, at least 120)."),
 ):
     """Measure policies x budgets, each in a fresh process under a memory limit, against stock llama.cpp."""
     from .bench import run_bench_cli
@@ -132,7 +134,7 @@ def bench(
     if reps < 1 or gen_tokens < 1 or prompt_tokens < 1:
         raise click.exceptions.BadParameter("--reps, --gen-tokens and --prompt-tokens must be at least 1")
     run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
-                  no_cgroup, overhead, threads, json_path, plot_path, probe_size)
+                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout)
 
 
 # The library's messages name its keyword arguments; a CLI user should read the flags instead.

@@ -52,6 +52,8 @@ def _short_status(status: str) -> str:
         return "budget < min"
     if status.startswith("OOM"):
         return "OOM"
+    if status.startswith("timeout"):
+        return "timeout"
     return status if len(status) <= 12 else "failed"
 
 
@@ -154,7 +156,7 @@ def plot(res: dict, path: Path) -> None:
 
 
 def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
-                  no_cgroup, overhead, threads, json_path, plot_path, probe_size) -> None:
+                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dualblade.bench import BenchOptions, run_bench
@@ -176,7 +178,7 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
                         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps,
                         kv_dir=str(kv_dir) if kv_dir else None, kv_device=str(kv_device) if kv_device else None,
                         use_cgroup=not no_cgroup, overhead=parse_size(overhead) if overhead else None,
-                        threads=threads, probe_bytes=parse_size(probe_size), model_label=label)
+                        threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
         task = prog.add_task("bench", total=None)

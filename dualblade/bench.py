@@ -48,7 +48,7 @@ class BenchOptions:
     overhead: Optional[int] = None
     threads: Optional[int] = None
     probe_bytes: int = 512 * MiB
-    timeout: float = 1800
+    timeout: Optional[float] = None  # per cell; default: 8x the all-in-RAM run's time, at least 120 s
     model_label: str = ""
 
 
@@ -192,16 +192,22 @@ def _cell_args(opts: BenchOptions, policy: str, budget: Optional[int], prompt_to
 
 
 def _run_cell(opts: BenchOptions, policy: str, budget: Optional[int], limit: Optional[int], prompt_tokens: int,
-              gen_tokens: int, n_ctx: int) -> dict:
+              gen_tokens: int, n_ctx: int, timeout: Optional[float] = None) -> dict:
     cmd = _cell_args(opts, policy, budget, prompt_tokens, gen_tokens, n_ctx)
     t0 = time.perf_counter()
-    if limit is not None:
-        r = cgroup.run_limited(cmd, limit, timeout=opts.timeout)
-        rc, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, r.oom_killed
-    else:
-        cgroup.drop_caches()
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
-        rc, out, err, peak, oom = p.returncode, p.stdout, p.stderr, None, False
+    timeout = timeout or opts.timeout or 1800
+    try:
+        if limit is not None:
+            r = cgroup.run_limited(cmd, limit, timeout=timeout)
+            rc, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, r.oom_killed
+        else:
+            cgroup.drop_caches()
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            rc, out, err, peak, oom = p.returncode, p.stdout, p.stderr, None, False
+    except subprocess.TimeoutExpired:
+        # under a limit that squeezes the weights out of the page cache a run can crawl for hours
+        return {"ok": False, "error": f"timeout: not done after {timeout:.0f} s (thrashing)", "peak_bytes": None,
+                "oom_killed": False, "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     res: dict = {}
     for line in reversed(out.strip().splitlines()):
@@ -313,7 +319,10 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
             if on_progress:
                 on_progress(f"{c.policy} @ {c.budget_label} (rep {rep + 1}/{opts.reps})", done, total)
             budget = None if c.policy in ("stock", "ram") else c.budget_bytes
-            r = _run_cell(opts, c.policy, budget, c.limit_bytes, opts.prompt_tokens, opts.gen_tokens, opts.n_ctx)
+            ref_wall = [x["wall_s"] for x in ram_ref.runs if x.get("ok")]
+            timeout = opts.timeout or (max(120.0, 8 * max(ref_wall)) if ref_wall else 1800)
+            r = _run_cell(opts, c.policy, budget, c.limit_bytes, opts.prompt_tokens, opts.gen_tokens, opts.n_ctx,
+                          timeout)
             r["rep"] = rep
             c.runs.append(r)
             done += 1

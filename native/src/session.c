@@ -94,6 +94,7 @@ struct dblade_session {
     uint64_t              allowance;    // what the direct path may stage: the budget less the pinned layers
     uint64_t              stage_pending; // bytes queued STAGE jobs will add
     uint64_t              huge;          // direct tensors use transparent huge pages of this size (0: no)
+    bool                  thp;           // the kernel has transparent huge pages
     struct dblade_store   store;
     struct dblade_io *    io;
     uint64_t              staged_bytes, staged_peak;
@@ -166,20 +167,24 @@ static void auto_start(struct dblade_session * s);
 
 // Huge pages for the direct path's staging when the kernel offers them (THP not "never";
 // DUALBLADE_HUGE_PAGES=0 turns them off) and the budget holds two offloaded layers rounded up to them.
-static uint64_t huge_page_size(const struct dblade_session * s) {
-    const uint64_t huge = 2ull << 20;
-    const char *   env  = getenv("DUALBLADE_HUGE_PAGES");
+static bool thp_available(void) {
+    const char * env = getenv("DUALBLADE_HUGE_PAGES");
     if (env && !strcmp(env, "0")) {
-        return 0;
+        return false;
     }
     char buf[128] = "";
     FILE * f      = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
     if (!f) {
-        return 0;
+        return false;
     }
     const bool ok = fgets(buf, sizeof(buf), f) && !strstr(buf, "[never]");
     fclose(f);
-    if (!ok) {
+    return ok;
+}
+
+static uint64_t huge_page_size(const struct dblade_session * s) {
+    const uint64_t huge = 2ull << 20;
+    if (!s->thp) {
         return 0;
     }
     uint64_t max_layer = 0;
@@ -249,6 +254,7 @@ int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
     s->allowance = cfg->budget_bytes == DBLADE_BUDGET_UNLIMITED ? UINT64_MAX
                    : cfg->budget_bytes > s->pinned_bytes        ? cfg->budget_bytes - s->pinned_bytes
                                                                 : 0;
+    s->thp  = thp_available();
     s->huge = huge_page_size(s);
     if (cursor > 0) {
         int rc = dblade_store_open(&s->store, &s->config, cursor, dblade_layout_geometry(n_layers, layers), false);
@@ -349,6 +355,23 @@ static uint64_t pages_resident(const uint8_t * addr, uint64_t len) {
 static void use_huge_pages(struct dblade_session * s, struct dblade_tensor * t) {
     if (s->huge && madvise(t->addr, t->map_bytes, MADV_HUGEPAGE) == 0) {
         t->gran = s->huge;
+    }
+}
+
+// A pinned tensor is faulted in when the cache is created, as stock llama.cpp does when it clears
+// its KV buffer: otherwise the first prefill pays a page fault and a zeroed page per 4 KiB (on a VM
+// that hands free memory back to its host, seconds per GiB). Huge pages where the kernel has them.
+static void pin_pages(struct dblade_session * s, struct dblade_tensor * t) {
+    if (s->thp) {
+        madvise(t->addr, t->map_bytes, MADV_HUGEPAGE);
+    }
+#ifndef MADV_POPULATE_WRITE
+#    define MADV_POPULATE_WRITE 23
+#endif
+    if (madvise(t->addr, t->map_bytes, MADV_POPULATE_WRITE) != 0) {
+        for (uint64_t off = 0; off < t->map_bytes; off += t->page) {
+            ((volatile uint8_t *) t->addr)[off] = 0;
+        }
     }
 }
 
@@ -1045,8 +1068,10 @@ static void tensor_unmap(struct dblade_tensor * t) {
 static int tensor_map(struct dblade_session * s, struct dblade_tensor * t) {
     const long pg = sysconf(_SC_PAGESIZE);
     t->map_bytes = dblade_align_up(t->bytes ? t->bytes : 1, pg > (long) DBLADE_BLOCK ? (uint64_t) pg : DBLADE_BLOCK);
-    // offloaded tensors start on a huge-page boundary, so that their staging can use huge pages
-    const uint64_t extra = t->path != DBLADE_PATH_RAM && s->huge ? s->huge : 0;
+    // direct and pinned tensors start on a huge-page boundary, so that they can use huge pages
+    const uint64_t extra = (t->path == DBLADE_PATH_DIRECT && s->huge) || (t->path == DBLADE_PATH_RAM && s->thp)
+                               ? (2ull << 20)
+                               : 0;
     uint8_t *      p     = mmap(NULL, t->map_bytes + extra, PROT_READ | PROT_WRITE,
                                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
@@ -1067,6 +1092,8 @@ static int tensor_map(struct dblade_session * s, struct dblade_tensor * t) {
     t->gran = t->page;
     if (t->path == DBLADE_PATH_DIRECT) {
         use_huge_pages(s, t);
+    } else if (t->path == DBLADE_PATH_RAM) {
+        pin_pages(s, t);
     }
     t->tail = NO_TAIL;
     t->want = t->path;
@@ -1222,7 +1249,7 @@ void dblade_cache_clear(struct dblade_cache * c) {
             t->tail                   = NO_TAIL;
             staged_set(s, t, before);
         } else if (t->path == DBLADE_PATH_RAM) {
-            madvise(t->addr, t->map_bytes, MADV_DONTNEED); // zeros, like the stock clear
+            memset(t->addr, 0, t->bytes); // zeros, like the stock clear (and the pages stay)
         }
         t->hwm = 0;
     }
