@@ -345,7 +345,9 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
     ratios = []
     for label, b in budgets:
         by = {row["policy"]: row for row in rows if row["budget"] == label}
-        off = next((row["offloaded_bytes"] for row in by.values() if row.get("offloaded_bytes")), 0) or 0
+        # what auto has to read: its own offloaded layers (other policies pin differently)
+        src = by.get("auto") if by.get("auto") and by["auto"].get("offloaded_bytes") is not None else None
+        off = src["offloaded_bytes"] if src else max((row.get("offloaded_bytes") or 0 for row in by.values()), default=0)
         bound, io_ms = decode_bound_ms(off * used_frac, probe, ram_decode)
         entry = {"budget": label, "budget_bytes": b, "offloaded_bytes": off, "bound_decode_ms": bound,
                  "io_bound_ms": io_ms, "ram_decode_ms": ram_decode}
