@@ -129,6 +129,7 @@ struct dblade_auto_state {
 struct dblade_auto_layer {
     uint32_t want;           // DBLADE_PATH_MMAP or DBLADE_PATH_DIRECT; updated by the decision
     uint64_t need_bytes;     // what the layer holds now (rows written)
+    uint64_t full_bytes;     // what it holds when the context is full
     uint64_t resident_bytes; // of it in the page cache now (mmap layers)
 };
 

@@ -250,14 +250,23 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
         }
         return changed;
     }
-    // back to the page cache: calm, room with a wide margin, and not right after a switch
+    // back to the page cache: calm, room with a wide margin, and not right after a switch. The
+    // context grows: a layer comes back only if the page-cache layers still fit once full (else a
+    // long prefill would promote early and demote again, paying both ways)
     if (stall < DBLADE_AUTO_STALL_LOW && m->t_ns - st->last_switch_ns >= st->hold_ns) {
         const uint64_t room = cap / 10 * 7;
+        uint64_t       full = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            if (layers[i].want == DBLADE_PATH_MMAP) {
+                full += layers[i].full_bytes > layers[i].need_bytes ? layers[i].full_bytes : layers[i].need_bytes;
+            }
+        }
         for (;;) {
             int best = -1;
             for (uint32_t i = 0; i < n; i++) {
-                if (layers[i].want == DBLADE_PATH_DIRECT && need + layers[i].need_bytes <= room &&
-                    (best < 0 || layers[i].need_bytes < layers[best].need_bytes)) {
+                const uint64_t f = layers[i].full_bytes > layers[i].need_bytes ? layers[i].full_bytes : layers[i].need_bytes;
+                if (layers[i].want == DBLADE_PATH_DIRECT && full + f <= room &&
+                    (best < 0 || f < layers[best].full_bytes)) {
                     best = (int) i;
                 }
             }
@@ -266,11 +275,13 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
             }
             layers[best].want = DBLADE_PATH_MMAP;
             need += layers[best].need_bytes;
+            full += layers[best].full_bytes > layers[best].need_bytes ? layers[best].full_bytes : layers[best].need_bytes;
             changed++;
         }
         if (changed) {
-            snprintf(why, why_cap, "memory available again: layers need %llu MiB, %llu MiB available",
-                     (unsigned long long) (need >> 20), (unsigned long long) (cap >> 20));
+            snprintf(why, why_cap, "memory available again: layers need %llu MiB (full: %llu), %llu MiB available",
+                     (unsigned long long) (need >> 20), (unsigned long long) (full >> 20),
+                     (unsigned long long) (cap >> 20));
             st->last_switch_ns  = m->t_ns;
             st->last_promote_ns = m->t_ns;
         }

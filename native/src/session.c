@@ -845,6 +845,7 @@ static void auto_tick(struct dblade_session * s) {
             struct dblade_auto_layer * a = &s->auto_layers[n++];
             a->want                      = k->want;
             a->need_bytes                = dblade_align_up(k->hwm, k->page) + dblade_align_up(v->hwm, v->page);
+            a->full_bytes                = k->map_bytes + v->map_bytes;
             a->resident_bytes            = k->path == DBLADE_PATH_MMAP
                                                ? pages_resident(k->addr, k->hwm) + pages_resident(v->addr, v->hwm)
                                                : 0;

@@ -38,9 +38,10 @@ int main(void) {
     CHECK(dblade_auto_capacity(&m, 300 * MiB, 0) > 50ull << 30);
 
     // 4 page-cache layers: 100, 200, 150, 50 MiB; the room is 460 MiB
+    // (want, need, full, resident): the layers are full already
     struct dblade_auto_layer L[4] = {
-        { DBLADE_PATH_MMAP, 100 * MiB, 100 * MiB }, { DBLADE_PATH_MMAP, 200 * MiB, 200 * MiB },
-        { DBLADE_PATH_MMAP, 150 * MiB, 150 * MiB }, { DBLADE_PATH_MMAP, 50 * MiB, 50 * MiB },
+        { DBLADE_PATH_MMAP, 100 * MiB, 100 * MiB, 100 * MiB }, { DBLADE_PATH_MMAP, 200 * MiB, 200 * MiB, 200 * MiB },
+        { DBLADE_PATH_MMAP, 150 * MiB, 150 * MiB, 150 * MiB }, { DBLADE_PATH_MMAP, 50 * MiB, 50 * MiB, 50 * MiB },
     };
     struct dblade_auto_state st = { .last_psi_us = UINT64_MAX };
     char why[100];
@@ -83,6 +84,16 @@ int main(void) {
     CHECK_EQ(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)), 0);
     m = sample(21, 4096 * MiB, 0, 300000);
     CHECK(dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why)) >= 1);
+
+    // a layer that fits now but not once the context is full stays on the direct path
+    struct dblade_auto_layer G[2] = { { DBLADE_PATH_MMAP, 10 * MiB, 100 * MiB, 10 * MiB },
+                                      { DBLADE_PATH_DIRECT, 10 * MiB, 600 * MiB, 0 } };
+    struct dblade_auto_state gs = { .last_psi_us = UINT64_MAX };
+    m = sample(100, 1200 * MiB, 0, 0); // room 825 MiB, 70%: 577
+    CHECK_EQ(dblade_auto_decide(&gs, &m, 300 * MiB, G, 2, why, sizeof(why)), 0);
+    G[1].full_bytes = 400 * MiB;
+    CHECK_EQ(dblade_auto_decide(&gs, &m, 300 * MiB, G, 2, why, sizeof(why)), 1);
+    CHECK_EQ(G[1].want, DBLADE_PATH_MMAP);
 
     // no room at all: every layer goes direct
     m = sample(30, 400 * MiB, 300 * MiB, 600000);
