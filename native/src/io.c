@@ -1,5 +1,5 @@
-// The I/O engine: synchronous O_DIRECT transfers of whole aligned ranges, plus the module's
-// thread-local error text and clock.
+// Synchronous O_DIRECT transfers of whole aligned ranges (device headers, the thread-pool engine's
+// workers), plus the module's thread-local error text and clock.
 
 #define _GNU_SOURCE
 #include "internal.h"
