@@ -199,11 +199,11 @@ def _run_cell(opts: BenchOptions, policy: str, budget: Optional[int], limit: Opt
     try:
         if limit is not None:
             r = cgroup.run_limited(cmd, limit, timeout=timeout)
-            rc, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, r.oom_killed
+            rc, out, err, peak, oom, version = r.returncode, r.stdout, r.stderr, r.peak_bytes, r.oom_killed, r.version
         else:
             cgroup.drop_caches()
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            rc, out, err, peak, oom = p.returncode, p.stdout, p.stderr, None, False
+            rc, out, err, peak, oom, version = p.returncode, p.stdout, p.stderr, None, False, None
     except subprocess.TimeoutExpired:
         # under a limit that squeezes the weights out of the page cache a run can crawl for hours
         return {"ok": False, "error": f"timeout: not done after {timeout:.0f} s (thrashing)", "peak_bytes": None,
@@ -219,7 +219,7 @@ def _run_cell(opts: BenchOptions, policy: str, budget: Optional[int], limit: Opt
     if not res:
         tail = " ".join(err.strip().splitlines()[-2:])[-300:]
         res = {"ok": False, "error": "OOM-killed" if oom or rc == -9 else f"exit {rc}: {tail}"}
-    res.update({"peak_bytes": peak, "oom_killed": oom, "wall_s": wall})
+    res.update({"peak_bytes": peak, "oom_killed": oom, "wall_s": wall, "cgroup_version": version})
     if oom:
         res["ok"] = False
         res["error"] = "OOM-killed"
@@ -372,7 +372,8 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
         "workload": {"n_ctx": opts.n_ctx, "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens,
                      "reps": opts.reps, "threads": opts.threads},
         "memory_enforced": opts.use_cgroup,
-        "cgroup_version": None,
+        "cgroup_version": next((r.get("cgroup_version") for c in cells for r in c.runs if r.get("cgroup_version")),
+                               None),
         "overhead_bytes": overhead,
         "probe": probe,
         "ram_reference": {"decode_ms": ram_decode, "ttft_s": ram_ttft,

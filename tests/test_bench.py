@@ -54,6 +54,7 @@ def test_report_has_probe_machine_and_ratios(smoke):
     p, res = smoke
     assert res["probe"]["read_gib_s"] > 0 and res["probe"]["bytes"] >= 32 << 20
     assert res["machine"]["cores"] >= 1 and res["machine"]["kernel"]
+    assert res["cgroup_version"] in ((1, 2) if res["memory_enforced"] else (None,))
     assert res["ram_reference"]["decode_ms"] > 0
     r40 = next(e for e in res["ratios"] if e["budget"] == "40%")
     assert r40["auto_vs_mmap_decode"] > 0 and r40["auto_vs_mmap_prefill"] > 0 and r40["bound_decode_ms"] > 0

@@ -177,7 +177,7 @@ def test_switching_paths_mid_generation_is_exact(model, references, gemma_path, 
         llm.close()
 
 
-def test_auto_reports_engine_and_depth(tiny_path, tmp_path):
+def test_direct_path_reports_engine_and_depth(tiny_path, tmp_path):
     llm = Llama(str(tiny_path), n_ctx=1024, verbose=False, kv_policy="direct", mem_budget="1M", kv_dir=str(tmp_path))
     try:
         llm.eval(llm.tokenize(b"x " * 300))
