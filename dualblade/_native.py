@@ -10,11 +10,12 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 PATHS = ("ram", "mmap", "direct")
 POLICIES = ("ram", "mmap", "direct", "auto")
 BUDGET_UNLIMITED = (1 << 64) - 1
+CONFIG_FORCE, CONFIG_NO_VERIFY = 1 << 0, 1 << 1
 
 
 class NativeError(RuntimeError):
@@ -72,6 +73,8 @@ class Stats(ctypes.Structure):
         ("page_cache_room", c_uint64),
         ("page_cache_need", c_uint64),
         ("huge_page_bytes", c_uint64),
+        ("checksum_bytes", c_uint64),
+        ("n_io_errors", c_uint64),
         ("staged_bytes", c_uint64),
         ("staged_peak", c_uint64),
         ("budget_bytes", c_uint64),
@@ -125,6 +128,8 @@ def lib() -> ctypes.CDLL:
         "dblade_session_create": (c_int, [POINTER(Config), c_uint32, POINTER(LayoutLayer), POINTER(c_void_p)]),
         "dblade_session_error": (c_int, [c_void_p, ctypes.c_char_p, ctypes.c_size_t]),
         "dblade_session_flush": (c_int, [c_void_p]),
+        "dblade_session_clear_error": (c_int, [c_void_p]),
+        "dblade_session_wipe": (c_int, [c_void_p, c_int]),
         "dblade_session_store": (c_int, [c_void_p, POINTER(StoreInfo)]),
         "dblade_store_check": (c_int, [POINTER(Config), c_uint64, c_uint64, ctypes.c_char_p, ctypes.c_size_t]),
         "dblade_layout_geometry": (c_uint64, [c_uint32, POINTER(LayoutLayer)]),
@@ -157,6 +162,8 @@ def plan(policy: str, budget_bytes: int | None, layer_bytes: list[int]) -> tuple
     Raises MemoryError naming the minimum budget when budget_bytes is below the working set.
     """
     n = len(layer_bytes)
+    if any(not 0 <= b < 1 << 63 for b in layer_bytes):
+        raise ValueError("a KV layer of more than 2^63 bytes: the model's header is not plausible")
     arr = (c_uint64 * max(n, 1))(*layer_bytes)
     paths = (c_uint32 * max(n, 1))()
     staging = c_uint64()
@@ -181,10 +188,12 @@ class Session:
 
     def __init__(self, policy: str, budget_bytes: int | None, kv_dir: str | None, kv_device: str | None,
                  layout: list[tuple[int, str, int, int]] | None = None, force: bool = False,
-                 reserve_bytes: int = 0):
+                 reserve_bytes: int = 0, verify: bool = True):
         self._kv_dir = kv_dir.encode() if kv_dir else None
         self._kv_device = kv_device.encode() if kv_device else None
-        cfg = Config(POLICIES.index(policy), 1 if force else 0,
+        self._verify = verify
+        flags = (CONFIG_FORCE if force else 0) | (0 if verify else CONFIG_NO_VERIFY)
+        cfg = Config(POLICIES.index(policy), flags,
                      BUDGET_UNLIMITED if budget_bytes is None else budget_bytes, self._kv_dir, self._kv_device,
                      reserve_bytes)
         layout = layout or []
@@ -216,6 +225,14 @@ class Session:
 
     def flush(self) -> None:
         self._lib.dblade_session_flush(self._h)
+
+    def clear_error(self) -> None:
+        """Forget the I/O error, once the caches have been cleared."""
+        self._lib.dblade_session_clear_error(self._h)
+
+    def wipe(self, zero: bool = False) -> int:
+        """Discard (or overwrite with zeros) what the store holds; 0 or -errno."""
+        return self._lib.dblade_session_wipe(self._h, 1 if zero else 0)
 
     def set_path(self, il: int, path: str) -> None:
         """Move an offloaded layer to the page-cache ("mmap") or the direct path when next used."""
@@ -263,10 +280,13 @@ class Session:
             "io_engine_reason": st.io_engine_why.decode(errors="replace") or None,
             "pipeline_depth": st.depth,
             "huge_page_bytes": st.huge_page_bytes,
+            "verify": self._verify,
+            "checksum_bytes": st.checksum_bytes,
+            "io_errors": st.n_io_errors,
             "memory": {
                 "limit_bytes": None if st.mem_limit == BUDGET_UNLIMITED else st.mem_limit,
                 "available_bytes": st.mem_available or None,
-                "page_cache_room_bytes": None if st.page_cache_room in (0, BUDGET_UNLIMITED) else st.page_cache_room,
+                "page_cache_room_bytes": None if st.page_cache_room == BUDGET_UNLIMITED else st.page_cache_room,
                 "page_cache_need_bytes": st.page_cache_need,
             } if st.policy == POLICIES.index("auto") else None,
             "switches": switches,

@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 3
+#define DBLADE_ABI_VERSION 4
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -49,7 +49,8 @@ enum dblade_policy {
 #define DBLADE_BUDGET_UNLIMITED UINT64_MAX
 
 enum dblade_config_flags {
-    DBLADE_CONFIG_FORCE = 1u << 0, /* take over a kv_device that holds something else */
+    DBLADE_CONFIG_FORCE     = 1u << 0, /* take over a kv_device that holds something else */
+    DBLADE_CONFIG_NO_VERIFY = 1u << 1, /* no CRC-32C per block on the direct path */
 };
 
 struct dblade_config {
@@ -110,6 +111,8 @@ struct dblade_stats {
     uint64_t page_cache_room; /* auto: page cache the offloaded layers may use, at the last decision */
     uint64_t page_cache_need; /* auto: what the page-cache layers held then */
     uint64_t huge_page_bytes; /* the direct path stages into huge pages of this size (0: base pages) */
+    uint64_t checksum_bytes; /* memory of the direct path's per-block CRC-32C (0: verification off) */
+    uint64_t n_io_errors;    /* failed transfers so far (checksum mismatches included) */
     uint64_t staged_bytes;   /* memory of the direct path in use now */
     uint64_t staged_peak;    /* its peak */
     uint64_t budget_bytes;
@@ -174,8 +177,14 @@ DBLADE_API int dblade_session_switches(struct dblade_session * s, struct dblade_
  * move it again. */
 DBLADE_API int dblade_session_set_path(struct dblade_session * s, int32_t il, uint32_t path);
 
-/* The first I/O error of the session (sticky): 0, or -errno with its text in msg. */
+/* The first I/O error of the session (sticky): 0, or -errno with its text in msg (-EBADMSG: data
+ * read back failed its checksum). */
 DBLADE_API int dblade_session_error(struct dblade_session * s, char * msg, size_t cap);
+/* Forgets the error, once the caller has cleared the caches (nothing read since is trusted). */
+DBLADE_API int dblade_session_clear_error(struct dblade_session * s);
+/* Discards (zero = 0) or overwrites with zeros (zero = 1) every part of the store written so far:
+ * nothing of the conversation stays on it. -EOPNOTSUPP where the store cannot discard. */
+DBLADE_API int dblade_session_wipe(struct dblade_session * s, int zero);
 /* Writes back every dirty block and releases every staged layer. */
 DBLADE_API int dblade_session_flush(struct dblade_session * s);
 

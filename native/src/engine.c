@@ -33,14 +33,16 @@
 
 struct chunk {
     uint32_t req;
-    uint64_t pos; // from the request's start
+    uint64_t pos; // from the request's start (moves on after a short transfer)
     uint64_t len;
+    uint64_t start, total; // the whole chunk, for its checksums
 };
 
 struct dblade_io {
     int             fd;
     int             kind;
     int             broken;   // io_uring: a submission failed, the ring cannot be trusted
+    struct dblade_fault fault; // DUALBLADE_FAULT, for tests
     char            why[160]; // why this engine (a fallback says what failed)
     pthread_mutex_t lock;     // one batch at a time
     // the batch in progress
@@ -78,6 +80,7 @@ static bool next_chunk(struct dblade_io * io, struct chunk * c) {
             c->pos = io->cur_pos;
             c->len = r->len - io->cur_pos < DBLADE_IO_CHUNK ? r->len - io->cur_pos : DBLADE_IO_CHUNK;
             io->cur_pos += c->len;
+            c->start = c->pos, c->total = c->len;
             return true;
         }
         io->cur_req++;
@@ -92,7 +95,67 @@ static void chunk_failed(struct dblade_io * io, const struct chunk * c, int err)
     }
 }
 
+// --- checksums: a write records each block's CRC-32C before it leaves, a read checks them once
+// its chunk has arrived (while other chunks are in flight). 0 means "not known": never checked.
+
+static inline uint32_t sum_of(uint32_t crc) {
+    return crc ? crc : 1;
+}
+
+static void sums_record(const struct dblade_io_req * r, uint64_t pos, uint64_t len) {
+    if (!r->sums) {
+        return;
+    }
+    uint32_t *   s = r->sums + pos / DBLADE_BLOCK;
+    const size_t n = (size_t) (len / DBLADE_BLOCK);
+    dblade_crc32c_blocks((const uint8_t *) r->buf + pos, n, s);
+    for (size_t i = 0; i < n; i++) {
+        s[i] = sum_of(s[i]);
+    }
+}
+
+static int sums_check(const struct dblade_io_req * r, uint64_t pos, uint64_t len) {
+    if (!r->sums) {
+        return 0;
+    }
+    const uint32_t * want = r->sums + pos / DBLADE_BLOCK;
+    const uint8_t *  p    = (const uint8_t *) r->buf + pos;
+    const size_t     n    = (size_t) (len / DBLADE_BLOCK);
+    uint32_t         got[48];
+    for (size_t b = 0; b < n; b += 48) {
+        const size_t m = n - b < 48 ? n - b : 48;
+        dblade_crc32c_blocks(p + b * DBLADE_BLOCK, m, got);
+        for (size_t i = 0; i < m; i++) {
+            if (want[b + i] != 0 && want[b + i] != sum_of(got[i])) {
+                return -EBADMSG;
+            }
+        }
+    }
+    return 0;
+}
+
 // --- the thread pool ---
+
+// one chunk, retried on EINTR and short transfers
+static int pool_transfer(struct dblade_io * io, const struct dblade_io_req * r, const struct chunk * c) {
+    uint8_t * p   = (uint8_t *) r->buf + c->pos;
+    uint64_t  len = c->len, off = r->off + c->pos;
+    while (len > 0) {
+        const ssize_t n = r->write ? pwrite(io->fd, p, len, (off_t) off) : pread(io->fd, p, len, (off_t) off);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        const int64_t res = dblade_fault_apply(&io->fault, r->write, off, len, n < 0 ? -errno : (int64_t) n);
+        if (res < 0) {
+            return (int) res;
+        }
+        if (res == 0) {
+            return r->write ? -ENOSPC : -EIO; // the store ended inside a reserved extent
+        }
+        p += res, off += (uint64_t) res, len -= (uint64_t) res;
+    }
+    return 0;
+}
 
 static void * pool_main(void * arg) {
     struct dblade_io * io = arg;
@@ -113,8 +176,13 @@ static void * pool_main(void * arg) {
         io->busy++;
         const struct dblade_io_req r = io->reqs[c.req];
         pthread_mutex_unlock(&io->pool_lock);
-        const int rc = r.write ? dblade_io_write(io->fd, (const uint8_t *) r.buf + c.pos, c.len, r.off + c.pos)
-                               : dblade_io_read(io->fd, (uint8_t *) r.buf + c.pos, c.len, r.off + c.pos);
+        if (r.write) {
+            sums_record(&r, c.pos, c.len);
+        }
+        int rc = pool_transfer(io, &r, &c);
+        if (rc == 0 && !r.write) {
+            rc = sums_check(&r, c.pos, c.len);
+        }
         pthread_mutex_lock(&io->pool_lock);
         if (rc < 0) {
             chunk_failed(io, &c, rc);
@@ -230,6 +298,9 @@ static int uring_run(struct dblade_io * io) {
             }
             const uint32_t slot = free_slots[--n_free];
             slots[slot] = c;
+            if (io->reqs[c.req].write) {
+                sums_record(&io->reqs[c.req], c.pos, c.len);
+            }
             uring_prep(io, &slots[slot], slot);
             queued++;
         }
@@ -259,20 +330,26 @@ static int uring_run(struct dblade_io * io) {
             return rc;
         }
         const uint32_t slot = (uint32_t) io_uring_cqe_get_data64(cqe);
-        const int      res  = cqe->res;
+        struct chunk * c    = &slots[slot];
+        const struct dblade_io_req * r = &io->reqs[c->req];
+        const int res = (int) dblade_fault_apply(&io->fault, r->write, r->off + c->pos, c->len, cqe->res);
         io_uring_cqe_seen(&io->ring, cqe);
         in_flight--;
-        struct chunk * c = &slots[slot];
         if (!fatal && (res == -EINTR || res == -EAGAIN)) {
             retry[n_retry++] = slot;
             continue;
         }
         if (res < 0 || res == 0) {
-            chunk_failed(io, c, res < 0 ? res : (io->reqs[c->req].write ? -ENOSPC : -EIO));
+            chunk_failed(io, c, res < 0 ? res : (r->write ? -ENOSPC : -EIO));
         } else if (!fatal && (uint64_t) res < c->len) {
             c->pos += (uint64_t) res, c->len -= (uint64_t) res; // short: the rest again
             retry[n_retry++] = slot;
             continue;
+        } else if (!r->write) {
+            const int bad = sums_check(r, c->start, c->total);
+            if (bad) {
+                chunk_failed(io, c, bad);
+            }
         }
         free_slots[n_free++] = slot;
     }
@@ -288,6 +365,10 @@ int dblade_io_open(struct dblade_io ** out, int fd) {
         return -ENOMEM;
     }
     io->fd = fd;
+    if (dblade_fault_init(&io->fault, getenv("DUALBLADE_FAULT")) < 0) {
+        free(io);
+        return -EINVAL;
+    }
     pthread_mutex_init(&io->lock, NULL);
     const char * want = getenv("DUALBLADE_IO_ENGINE");
     if (want && *want && strcmp(want, "io_uring") && strcmp(want, "threads") && strcmp(want, "auto")) {

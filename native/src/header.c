@@ -12,19 +12,6 @@
 
 static const char k_magic[16] = "DUALBLADE-KV-v1";
 
-// CRC-32C (Castagnoli), bitwise: the header is checked once per open, speed does not matter
-uint32_t dblade_crc32c(const void * data, size_t len) {
-    const uint8_t * p   = data;
-    uint32_t        crc = 0xFFFFFFFFu;
-    for (size_t i = 0; i < len; i++) {
-        crc ^= p[i];
-        for (int k = 0; k < 8; k++) {
-            crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1u)));
-        }
-    }
-    return ~crc;
-}
-
 static void put_u32(uint8_t * p, uint32_t v) { memcpy(p, &v, 4); }
 static void put_u64(uint8_t * p, uint64_t v) { memcpy(p, &v, 8); }
 static uint32_t get_u32(const uint8_t * p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -67,8 +54,9 @@ int dblade_header_decode(const uint8_t in[DBLADE_HEADER_BYTES], struct dblade_he
     h->align        = get_u32(in + 64);
     h->geometry     = get_u64(in + 72);
     h->created      = get_u64(in + 80);
+    // the data area inside the device, compared without a sum that could wrap
     if (h->data_offset < DBLADE_HEADER_BYTES || h->align == 0 || (h->align & (h->align - 1)) ||
-        h->data_offset + h->data_bytes > h->device_bytes) {
+        h->data_offset > h->device_bytes || h->data_bytes > h->device_bytes - h->data_offset) {
         return -EBADMSG;
     }
     return 0;

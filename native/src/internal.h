@@ -44,7 +44,10 @@ struct dblade_header {
     uint64_t created;  // unix seconds
 };
 
-uint32_t     dblade_crc32c(const void * data, size_t len);
+// --- CRC-32C (crc32c.c) ---
+uint32_t dblade_crc32c(const void * data, size_t len);
+// the CRC of each DBLADE_BLOCK-sized block of data
+void     dblade_crc32c_blocks(const void * data, size_t n_blocks, uint32_t * out);
 void         dblade_header_encode(const struct dblade_header * h, uint8_t out[DBLADE_HEADER_BYTES]);
 int          dblade_header_decode(const uint8_t in[DBLADE_HEADER_BYTES], struct dblade_header * h);
 // what the first bytes of a device hold: a name, "data of another program", or NULL when blank
@@ -70,6 +73,8 @@ struct dblade_store {
 int  dblade_store_open(struct dblade_store * st, const struct dblade_config * cfg, uint64_t data_bytes,
                        uint64_t geometry, bool dry);
 void dblade_store_close(struct dblade_store * st);
+// discards (or overwrites with zeros) the data area below end: nothing of a conversation stays
+int  dblade_store_wipe(struct dblade_store * st, uint64_t end, bool zero);
 int  dblade_probe_align(int fd, uint32_t * off_align, uint32_t * mem_align);
 
 // --- I/O engine (io.c): whole aligned ranges, retried on EINTR and short transfers ---
@@ -83,12 +88,36 @@ int dblade_io_write(int fd, const void * buf, uint64_t len, uint64_t off);
 enum { DBLADE_IO_URING = 1, DBLADE_IO_THREADS = 2 };
 
 struct dblade_io_req {
-    void *   buf;
-    uint64_t len;
-    uint64_t off;
-    int      write;
-    int      res; // out: 0 or the first -errno of this request
+    void *     buf;
+    uint64_t   len;
+    uint64_t   off;
+    int        write;
+    int        res;  // out: 0 or the first -errno of this request (-EBADMSG: a checksum mismatch)
+    uint32_t * sums; // per DBLADE_BLOCK of the request, or NULL: a write records the blocks' CRC-32C,
+                     // a read checks them (0: not known, not checked)
 };
+
+// --- fault injection for tests (fault.c): DUALBLADE_FAULT ---
+#define DBLADE_FAULT_RULES 8u
+
+struct dblade_fault_rule {
+    int      write;
+    int      kind;
+    uint64_t n;      // the n-th transfer of its direction, from 1
+    bool     onward; // and every later one
+};
+
+struct dblade_fault {
+    uint32_t                 n_rules;
+    struct dblade_fault_rule rules[DBLADE_FAULT_RULES];
+    _Atomic uint64_t         count[2];  // transfers so far: reads, writes
+    _Atomic uint64_t         short_off; // the rest of a short transfer ends the store here
+};
+
+// parses a fault list (NULL or "": none); -EINVAL with dblade_get_error() set
+int     dblade_fault_init(struct dblade_fault * f, const char * spec);
+// a transfer of len bytes at off completed with res (bytes, or -errno): what it reports instead
+int64_t dblade_fault_apply(struct dblade_fault * f, int write, uint64_t off, uint64_t len, int64_t res);
 
 struct dblade_io;
 // picks io_uring where it works, else the thread pool (DUALBLADE_IO_ENGINE forces one)

@@ -47,6 +47,7 @@ struct dblade_tensor {
     uint64_t              store_off; // absolute offset of the extent in the store (offloaded only)
     uint64_t              valid, hwm, dirty_lo, dirty_hi;
     uint64_t              tail;      // direct: page kept in memory (dirty) while the rest is released
+    uint32_t *            sums;      // offloaded: CRC-32C per block as last written by the direct path (0: unknown)
     _Atomic uint64_t      bytes_read, bytes_written, io_wait_ns;
     // the I/O job (guarded by the session lock)
     int                    job; // JOB_NONE, JOB_STAGE, JOB_RETIRE
@@ -102,6 +103,8 @@ struct dblade_session {
     int32_t               active_il;
     int                   error;
     char                  error_msg[256];
+    uint64_t              n_io_errors;
+    uint64_t              touched_end; // the store was written below this offset
     // the worker: runs the direct path's jobs while the graph computes
     pthread_t              worker;
     bool                   worker_started, worker_stop;
@@ -202,7 +205,8 @@ static uint64_t huge_page_size(const struct dblade_session * s) {
 int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
                           const struct dblade_layout_layer * layers, struct dblade_session ** out) {
     dblade_set_error("%s", "");
-    if (!cfg || !out || cfg->policy > DBLADE_POLICY_AUTO || (cfg->flags & ~(uint32_t) DBLADE_CONFIG_FORCE) ||
+    if (!cfg || !out || cfg->policy > DBLADE_POLICY_AUTO ||
+        (cfg->flags & ~(uint32_t) (DBLADE_CONFIG_FORCE | DBLADE_CONFIG_NO_VERIFY)) ||
         cfg->budget_bytes == 0 || (n_layers > 0 && !layers)) {
         dblade_set_error("invalid session configuration");
         return -EINVAL;
@@ -407,7 +411,10 @@ static bool stage_plan(struct dblade_session * s, struct dblade_tensor * t, uint
     if (end <= t->valid) {
         return false;
     }
-    *r = (struct dblade_io_req) { .buf = t->addr + t->valid, .len = end - t->valid, .off = t->store_off + t->valid };
+    *r = (struct dblade_io_req) { .buf  = t->addr + t->valid,
+                                  .len  = end - t->valid,
+                                  .off  = t->store_off + t->valid,
+                                  .sums = t->sums ? t->sums + t->valid / DBLADE_BLOCK : NULL };
     return true;
 }
 
@@ -455,7 +462,11 @@ static bool retire_plan(struct dblade_session * s, struct dblade_tensor * t, boo
     if (hi <= lo) {
         return false;
     }
-    *r = (struct dblade_io_req) { .buf = t->addr + lo, .len = hi - lo, .off = t->store_off + lo, .write = 1 };
+    *r = (struct dblade_io_req) { .buf   = t->addr + lo,
+                                  .len   = hi - lo,
+                                  .off   = t->store_off + lo,
+                                  .write = 1,
+                                  .sums  = t->sums ? t->sums + lo / DBLADE_BLOCK : NULL };
     return true;
 }
 
@@ -489,8 +500,11 @@ static void retire_finish(struct dblade_session * s, struct dblade_tensor * t, u
 }
 
 static void io_failed(struct dblade_session * s, struct dblade_tensor * t, const struct dblade_io_req * r) {
+    s->n_io_errors++;
     fail(s, r->res, "%s layer %d %c %s %s failed: %s", r->write ? "writing" : "reading", t->il, "KV"[t->which],
-         r->write ? "to" : "from", s->store.path, strerror(-r->res));
+         r->write ? "to" : "from", s->store.path,
+         r->res == -EBADMSG ? "checksum mismatch (the store returned other data than was written)"
+                            : strerror(-r->res));
 }
 
 static void io_account(struct dblade_tensor * t, const struct dblade_io_req * r) {
@@ -809,6 +823,11 @@ static void tensor_switch(struct dblade_session * s, struct dblade_tensor * t, u
             return;
         }
         t->gran = t->page;
+        if (t->sums) {
+            // the kernel writes this extent from now on: its blocks are checked again once the
+            // direct path has written them
+            memset(t->sums, 0, t->map_bytes / DBLADE_BLOCK * sizeof(*t->sums));
+        }
     }
     t->path = to;
 }
@@ -851,9 +870,15 @@ static void auto_tick(struct dblade_session * s) {
                                                : 0;
         }
     }
+    // the direct path's staging comes and goes between layers: a sample taken while it is released
+    // must not read its allowance as room for the page cache
+    uint64_t reserve = s->config.reserve_bytes;
+    if (s->allowance != UINT64_MAX && s->allowance > s->staged_bytes) {
+        reserve += s->allowance - s->staged_bytes;
+    }
     char      why[sizeof(((struct dblade_switch *) 0)->reason)];
-    const int changed = dblade_auto_decide(&s->auto_state, &s->last_sample, s->config.reserve_bytes, s->auto_layers,
-                                           n, why, sizeof(why));
+    const int changed = dblade_auto_decide(&s->auto_state, &s->last_sample, reserve, s->auto_layers, n, why,
+                                           sizeof(why));
     if (changed <= 0) {
         return;
     }
@@ -975,7 +1000,8 @@ static void auto_start(struct dblade_session * s) {
             offloaded += s->layout[i].l.k_bytes + s->layout[i].l.v_bytes;
         }
     }
-    const uint64_t room = dblade_auto_capacity(&s->last_sample, s->config.reserve_bytes, 0);
+    const uint64_t staging = s->allowance != UINT64_MAX ? s->allowance : 0; // as auto_tick counts it
+    const uint64_t room    = dblade_auto_capacity(&s->last_sample, s->config.reserve_bytes + staging, 0);
     const uint32_t path = room >= offloaded ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT;
     for (uint32_t i = 0; i < s->n_layout; i++) {
         if (s->layout[i].l.path != DBLADE_PATH_RAM) {
@@ -994,6 +1020,12 @@ static void auto_start(struct dblade_session * s) {
                  (unsigned long long) (offloaded >> 20), (unsigned long long) (room >> 20));
     }
     log_switch(s, -1, DBLADE_PATH_DIRECT, path, why);
+}
+
+// the store will hold the tensor's rows below hi: what a wipe covers
+static void touch(struct dblade_session * s, const struct dblade_tensor * t, uint64_t hi) {
+    const uint64_t end = t->store_off + dblade_align_up(hi, s->store.align ? s->store.align : DBLADE_BLOCK);
+    s->touched_end     = end > s->touched_end ? end : s->touched_end;
 }
 
 void dblade_fence_write(struct dblade_tensor * t, const int64_t * rows, int64_t n, uint64_t row_bytes) {
@@ -1027,6 +1059,7 @@ void dblade_fence_write(struct dblade_tensor * t, const int64_t * rows, int64_t 
     if (hi > t->hwm) {
         t->hwm = hi;
     }
+    touch(s, t, hi);
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -1064,6 +1097,8 @@ static void tensor_unmap(struct dblade_tensor * t) {
         munmap(t->addr, t->map_bytes);
         t->addr = NULL;
     }
+    free(t->sums);
+    t->sums = NULL;
 }
 
 static int tensor_map(struct dblade_session * s, struct dblade_tensor * t) {
@@ -1098,6 +1133,13 @@ static int tensor_map(struct dblade_session * s, struct dblade_tensor * t) {
     }
     t->tail = NO_TAIL;
     t->want = t->path;
+    if (t->path != DBLADE_PATH_RAM && !(s->config.flags & DBLADE_CONFIG_NO_VERIFY)) {
+        t->sums = calloc(t->map_bytes / DBLADE_BLOCK, sizeof(*t->sums));
+        if (!t->sums) {
+            tensor_unmap(t);
+            return -ENOMEM;
+        }
+    }
     if (t->path == DBLADE_PATH_MMAP) {
         // same address, now the extent of the store: the page cache holds it
         void * q = mmap(p, t->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, s->store.fd, (off_t) t->store_off);
@@ -1314,6 +1356,7 @@ void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written) {
             staged_set(s, t, before);
         }
         t->hwm = hi > t->hwm ? hi : t->hwm;
+        touch(s, t, hi);
     }
     // not released here: llama.cpp copies the tensor data when its io object is destroyed, after
     // this returns; the next fence (or a flush) writes the rows back and releases the memory
@@ -1348,6 +1391,30 @@ int dblade_session_error(struct dblade_session * s, char * msg, size_t cap) {
     const int rc = s->error;
     if (msg && cap) {
         snprintf(msg, cap, "%s", s->error_msg);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
+int dblade_session_clear_error(struct dblade_session * s) {
+    if (!s) {
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&s->lock);
+    s->error        = 0;
+    s->error_msg[0] = 0;
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+int dblade_session_wipe(struct dblade_session * s, int zero) {
+    if (!s) {
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&s->lock);
+    const int rc = dblade_store_wipe(&s->store, s->touched_end, zero != 0);
+    if (rc == 0) {
+        s->touched_end = 0;
     }
     pthread_mutex_unlock(&s->lock);
     return rc;
@@ -1408,12 +1475,18 @@ int dblade_session_stats(struct dblade_session * s, struct dblade_stats * out) {
     out->page_cache_room = s->auto_state.cap_bytes;
     out->page_cache_need = s->auto_state.need_bytes;
     out->huge_page_bytes = s->huge;
+    out->n_io_errors     = s->n_io_errors;
     out->staged_bytes = s->staged_bytes;
     out->staged_peak  = s->staged_peak;
     for (struct dblade_cache * c = s->caches; c; c = c->next) {
         for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
             struct dblade_layer_stats ls;
             layer_stats(&c->tensors[i], &c->tensors[i + 1], &ls);
+            for (uint32_t w = 0; w < 2; w++) {
+                if (c->tensors[i + w].sums) {
+                    out->checksum_bytes += c->tensors[i + w].map_bytes / DBLADE_BLOCK * sizeof(uint32_t);
+                }
+            }
             out->n_layers++;
             out->kv_bytes_total += ls.bytes;
             out->resident_bytes += ls.resident_bytes;

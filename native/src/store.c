@@ -81,8 +81,20 @@ static int open_file_store(struct dblade_store * st, const char * dir, uint64_t 
         return -ENOSPC;
     }
 
+    // a directory reached through somebody else's symlink is theirs to redirect: refused (as the
+    // kernel's protected_symlinks refuses to follow such links in sticky directories)
+    struct stat lsb;
+    if (lstat(dir, &lsb) == 0 && S_ISLNK(lsb.st_mode) && lsb.st_uid != geteuid() && lsb.st_uid != 0) {
+        dblade_set_error("KV directory %s is a symlink owned by another user (uid %u); give the directory itself",
+                         dir, (unsigned) lsb.st_uid);
+        return -EPERM;
+    }
+
     // unnamed: nothing of the conversation remains on disk once the process ends, however it ends
-    int fd = open(dir, O_TMPFILE | O_RDWR | O_DIRECT | O_CLOEXEC, 0600);
+    // (DUALBLADE_NO_TMPFILE=1 takes the named way below, for tests)
+    const char * no_tmpfile = getenv("DUALBLADE_NO_TMPFILE");
+    int fd = no_tmpfile && !strcmp(no_tmpfile, "1") ? (errno = EOPNOTSUPP, -1)
+                                                     : open(dir, O_TMPFILE | O_RDWR | O_DIRECT | O_CLOEXEC, 0600);
     if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR)) {
         // no O_TMPFILE here: a private name, created exclusively, unlinked at once
         for (int attempt = 0; attempt < 16 && fd < 0; attempt++) {
@@ -221,6 +233,11 @@ static int open_device_store(struct dblade_store * st, const char * dev, uint64_
         fprintf(stderr, "dualblade: taking over KV device %s, overwriting %s\n", dev, what);
     }
 
+    // the data a previous run of ours recorded (a foreign header's fields mean nothing)
+    const uint64_t old_data = hrc == 0 && h.data_offset == DBLADE_DEVICE_DATA_OFFSET &&
+                                      h.data_bytes <= size - DBLADE_DEVICE_DATA_OFFSET
+                                  ? h.data_bytes
+                                  : 0;
     memset(&h, 0, sizeof(h));
     h.version = DBLADE_HEADER_VERSION;
     for (int i = 0; i < 16; i++) {
@@ -243,6 +260,11 @@ static int open_device_store(struct dblade_store * st, const char * dev, uint64_
         close(fd);
         return rc;
     }
+    // whatever a run that was killed left of its conversation goes, and what this run will use
+    // starts blank (best effort: not every device discards)
+    const uint64_t range[2] = { DBLADE_DEVICE_DATA_OFFSET, dblade_align_up(old_data > bytes ? old_data : bytes, 4096) };
+    ioctl(fd, BLKDISCARD, range);
+
     st->fd          = fd;
     st->kind        = DBLADE_STORE_DEVICE;
     st->align       = h.align;
@@ -273,6 +295,34 @@ void dblade_store_close(struct dblade_store * st) {
         close(st->fd);
         st->fd = -1;
     }
+}
+
+int dblade_store_wipe(struct dblade_store * st, uint64_t end, bool zero) {
+    if (st->fd < 0 || end <= st->data_offset) {
+        return 0;
+    }
+    const uint64_t off = st->data_offset;
+    const uint64_t len = dblade_align_up(end - off, st->align);
+    if (st->kind == DBLADE_STORE_DEVICE) {
+        const uint64_t range[2] = { off, len };
+        return ioctl(st->fd, zero ? BLKZEROOUT : BLKDISCARD, range) == 0 ? 0 : -errno;
+    }
+    if (!zero) {
+        return 0; // an unnamed file's blocks are freed when it closes: a hole first changes nothing
+    }
+    // a file system may keep the old blocks behind a hole or an unwritten extent: write zeros over them
+    const uint64_t chunk = 4u << 20;
+    void *         zeros = NULL;
+    if (posix_memalign(&zeros, st->mem_align > 4096 ? st->mem_align : 4096, chunk) != 0) {
+        return -ENOMEM;
+    }
+    memset(zeros, 0, chunk);
+    int rc = 0;
+    for (uint64_t p = 0; p < len && rc == 0; p += chunk) {
+        rc = dblade_io_write(st->fd, zeros, len - p < chunk ? len - p : chunk, off + p);
+    }
+    free(zeros);
+    return rc == 0 && fdatasync(st->fd) != 0 ? -errno : rc;
 }
 
 int dblade_store_check(const struct dblade_config * cfg, uint64_t data_bytes, uint64_t geometry, char * msg,
