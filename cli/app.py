@@ -68,6 +68,10 @@ def chat(
     kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
     force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
                                                       "(destroys what is there)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="Check a CRC-32C of every block read back from the direct path."),
+    kv_wipe: bool = typer.Option(False, "--kv-wipe", help="At exit, overwrite what the KV store held with zeros "
+                                                         "(a device's written range is discarded anyway)."),
     cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type."),
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn",
                                               help="Flash attention (default: on when the cache type or "
@@ -82,7 +86,8 @@ def chat(
 
     run_chat(ChatOptions(model=model, mem_budget=mem_budget, ctx_size=ctx_size, max_tokens=max_tokens,
                          temp=temp, seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir,
-                         kv_device=kv_device, force=force, cache_type=cache_type.value, flash_attn=flash_attn, system=system, stats=stats,
+                         kv_device=kv_device, force=force, verify=verify, kv_wipe=kv_wipe,
+                         cache_type=cache_type.value, flash_attn=flash_attn, system=system, stats=stats,
                          verbose=verbose))
 
 
@@ -108,7 +113,7 @@ def bench(
     synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark a random-weight model of a named "
                                             "shape instead: tiny, kv-heavy, llama-1b (written once, cached)."),
     policies: str = typer.Option("stock,ram,mmap,direct,auto", "--policies", help="Comma-separated: stock "
-                                 "(llama-cpp-python as is), ram, mmap, direct, auto."),
+                                 "(llama-cpp-python as is), ram, mmap, direct, auto; direct-noverify measures what the checksums cost."),
     budgets: str = typer.Option("100%,50%,25%,10%", "--budgets", help="Comma-separated: % of the KV or sizes."),
     ctx_size: int = typer.Option(8192, "--ctx-size", "-c", help="Context size in tokens."),
     prompt_tokens: int = typer.Option(4096, "--prompt-tokens", "-p", help="Prompt length (prefill)."),
@@ -148,6 +153,7 @@ _API_TO_FLAGS = [
     (r"\bkv_force\b|\(force takes", lambda m: "--force" if m.group(0) == "kv_force" else "(--force takes"),
     (r"\bn_ctx=(\d+)", r"--ctx-size \1"),
     (r"\bn_ctx\b", "--ctx-size"),
+    (r"\ba smaller context\b", "a smaller --ctx-size"),  # the C module's words
 ]
 
 

@@ -114,6 +114,9 @@ def render(res: dict, console: Console) -> None:
                          f"compute {_fmt(e['ram_decode_ms'], 'ms')}, I/O {e['io_bound_ms']:.1f})")
         if "auto_vs_ram_decode" in e:
             parts.append(f"auto / ram: decode {e['auto_vs_ram_decode']:.2f}, prefill {e.get('auto_vs_ram_prefill', 0):.2f}")
+        if "verify_cost_decode" in e:
+            parts.append(f"checksums cost the direct path {e['verify_cost_decode']:+.1%} decode, "
+                         f"{e.get('verify_cost_prefill', 0):+.1%} prefill")
         if parts:
             console.print(f"budget {e['budget']}: " + "; ".join(parts), markup=False)
 

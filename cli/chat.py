@@ -11,7 +11,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from dualblade.errors import ConfigError, DualbladeError, ModelError
+from dualblade.errors import ConfigError, DualbladeError, KVIOError, ModelError
 from dualblade.gguf_header import GGML_TYPE_IDS
 from dualblade.models import chat_format_for
 from dualblade.sizes import format_size
@@ -46,6 +46,8 @@ class ChatOptions:
     system: Optional[str]
     stats: Optional[bool]
     verbose: bool
+    verify: bool = True
+    kv_wipe: bool = False
 
 
 class Chat:
@@ -268,7 +270,8 @@ def load(opts: ChatOptions, err: Console, live: bool):
     if opts.threads is not None and opts.threads <= 0:
         raise ConfigError(f"--threads {opts.threads} is not positive; give 1 or more")
     # validated here, before the weights are read, with the same rules the API applies
-    KVConfig.from_args(opts.mem_budget, opts.policy, opts.kv_dir, opts.kv_device)
+    _check_flag_conflicts(opts)
+    KVConfig.from_args(opts.mem_budget, opts.policy, opts.kv_dir, opts.kv_device, opts.force)
 
     chat_format, why = chat_format_for(info)
     flash = opts.cache_type != "f16"
@@ -284,7 +287,8 @@ def load(opts: ChatOptions, err: Console, live: bool):
                   chat_format=chat_format, type_k=GGML_TYPE_IDS[opts.cache_type],
                   type_v=GGML_TYPE_IDS[opts.cache_type], mem_budget=opts.mem_budget, kv_policy=opts.policy,
                   kv_dir=str(opts.kv_dir) if opts.kv_dir else None,
-                  kv_device=str(opts.kv_device) if opts.kv_device else None, kv_force=opts.force)
+                  kv_device=str(opts.kv_device) if opts.kv_device else None, kv_force=opts.force,
+                  kv_verify=opts.verify, kv_wipe=opts.kv_wipe)
     if flash or opts.flash_attn is not None:
         kwargs["flash_attn"] = flash or bool(opts.flash_attn)
     if opts.seed >= 0:
@@ -308,6 +312,18 @@ def load(opts: ChatOptions, err: Console, live: bool):
         if st["offloaded_bytes"]:
             err.print("flash attention: on (offloaded KV layers require it)")
     return llm, chat_format
+
+
+def _check_flag_conflicts(opts: ChatOptions) -> None:
+    """Flags that would silently do nothing together are refused (the API, driven by programs that sweep
+    settings, accepts them and warns where it matters)."""
+    if opts.policy == "ram":
+        idle = [flag for flag, value in (("--mem-budget", opts.mem_budget), ("--kv-dir", opts.kv_dir),
+                                         ("--kv-device", opts.kv_device)) if value is not None]
+        if idle:
+            flags = " and ".join(idle)
+            raise ConfigError(f"--policy ram keeps every KV layer in RAM, so {flags} would do nothing; drop "
+                              f"{flags}, or choose --policy auto, mmap or direct")
 
 
 _quiet_cb = None
@@ -371,6 +387,9 @@ def _turn(chat: Chat, line: str, console: Console, live: bool) -> bool:
     return r is True
 
 
+_KV_FIX = "check the KV storage (dmesg), or give another --kv-dir or --kv-device"
+
+
 def _interactive(chat: Chat, err: Console) -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -390,6 +409,11 @@ def _interactive(chat: Chat, err: Console) -> None:
         try:
             if _turn(chat, line, out, live=err.is_terminal):
                 return
+        except KVIOError as e:
+            # the conversation's text is kept: the next message rebuilds the cache from it
+            chat.llm.reset()
+            err.print(f"\nerror: {e.detail}; the reply was cut short there ({_KV_FIX}); the next message "
+                      "rebuilds the KV cache", style="red", markup=False, highlight=False)
         except (DualbladeError, ValueError) as e:  # this message failed; the conversation goes on
             err.print(f"error: {e}", style="red", markup=False, highlight=False)
 
@@ -398,5 +422,9 @@ def _piped(chat: Chat, err: Console) -> None:
     chat.one_line = True
     out = err  # command output (/stats, /help) stays out of the answers on stdout
     for line in sys.stdin:
-        if _turn(chat, line.rstrip("\n"), out, live=False):
-            return
+        try:
+            if _turn(chat, line.rstrip("\n"), out, live=False):
+                return
+        except KVIOError as e:
+            print(flush=True)  # end the answer that was cut short
+            raise DualbladeError(f"{e.detail}; the answer was cut short there; {_KV_FIX}") from None

@@ -26,11 +26,12 @@ from typing import Callable, Optional
 from . import cgroup
 from .errors import ConfigError
 from .gguf_header import model_info
-from .sizes import format_size, parse_size
+from .sizes import parse_size
 
 MiB = 1 << 20
 GiB = 1 << 30
-POLICIES = ("stock", "ram", "mmap", "direct", "auto")
+# direct-noverify: the direct path without its per-block checksums, to measure what they cost
+POLICIES = ("stock", "ram", "mmap", "direct", "auto", "direct-noverify")
 
 
 @dataclass
@@ -75,6 +76,8 @@ def parse_budgets(items: list[str], kv_total: int) -> list[tuple[str, int]]:
                 raise ConfigError(f"budget {item!r} is not a percentage; write e.g. 25%") from None
             if not 0 < frac <= 1:
                 raise ConfigError(f"budget {item!r} must be between 0% and 100% of the KV cache")
+            if int(kv_total * frac) < 1:
+                raise ConfigError(f"budget {item!r} is less than a byte of the KV cache; give a larger percentage")
             out.append((item, int(kv_total * frac)))
         else:
             out.append((item, parse_size(item)))
@@ -362,6 +365,11 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
             entry["auto_vs_ram_decode"] = a["decode_ms"] / ram_decode
         if a and a.get("ttft_s") and ram_ttft:
             entry["auto_vs_ram_prefill"] = a["ttft_s"] / ram_ttft
+        d, dn = by.get("direct"), by.get("direct-noverify")
+        if d and dn and d.get("decode_ms") and dn.get("decode_ms"):
+            entry["verify_cost_decode"] = d["decode_ms"] / dn["decode_ms"] - 1
+        if d and dn and d.get("ttft_s") and dn.get("ttft_s"):
+            entry["verify_cost_prefill"] = d["ttft_s"] / dn["ttft_s"] - 1
         ratios.append(entry)
     return {
         "command": " ".join(["dualblade", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None,

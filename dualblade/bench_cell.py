@@ -35,8 +35,10 @@ def run(a: dict) -> dict:
     else:
         from dualblade import Llama
 
-        llm = Llama(a["model"], kv_policy=a["policy"], mem_budget=a["budget"], kv_dir=a.get("kv_dir"),
-                    kv_device=a.get("kv_device"), kv_force=bool(a.get("kv_device")), **kw)
+        policy, _, variant = a["policy"].partition("-")
+        llm = Llama(a["model"], kv_policy=policy, mem_budget=a["budget"], kv_dir=a.get("kv_dir"),
+                    kv_device=a.get("kv_device"), kv_force=bool(a.get("kv_device")),
+                    kv_verify=variant != "noverify", **kw)
     toks = llm.tokenize(TEXT)
     while len(toks) < a["prompt_tokens"]:
         toks += llm.tokenize(TEXT, add_bos=False)

@@ -15,3 +15,20 @@ class ModelError(DualbladeError, ValueError):
 
 class BudgetError(ConfigError):
     """The memory budget is below the minimum working set of the chosen policy."""
+
+
+class StoreError(ConfigError):
+    """The KV directory or device cannot hold the KV: missing, not writable, on tmpfs, too small or without
+    room, mounted, or holding something that is not ours (raised before any weight is loaded)."""
+
+
+class KVIOError(DualbladeError, OSError):
+    """Reading or writing an offloaded KV layer failed, or data read back failed its checksum.
+
+    Nothing computed from the damaged cache is returned: every call that would use it raises this
+    until reset() (which a completion with a prompt that shares no prefix also does) clears the
+    cache, or close()."""
+
+    def __init__(self, detail: str, fix: str):
+        super().__init__(f"{detail}; {fix}")
+        self.detail = detail  # what failed, in the C module's words

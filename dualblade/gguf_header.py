@@ -90,12 +90,17 @@ def read_metadata(path: str | os.PathLike) -> dict:
     with f:
         size = os.fstat(f.fileno()).st_size
         r = _Reader(f, size, path)
-        if size < 24 or f.read(4) != GGUF_MAGIC:
+        if size == 0:
+            raise ModelError(f"model file {path} is empty; download or copy it again")
+        if f.read(4) != GGUF_MAGIC:
             raise ModelError(f"{path} is not a GGUF model file (wrong magic); give a .gguf file "
                              "(convert other formats with llama.cpp's convert_hf_to_gguf.py)")
+        if size < 24:
+            raise ModelError(f"{path} is truncated (GGUF header ends early); download or copy it again")
         version = r.scalar(_UINT32)
         if version not in (2, 3):
-            raise ModelError(f"{path} is GGUF version {version}; only versions 2 and 3 are supported")
+            raise ModelError(f"{path} is GGUF version {version}; only versions 2 and 3 are supported: give a "
+                             "file written by a current llama.cpp (convert_hf_to_gguf.py)")
         n_tensors = r.scalar(_UINT64)
         n_kv = r.scalar(_UINT64)
         if n_kv > 1_000_000 or n_tensors > 10_000_000:
@@ -106,7 +111,35 @@ def read_metadata(path: str | os.PathLike) -> dict:
             t = r.scalar(_UINT32)
             keep = not key.startswith("tokenizer.ggml.")  # skip the vocabulary arrays
             meta[key] = r.value(t, keep)
+        _check_tensor_data(r, meta, n_tensors)
         return meta
+
+
+def _check_tensor_data(r: _Reader, meta: dict, n_tensors: int) -> None:
+    """Raises ModelError when the file ends before the end of its last tensor's data (a cut download)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    end = 0
+    for _ in range(n_tensors):
+        r.string()  # name
+        n_dims = r.scalar(_UINT32)
+        if n_dims > 8:
+            raise ModelError(f"{r.path} has a corrupt GGUF tensor table; use an intact file")
+        n = 1
+        for _ in range(n_dims):
+            n *= r.scalar(_UINT64)
+        ggml_type = r.scalar(_UINT32)
+        offset = r.scalar(_UINT64)
+        block = GGML_QUANT_SIZES.get(ggml_type)
+        if block is not None:  # a type this reader does not know: llama.cpp will judge it
+            end = max(end, offset + n // block[0] * block[1])
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0:
+        align = 32
+    data_start = -(-r.f.tell() // align) * align
+    if data_start + end > r.size:
+        raise ModelError(f"{r.path} is truncated: its tensors end at byte {data_start + end}, the file has "
+                         f"{r.size} bytes; download or copy it again")
 
 
 @dataclass
@@ -175,13 +208,16 @@ RECURRENT_ARCHS = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", 
                    "granitehybrid", "lfm2", "nemotron_h", "plamo2", "qwen3next"}
 
 
-def model_info(path: str | os.PathLike) -> ModelInfo:
-    """Architecture and KV geometry from the GGUF header alone."""
+def model_info(path: str | os.PathLike, meta: dict | None = None) -> ModelInfo:
+    """Architecture and KV geometry from the GGUF header alone (meta: its read_metadata, if read already)."""
     path = Path(path)
-    meta = read_metadata(path)
+    if meta is None:
+        meta = read_metadata(path)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelError(f"{path} has no general.architecture; it is not a llama.cpp model file")
+    if not arch.isprintable():  # the messages below show it
+        raise ModelError(f"{path} has a general.architecture that is not a name ({arch!r:.60}); use an intact file")
 
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
@@ -189,23 +225,41 @@ def model_info(path: str | os.PathLike) -> ModelInfo:
     n_layer = get("block_count")
     n_embd = get("embedding_length")
     n_head_raw = get("attention.head_count")
+    if n_head_raw is None and arch in RECURRENT_ARCHS:
+        n_head_raw = 0  # no attention at all
     if not isinstance(n_layer, int) or not isinstance(n_embd, int) or n_head_raw is None:
         raise ModelError(f"{path} lacks {arch}.block_count/embedding_length/attention.head_count; "
                          "it is not a complete model (a vocab-only file?)")
 
-    def per_layer(v, default):
+    # what llama.cpp would refuse when loading, refused here before anything is sized from it
+    def count(key, v, least=0, most=2**32 - 1):  # llama.cpp reads a uint32
+        if type(v) is not int or not least <= v <= most:  # (a bool is an int too)
+            raise ModelError(f"{path} has {arch}.{key} = {v!r:.40}, not a count llama.cpp takes; use an intact file")
+        return v
+
+    def one_per_layer(key, v: list) -> list:  # an array, only with one value per layer
+        if len(v) != n_layer:
+            raise ModelError(f"{path} has {len(v)} values of {arch}.{key} for {n_layer} layers; use an intact file")
+        return v
+
+    def per_layer(key, v, default):
         if v is None:
             v = default
-        return list(v) if isinstance(v, list) else [v] * n_layer
+        return [count(key, x) for x in one_per_layer(key, v)] if isinstance(v, list) else [count(key, v)] * n_layer
 
-    n_head = per_layer(n_head_raw, 0)
-    n_head_kv = per_layer(get("attention.head_count_kv"), n_head)
+    n_layer = count("block_count", n_layer, 1, 512)  # llama.cpp aborts outside 1..LLAMA_MAX_LAYERS
+    n_embd = count("embedding_length", n_embd)
+    n_head = per_layer("attention.head_count", n_head_raw, 0)
+    n_head_kv = per_layer("attention.head_count_kv", get("attention.head_count_kv"), n_head)
     n_head0 = max(n_head) or 1
-    head_k = get("attention.key_length", n_embd // n_head0)
-    head_v = get("attention.value_length", n_embd // n_head0)
-    n_swa = get("attention.sliding_window", 0) or 0
+    head_k = count("attention.key_length", get("attention.key_length", n_embd // n_head0))
+    head_v = count("attention.value_length", get("attention.value_length", n_embd // n_head0))
+    n_swa = count("attention.sliding_window", get("attention.sliding_window", 0))
     pattern = _SWA_PATTERN.get(arch)
     swa_flags = get("attention.sliding_window_pattern")
+    if isinstance(swa_flags, list):
+        one_per_layer("attention.sliding_window_pattern", swa_flags)
+    template = meta.get("tokenizer.chat_template")  # one of another type is no template
     layers = []
     for il in range(n_layer):
         if n_head_kv[il] == 0:
@@ -218,9 +272,9 @@ def model_info(path: str | os.PathLike) -> ModelInfo:
             swa = False
         layers.append(KVLayer(il, swa, head_k * n_head_kv[il], head_v * n_head_kv[il]))
     return ModelInfo(path=path, arch=arch, name=str(meta.get("general.name", path.stem)), n_layer=n_layer,
-                     n_ctx_train=int(get("context_length", 0) or 0), n_embd=n_embd, n_head=n_head0,
+                     n_ctx_train=count("context_length", get("context_length", 0)), n_embd=n_embd, n_head=n_head0,
                      n_head_kv=n_head_kv, head_dim_k=head_k, head_dim_v=head_v, n_swa=int(n_swa),
-                     file_bytes=path.stat().st_size, chat_template=meta.get("tokenizer.chat_template"),
+                     file_bytes=path.stat().st_size, chat_template=template if isinstance(template, str) else None,
                      instruct=_is_instruct(meta),
                      layers=layers)
 

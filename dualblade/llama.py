@@ -10,16 +10,14 @@ from typing import Callable, Optional, Sequence
 import llama_cpp
 
 from . import _native
-from .config import KVConfig
-from .errors import BudgetError, ConfigError, DualbladeError
+from . import llama_log
+from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file
+from .errors import KVIOError  # noqa: F401 (re-exported)
+from .errors import BudgetError, ConfigError, ModelError, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
 
 log = logging.getLogger("dualblade")
-
-
-class KVIOError(DualbladeError, OSError):
-    """Reading or writing an offloaded KV layer failed; the output since then is not trustworthy."""
 
 
 def default_kv_dir() -> str:
@@ -43,15 +41,22 @@ class Llama(llama_cpp.Llama):
     kv_dir: directory for the (unnamed, preallocated) KV file; default ~/.cache/dualblade/kv.
     kv_device: a raw block device or partition instead of a file; kv_force: take over a device that
         holds something else (destroys it).
+    kv_verify: check a CRC-32C of every block the direct path reads back (default on).
+    kv_wipe: at close, overwrite what the KV store held with zeros (a device's written range is
+        discarded either way; a KV file is unnamed and freed).
     """
 
     def __init__(self, model_path: str, *args, mem_budget: int | str | None = None, kv_policy: str = "auto",
-                 kv_dir: Optional[str] = None, kv_device: Optional[str] = None, kv_force: bool = False, **kwargs):
+                 kv_dir: Optional[str] = None, kv_device: Optional[str] = None, kv_force: bool = False,
+                 kv_verify: bool = True, kv_wipe: bool = False, **kwargs):
         # everything is validated, and the KV store opened, before any weight is loaded
-        cfg = KVConfig.from_args(mem_budget, kv_policy, kv_dir, kv_device)
+        cfg = KVConfig.from_args(mem_budget, kv_policy, kv_dir, kv_device, kv_force)
         if cfg.policy == "ram" and cfg.budget_bytes is not None:
             warnings.warn("kv_policy='ram' pins every layer: the memory budget is not enforced", stacklevel=2)
-        layout = self._plan_layout(model_path, cfg, kwargs)
+        meta = check_model_file(model_path)  # missing, a directory, not GGUF, truncated: ModelError
+        check_context_args(meta, kwargs)
+        check_cache_type_args(kwargs)
+        layout = self._plan_layout(model_path, cfg, kwargs, meta)
         offloaded = any(path != "ram" for _, path, _, _ in layout)
         if offloaded:
             if kwargs.get("flash_attn") is False:
@@ -62,6 +67,7 @@ class Llama(llama_cpp.Llama):
                 cfg = KVConfig(cfg.policy, cfg.budget_bytes, default_kv_dir(), None)
         self._kv_config = cfg
         self._kv_layout = layout
+        self._kv_wipe = bool(kv_wipe)
         self.eval_progress: Optional[Callable[[int, int], None]] = None
         self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0}
         try:
@@ -69,18 +75,26 @@ class Llama(llama_cpp.Llama):
             reserve = os.path.getsize(model_path) if offloaded else 0
             self._kv_session = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
                                                layout if offloaded else None, force=kv_force,
-                                               reserve_bytes=reserve)
+                                               reserve_bytes=reserve, verify=kv_verify)
         except _native.SessionError as e:
-            raise ConfigError(str(e)) from None
-        with self._kv_session.bound():
-            super().__init__(model_path, *args, **kwargs)
+            raise StoreError(str(e)) from None
+        with self._kv_session.bound(), llama_log.errors() as load_log:
+            try:
+                super().__init__(model_path, *args, **kwargs)
+            except ValueError as e:  # llama_cpp says only "Failed to load model"; llama.cpp's log says why
+                raise llama_log.load_error(e, model_path, load_log) from None
 
     @staticmethod
-    def _plan_layout(model_path, cfg: KVConfig, kwargs: dict) -> list[tuple[int, str, int, int]]:
+    def _plan_layout(model_path, cfg: KVConfig, kwargs: dict,
+                     meta: dict | None = None) -> list[tuple[int, str, int, int]]:
         """[(layer, path, K bytes, V bytes)] from the model's header and the C module's plan."""
         if cfg.policy == "ram" or cfg.budget_bytes is None:
             return []
-        info = model_info(model_path)
+        info = model_info(model_path, meta)
+        if info.arch in RECURRENT_ARCHS and cfg.policy != "auto":
+            raise ConfigError(f"{info.arch} keeps recurrent state, not a per-layer KV cache: dualblade cannot "
+                              f"offload it, so kv_policy='{cfg.policy}' cannot hold it to mem_budget; use "
+                              "kv_policy='ram' (or 'auto', which runs it in RAM with a warning)")
         if info.arch in RECURRENT_ARCHS:
             warnings.warn(f"{info.arch} keeps recurrent state, not a per-layer KV cache: it runs in RAM",
                           stacklevel=3)
@@ -98,6 +112,8 @@ class Llama(llama_cpp.Llama):
                                  n_ubatch=kwargs.get("n_ubatch", 512))
         try:
             paths, _ = _native.plan(cfg.policy, cfg.budget_bytes, [k + v for k, v in kv])
+        except ValueError as e:  # sizes no real model has
+            raise ModelError(f"{model_path}: {e}; check the model file") from None
         except MemoryError as e:
             minimum = e.args[0]
             raise BudgetError(f"memory budget {format_size(cfg.budget_bytes)} is below the minimum working set of "
@@ -122,7 +138,22 @@ class Llama(llama_cpp.Llama):
         """Tokens evaluated and sampled so far, and the time spent evaluating (for status lines)."""
         return dict(self._counters)
 
+    def _kv_check(self) -> None:
+        err = self._kv_session.error()
+        if err:
+            self._requires_eval = True  # logits computed from the damaged cache are never sampled
+            raise KVIOError(err, "nothing computed from it is returned: call reset() to go on from an empty KV "
+                                 "cache, or close()")
+
+    def reset(self):
+        super().reset()
+        session = getattr(self, "_kv_session", None)
+        if session is not None and session.error():
+            self._ctx.kv_cache_clear()  # nothing read since the error is trusted: forget it all
+            session.clear_error()
+
     def eval(self, tokens: Sequence[int]):
+        self._kv_check()
         # evaluated batch by batch so that a long prompt can report progress; same result as one call
         total = len(tokens)
         start = time.perf_counter()
@@ -131,10 +162,7 @@ class Llama(llama_cpp.Llama):
             batch = tokens[done:done + self.n_batch]
             super().eval(batch)
             done += len(batch)
-            err = self._kv_session.error()
-            if err:
-                raise KVIOError(f"{err}; the KV cache is no longer trustworthy: call reset() and try again, "
-                                "or close() this Llama")
+            self._kv_check()
             if self.eval_progress is not None and total > 1:
                 self.eval_progress(done, total)
             if done >= total:
@@ -143,13 +171,16 @@ class Llama(llama_cpp.Llama):
         self._counters["eval_s"] += time.perf_counter() - start
 
     def save_state(self):
+        self._kv_check()
         state = super().save_state()
         self._kv_session.flush()  # the copy is done: release the layers staged for it
+        self._kv_check()  # a state copied from a damaged cache is not handed out
         return state
 
     def load_state(self, state) -> None:
         super().load_state(state)
         self._kv_session.flush()  # write the restored rows back and release them
+        self._kv_check()
 
     def sample(self, *args, **kwargs):
         token = super().sample(*args, **kwargs)
@@ -158,9 +189,17 @@ class Llama(llama_cpp.Llama):
 
     def close(self) -> None:
         session = getattr(self, "_kv_session", None)
-        if session is not None and getattr(session, "_h", None):
+        live = session is not None and getattr(session, "_h", None)
+        if live:
             session.flush()  # tails included: what the store holds is complete
         if hasattr(self, "_stack"):  # __init__ may have stopped before the parent set up
             super().close()
+        if live:
+            # nothing of the conversation stays on a device: its written range is discarded (or zeroed)
+            rc = session.wipe(zero=getattr(self, "_kv_wipe", False))
+            if rc < 0 and self._kv_config.kv_device:
+                warnings.warn(f"KV device {self._kv_config.kv_device} could not discard what it held "
+                              f"({os.strerror(-rc)}): the conversation stays on it until overwritten; pass "
+                              "kv_wipe=True to overwrite it with zeros at close", stacklevel=2)
         if session is not None:
             session.release()

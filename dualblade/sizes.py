@@ -19,7 +19,8 @@ _HINT = "use e.g. 2G, 1.5GiB, 512M, 64MiB or a number of bytes"
 def parse_size(value: int | str, what: str = "size") -> int:
     """Returns the number of bytes that value names; raises ValueError naming the problem."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{what} must be a number of bytes or a string such as '2G', not {type(value).__name__}")
+        raise ValueError(f"{what} must be a number of bytes or a size string, not {type(value).__name__}; "
+                         "give an int such as 2147483648 or a string such as '2G'")
     if isinstance(value, int):
         n = value
         shown = str(value)
@@ -37,10 +38,11 @@ def parse_size(value: int | str, what: str = "size") -> int:
         if factor is None:
             raise ValueError(f"{what} {value!r} has an unknown unit {unit!r}; units are K, M, G, T (powers of "
                              f"1024), KiB..TiB (also 1024) and KB..TB (powers of 1000)")
+        # before float(): past some 300 digits it is inf, which int() refuses with an OverflowError
+        if len(number.split(".")[0].lstrip("0")) > 30:
+            raise ValueError(f"{what} {value!r} is absurdly large (more than 1 PiB); {_HINT}")
         if factor == 1 and "." in number and float(number) != int(float(number)):
             raise ValueError(f"{what} {value!r} is a fraction of a byte; {_HINT}")
-        if len(number) > 30:
-            raise ValueError(f"{what} {value!r} is absurdly large (more than 1 PiB); {_HINT}")
         n = round(float(number) * factor) if "." in number else int(number) * factor
     if n < 0:
         raise ValueError(f"{what} {shown!r} is negative; give a positive size, {_HINT}")

@@ -11,7 +11,8 @@ import time
 import pexpect
 import pytest
 
-from conftest import dualblade_exe, run_cli
+from conftest import assert_user_error, dualblade_exe, run_cli
+from conftest import no_traceback as _no_traceback
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STATUS = re.compile(r"^(\d+) prompt tok, (\d+) generated, (\d+(?:\.\d+)?) tok/s, (?:first token \d+(?:\.\d+)? s|no token), "
@@ -29,10 +30,6 @@ LONG_REPLY = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
 
 N_LAYERS = 18           # Gemma-3-270M
 GLOBAL_LAYERS = (5, 11, 17)
-
-
-def _no_traceback(p):
-    assert "Traceback" not in p.stdout and "Traceback" not in p.stderr, p.stderr
 
 
 def _status_lines(stderr: str) -> list[re.Match]:
@@ -383,18 +380,6 @@ def test_tty_commands_ctrl_c_at_prompt_and_ctrl_d():
 # --------------------------------------------------------------------------------------- errors
 
 
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory, gemma_path):
-    d = tmp_path_factory.mktemp("bad")
-    (d / "notes.txt").write_text("this is not a model\n" * 10)
-    (d / "adir").mkdir()
-    with open(gemma_path, "rb") as f:
-        (d / "truncated.gguf").write_bytes(f.read(1000))
-    (d / "kv").mkdir()
-    return {"TXT": str(d / "notes.txt"), "DIR": str(d / "adir"), "TRUNC": str(d / "truncated.gguf"),
-            "KVDIR": str(d / "kv")}
-
-
 ERROR_CASES = [
     # (command line, a word the message must contain)
     ("chat --mem-budget 2X", "unknown unit"),
@@ -440,14 +425,7 @@ ERROR_CASES = [
 @pytest.mark.parametrize("cmdline,word", ERROR_CASES, ids=[c for c, _ in ERROR_CASES])
 def test_user_error_is_one_line(bad_files, cmdline, word):
     args = [a.format(**bad_files) for a in shlex.split(cmdline)]
-    p = run_cli(*args, input="", timeout=120)
-    _no_traceback(p)
-    assert p.returncode != 0
-    err = p.stderr.splitlines()
-    assert len(err) == 1 and p.stderr.endswith("\n"), p.stderr
-    assert err[0].startswith("dualblade: error: ")
-    assert word in err[0], err[0]
-    assert p.stdout == ""
+    assert_user_error(run_cli(*args, input="", timeout=120), word)
 
 
 CLI_WORDING_CASES = [

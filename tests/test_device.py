@@ -8,31 +8,10 @@ import subprocess
 import pytest
 
 from dualblade import ConfigError, Llama
+from conftest import init_ext4, init_foreign_data, init_partition_table
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"),
                                 reason="loop devices need root and losetup")
-
-
-@pytest.fixture
-def make_loop(tmp_path):
-    devs = []
-
-    def make(size: int, init=None) -> str:
-        img = tmp_path / f"dev{len(devs)}.img"
-        with open(img, "wb") as f:
-            f.truncate(size)
-        if init:
-            init(str(img))
-        r = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"losetup refused here: {r.stderr.strip()}")
-        devs.append(r.stdout.strip())
-        return devs[-1]
-
-    yield make
-    for d in devs:
-        subprocess.run(["umount", d], capture_output=True)
-        subprocess.run(["losetup", "-d", d], check=False)
 
 
 def _head(dev: str, n: int = 68 * 1024) -> bytes:
@@ -60,7 +39,7 @@ def test_blank_device_is_taken_and_marked(tiny_path, make_loop):
 
 @pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="mkfs.ext4 is not installed")
 def test_file_system_is_refused_then_forced(tiny_path, make_loop):
-    dev = make_loop(64 << 20, init=lambda img: subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True))
+    dev = make_loop(64 << 20, init=init_ext4)
     before = _head(dev)
     with pytest.raises(ConfigError, match=r"ext2/3/4 file system; refusing to overwrite"):
         _open(tiny_path, dev)
@@ -71,17 +50,7 @@ def test_file_system_is_refused_then_forced(tiny_path, make_loop):
 
 
 def test_foreign_data_and_partition_table_are_refused(tiny_path, make_loop):
-    def scribble(img):
-        with open(img, "r+b") as f:
-            f.seek(40000)
-            f.write(b"somebody's data")
-
-    def mbr(img):
-        with open(img, "r+b") as f:
-            f.seek(510)
-            f.write(b"\x55\xaa")
-
-    for init, what in ((scribble, "data of another program"), (mbr, "partition table")):
+    for init, what in ((init_foreign_data, "data of another program"), (init_partition_table, "partition table")):
         dev = make_loop(64 << 20, init=init)
         before = _head(dev)
         with pytest.raises(ConfigError, match=what):
@@ -104,7 +73,7 @@ def test_too_small_device_names_the_size(tiny_path, make_loop):
 
 @pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="mkfs.ext4 is not installed")
 def test_mounted_device_is_refused(tiny_path, make_loop, tmp_path):
-    dev = make_loop(64 << 20, init=lambda img: subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True))
+    dev = make_loop(64 << 20, init=init_ext4)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     if subprocess.run(["mount", dev, str(mnt)], capture_output=True).returncode != 0:
