@@ -1,0 +1,164 @@
+"""I/O faults on the direct path: a read or write that fails (DUALBLADE_FAULT injects EIO, ENOSPC or a
+short transfer into the real engine) or data that comes back other than written (a bit flipped in
+the real backing file) stops generation with KVIOError; no token computed from the damaged cache
+is ever returned; reset() recovers, and the output then equals the fault-free run."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import run_cli
+from dualblade import ConfigError, KVIOError, Llama
+
+N_CTX, BUDGET = 1024, "600K"  # the tiny model: every layer on the direct path at this budget
+TEXT = "Tell me a story about a king who lived in a castle by the sea. " * 20  # rows past the tail page
+GEN = 12
+
+
+def _llm(model, kv_dir, **kw) -> Llama:
+    return Llama(str(model), n_ctx=N_CTX, mem_budget=BUDGET, kv_policy="direct", kv_dir=str(kv_dir),
+                 verbose=False, **kw)
+
+
+def _complete(llm) -> str:
+    return llm.create_completion(TEXT, max_tokens=GEN, temperature=0)["choices"][0]["text"]
+
+
+def _with_fault(spec: str, fn, engine: str | None = None):
+    """fn() with DUALBLADE_FAULT (and the engine) set while the session opens its engine."""
+    keys = {"DUALBLADE_FAULT": spec, "DUALBLADE_IO_ENGINE": engine}
+    old = {k: os.environ.get(k) for k in keys}
+    try:
+        for k, v in keys.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return fn()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_path, tmp_path_factory):
+    llm = _llm(tiny_path, tmp_path_factory.mktemp("kvref"))
+    try:
+        assert all(l["path"] == "direct" for l in llm.kv_stats()["layers"])
+        return _complete(llm)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("spec,engine,words", [
+    ("read:1:eio", None, "reading layer 0 K from"),
+    ("read:3:eio", "threads", "Input/output error"),
+    ("read:2:short", None, "reading layer"),
+    ("write:1:enospc", None, "No space left on device"),
+    ("write:4:eio", "threads", "writing layer"),
+    ("write:2:short", None, "writing layer"),
+])
+def test_fault_stops_generation_until_reset(tiny_path, tmp_path, reference, spec, engine, words):
+    llm = _with_fault(spec, lambda: _llm(tiny_path, tmp_path), engine)
+    try:
+        with pytest.raises(KVIOError, match=words) as e:
+            _complete(llm)
+        assert "reset()" in str(e.value) and words in e.value.detail
+        st = llm.kv_stats()
+        assert st["io_errors"] >= 1
+        # sticky: the same prompt reuses the damaged cache, so it is refused again
+        with pytest.raises(KVIOError):
+            _complete(llm)
+        with pytest.raises(KVIOError):
+            llm.save_state()
+        llm.reset()  # forgets the cache and the error; the fault was one transfer, storage works again
+        assert _complete(llm) == reference
+    finally:
+        llm.close()
+
+
+def test_persistent_fault_never_produces_output(tiny_path, tmp_path):
+    llm = _with_fault("read:1+:eio", lambda: _llm(tiny_path, tmp_path))
+    try:
+        for _ in range(3):
+            with pytest.raises(KVIOError):
+                _complete(llm)
+            llm.reset()
+    finally:
+        llm.close()
+
+
+def test_stream_yields_only_tokens_of_the_fault_free_run(tiny_path, tmp_path, reference):
+    llm = _with_fault("read:4:eio", lambda: _llm(tiny_path, tmp_path))
+    got = ""
+    try:
+        with pytest.raises(KVIOError):
+            for chunk in llm.create_completion(TEXT, max_tokens=GEN, temperature=0, stream=True):
+                got += chunk["choices"][0]["text"]
+    finally:
+        llm.close()
+    assert reference.startswith(got), (got, reference)
+    assert len(got) < len(reference)  # it really stopped early
+
+
+def _store_fd(kv_dir) -> int:
+    """The unnamed KV file this process holds open in kv_dir."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(kv_dir) + "/") and target.endswith("(deleted)"):
+            return int(fd)
+    raise AssertionError(f"no KV file open in {kv_dir}")
+
+
+def _flip_bit(kv_dir, offset: int) -> None:
+    with open(f"/proc/self/fd/{_store_fd(kv_dir)}", "r+b", buffering=0) as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x04]))
+        os.fsync(f.fileno())
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_flipped_bit_in_the_backing_file(tiny_path, tmp_path, verify):
+    """Row 0 of the first offloaded layer's K is the store's first block: flip a bit of it between
+    two completions. With checksums the next read of it fails loudly; without, it goes unnoticed."""
+    llm = _llm(tiny_path, tmp_path, kv_verify=verify)
+    try:
+        _complete(llm)
+        st = llm.kv_stats()
+        assert st["verify"] is verify and (st["checksum_bytes"] > 0) is verify
+        _flip_bit(tmp_path, 100)
+        if verify:
+            with pytest.raises(KVIOError, match="checksum mismatch") as e:
+                _complete(llm)
+            assert "layer 0 K" in e.value.detail
+        else:
+            _complete(llm)
+            assert llm.kv_stats()["io_errors"] == 0
+    finally:
+        llm.close()
+
+
+def test_malformed_fault_spec_is_refused(tiny_path, tmp_path):
+    with pytest.raises(ConfigError, match="DUALBLADE_FAULT=read:1:boom is not a fault list"):
+        _with_fault("read:1:boom", lambda: _llm(tiny_path, tmp_path))
+
+
+def test_cli_pipe_stops_with_one_line(tiny_path, tmp_path, reference):
+    p = run_cli("chat", str(tiny_path), "--policy", "direct", "--mem-budget", BUDGET, "-c", str(N_CTX),
+                "--kv-dir", str(tmp_path), "--temp", "0", "-n", str(GEN), input=TEXT + "\n",
+                env={"DUALBLADE_FAULT": "read:1:eio"}, timeout=120)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr
+    err = p.stderr.splitlines()
+    assert len(err) == 1 and err[0].startswith("dualblade: error: reading layer 0 K from"), p.stderr
+    assert "--kv-dir" in err[0] and "reset()" not in err[0]
+    assert p.stdout.endswith("\n") and len(p.stdout.splitlines()) == 1
