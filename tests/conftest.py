@@ -1,8 +1,10 @@
 """Shared fixtures: the real bundled model, a synthetic dense GQA model, running the CLI."""
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +121,55 @@ def init_partition_table(img: str) -> None:
     with open(img, "r+b") as f:
         f.seek(510)
         f.write(b"\x55\xaa")
+
+
+# --- the ownership header of a KV device (layout: native/src/header.c) ---
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as the device header carries it."""
+    table = crc32c.table
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _crc_table():
+    t = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        t.append(c)
+    return t
+
+
+crc32c.table = _crc_table()
+assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+def read_block0(dev: str) -> bytes:
+    """Block 0 read with O_DIRECT (what the device holds, not a stale page cache)."""
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], 0) == 4096
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
+def device_header(dev: str) -> dict:
+    """Decodes and checks the ownership header (layout: native/src/header.c)."""
+    b = read_block0(dev)
+    assert b[:16] == b"DUALBLADE-KV-v1\0", b[:16]
+    (crc,) = struct.unpack_from("<I", b, 4092)
+    assert crc == crc32c(b[:4092]), f"header CRC-32C {crc:#x} != {crc32c(b[:4092]):#x}"
+    version, size = struct.unpack_from("<II", b, 16)
+    device_bytes, data_offset, data_bytes = struct.unpack_from("<QQQ", b, 40)
+    (align,) = struct.unpack_from("<I", b, 64)
+    geometry, created = struct.unpack_from("<QQ", b, 72)
+    assert version == 1 and size == 4096
+    assert data_offset >= 4096 and data_offset + data_bytes <= device_bytes and align and not align & (align - 1)
+    return {"uuid": b[24:40], "device_bytes": device_bytes, "data_offset": data_offset, "data_bytes": data_bytes,
+            "align": align, "geometry": geometry}

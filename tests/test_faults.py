@@ -5,6 +5,8 @@ is ever returned; reset() recovers, and the output then equals the fault-free ru
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -162,3 +164,37 @@ def test_cli_pipe_stops_with_one_line(tiny_path, tmp_path, reference):
     assert len(err) == 1 and err[0].startswith("dualblade: error: reading layer 0 K from"), p.stderr
     assert "--kv-dir" in err[0] and "reset()" not in err[0]
     assert p.stdout.endswith("\n") and len(p.stdout.splitlines()) == 1
+
+
+def _no_device_mapper() -> str | None:
+    """Why a device-mapper error target cannot be made here, or None."""
+    if os.geteuid() != 0 or not shutil.which("dmsetup"):
+        return "device-mapper targets need root and dmsetup"
+    r = subprocess.run(["dmsetup", "targets"], capture_output=True, text=True)
+    if r.returncode != 0 or not any(line.split()[:1] == ["error"] for line in r.stdout.splitlines()):
+        return f"this kernel has no device-mapper error target ({(r.stderr or r.stdout).strip().splitlines()[0]})"
+    return None
+
+
+@pytest.mark.skipif(_no_device_mapper() is not None, reason=str(_no_device_mapper()))
+def test_device_mapper_error_target(tiny_path, make_loop):
+    """A real failing device: the header and the first 64 KiB of data sit on a loop device, every
+    sector after them is a device-mapper `error` target, so the first write past them fails."""
+    loop = make_loop(64 << 20)
+    sectors, good = (64 << 20) // 512, ((1 << 20) + (64 << 10)) // 512
+    name = f"dualblade-test-{os.getpid()}"
+    table = f"0 {good} linear {loop} 0\n{good} {sectors - good} error\n"
+    subprocess.run(["dmsetup", "create", name], input=table, text=True, check=True, capture_output=True)
+    try:
+        llm = Llama(str(tiny_path), n_ctx=N_CTX, mem_budget=BUDGET, kv_policy="direct", kv_device=f"/dev/mapper/{name}",
+                    verbose=False)
+        try:
+            with pytest.raises(KVIOError, match="Input/output error"):
+                _complete(llm)
+            with pytest.raises(KVIOError):
+                _complete(llm)
+        finally:
+            with pytest.warns(UserWarning, match="could not discard"):
+                llm.close()
+    finally:
+        subprocess.run(["dmsetup", "remove", name], capture_output=True)

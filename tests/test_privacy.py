@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from conftest import device_header
 from dualblade import ConfigError, Llama
 
 MiB = 1 << 20
@@ -87,21 +88,6 @@ def _read(dev: str, off: int, n: int) -> bytes:
         return f.read(n)
 
 
-def _header_valid(dev: str) -> bool:
-    h = _read(dev, 0, 4096)
-    crc = int.from_bytes(h[4092:], "little")
-    return h[:16] == b"DUALBLADE-KV-v1\0" and _crc32c(h[:4092]) == crc
-
-
-def _crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-    return crc ^ 0xFFFFFFFF
-
-
 def _data_written(dev: str) -> int:
     return sum(1 for b in _read(dev, DATA_OFFSET, 4 * MiB) if b)
 
@@ -117,7 +103,7 @@ def test_device_holds_nothing_after_close(tiny_path, make_loop, wipe):
     finally:
         llm.close()
     assert _data_written(dev) == 0
-    assert _header_valid(dev)  # still ours: the next run takes it without --force
+    device_header(dev)  # still ours (asserts the magic, CRC-32C, bounds): the next run takes it without --force
     _llm(tiny_path, kv_device=dev).close()
 
 
@@ -129,7 +115,8 @@ def test_device_left_by_a_crash_is_cleared_when_next_opened(tiny_path, make_loop
              f"llm.eval(llm.tokenize({TEXT!r}))\nllm._kv_session.flush()\nos._exit(0)  # no close: as a crash\n")
     r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert _data_written(dev) > 0 and _header_valid(dev)
+    assert _data_written(dev) > 0
+    device_header(dev)
     llm = _llm(tiny_path, kv_device=dev)
     try:
         assert _data_written(dev) == 0  # discarded at open, before anything is written

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dualblade_exe, run_cli
+from conftest import device_header, dualblade_exe, run_cli
 from dualblade import cgroup
 from dualblade.gguf_header import model_info
 from dualblade.synthetic import write_model
@@ -220,55 +218,6 @@ def test_sigkill_leaves_no_kv_file_and_next_run_answers(heavy_path, reference_an
 # -------------------------------------------------------------------------------- 1. SIGKILL, device
 
 
-def _crc32c(data: bytes) -> int:
-    table = _crc32c.table
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _crc_table():
-    t = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
-        t.append(c)
-    return t
-
-
-_crc32c.table = _crc_table()
-assert _crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-
-
-def _block0(dev: str) -> bytes:
-    """Block 0 read with O_DIRECT (what the device holds, not a stale page cache)."""
-    buf = mmap.mmap(-1, 4096)
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], 0) == 4096
-    finally:
-        os.close(fd)
-    return bytes(buf)
-
-
-def _header(dev: str) -> dict:
-    """Decodes and checks the ownership header (layout: native/src/header.c)."""
-    b = _block0(dev)
-    assert b[:16] == b"DUALBLADE-KV-v1\0", b[:16]
-    (crc,) = struct.unpack_from("<I", b, 4092)
-    assert crc == _crc32c(b[:4092]), f"header CRC-32C {crc:#x} != {_crc32c(b[:4092]):#x}"
-    version, size = struct.unpack_from("<II", b, 16)
-    device_bytes, data_offset, data_bytes = struct.unpack_from("<QQQ", b, 40)
-    (align,) = struct.unpack_from("<I", b, 64)
-    geometry, created = struct.unpack_from("<QQ", b, 72)
-    assert version == 1 and size == 4096
-    assert data_offset >= 4096 and data_offset + data_bytes <= device_bytes and align and not align & (align - 1)
-    return {"uuid": b[24:40], "device_bytes": device_bytes, "data_offset": data_offset, "data_bytes": data_bytes,
-            "align": align, "geometry": geometry}
-
-
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
 def test_sigkill_keeps_the_device_header_and_next_run_takes_it(heavy_path, reference_answer, make_loop, tmp_path,
                                                              phase):
@@ -284,12 +233,12 @@ def test_sigkill_keeps_the_device_header_and_next_run_takes_it(heavy_path, refer
             assert seen["out"].strip() and not seen["out"].endswith("\n"), seen["out"]
         assert loop_device in seen["fds"], seen["fds"]  # the KV was on the device
         _assert_cgroup_left_clean(group)
-    h = _header(loop_device)
+    h = device_header(loop_device)
     kv_total = sum(model_info(heavy_path).layer_bytes(N_CTX))
     assert h["device_bytes"] == 192 * MiB and h["data_bytes"] >= kv_total - 32 * MiB, h
     # ours, same layout: taken again without --force (a refusal is an error on stderr and rc != 0)
     _answers_cleanly(heavy_path, "direct", store, reference_answer)
-    h2 = _header(loop_device)
+    h2 = device_header(loop_device)
     assert {k: v for k, v in h2.items() if k != "uuid"} == {k: v for k, v in h.items() if k != "uuid"}
     print(f"\ndevice killed mid-{phase}: write_bytes {seen['io']['write_bytes'] / MiB:.0f} MiB, {len(seen['out'])} "
           f"bytes of reply; header valid (CRC-32C), data {h['data_bytes'] / MiB:.0f} MiB at {h['data_offset']}, "

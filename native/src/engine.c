@@ -50,6 +50,7 @@ struct dblade_io {
     uint32_t               n_reqs;
     uint32_t               cur_req; // next chunk: request and position
     uint64_t               cur_pos;
+    uint64_t               left; // bytes not handed out yet
 #ifdef DBLADE_HAVE_URING
     struct io_uring ring;
 #endif
@@ -78,8 +79,12 @@ static bool next_chunk(struct dblade_io * io, struct chunk * c) {
         if (io->cur_pos < r->len && r->res == 0) {
             c->req = io->cur_req;
             c->pos = io->cur_pos;
-            c->len = r->len - io->cur_pos < DBLADE_IO_CHUNK ? r->len - io->cur_pos : DBLADE_IO_CHUNK;
+            // the last bytes of a batch go in smaller chunks: whoever waits for the batch waits for
+            // the last chunk to arrive and be checked, and a smaller one is checked sooner
+            const uint64_t cap = io->left <= DBLADE_IO_CHUNK ? DBLADE_IO_TAIL_CHUNK : DBLADE_IO_CHUNK;
+            c->len             = r->len - io->cur_pos < cap ? r->len - io->cur_pos : cap;
             io->cur_pos += c->len;
+            io->left -= c->len;
             c->start = c->pos, c->total = c->len;
             return true;
         }
@@ -202,9 +207,9 @@ static int pool_run(struct dblade_io * io) {
         // done when every chunk was handed out and none is in flight
         struct chunk c;
         const uint32_t save_req = io->cur_req;
-        const uint64_t save_pos = io->cur_pos;
+        const uint64_t save_pos = io->cur_pos, save_left = io->left;
         const bool     more     = next_chunk(io, &c);
-        io->cur_req = save_req, io->cur_pos = save_pos;
+        io->cur_req = save_req, io->cur_pos = save_pos, io->left = save_left;
         if (!more && io->busy == 0) {
             break;
         }
@@ -456,6 +461,10 @@ int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n
     io->n_reqs  = n;
     io->cur_req = 0;
     io->cur_pos = 0;
+    io->left    = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        io->left += reqs[i].len;
+    }
     if (io->kind == DBLADE_IO_THREADS) {
         pthread_mutex_unlock(&io->pool_lock);
     }

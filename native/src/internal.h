@@ -82,7 +82,8 @@ int dblade_io_read(int fd, void * buf, uint64_t len, uint64_t off);
 int dblade_io_write(int fd, const void * buf, uint64_t len, uint64_t off);
 
 // --- asynchronous engine (engine.c): batches of transfers, DBLADE_IO_DEPTH chunks in flight ---
-#define DBLADE_IO_CHUNK (4u << 20)
+#define DBLADE_IO_CHUNK      (4u << 20)
+#define DBLADE_IO_TAIL_CHUNK (1u << 20) // the last DBLADE_IO_CHUNK of a batch goes in pieces of this
 #define DBLADE_IO_DEPTH 16u // 64 MiB in flight at most
 
 enum { DBLADE_IO_URING = 1, DBLADE_IO_THREADS = 2 };

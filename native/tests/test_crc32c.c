@@ -36,16 +36,8 @@ static void blocks_match_scalar(void) {
 
 static void flipped_bit(const char * engine) {
     setenv("DUALBLADE_IO_ENGINE", engine, 1);
-    const char * dir = getenv("DUALBLADE_TEST_DIR");
-    char path[512];
-    snprintf(path, sizeof(path), "%s/crc-XXXXXX", dir ? dir : "/var/tmp");
-    int tmp = mkstemp(path);
-    CHECK(tmp >= 0);
-    close(tmp);
-    const int fd = open(path, O_RDWR | O_DIRECT);
-    const int plain = open(path, O_RDWR); // the "disk" that goes bad behind the engine's back
-    CHECK(fd >= 0 && plain >= 0);
-    unlink(path);
+    int plain; // the "disk" that goes bad behind the engine's back
+    const int fd = test_open_direct("crc", &plain);
     struct dblade_io * io = NULL;
     int rc = dblade_io_open(&io, fd);
     if (rc == -ENOSYS) {

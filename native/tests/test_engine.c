@@ -11,22 +11,9 @@
 #include <string.h>
 #include <unistd.h>
 
-static int open_direct(char * path, size_t cap) {
-    const char * dir = getenv("DUALBLADE_TEST_DIR");
-    snprintf(path, cap, "%s/engine-XXXXXX", dir ? dir : "/var/tmp");
-    int fd = mkstemp(path);
-    CHECK(fd >= 0);
-    close(fd);
-    fd = open(path, O_RDWR | O_DIRECT);
-    CHECK(fd >= 0);
-    unlink(path);
-    return fd;
-}
-
 static void exercise(const char * engine) {
     setenv("DUALBLADE_IO_ENGINE", engine, 1);
-    char path[512];
-    const int fd = open_direct(path, sizeof(path));
+    const int fd = test_open_direct("engine", NULL);
     struct dblade_io * io = NULL;
     int rc = dblade_io_open(&io, fd);
     if (rc == -ENOSYS && !strcmp(engine, "io_uring")) {
@@ -96,8 +83,7 @@ int main(void) {
 
     // auto picks io_uring where this build and kernel have it
     unsetenv("DUALBLADE_IO_ENGINE");
-    char path[512];
-    const int fd = open_direct(path, sizeof(path));
+    const int fd = test_open_direct("engine", NULL);
     CHECK_EQ(dblade_io_open(&io, fd), 0);
     printf("auto: %s (%s)\n", dblade_io_engine_name(dblade_io_kind(io)), dblade_io_why(io));
 #ifdef DBLADE_HAVE_URING

@@ -35,14 +35,7 @@ static void parse(void) {
 }
 
 static int open_store(void) {
-    char path[512];
-    snprintf(path, sizeof(path), "%s/fault-XXXXXX", test_dir());
-    int fd = mkstemp(path);
-    CHECK(fd >= 0);
-    close(fd);
-    fd = open(path, O_RDWR | O_DIRECT);
-    CHECK(fd >= 0);
-    unlink(path);
+    const int fd = test_open_direct("fault", NULL);
     CHECK(fallocate(fd, 0, 0, 16u << 20) == 0);
     return fd;
 }
