@@ -136,6 +136,9 @@ int          dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, u
 #define DBLADE_AUTO_STALL_LOW    0.01                          // below this (and room to spare): promote
 #define DBLADE_AUTO_HOLD_NS      (2ull * 1000 * 1000 * 1000)   // no promotion within 2 s of a switch
 #define DBLADE_AUTO_HOLD_MAX_NS  (64ull * 1000 * 1000 * 1000)  // the hold doubles on flaps, up to this
+#define DBLADE_AUTO_FILL_RATE    (4ull << 20)                  // new rows per second above which the context
+                                                               // is filling (a prefill): no promotion
+#define DBLADE_AUTO_FILL_WINDOW_NS (200ull * 1000 * 1000)      // the rate is measured over this
 
 struct dblade_monitor {
     int  cg_version; // 0 none found, 1, 2
@@ -154,6 +157,8 @@ struct dblade_auto_state {
     uint64_t last_t_ns, last_psi_us, last_switch_ns, last_promote_ns;
     uint64_t hold_ns;               // current hold before a promotion; doubles when promotions flap
     uint64_t cap_bytes, need_bytes; // of the last decision
+    uint64_t fill_t_ns, fill_bytes; // the rows of all offloaded layers at the start of the rate window
+    double   fill_rate;             // bytes per second they grew by in the last window (< 0: not known yet)
 };
 
 struct dblade_auto_layer {

@@ -205,6 +205,18 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
         m->psi_us >= st->last_psi_us) {
         stall = (double) (m->psi_us - st->last_psi_us) * 1000.0 / (double) (m->t_ns - st->last_t_ns);
     }
+    // how fast the context fills: a prefill writes rows much faster than decoding does
+    uint64_t all = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        all += layers[i].need_bytes;
+    }
+    if (st->fill_t_ns == 0 || all < st->fill_bytes) {
+        st->fill_t_ns = m->t_ns, st->fill_bytes = all, st->fill_rate = -1; // the start, or a clear: not known yet
+    } else if (m->t_ns - st->fill_t_ns >= DBLADE_AUTO_FILL_WINDOW_NS) {
+        st->fill_rate = (double) (all - st->fill_bytes) * 1e9 / (double) (m->t_ns - st->fill_t_ns);
+        st->fill_t_ns = m->t_ns, st->fill_bytes = all;
+    }
+
     const bool had_prev = st->last_t_ns != 0;
     st->last_psi_us     = m->psi_us;
     st->last_t_ns       = m->t_ns;
@@ -251,9 +263,11 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
         return changed;
     }
     // back to the page cache: calm, room with a wide margin, and not right after a switch. The
-    // context grows: a layer comes back only if the page-cache layers still fit once full (else a
-    // long prefill would promote early and demote again, paying both ways)
-    if (stall < DBLADE_AUTO_STALL_LOW && m->t_ns - st->last_switch_ns >= st->hold_ns) {
+    // context grows: a layer comes back only if the page-cache layers still fit once full, and not
+    // while a prefill fills it (its pages would be dirtied faster than written back, and reclaim
+    // stalls: it would promote early and demote again, paying both ways)
+    if (stall < DBLADE_AUTO_STALL_LOW && m->t_ns - st->last_switch_ns >= st->hold_ns &&
+        st->fill_rate >= 0 && st->fill_rate < (double) DBLADE_AUTO_FILL_RATE) {
         const uint64_t room = cap / 10 * 7;
         uint64_t       full = 0;
         for (uint32_t i = 0; i < n; i++) {

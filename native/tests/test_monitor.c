@@ -92,8 +92,24 @@ int main(void) {
     m = sample(100, 1200 * MiB, 0, 0); // room 825 MiB, 70%: 577
     CHECK_EQ(dblade_auto_decide(&gs, &m, 300 * MiB, G, 2, why, sizeof(why)), 0);
     G[1].full_bytes = 400 * MiB;
+    m.t_ns += DBLADE_AUTO_FILL_WINDOW_NS; // (and the context is not filling)
     CHECK_EQ(dblade_auto_decide(&gs, &m, 300 * MiB, G, 2, why, sizeof(why)), 1);
     CHECK_EQ(G[1].want, DBLADE_PATH_MMAP);
+
+    // while the context fills fast (a prefill: 100 MiB/s of new rows) nothing is promoted, with room
+    // to spare; once it grows at a decoding pace, it is
+    struct dblade_auto_layer F[2] = { { DBLADE_PATH_DIRECT, 0, 100 * MiB, 0 }, { DBLADE_PATH_DIRECT, 0, 100 * MiB, 0 } };
+    struct dblade_auto_state fs = { .last_psi_us = UINT64_MAX };
+    for (uint64_t step = 0; step <= 10; step++) { // 2 s, a sample every 200 ms (the first: rate not known)
+        F[0].need_bytes = F[1].need_bytes = step * 10 * MiB;
+        m = sample(200, 4096 * MiB, 0, 0);
+        m.t_ns += step * 200000000ull;
+        CHECK_EQ(dblade_auto_decide(&fs, &m, 300 * MiB, F, 2, why, sizeof(why)), 0);
+    }
+    CHECK(fs.fill_rate > 90.0 * MiB);
+    m.t_ns += 200000000ull; // no new rows in the next 200 ms: decoding (or idle)
+    CHECK_EQ(dblade_auto_decide(&fs, &m, 300 * MiB, F, 2, why, sizeof(why)), 2);
+    CHECK(fs.fill_rate < 1.0 * MiB);
 
     // no room at all: every layer goes direct
     m = sample(30, 400 * MiB, 300 * MiB, 600000);
