@@ -211,6 +211,9 @@ class Chat:
             console.print(f"I/O: {st['io_engine']} ({st['io_engine_reason']}), pipeline depth {st['pipeline_depth']}, "
                           f"staged {format_size(st['staged_bytes'])} (peak {format_size(st['staged_peak_bytes'])})",
                           markup=False, soft_wrap=True)
+            check = (f"CRC-32C per block ({format_size(st['checksum_bytes'])} of checksums)" if st["verify"]
+                     else "off (--no-verify)")
+            console.print(f"integrity: {check}; I/O errors: {st['io_errors']}", markup=False, soft_wrap=True)
         mem = st.get("memory")
         if mem:
             limit = "none" if mem["limit_bytes"] is None else format_size(mem["limit_bytes"])
