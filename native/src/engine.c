@@ -88,6 +88,7 @@ static bool next_chunk(struct dblade_io * io, struct chunk * c) {
             c->start = c->pos, c->total = c->len;
             return true;
         }
+        io->left -= r->len - io->cur_pos; // a failed request's rest is not handed out
         io->cur_req++;
         io->cur_pos = 0;
     }
@@ -141,27 +142,6 @@ static int sums_check(const struct dblade_io_req * r, uint64_t pos, uint64_t len
 
 // --- the thread pool ---
 
-// one chunk, retried on EINTR and short transfers
-static int pool_transfer(struct dblade_io * io, const struct dblade_io_req * r, const struct chunk * c) {
-    uint8_t * p   = (uint8_t *) r->buf + c->pos;
-    uint64_t  len = c->len, off = r->off + c->pos;
-    while (len > 0) {
-        const ssize_t n = r->write ? pwrite(io->fd, p, len, (off_t) off) : pread(io->fd, p, len, (off_t) off);
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        const int64_t res = dblade_fault_apply(&io->fault, r->write, off, len, n < 0 ? -errno : (int64_t) n);
-        if (res < 0) {
-            return (int) res;
-        }
-        if (res == 0) {
-            return r->write ? -ENOSPC : -EIO; // the store ended inside a reserved extent
-        }
-        p += res, off += (uint64_t) res, len -= (uint64_t) res;
-    }
-    return 0;
-}
-
 static void * pool_main(void * arg) {
     struct dblade_io * io = arg;
     uint64_t           seen = 0;
@@ -184,7 +164,7 @@ static void * pool_main(void * arg) {
         if (r.write) {
             sums_record(&r, c.pos, c.len);
         }
-        int rc = pool_transfer(io, &r, &c);
+        int rc = dblade_io_rw(io->fd, r.write, (uint8_t *) r.buf + c.pos, c.len, r.off + c.pos, &io->fault);
         if (rc == 0 && !r.write) {
             rc = sums_check(&r, c.pos, c.len);
         }
@@ -332,6 +312,13 @@ static int uring_run(struct dblade_io * io) {
             continue;
         }
         if (rc < 0) {
+            // the ring cannot be trusted: no later batch may find these completions, and the buffers
+            // in flight belong to the caller once we return, so reap what can still be reaped
+            io->broken = rc;
+            while (in_flight > 0 && (io_uring_wait_cqe(&io->ring, &cqe) == 0)) {
+                io_uring_cqe_seen(&io->ring, cqe);
+                in_flight--;
+            }
             return rc;
         }
         const uint32_t slot = (uint32_t) io_uring_cqe_get_data64(cqe);

@@ -10,7 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define DBLADE_BLOCK 4096u // every extent, offset and length is a multiple of this
+#define DBLADE_BLOCK     4096u      // every extent, offset and length is a multiple of this
+#define DBLADE_HUGE_PAGE (2u << 20) // a transparent huge page (x86-64, arm64 with 4 KiB pages)
 
 static inline uint64_t dblade_align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 static inline uint64_t dblade_align_down(uint64_t x, uint64_t a) { return x / a * a; }
@@ -77,7 +78,10 @@ void dblade_store_close(struct dblade_store * st);
 int  dblade_store_wipe(struct dblade_store * st, uint64_t end, bool zero);
 int  dblade_probe_align(int fd, uint32_t * off_align, uint32_t * mem_align);
 
-// --- I/O engine (io.c): whole aligned ranges, retried on EINTR and short transfers ---
+// --- synchronous transfers (io.c): whole aligned ranges, retried on EINTR and short transfers ---
+struct dblade_fault;
+// fault (NULL: none) may replace each transfer's result (DUALBLADE_FAULT, for tests)
+int dblade_io_rw(int fd, int write, void * buf, uint64_t len, uint64_t off, struct dblade_fault * fault);
 int dblade_io_read(int fd, void * buf, uint64_t len, uint64_t off);
 int dblade_io_write(int fd, const void * buf, uint64_t len, uint64_t off);
 

@@ -91,7 +91,6 @@ struct dblade_session {
     struct dblade_cache * caches;
     uint32_t              n_layout;
     struct layout_entry * layout;
-    uint64_t              pinned_bytes; // of the layout's RAM layers
     uint64_t              allowance;    // what the direct path may stage: the budget less the pinned layers
     uint64_t              stage_pending; // bytes queued STAGE jobs will add
     uint64_t              huge;          // direct tensors use transparent huge pages of this size (0: no)
@@ -186,7 +185,7 @@ static bool thp_available(void) {
 }
 
 static uint64_t huge_page_size(const struct dblade_session * s) {
-    const uint64_t huge = 2ull << 20;
+    const uint64_t huge = DBLADE_HUGE_PAGE;
     if (!s->thp) {
         return 0;
     }
@@ -198,8 +197,7 @@ static uint64_t huge_page_size(const struct dblade_session * s) {
             max_layer         = fp > max_layer ? fp : max_layer;
         }
     }
-    const uint64_t need = 2 * max_layer + (uint64_t) s->n_auto * 2 * DBLADE_BLOCK;
-    return max_layer > 0 && s->allowance >= need ? huge : 0;
+    return max_layer > 0 && s->allowance >= dblade_staging_bytes(max_layer, s->n_auto) ? huge : 0;
 }
 
 int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
@@ -235,7 +233,7 @@ int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
     s->config.kv_device = s->kv_device;
 
     // extents for the offloaded layers, in layer order, aligned
-    uint64_t cursor = 0;
+    uint64_t cursor = 0, pinned = 0;
     for (uint32_t i = 0; i < n_layers; i++) {
         struct layout_entry * e = &s->layout[i];
         e->l = layers[i];
@@ -245,7 +243,7 @@ int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
             return -EINVAL;
         }
         if (e->l.path == DBLADE_PATH_RAM) {
-            s->pinned_bytes += e->l.k_bytes + e->l.v_bytes;
+            pinned += e->l.k_bytes + e->l.v_bytes;
         } else {
             s->n_auto++;
             e->k_off = cursor;
@@ -256,7 +254,7 @@ int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
     }
     s->n_layout  = n_layers;
     s->allowance = cfg->budget_bytes == DBLADE_BUDGET_UNLIMITED ? UINT64_MAX
-                   : cfg->budget_bytes > s->pinned_bytes        ? cfg->budget_bytes - s->pinned_bytes
+                   : cfg->budget_bytes > pinned                 ? cfg->budget_bytes - pinned
                                                                 : 0;
     s->thp  = thp_available();
     s->huge = huge_page_size(s);
@@ -906,9 +904,7 @@ static uint32_t pipeline_depth(struct dblade_session * s, uint64_t layer_bytes) 
     if (layer_bytes == 0) {
         return 1;
     }
-    uint64_t allow = s->config.budget_bytes == DBLADE_BUDGET_UNLIMITED ? UINT64_MAX : s->config.budget_bytes;
-    allow          = allow > s->pinned_bytes ? allow - s->pinned_bytes : 0;
-    uint64_t d_mem = allow / layer_bytes;
+    uint64_t d_mem = s->allowance / layer_bytes;
     d_mem          = d_mem > 1 ? d_mem - 1 : 1; // the current layer is staged too
     d_mem          = d_mem < DBLADE_MAX_DEPTH ? d_mem : DBLADE_MAX_DEPTH;
     uint32_t d     = 1;
@@ -1024,7 +1020,7 @@ static void auto_start(struct dblade_session * s) {
 
 // the store will hold the tensor's rows below hi: what a wipe covers
 static void touch(struct dblade_session * s, const struct dblade_tensor * t, uint64_t hi) {
-    const uint64_t end = t->store_off + dblade_align_up(hi, s->store.align ? s->store.align : DBLADE_BLOCK);
+    const uint64_t end = t->store_off + dblade_align_up(hi, s->store.align);
     s->touched_end     = end > s->touched_end ? end : s->touched_end;
 }
 
@@ -1104,9 +1100,10 @@ static void tensor_unmap(struct dblade_tensor * t) {
 static int tensor_map(struct dblade_session * s, struct dblade_tensor * t) {
     const long pg = sysconf(_SC_PAGESIZE);
     t->map_bytes = dblade_align_up(t->bytes ? t->bytes : 1, pg > (long) DBLADE_BLOCK ? (uint64_t) pg : DBLADE_BLOCK);
-    // direct and pinned tensors start on a huge-page boundary, so that they can use huge pages
-    const uint64_t extra = (t->path == DBLADE_PATH_DIRECT && s->huge) || (t->path == DBLADE_PATH_RAM && s->thp)
-                               ? (2ull << 20)
+    // offloaded tensors (any may go direct: auto and set_path move them) and pinned ones start on a
+    // huge-page boundary, so that they can use huge pages and the budget counts what the kernel gives
+    const uint64_t extra = (t->path != DBLADE_PATH_RAM && s->huge) || (t->path == DBLADE_PATH_RAM && s->thp)
+                               ? DBLADE_HUGE_PAGE
                                : 0;
     uint8_t *      p     = mmap(NULL, t->map_bytes + extra, PROT_READ | PROT_WRITE,
                                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);

@@ -12,10 +12,6 @@
 #include <string.h>
 #include <unistd.h>
 
-static const char * test_dir(void) {
-    return getenv("DUALBLADE_TEST_DIR") ? getenv("DUALBLADE_TEST_DIR") : "/var/tmp";
-}
-
 static void parse(void) {
     struct dblade_fault f;
     CHECK_EQ(dblade_fault_init(&f, NULL), 0);
@@ -47,7 +43,6 @@ static int one(struct dblade_io * io, void * buf, uint64_t len, int write) {
 }
 
 static void engine(const char * name) {
-    setenv("DUALBLADE_IO_ENGINE", name, 1);
     const int fd = open_store();
     void * buf;
     CHECK(posix_memalign(&buf, 4096, 1u << 20) == 0);
@@ -55,13 +50,10 @@ static void engine(const char * name) {
     struct dblade_io * io = NULL;
 
     setenv("DUALBLADE_FAULT", "read:2:eio,write:3+:enospc", 1);
-    int rc = dblade_io_open(&io, fd);
-    if (rc == -ENOSYS) {
-        printf("%s: not built in, skipped\n", name);
+    if (!test_io_open(name, fd, &io)) {
         close(fd), free(buf);
         return;
     }
-    CHECK_EQ(rc, 0);
     CHECK_EQ(one(io, buf, 1u << 20, 0), 0);       // read 1
     CHECK_EQ(one(io, buf, 1u << 20, 0), -EIO);    // read 2
     CHECK_EQ(one(io, buf, 1u << 20, 0), 0);       // read 3
@@ -96,25 +88,14 @@ static void engine(const char * name) {
 static void session_error(void) {
     unsetenv("DUALBLADE_IO_ENGINE");
     char dir[512];
-    snprintf(dir, sizeof(dir), "%s/fault-session-XXXXXX", test_dir());
-    CHECK(mkdtemp(dir));
+    test_mkdtemp(dir, sizeof(dir), "fault-session");
     struct dblade_layout_layer lay[2] = { { 0, DBLADE_PATH_DIRECT, BYTES, BYTES }, { 1, DBLADE_PATH_DIRECT, BYTES, BYTES } };
     struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = 1 << 20, .kv_dir = dir };
     setenv("DUALBLADE_FAULT", "read:1+:eio", 1);
     struct dblade_session * s;
     CHECK_EQ(dblade_session_create(&cfg, 2, lay, &s), 0);
     unsetenv("DUALBLADE_FAULT");
-    struct dblade_layer_desc d[2];
-    for (int i = 0; i < 2; i++) {
-        struct dblade_layer_desc x = { .il = i, .n_rows = ROWS, .n_stream = 1, .k_bytes = BYTES, .v_bytes = BYTES,
-                                       .k_row_bytes = ROW, .v_row_bytes = ROW };
-        d[i] = x;
-    }
-    struct dblade_cache_desc desc = { .name = "", .n_layers = 2, .layers = d };
-    struct dblade_cache * c;
-    dblade_session_bind(s);
-    CHECK_EQ(dblade_cache_open(&desc, &c), 0);
-    dblade_session_bind(NULL);
+    struct dblade_cache * c = test_cache_open(s, 2, ROWS, ROW);
 
     // rows 0..99 of both layers written (and written back when the other layer is entered)
     int64_t rows[100];

@@ -27,10 +27,8 @@ static uint32_t next(void) {
 
 static void run(const char * engine, uint64_t budget) {
     setenv("DUALBLADE_IO_ENGINE", engine, 1);
-    const char * base = getenv("DUALBLADE_TEST_DIR") ? getenv("DUALBLADE_TEST_DIR") : "/var/tmp";
     char dir[512];
-    snprintf(dir, sizeof(dir), "%s/pipeline-XXXXXX", base);
-    CHECK(mkdtemp(dir));
+    test_mkdtemp(dir, sizeof(dir), "pipeline");
 
     struct dblade_layout_layer lay[LAYERS] = {
         { 0, DBLADE_PATH_RAM, BYTES, BYTES },
@@ -48,17 +46,7 @@ static void run(const char * engine, uint64_t budget) {
         return;
     }
     CHECK_EQ(rc, 0);
-    struct dblade_layer_desc d[LAYERS];
-    for (int i = 0; i < LAYERS; i++) {
-        struct dblade_layer_desc x = { .il = i, .n_rows = ROWS, .n_stream = 1, .k_bytes = BYTES, .v_bytes = BYTES,
-                                       .k_row_bytes = ROW, .v_row_bytes = ROW };
-        d[i] = x;
-    }
-    struct dblade_cache_desc desc = { .name = "", .n_layers = LAYERS, .layers = d };
-    struct dblade_cache * c;
-    dblade_session_bind(s);
-    CHECK_EQ(dblade_cache_open(&desc, &c), 0);
-    dblade_session_bind(NULL);
+    struct dblade_cache * c = test_cache_open(s, LAYERS, ROWS, ROW);
     memset(shadow, 0, sizeof(shadow));
 
     int64_t rows[64];

@@ -32,10 +32,8 @@ static struct dblade_layer_stats layer(struct dblade_session * s, int il) {
 }
 
 int main(void) {
-    const char * base = getenv("DUALBLADE_TEST_DIR") ? getenv("DUALBLADE_TEST_DIR") : "/var/tmp";
     char dir[512];
-    snprintf(dir, sizeof(dir), "%s/residency-XXXXXX", base);
-    CHECK(mkdtemp(dir));
+    test_mkdtemp(dir, sizeof(dir), "residency");
 
     struct dblade_layout_layer lay[3] = {
         { 0, DBLADE_PATH_DIRECT, BYTES, BYTES }, { 1, DBLADE_PATH_DIRECT, BYTES, BYTES }, { 2, DBLADE_PATH_MMAP, BYTES, BYTES } };

@@ -22,10 +22,8 @@ static int count_entries(const char * dir) {
 }
 
 int main(void) {
-    const char * base = getenv("DUALBLADE_TEST_DIR") ? getenv("DUALBLADE_TEST_DIR") : "/var/tmp";
     char dir[512];
-    snprintf(dir, sizeof(dir), "%s/store-XXXXXX", base);
-    CHECK(mkdtemp(dir));
+    test_mkdtemp(dir, sizeof(dir), "store");
 
     struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = 1 << 20, .kv_dir = dir };
     struct dblade_store  st;
