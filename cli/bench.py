@@ -12,7 +12,6 @@ from rich.table import Table
 from dualblade.errors import ConfigError
 from dualblade.sizes import format_size
 
-GiB = 1 << 30
 
 
 def _model(model: Optional[Path], synthetic: Optional[str]) -> tuple[Path, str]:
@@ -162,7 +161,7 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
                   no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dualblade.bench import BenchOptions, run_bench
+    from dualblade.bench import BenchOptions, check_options, run_bench
     from dualblade.sizes import parse_size
 
     console, err = Console(), Console(stderr=True)
@@ -182,6 +181,7 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
                         kv_dir=str(kv_dir) if kv_dir else None, kv_device=str(kv_device) if kv_device else None,
                         use_cgroup=not no_cgroup, overhead=parse_size(overhead) if overhead else None,
                         threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout)
+    check_options(opts)  # before the progress bar, whose end would leave a line above the error
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
         task = prog.add_task("bench", total=None)

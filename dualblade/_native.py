@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 PATHS = ("ram", "mmap", "direct")
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -137,7 +137,7 @@ def lib() -> ctypes.CDLL:
         "dblade_session_release": (None, [c_void_p]),
         "dblade_session_bind": (c_int, [c_void_p]),
         "dblade_session_stats": (c_int, [c_void_p, POINTER(Stats)]),
-        "dblade_session_layers": (c_int, [c_void_p, POINTER(LayerStats), c_uint32]),
+        "dblade_session_snapshot": (c_int, [c_void_p, POINTER(Stats), POINTER(LayerStats), c_uint32]),
         "dblade_session_switches": (c_int, [c_void_p, POINTER(Switch), c_uint32]),
         "dblade_session_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
     }
@@ -219,6 +219,8 @@ class Session:
 
     def error(self) -> str | None:
         """The first I/O error of the session, in words, or None."""
+        if self._lib.dblade_session_error(self._h, None, 0) == 0:  # the usual case: no text to copy
+            return None
         buf = ctypes.create_string_buffer(512)
         rc = self._lib.dblade_session_error(self._h, buf, len(buf))
         return buf.value.decode(errors="replace") or f"KV I/O error {rc}" if rc < 0 else None
@@ -256,10 +258,10 @@ class Session:
 
     def stats(self) -> dict:
         st = Stats()
-        _check(self._lib.dblade_session_stats(self._h, ctypes.byref(st)), "reading KV stats")
-        n = _check(self._lib.dblade_session_layers(self._h, None, 0), "reading KV layers")
+        n = _check(self._lib.dblade_session_snapshot(self._h, ctypes.byref(st), None, 0), "reading KV stats")
         layers = (LayerStats * max(n, 1))()
-        n = min(n, _check(self._lib.dblade_session_layers(self._h, layers, n), "reading KV layers"))
+        # the totals and the layers of one moment (the worker stages and writes back meanwhile)
+        n = min(n, _check(self._lib.dblade_session_snapshot(self._h, ctypes.byref(st), layers, n), "reading KV stats"))
         si = StoreInfo()
         _check(self._lib.dblade_session_store(self._h, ctypes.byref(si)), "reading the KV store")
         n_switches, switches = self.switches()

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 from . import cgroup
 from .errors import ConfigError
 from .gguf_header import model_info
+from .config import mem_total
 from .sizes import parse_size
 
 MiB = 1 << 20
@@ -91,12 +92,7 @@ def machine() -> dict:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    mem = 0
-    try:
-        mem = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem, "kernel": platform.release(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem_total() or 0, "kernel": platform.release(),
             "python": platform.python_version()}
 
 
@@ -283,8 +279,8 @@ def decode_bound_ms(offloaded_fraction_bytes_per_token: float, probe: dict, ram_
 # --------------------------------------------------------------------------- the whole run
 
 
-def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int], None]] = None,
-              log: Callable[[str], None] = lambda s: None) -> dict:
+def check_options(opts: BenchOptions):
+    """Refuses what cannot run, before anything starts; returns the model's header and the budgets."""
     for p in opts.policies:
         if p not in POLICIES:
             raise ConfigError(f"unknown policy {p!r} for the benchmark; choose from {', '.join(POLICIES)}")
@@ -292,9 +288,14 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
     if opts.prompt_tokens + opts.gen_tokens + 8 > opts.n_ctx:
         raise ConfigError(f"--prompt-tokens {opts.prompt_tokens} + --gen-tokens {opts.gen_tokens} do not fit "
                           f"--ctx-size {opts.n_ctx}; raise --ctx-size or lower them")
+    return info, parse_budgets(opts.budgets, sum(info.layer_bytes(opts.n_ctx)))
+
+
+def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int], None]] = None,
+              log: Callable[[str], None] = lambda s: None) -> dict:
+    info, budgets = check_options(opts)
     kv_total = sum(info.layer_bytes(opts.n_ctx))
     weights = os.path.getsize(opts.model)
-    budgets = parse_budgets(opts.budgets, kv_total)
     if opts.kv_dir is None and opts.kv_device is None:
         from .llama import default_kv_dir
 

@@ -5,12 +5,14 @@ for a KV cache on storage. Used by the memory tests and the benchmark.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 
 class CgroupUnavailable(RuntimeError):
@@ -72,18 +74,16 @@ def drop_caches() -> None:
         pass
 
 
-def run_limited(cmd: list[str], limit_bytes: int, timeout: float = 600, env: dict | None = None,
-                cold: bool = True) -> CgroupResult:
-    """Runs cmd in a fresh child cgroup limited to limit_bytes; returns its result and peak memory."""
+@contextlib.contextmanager
+def child(limit_bytes: int) -> Iterator[tuple[Path, int]]:
+    """A fresh child memory cgroup limited to limit_bytes (no swap on v2): yields (its directory, the cgroup
+    version); removed afterwards once empty (the caller may remove it first)."""
     reason = available()
     if reason:
         raise CgroupUnavailable(reason)
     v2 = _v2_root()
     name = f"dualblade-{uuid.uuid4().hex[:12]}"
-    if v2 is not None:
-        group, version = v2 / name, 2
-    else:
-        group, version = _v1_root() / name, 1
+    group, version = (v2 / name, 2) if v2 is not None else (_v1_root() / name, 1)
     group.mkdir()
     try:
         if version == 2:
@@ -91,12 +91,29 @@ def run_limited(cmd: list[str], limit_bytes: int, timeout: float = 600, env: dic
             (group / "memory.swap.max").exists() and (group / "memory.swap.max").write_text("0")
         else:
             (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        yield group, version
+    finally:
+        for _ in range(100):  # a killed process may take a moment to leave
+            if not group.exists():
+                break
+            try:
+                group.rmdir()
+            except OSError:
+                time.sleep(0.1)
+
+
+def joined(group: Path, cmd: list[str]) -> list[str]:
+    """cmd, made to join group before it execs: everything it maps (and its io_uring workers) is charged there."""
+    return ["sh", "-c", f'echo $$ > "{group / "cgroup.procs"}" && exec "$@"', "sh", *cmd]
+
+
+def run_limited(cmd: list[str], limit_bytes: int, timeout: float = 600, env: dict | None = None,
+                cold: bool = True) -> CgroupResult:
+    """Runs cmd in a fresh child cgroup limited to limit_bytes; returns its result and peak memory."""
+    with child(limit_bytes) as (group, version):
         if cold:
             drop_caches()
-        procs = group / "cgroup.procs"
-        # the child joins the group before it execs the command: everything it maps is charged there
-        wrapped = ["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *cmd]
-        p = subprocess.run(wrapped, capture_output=True, text=True, timeout=timeout, env=env)
+        p = subprocess.run(joined(group, cmd), capture_output=True, text=True, timeout=timeout, env=env)
         if version == 2:
             peak_file = group / "memory.peak"
             peak = int(peak_file.read_text()) if peak_file.exists() else 0
@@ -107,10 +124,3 @@ def run_limited(cmd: list[str], limit_bytes: int, timeout: float = 600, env: dic
             oom_ctl = dict(l.split() for l in (group / "memory.oom_control").read_text().splitlines())
             oom = int(oom_ctl.get("oom_kill", 0)) > 0 or p.returncode == -9
         return CgroupResult(p.returncode, p.stdout, p.stderr, peak, oom, limit_bytes, version)
-    finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)

@@ -33,7 +33,7 @@ class KVConfig:
         except ValueError as e:
             raise ConfigError(str(e).replace("memory budget must", "mem_budget must")) from None
         if budget is not None:
-            total = _mem_total()
+            total = mem_total()
             if total and budget > total:
                 raise ConfigError(f"memory budget {format_size(budget)} is more than this machine's memory "
                                   f"({total / 2**30:.1f} GiB); give a smaller mem_budget")
@@ -94,7 +94,8 @@ def _check_kv_dir(kv_dir: str) -> None:
                          "(or change its permissions)")
 
 
-def _mem_total() -> int | None:
+def mem_total() -> int | None:
+    """MemTotal in bytes, or None."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

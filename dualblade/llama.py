@@ -91,11 +91,11 @@ class Llama(llama_cpp.Llama):
         if cfg.policy == "ram" or cfg.budget_bytes is None:
             return []
         info = model_info(model_path, meta)
-        if info.arch in RECURRENT_ARCHS and cfg.policy != "auto":
-            raise ConfigError(f"{info.arch} keeps recurrent state, not a per-layer KV cache: dualblade cannot "
-                              f"offload it, so kv_policy='{cfg.policy}' cannot hold it to mem_budget; use "
-                              "kv_policy='ram' (or 'auto', which runs it in RAM with a warning)")
         if info.arch in RECURRENT_ARCHS:
+            if cfg.policy != "auto":
+                raise ConfigError(f"{info.arch} keeps recurrent state, not a per-layer KV cache: dualblade cannot "
+                                  f"offload it, so kv_policy='{cfg.policy}' cannot hold it to mem_budget; use "
+                                  "kv_policy='ram' (or 'auto', which runs it in RAM with a warning)")
             warnings.warn(f"{info.arch} keeps recurrent state, not a per-layer KV cache: it runs in RAM",
                           stacklevel=3)
             return []

@@ -39,6 +39,14 @@ def tiny_path(tmp_path_factory) -> Path:
     return write_model(tmp_path_factory.mktemp("models") / "tiny.gguf", "tiny", seed=1)
 
 
+@pytest.fixture(scope="session")
+def heavy_path(tmp_path_factory) -> Path:
+    """kv-heavy: 16 layers, 32 KiB of f16 KV per token, 120 MiB of weights: I/O shows up fast (written once)."""
+    from dualblade.synthetic import write_model
+
+    return write_model(tmp_path_factory.mktemp("heavy") / "kv-heavy.gguf", "kv-heavy", seed=1)
+
+
 def dualblade_exe() -> str:
     exe = shutil.which("dualblade") or str(Path(sys.executable).parent / "dualblade")
     assert os.path.exists(exe), "the dualblade command is not installed"
@@ -173,3 +181,16 @@ def device_header(dev: str) -> dict:
     assert data_offset >= 4096 and data_offset + data_bytes <= device_bytes and align and not align & (align - 1)
     return {"uuid": b[24:40], "device_bytes": device_bytes, "data_offset": data_offset, "data_bytes": data_bytes,
             "align": align, "geometry": geometry}
+
+
+# --- the tiny model with every layer on the direct path (the fault and privacy tests) ---
+
+TINY_DIRECT_CTX, TINY_DIRECT_BUDGET = 1024, "600K"
+
+
+def tiny_direct(model, **kw):
+    """A dualblade.Llama on the tiny model whose 8 layers are all on the direct path; kw: the store and more."""
+    from dualblade import Llama
+
+    return Llama(str(model), n_ctx=TINY_DIRECT_CTX, mem_budget=TINY_DIRECT_BUDGET, kv_policy="direct",
+                 verbose=False, **kw)

@@ -134,23 +134,14 @@ def soak(model, n_ctx, budget, kv_dir, n_steps):
             if st[key] < last[key]:
                 errors.append(f"{where}: {key} went back from {last[key]} to {st[key]}")
             last[key] = st[key]
-        layers = st["layers"]
-        pinned = sum(l["bytes"] for l in layers if l["path"] == "ram")
-        # the totals and the layers come from two calls while the worker may still stage or write back
-        # (between two eval calls): compare the layers with the totals of a later call
-        later = llm.kv_stats()
+        layers = st["layers"]  # of the same moment as the totals (one snapshot)
         for key in ("bytes_read", "bytes_written"):
-            if sum(l[key] for l in layers) > later[key]:
-                errors.append(f"{where}: the layers' {key} {sum(l[key] for l in layers)} exceed the later total "
-                              f"{later[key]}")
-        for _ in range(5):  # resident (from the layers) and staged (from the totals): retried for the same reason
-            pinned = sum(l["bytes"] for l in st["layers"] if l["path"] == "ram")
-            if st["resident_bytes"] == pinned + st["staged_bytes"]:
-                break
-            st = llm.kv_stats()
-        else:
+            if sum(l[key] for l in layers) != st[key]:
+                errors.append(f"{where}: the layers' {key} {sum(l[key] for l in layers)} != the total {st[key]}")
+        pinned = sum(l["bytes"] for l in layers if l["path"] == "ram")
+        if st["resident_bytes"] != pinned + st["staged_bytes"]:
             errors.append(f"{where}: resident {st['resident_bytes']} != pinned {pinned} + staged "
-                          f"{st['staged_bytes']} (5 reads)")
+                          f"{st['staged_bytes']}")
         if sum(l["bytes"] for l in layers) != st["kv_bytes_total"]:
             errors.append(f"{where}: layer bytes sum to {sum(l['bytes'] for l in layers)}, "
                           f"kv_bytes_total {st['kv_bytes_total']}")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dualblade import cgroup
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 
 POLICIES = ["stock", "ram", "mmap", "direct", "auto"]
 
@@ -76,11 +76,7 @@ def test_report_has_probe_machine_and_ratios(smoke):
     (["--synthetic", "tiny", "-r", "0"], "at least 1"),
 ])
 def test_bad_input_is_one_line(args, words, tmp_path):
-    p = run_cli("bench", *args, "--kv-dir", str(tmp_path), "--no-cgroup", timeout=120)
-    assert p.returncode != 0
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dualblade: error:") and words in lines[0], p.stderr
-    assert "Traceback" not in p.stderr
+    assert_user_error(run_cli("bench", *args, "--kv-dir", str(tmp_path), "--no-cgroup", timeout=120), words)
 
 
 def test_existing_output_is_not_overwritten(tmp_path):

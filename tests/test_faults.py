@@ -10,40 +10,29 @@ import subprocess
 
 import pytest
 
-from conftest import run_cli
+from conftest import TINY_DIRECT_BUDGET, TINY_DIRECT_CTX, run_cli, tiny_direct
 from dualblade import ConfigError, KVIOError, Llama
 
-N_CTX, BUDGET = 1024, "600K"  # the tiny model: every layer on the direct path at this budget
+N_CTX, BUDGET = TINY_DIRECT_CTX, TINY_DIRECT_BUDGET
 TEXT = "Tell me a story about a king who lived in a castle by the sea. " * 20  # rows past the tail page
 GEN = 12
 
 
 def _llm(model, kv_dir, **kw) -> Llama:
-    return Llama(str(model), n_ctx=N_CTX, mem_budget=BUDGET, kv_policy="direct", kv_dir=str(kv_dir),
-                 verbose=False, **kw)
+    return tiny_direct(model, kv_dir=str(kv_dir), **kw)
 
 
 def _complete(llm) -> str:
     return llm.create_completion(TEXT, max_tokens=GEN, temperature=0)["choices"][0]["text"]
 
 
-def _with_fault(spec: str, fn, engine: str | None = None):
-    """fn() with DUALBLADE_FAULT (and the engine) set while the session opens its engine."""
-    keys = {"DUALBLADE_FAULT": spec, "DUALBLADE_IO_ENGINE": engine}
-    old = {k: os.environ.get(k) for k in keys}
-    try:
-        for k, v in keys.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        return fn()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _fault(monkeypatch, spec: str, engine: str | None = None) -> None:
+    """DUALBLADE_FAULT (and the engine) for the sessions this test opens (each engine reads them when it opens)."""
+    monkeypatch.setenv("DUALBLADE_FAULT", spec)
+    if engine is None:
+        monkeypatch.delenv("DUALBLADE_IO_ENGINE", raising=False)
+    else:
+        monkeypatch.setenv("DUALBLADE_IO_ENGINE", engine)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +53,9 @@ def reference(tiny_path, tmp_path_factory):
     ("write:4:eio", "threads", "writing layer"),
     ("write:2:short", None, "writing layer"),
 ])
-def test_fault_stops_generation_until_reset(tiny_path, tmp_path, reference, spec, engine, words):
-    llm = _with_fault(spec, lambda: _llm(tiny_path, tmp_path), engine)
+def test_fault_stops_generation_until_reset(tiny_path, tmp_path, monkeypatch, reference, spec, engine, words):
+    _fault(monkeypatch, spec, engine)
+    llm = _llm(tiny_path, tmp_path)
     try:
         with pytest.raises(KVIOError, match=words) as e:
             _complete(llm)
@@ -83,8 +73,9 @@ def test_fault_stops_generation_until_reset(tiny_path, tmp_path, reference, spec
         llm.close()
 
 
-def test_persistent_fault_never_produces_output(tiny_path, tmp_path):
-    llm = _with_fault("read:1+:eio", lambda: _llm(tiny_path, tmp_path))
+def test_persistent_fault_never_produces_output(tiny_path, tmp_path, monkeypatch):
+    _fault(monkeypatch, "read:1+:eio")
+    llm = _llm(tiny_path, tmp_path)
     try:
         for _ in range(3):
             with pytest.raises(KVIOError):
@@ -94,8 +85,9 @@ def test_persistent_fault_never_produces_output(tiny_path, tmp_path):
         llm.close()
 
 
-def test_stream_yields_only_tokens_of_the_fault_free_run(tiny_path, tmp_path, reference):
-    llm = _with_fault("read:4:eio", lambda: _llm(tiny_path, tmp_path))
+def test_stream_yields_only_tokens_of_the_fault_free_run(tiny_path, tmp_path, monkeypatch, reference):
+    _fault(monkeypatch, "read:4:eio")
+    llm = _llm(tiny_path, tmp_path)
     got = ""
     try:
         with pytest.raises(KVIOError):
@@ -149,9 +141,10 @@ def test_flipped_bit_in_the_backing_file(tiny_path, tmp_path, verify):
         llm.close()
 
 
-def test_malformed_fault_spec_is_refused(tiny_path, tmp_path):
+def test_malformed_fault_spec_is_refused(tiny_path, tmp_path, monkeypatch):
+    _fault(monkeypatch, "read:1:boom")
     with pytest.raises(ConfigError, match="DUALBLADE_FAULT=read:1:boom is not a fault list"):
-        _with_fault("read:1:boom", lambda: _llm(tiny_path, tmp_path))
+        _llm(tiny_path, tmp_path)
 
 
 def test_cli_pipe_stops_with_one_line(tiny_path, tmp_path, reference):
@@ -186,8 +179,7 @@ def test_device_mapper_error_target(tiny_path, make_loop):
     table = f"0 {good} linear {loop} 0\n{good} {sectors - good} error\n"
     subprocess.run(["dmsetup", "create", name], input=table, text=True, check=True, capture_output=True)
     try:
-        llm = Llama(str(tiny_path), n_ctx=N_CTX, mem_budget=BUDGET, kv_policy="direct", kv_device=f"/dev/mapper/{name}",
-                    verbose=False)
+        llm = tiny_direct(tiny_path, kv_device=f"/dev/mapper/{name}")
         try:
             with pytest.raises(KVIOError, match="Input/output error"):
                 _complete(llm)

@@ -9,21 +9,13 @@ import pytest
 
 from dualblade import cgroup
 from dualblade.gguf_header import model_info
-from dualblade.synthetic import Shape, write_model
 
 pytestmark = pytest.mark.skipif(cgroup.available() is not None, reason=f"no memory cgroup: {cgroup.available()}")
 
-# 16 layers x 2 x 512 x f16 = 32 KiB of KV per token: 256 MiB at 8192 tokens, 16 MiB per layer
-SHAPE = Shape("kvheavy", n_layer=16, n_embd=512, n_head=4, n_head_kv=4, n_ff=512, vocab="llama-spm",
-              n_ctx_train=16384)
+# kv-heavy: 16 layers x 2 x 512 x f16 = 32 KiB of KV per token: 256 MiB at 8192 tokens, 16 MiB per layer
 N_CTX, N_TOKENS = 8192, 8000
 MiB = 1 << 20
 PROBE = str(Path(__file__).parent / "memory_probe.py")
-
-
-@pytest.fixture(scope="module")
-def heavy_model(tmp_path_factory):
-    return write_model(tmp_path_factory.mktemp("heavy") / "kvheavy.gguf", SHAPE, seed=3)
 
 
 def _run(model, policy, budget, n_ctx, n_tokens, kv_dir, limit):
@@ -32,22 +24,22 @@ def _run(model, policy, budget, n_ctx, n_tokens, kv_dir, limit):
 
 
 @pytest.fixture(scope="module")
-def limits(heavy_model, tmp_path_factory):
+def limits(heavy_path, tmp_path_factory):
     """The limit of the tests: weights + a quarter of the KV + the measured overhead."""
-    kv_total = sum(model_info(heavy_model).layer_bytes(N_CTX))
+    kv_total = sum(model_info(heavy_path).layer_bytes(N_CTX))
     budget = kv_total // 4
-    weights = os.path.getsize(heavy_model)
-    base = _run(heavy_model, "ram", "none", 256, 200, tmp_path_factory.mktemp("base"), 8 << 30)
+    weights = os.path.getsize(heavy_path)
+    base = _run(heavy_path, "ram", "none", 256, 200, tmp_path_factory.mktemp("base"), 8 << 30)
     assert base.returncode == 0, base.stderr
     overhead = base.peak_bytes - weights + 48 * MiB  # + compute buffers that grow with the context
     return {"kv_total": kv_total, "budget": budget, "weights": weights, "overhead": overhead,
             "limit": weights + budget + overhead}
 
 
-def test_auto_moves_to_the_direct_path_under_the_limit(heavy_model, limits, tmp_path):
+def test_auto_moves_to_the_direct_path_under_the_limit(heavy_path, limits, tmp_path):
     """At the same limit, auto sees that the page cache cannot hold the offloaded layers next to the
     weights: it puts them on the direct path (and says why), completes, stays under the limit."""
-    r = _run(heavy_model, "auto", limits["budget"], N_CTX, N_TOKENS, tmp_path, limits["limit"])
+    r = _run(heavy_path, "auto", limits["budget"], N_CTX, N_TOKENS, tmp_path, limits["limit"])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["n_tokens"] == N_TOKENS + 8
@@ -60,32 +52,26 @@ def test_auto_moves_to_the_direct_path_under_the_limit(heavy_model, limits, tmp_
           f"switches: {reasons}")
 
 
-def test_auto_keeps_the_page_cache_when_memory_is_ample(heavy_model, limits, tmp_path):
-    r = _run(heavy_model, "auto", limits["budget"], N_CTX, 2000, tmp_path, 8 << 30)
+def test_auto_keeps_the_page_cache_when_memory_is_ample(heavy_path, limits, tmp_path):
+    r = _run(heavy_path, "auto", limits["budget"], N_CTX, 2000, tmp_path, 8 << 30)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["paths"]["direct"] == 0 and res["paths"]["mmap"] > 0, res
     assert len(res["switches"]) == 1 and res["switches"][0]["to"] == "mmap"
 
 
-def test_direct_completes_where_ram_is_killed(heavy_model, tmp_path):
-    kv_total = sum(model_info(heavy_model).layer_bytes(N_CTX))
-    budget = kv_total // 4
-    weights = os.path.getsize(heavy_model)
-    # the overhead: interpreter, libraries, compute buffers, at a context too small to matter
-    base = _run(heavy_model, "ram", "none", 256, 200, tmp_path, 8 << 30)
-    assert base.returncode == 0, base.stderr
-    overhead = base.peak_bytes - weights + 48 * MiB  # + compute buffers that grow with the context
-    limit = weights + budget + overhead
+def test_direct_completes_where_ram_is_killed(heavy_path, limits, tmp_path):
+    kv_total, budget, weights, overhead, limit = (limits[k] for k in ("kv_total", "budget", "weights", "overhead",
+                                                                       "limit"))
 
-    direct = _run(heavy_model, "direct", budget, N_CTX, N_TOKENS, tmp_path, limit)
+    direct = _run(heavy_path, "direct", budget, N_CTX, N_TOKENS, tmp_path, limit)
     assert direct.returncode == 0, direct.stderr[-2000:]
     res = json.loads(direct.stdout.strip().splitlines()[-1])
     assert res["kv_bytes_total"] == kv_total >= 4 * budget
     assert res["n_tokens"] == N_TOKENS + 8 and res["bytes_read"] > 0
     assert direct.peak_bytes <= limit
 
-    ram = _run(heavy_model, "ram", "none", N_CTX, N_TOKENS, tmp_path, limit)
+    ram = _run(heavy_path, "ram", "none", N_CTX, N_TOKENS, tmp_path, limit)
     assert ram.returncode != 0 and (ram.oom_killed or ram.returncode < 0 or "alloc" in ram.stderr.lower())
     print(f"\nlimit {limit / MiB:.0f} MiB (weights {weights / MiB:.0f} + budget {budget / MiB:.0f} + overhead "
           f"{overhead / MiB:.0f}); KV {kv_total / MiB:.0f} MiB; direct peak {direct.peak_bytes / MiB:.0f} MiB "

@@ -10,16 +10,12 @@ import sys
 
 import pytest
 
-from conftest import device_header
-from dualblade import ConfigError, Llama
+from conftest import TINY_DIRECT_BUDGET, TINY_DIRECT_CTX, device_header, tiny_direct
+from dualblade import ConfigError
 
 MiB = 1 << 20
 TEXT = b"The secret is the password swordfish. " * 40
 DATA_OFFSET = 1 * MiB  # where a device's KV data starts (after the ownership header)
-
-
-def _llm(model, **kw) -> Llama:
-    return Llama(str(model), n_ctx=1024, mem_budget="600K", kv_policy="direct", verbose=False, **kw)
 
 
 def _kv_fds(kv_dir) -> list[int]:
@@ -37,7 +33,7 @@ def _kv_fds(kv_dir) -> list[int]:
 def test_kv_file_is_private_and_has_no_name(tiny_path, tmp_path, monkeypatch, tmpfile):
     if not tmpfile:
         monkeypatch.setenv("DUALBLADE_NO_TMPFILE", "1")  # the way taken where O_TMPFILE is missing
-    llm = _llm(tiny_path, kv_dir=str(tmp_path))
+    llm = tiny_direct(tiny_path, kv_dir=str(tmp_path))
     try:
         llm.eval(llm.tokenize(TEXT))
         (fd,) = _kv_fds(tmp_path)
@@ -51,7 +47,7 @@ def test_kv_file_is_private_and_has_no_name(tiny_path, tmp_path, monkeypatch, tm
 
 
 def test_kv_wipe_zeroes_the_file_before_it_goes(tiny_path, tmp_path):
-    llm = _llm(tiny_path, kv_dir=str(tmp_path), kv_wipe=True)
+    llm = tiny_direct(tiny_path, kv_dir=str(tmp_path), kv_wipe=True)
     try:
         llm.eval(llm.tokenize(TEXT))
         llm._kv_session.flush()
@@ -74,10 +70,10 @@ def test_kv_dir_through_another_users_symlink_is_refused(tiny_path, tmp_path):
     link.symlink_to(real)
     os.lchown(link, 65534, 65534)
     with pytest.raises(ConfigError, match=r"symlink owned by another user \(uid 65534\)"):
-        _llm(tiny_path, kv_dir=str(link))
+        tiny_direct(tiny_path, kv_dir=str(link))
     # the user's own symlink is the user's choice
     os.lchown(link, os.geteuid(), os.getegid())
-    _llm(tiny_path, kv_dir=str(link)).close()
+    tiny_direct(tiny_path, kv_dir=str(link)).close()
 
 
 # --- raw devices ---------------------------------------------------------------------------------
@@ -95,7 +91,7 @@ def _data_written(dev: str) -> int:
 @pytest.mark.parametrize("wipe", [False, True], ids=["discard", "zero"])
 def test_device_holds_nothing_after_close(tiny_path, make_loop, wipe):
     dev = make_loop(64 * MiB)
-    llm = _llm(tiny_path, kv_device=dev, kv_wipe=wipe)
+    llm = tiny_direct(tiny_path, kv_device=dev, kv_wipe=wipe)
     try:
         llm.eval(llm.tokenize(TEXT))
         llm._kv_session.flush()
@@ -104,20 +100,20 @@ def test_device_holds_nothing_after_close(tiny_path, make_loop, wipe):
         llm.close()
     assert _data_written(dev) == 0
     device_header(dev)  # still ours (asserts the magic, CRC-32C, bounds): the next run takes it without --force
-    _llm(tiny_path, kv_device=dev).close()
+    tiny_direct(tiny_path, kv_device=dev).close()
 
 
 def test_device_left_by_a_crash_is_cleared_when_next_opened(tiny_path, make_loop):
     dev = make_loop(64 * MiB)
     crash = ("import os, sys\nfrom dualblade import Llama\n"
-             f"llm = Llama({str(tiny_path)!r}, n_ctx=1024, mem_budget='600K', kv_policy='direct', "
+             f"llm = Llama({str(tiny_path)!r}, n_ctx={TINY_DIRECT_CTX}, mem_budget={TINY_DIRECT_BUDGET!r}, kv_policy='direct', "
              f"kv_device={dev!r}, verbose=False)\n"
              f"llm.eval(llm.tokenize({TEXT!r}))\nllm._kv_session.flush()\nos._exit(0)  # no close: as a crash\n")
     r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert _data_written(dev) > 0
     device_header(dev)
-    llm = _llm(tiny_path, kv_device=dev)
+    llm = tiny_direct(tiny_path, kv_device=dev)
     try:
         assert _data_written(dev) == 0  # discarded at open, before anything is written
     finally:

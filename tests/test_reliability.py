@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ import pytest
 from conftest import device_header, dualblade_exe, run_cli
 from dualblade import cgroup
 from dualblade.gguf_header import model_info
-from dualblade.synthetic import write_model
 
 MiB = 1 << 20
 PROBE = str(Path(__file__).parent / "reliability_probe.py")
@@ -28,12 +26,6 @@ SENTENCE = "the quick brown fox jumps over the lazy dog while the cat sleeps on 
 QUESTION = "What is the capital of France?\n"
 N_CTX = 4096
 BUDGET = "24M"  # kv-heavy at 4096: 128 MiB of KV, 8 MiB a layer: (nearly) every layer offloaded
-
-
-@pytest.fixture(scope="module")
-def heavy_path(tmp_path_factory) -> Path:
-    """kv-heavy: 16 layers, 32 KiB of f16 KV per token, 120 MiB of weights: I/O shows up fast."""
-    return write_model(tmp_path_factory.mktemp("heavy") / "kv-heavy.gguf", "kv-heavy", seed=1)
 
 
 def _fs_type(path: Path) -> str:
@@ -83,24 +75,12 @@ def _fd_links(pid: int) -> list[str]:
 @contextlib.contextmanager
 def _child_cgroup():
     """A fresh child memory cgroup (limit 4 GiB, far from binding) to run a killed process in; yields its
-    directory, or None where cgroups cannot be made here. Removed at the end if the test has not."""
+    directory, or None where cgroups cannot be made here."""
     if cgroup.available() is not None:
         yield None
         return
-    v2 = cgroup._v2_root()
-    root = v2 if v2 is not None else cgroup._v1_root()
-    group = root / f"dualblade-reliability-{uuid.uuid4().hex[:12]}"
-    group.mkdir()
-    try:
-        (group / ("memory.max" if v2 is not None else "memory.limit_in_bytes")).write_text(str(4 << 30))
+    with cgroup.child(4 << 30) as (group, _):
         yield group
-    finally:
-        for _ in range(100):
-            if not group.exists():
-                break
-            with contextlib.suppress(OSError):
-                group.rmdir()
-            time.sleep(0.1)
 
 
 def _procs(group: Path) -> list[str]:
@@ -123,7 +103,7 @@ def _kill_mid(phase: str, model: Path, policy: str, store: list[str], tmp_path: 
     out_path, err_path = tmp_path / f"{phase}.out", tmp_path / f"{phase}.err"
     cmd = [dualblade_exe(), *_chat_args(model, policy, store, n_tokens)]
     if group is not None:  # join the group before exec: the process and its io_uring workers are in it
-        cmd = ["sh", "-c", f'echo $$ > "{group / "cgroup.procs"}" && exec "$@"', "sh", *cmd]
+        cmd = cgroup.joined(group, cmd)
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err)
     seen = {}

@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 4
+#define DBLADE_ABI_VERSION 5
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -207,6 +207,10 @@ DBLADE_API uint64_t dblade_layout_geometry(uint32_t n_layers, const struct dblad
 DBLADE_API const char * dblade_last_error(void);
 /* Fills up to cap layers sorted by il; returns the number of layers the session has. */
 DBLADE_API int dblade_session_layers(struct dblade_session * s, struct dblade_layer_stats * out, uint32_t cap);
+/* Both at one moment (the worker keeps staging and writing back between calls): fills out and up to
+ * cap layers sorted by il; returns the number of layers. */
+DBLADE_API int dblade_session_snapshot(struct dblade_session * s, struct dblade_stats * out,
+                                       struct dblade_layer_stats * layers, uint32_t cap);
 
 /* --- cache: called by the patched llama.cpp --- */
 

@@ -1455,57 +1455,20 @@ static void layer_stats(const struct dblade_tensor * k, const struct dblade_tens
     o->io_wait_ns    = atomic_load(&k->io_wait_ns) + atomic_load(&v->io_wait_ns);
 }
 
-int dblade_session_stats(struct dblade_session * s, struct dblade_stats * out) {
-    if (!s || !out) {
-        return -EINVAL;
-    }
-    memset(out, 0, sizeof(*out));
-    out->policy       = s->config.policy;
-    out->budget_bytes = s->config.budget_bytes;
-    pthread_mutex_lock(&s->lock);
-    out->io_engine = (uint32_t) dblade_io_kind(s->io);
-    snprintf(out->io_engine_why, sizeof(out->io_engine_why), "%s", dblade_io_why(s->io));
-    out->depth           = s->depth;
-    out->n_switches      = s->n_switches;
-    out->mem_limit       = s->last_sample.t_ns ? s->last_sample.cg_limit : UINT64_MAX;
-    out->mem_available   = s->last_sample.t_ns ? s->last_sample.mem_available : 0;
-    out->page_cache_room = s->auto_state.cap_bytes;
-    out->page_cache_need = s->auto_state.need_bytes;
-    out->huge_page_bytes = s->huge;
-    out->n_io_errors     = s->n_io_errors;
-    out->staged_bytes = s->staged_bytes;
-    out->staged_peak  = s->staged_peak;
-    for (struct dblade_cache * c = s->caches; c; c = c->next) {
-        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
-            struct dblade_layer_stats ls;
-            layer_stats(&c->tensors[i], &c->tensors[i + 1], &ls);
-            for (uint32_t w = 0; w < 2; w++) {
-                if (c->tensors[i + w].sums) {
-                    out->checksum_bytes += c->tensors[i + w].map_bytes / DBLADE_BLOCK * sizeof(uint32_t);
-                }
-            }
-            out->n_layers++;
-            out->kv_bytes_total += ls.bytes;
-            out->resident_bytes += ls.resident_bytes;
-            out->bytes_read     += ls.bytes_read;
-            out->bytes_written  += ls.bytes_written;
-            out->io_wait_ns     += ls.io_wait_ns;
-        }
-    }
-    pthread_mutex_unlock(&s->lock);
-    return 0;
-}
-
 static int cmp_il(const void * a, const void * b) {
     const struct dblade_layer_stats * x = a;
     const struct dblade_layer_stats * y = b;
     return (x->il > y->il) - (x->il < y->il);
 }
 
-int dblade_session_layers(struct dblade_session * s, struct dblade_layer_stats * out, uint32_t cap) {
-    if (!s || (cap > 0 && !out)) {
+int dblade_session_snapshot(struct dblade_session * s, struct dblade_stats * out, struct dblade_layer_stats * layers,
+                            uint32_t cap) {
+    if (!s || !out || (cap > 0 && !layers)) {
         return -EINVAL;
     }
+    memset(out, 0, sizeof(*out));
+    out->policy       = s->config.policy;
+    out->budget_bytes = s->config.budget_bytes;
     pthread_mutex_lock(&s->lock);
     uint32_t n = 0;
     for (struct dblade_cache * c = s->caches; c; c = c->next) {
@@ -1516,17 +1479,51 @@ int dblade_session_layers(struct dblade_session * s, struct dblade_layer_stats *
         pthread_mutex_unlock(&s->lock);
         return -ENOMEM;
     }
-    uint32_t k = 0;
+    out->io_engine = (uint32_t) dblade_io_kind(s->io);
+    snprintf(out->io_engine_why, sizeof(out->io_engine_why), "%s", dblade_io_why(s->io));
+    out->depth           = s->depth;
+    out->n_switches      = s->n_switches;
+    out->mem_limit       = s->last_sample.t_ns ? s->last_sample.cg_limit : UINT64_MAX;
+    out->mem_available   = s->last_sample.t_ns ? s->last_sample.mem_available : 0;
+    out->page_cache_room = s->auto_state.cap_bytes;
+    out->page_cache_need = s->auto_state.need_bytes;
+    out->huge_page_bytes = s->huge;
+    out->n_io_errors     = s->n_io_errors;
+    out->staged_bytes    = s->staged_bytes;
+    out->staged_peak     = s->staged_peak;
     for (struct dblade_cache * c = s->caches; c; c = c->next) {
         for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
-            layer_stats(&c->tensors[i], &c->tensors[i + 1], &all[k++]);
+            struct dblade_layer_stats * ls = &all[out->n_layers++];
+            layer_stats(&c->tensors[i], &c->tensors[i + 1], ls);
+            for (uint32_t w = 0; w < 2; w++) {
+                if (c->tensors[i + w].sums) {
+                    out->checksum_bytes += c->tensors[i + w].map_bytes / DBLADE_BLOCK * sizeof(uint32_t);
+                }
+            }
+            out->kv_bytes_total += ls->bytes;
+            out->resident_bytes += ls->resident_bytes;
+            out->bytes_read     += ls->bytes_read;
+            out->bytes_written  += ls->bytes_written;
+            out->io_wait_ns     += ls->io_wait_ns;
         }
     }
     pthread_mutex_unlock(&s->lock);
     qsort(all, n, sizeof(*all), cmp_il);
-    memcpy(out, all, sizeof(*all) * (n < cap ? n : cap));
+    if (cap > 0) {
+        memcpy(layers, all, sizeof(*all) * (n < cap ? n : cap));
+    }
     free(all);
     return (int) n;
+}
+
+int dblade_session_stats(struct dblade_session * s, struct dblade_stats * out) {
+    const int n = dblade_session_snapshot(s, out, NULL, 0);
+    return n < 0 ? n : 0;
+}
+
+int dblade_session_layers(struct dblade_session * s, struct dblade_layer_stats * out, uint32_t cap) {
+    struct dblade_stats st;
+    return dblade_session_snapshot(s, &st, out, cap);
 }
 
 int dblade_session_switches(struct dblade_session * s, struct dblade_switch * out, uint32_t cap) {
