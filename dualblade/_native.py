@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 PATHS = ("ram", "mmap", "direct")
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -72,6 +72,11 @@ class Stats(ctypes.Structure):
         ("mem_available", c_uint64),
         ("page_cache_room", c_uint64),
         ("page_cache_need", c_uint64),
+        ("reserve_bytes", c_uint64),
+        ("chunk_bytes", c_uint64),
+        ("pool_moves", c_uint32),
+        ("reserved0", c_uint32),
+        ("pool_bytes", c_uint64),
         ("huge_page_bytes", c_uint64),
         ("checksum_bytes", c_uint64),
         ("n_io_errors", c_uint64),
@@ -140,6 +145,7 @@ def lib() -> ctypes.CDLL:
         "dblade_session_snapshot": (c_int, [c_void_p, POINTER(Stats), POINTER(LayerStats), c_uint32]),
         "dblade_session_switches": (c_int, [c_void_p, POINTER(Switch), c_uint32]),
         "dblade_session_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
+        "dblade_session_set_reserve": (c_int, [c_void_p, c_uint64]),
     }
     for name, (res, args) in protos.items():
         fn = getattr(handle, name)
@@ -241,6 +247,10 @@ class Session:
         if path not in ("mmap", "direct") or self._lib.dblade_session_set_path(self._h, il, PATHS.index(path)) < 0:
             raise ValueError(f"layer {il} is not an offloaded layer, or {path!r} is not mmap or direct")
 
+    def set_reserve(self, reserve_bytes: int) -> None:
+        """The page cache the model's weights keep (what auto leaves them), once the model is loaded."""
+        _check(self._lib.dblade_session_set_reserve(self._h, reserve_bytes), "setting the weights' reserve")
+
     def switches(self) -> tuple[int, list[dict]]:
         """How many path switches there were, and the last ones (oldest first)."""
         log = (Switch * SWITCH_LOG)()
@@ -282,6 +292,9 @@ class Session:
             "io_engine_reason": st.io_engine_why.decode(errors="replace") or None,
             "pipeline_depth": st.depth,
             "huge_page_bytes": st.huge_page_bytes,
+            # the direct path's staging memory: a pool reused from layer to layer (moved, not faulted
+            # in again) in chunks of this size
+            "staging": {"chunk_bytes": st.chunk_bytes, "pool_bytes": st.pool_bytes, "reused": bool(st.pool_moves)},
             "verify": self._verify,
             "checksum_bytes": st.checksum_bytes,
             "io_errors": st.n_io_errors,
@@ -290,9 +303,11 @@ class Session:
                 "available_bytes": st.mem_available or None,
                 "page_cache_room_bytes": None if st.page_cache_room == BUDGET_UNLIMITED else st.page_cache_room,
                 "page_cache_need_bytes": st.page_cache_need,
+                "weights_reserve_bytes": st.reserve_bytes,
             } if st.policy == POLICIES.index("auto") else None,
             "switches": switches,
             "switch_count": n_switches,
+            "layers_by_path": {p: sum(1 for i in range(n) if PATHS[layers[i].path] == p) for p in PATHS},
             "store": None if si.kind == 0 else {
                 "kind": {1: "file", 2: "device"}[si.kind],
                 "path": si.path.decode(errors="replace"),

@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 5
+#define DBLADE_ABI_VERSION 6
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -110,6 +110,11 @@ struct dblade_stats {
     uint64_t mem_available;  /* auto: MemAvailable at the last sample */
     uint64_t page_cache_room; /* auto: page cache the offloaded layers may use, at the last decision */
     uint64_t page_cache_need; /* auto: what the page-cache layers held then */
+    uint64_t reserve_bytes;  /* auto: page cache left to the model's weights (their working set) */
+    uint64_t chunk_bytes;    /* the direct path's staging moves in chunks of this size */
+    uint32_t pool_moves;     /* 1: staging memory is reused (moved, not faulted in again) */
+    uint32_t reserved0;
+    uint64_t pool_bytes;     /* memory of the staging pool (at layers or idle) */
     uint64_t huge_page_bytes; /* the direct path stages into huge pages of this size (0: base pages) */
     uint64_t checksum_bytes; /* memory of the direct path's per-block CRC-32C (0: verification off) */
     uint64_t n_io_errors;    /* failed transfers so far (checksum mismatches included) */
@@ -157,6 +162,9 @@ struct dblade_layout_layer {
  */
 DBLADE_API int  dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
                                       const struct dblade_layout_layer * layers, struct dblade_session ** out);
+/* The memory the model's weights keep in the page cache (what the auto policy leaves them), once
+ * it is known (after the model is loaded); replaces cfg->reserve_bytes. */
+DBLADE_API int  dblade_session_set_reserve(struct dblade_session * s, uint64_t reserve_bytes);
 /* Drops the caller's reference; caches still open keep the session alive until they close. */
 DBLADE_API void dblade_session_release(struct dblade_session * s);
 /* Caches opened by this thread from now on belong to s (NULL unbinds). */
@@ -231,6 +239,9 @@ DBLADE_API void *                 dblade_tensor_data(struct dblade_tensor * t);
  */
 DBLADE_API void dblade_fence_write(struct dblade_tensor * t, const int64_t * rows, int64_t n, uint64_t row_bytes);
 DBLADE_API void dblade_fence_read(struct dblade_tensor * t, const void * data, uint64_t nbytes);
+/* Every compute thread of the graph (nth of them) calls this after thread 0's fence: it returns
+ * once the fence is done, and sleeps while the fence waits for I/O instead of spinning. */
+DBLADE_API void dblade_fence_join(struct dblade_tensor * t, int nth);
 
 /* The cache's cells were emptied: forget the contents without writing them anywhere. */
 DBLADE_API void dblade_cache_clear(struct dblade_cache * c);

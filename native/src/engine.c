@@ -3,8 +3,8 @@
 // device (measured here: >= 32 MiB in flight reaches the ceiling; one request at a time does not).
 //
 // Two engines, picked at run time:
-//  - io_uring (when built with liburing and the kernel lets us: it may be disabled by sysctl or a
-//    container's seccomp profile), one ring per engine;
+//  - io_uring (uring.c, on the kernel's ABI, where the kernel lets us: it may be missing, disabled
+//    by sysctl or refused by a container's seccomp profile), one ring per engine;
 //  - a small pool of threads doing pread/pwrite, everywhere else.
 // DUALBLADE_IO_ENGINE=io_uring|threads forces one (io_uring fails loudly where it is missing).
 //
@@ -24,10 +24,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-#ifdef DBLADE_HAVE_URING
-#    include <liburing.h>
-#endif
 
 #define IO_THREADS 4
 
@@ -52,7 +48,7 @@ struct dblade_io {
     uint64_t               cur_pos;
     uint64_t               left; // bytes not handed out yet
 #ifdef DBLADE_HAVE_URING
-    struct io_uring ring;
+    struct dblade_ring ring;
 #endif
     // thread pool
     pthread_t       threads[IO_THREADS];
@@ -229,37 +225,31 @@ static void pool_stop(struct dblade_io * io) {
 
 #ifdef DBLADE_HAVE_URING
 static int uring_start(struct dblade_io * io) {
-    int rc = io_uring_queue_init(2 * DBLADE_IO_DEPTH, &io->ring, 0);
+    int rc = dblade_ring_init(&io->ring, 2 * DBLADE_IO_DEPTH);
     if (rc < 0) {
         return rc;
     }
     // a container may allow the ring's setup and still refuse io_uring_enter: try one no-op
-    struct io_uring_sqe * sqe = io_uring_get_sqe(&io->ring);
-    io_uring_prep_nop(sqe);
-    rc = io_uring_submit(&io->ring);
+    dblade_ring_prep_nop(dblade_ring_sqe(&io->ring), 0);
+    rc = dblade_ring_submit(&io->ring);
     if (rc >= 0) {
         struct io_uring_cqe * cqe = NULL;
-        rc = io_uring_wait_cqe(&io->ring, &cqe);
+        rc = dblade_ring_wait(&io->ring, &cqe);
         if (rc == 0) {
             rc = cqe->res;
-            io_uring_cqe_seen(&io->ring, cqe);
+            dblade_ring_seen(&io->ring);
         }
     }
     if (rc < 0) {
-        io_uring_queue_exit(&io->ring);
+        dblade_ring_exit(&io->ring);
     }
     return rc < 0 ? rc : 0;
 }
 
 static void uring_prep(struct dblade_io * io, struct chunk * c, uint32_t slot) {
-    struct io_uring_sqe *        sqe = io_uring_get_sqe(&io->ring);
-    const struct dblade_io_req * r   = &io->reqs[c->req];
-    if (r->write) {
-        io_uring_prep_write(sqe, io->fd, (const uint8_t *) r->buf + c->pos, (unsigned) c->len, r->off + c->pos);
-    } else {
-        io_uring_prep_read(sqe, io->fd, (uint8_t *) r->buf + c->pos, (unsigned) c->len, r->off + c->pos);
-    }
-    io_uring_sqe_set_data64(sqe, slot);
+    const struct dblade_io_req * r = &io->reqs[c->req];
+    dblade_ring_prep_rw(dblade_ring_sqe(&io->ring), r->write, io->fd, (uint8_t *) r->buf + c->pos, (uint32_t) c->len,
+                        r->off + c->pos, slot);
 }
 
 static int uring_run(struct dblade_io * io) {
@@ -292,7 +282,7 @@ static int uring_run(struct dblade_io * io) {
         if (queued > 0) {
             int rc;
             do {
-                rc = io_uring_submit(&io->ring);
+                rc = dblade_ring_submit(&io->ring);
             } while (rc == -EINTR);
             if (rc < 0) {
                 // the entries never reached the kernel and stay in the ring: this engine is done for;
@@ -307,7 +297,7 @@ static int uring_run(struct dblade_io * io) {
             break;
         }
         struct io_uring_cqe * cqe = NULL;
-        int                   rc  = io_uring_wait_cqe(&io->ring, &cqe);
+        int                   rc  = dblade_ring_wait(&io->ring, &cqe);
         if (rc == -EINTR) {
             continue;
         }
@@ -315,17 +305,17 @@ static int uring_run(struct dblade_io * io) {
             // the ring cannot be trusted: no later batch may find these completions, and the buffers
             // in flight belong to the caller once we return, so reap what can still be reaped
             io->broken = rc;
-            while (in_flight > 0 && (io_uring_wait_cqe(&io->ring, &cqe) == 0)) {
-                io_uring_cqe_seen(&io->ring, cqe);
+            while (in_flight > 0 && (dblade_ring_wait(&io->ring, &cqe) == 0)) {
+                dblade_ring_seen(&io->ring);
                 in_flight--;
             }
             return rc;
         }
-        const uint32_t slot = (uint32_t) io_uring_cqe_get_data64(cqe);
+        const uint32_t slot = (uint32_t) cqe->user_data;
         struct chunk * c    = &slots[slot];
         const struct dblade_io_req * r = &io->reqs[c->req];
         const int res = (int) dblade_fault_apply(&io->fault, r->write, r->off + c->pos, c->len, cqe->res);
-        io_uring_cqe_seen(&io->ring, cqe);
+        dblade_ring_seen(&io->ring);
         in_flight--;
         if (!fatal && (res == -EINTR || res == -EAGAIN)) {
             retry[n_retry++] = slot;
@@ -384,7 +374,7 @@ int dblade_io_open(struct dblade_io ** out, int fd) {
         snprintf(io->why, sizeof(io->why), "forced by DUALBLADE_IO_ENGINE");
     }
 #else
-    snprintf(io->why, sizeof(io->why), force_threads ? "forced by DUALBLADE_IO_ENGINE" : "built without liburing");
+    snprintf(io->why, sizeof(io->why), force_threads ? "forced by DUALBLADE_IO_ENGINE" : "built without io_uring headers");
 #endif
     if (io->kind == 0) {
         if (force_uring) {
@@ -411,7 +401,7 @@ void dblade_io_close(struct dblade_io * io) {
     }
 #ifdef DBLADE_HAVE_URING
     if (io->kind == DBLADE_IO_URING) {
-        io_uring_queue_exit(&io->ring);
+        dblade_ring_exit(&io->ring);
     }
 #endif
     if (io->kind == DBLADE_IO_THREADS) {

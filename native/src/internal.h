@@ -124,6 +124,32 @@ int     dblade_fault_init(struct dblade_fault * f, const char * spec);
 // a transfer of len bytes at off completed with res (bytes, or -errno): what it reports instead
 int64_t dblade_fault_apply(struct dblade_fault * f, int write, uint64_t off, uint64_t len, int64_t res);
 
+// --- io_uring on the kernel's ABI (uring.c): a ring, its SQEs and CQEs, nothing more ---
+#ifdef DBLADE_HAVE_URING
+#    include <linux/io_uring.h>
+
+struct dblade_ring {
+    int                   fd;
+    void *                sq_ring, * cq_ring;
+    size_t                sq_bytes, cq_bytes, sqes_bytes;
+    unsigned *            sq_head, * sq_tail, * sq_array, * cq_head, * cq_tail;
+    unsigned              sq_mask, sq_n, cq_mask;
+    struct io_uring_sqe * sqes;
+    struct io_uring_cqe * cqes;
+    unsigned              sqe_tail, sqe_head; // SQEs handed out / submitted
+};
+
+int                   dblade_ring_init(struct dblade_ring * r, unsigned entries);
+void                  dblade_ring_exit(struct dblade_ring * r);
+struct io_uring_sqe * dblade_ring_sqe(struct dblade_ring * r); // NULL when the ring is full
+int                   dblade_ring_submit(struct dblade_ring * r); // what was filled in; how many the kernel took
+int                   dblade_ring_wait(struct dblade_ring * r, struct io_uring_cqe ** out); // the next completion
+void                  dblade_ring_seen(struct dblade_ring * r); // ... consumed
+void dblade_ring_prep_rw(struct io_uring_sqe * sqe, int write, int fd, void * buf, uint32_t len, uint64_t off,
+                         uint64_t user_data);
+void dblade_ring_prep_nop(struct io_uring_sqe * sqe, uint64_t user_data);
+#endif
+
 struct dblade_io;
 // picks io_uring where it works, else the thread pool (DUALBLADE_IO_ENGINE forces one)
 int          dblade_io_open(struct dblade_io ** out, int fd);
@@ -152,7 +178,7 @@ struct dblade_monitor {
 struct dblade_mem_sample {
     uint64_t t_ns;
     uint64_t cg_limit; // UINT64_MAX: no limit
-    uint64_t cg_usage, cg_anon, cg_file;
+    uint64_t cg_anon;  // the group's anonymous memory
     uint64_t mem_total, mem_available; // UINT64_MAX: unknown
     uint64_t psi_us;                   // memory stall ("some"), cumulative microseconds; UINT64_MAX: no PSI
 };

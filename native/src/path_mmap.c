@@ -1,0 +1,97 @@
+// The page-cache path: the tensor's address is a MAP_SHARED mapping of its extent of the store, so
+// the kernel caches, faults in and writes back its pages. Cheap while memory holds the layers;
+// under pressure every pass re-reads them through faults (the direct path does that better).
+//
+// It owns the mapping and the counters it can see from the fences (pages a read will fault in,
+// pages a write dirties); the kernel owns the rest.
+
+#define _GNU_SOURCE
+#include "residency.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+// pages of [addr, addr+len) not in memory; walked in chunks with a stack vector (no allocation:
+// this runs on every read fence of a page-cache layer)
+static uint64_t pages_missing(const uint8_t * addr, uint64_t len, uint64_t pg) {
+    uint64_t      n = dblade_align_up(len, pg) / pg, missing = 0;
+    unsigned char vec[4096];
+    for (uint64_t done = 0; done < n;) {
+        const uint64_t k = n - done < sizeof(vec) ? n - done : sizeof(vec);
+        if (mincore((void *) (addr + done * pg), k * pg, vec) != 0) {
+            return 0;
+        }
+        for (uint64_t i = 0; i < k; i++) {
+            missing += !(vec[i] & 1);
+        }
+        done += k;
+    }
+    return missing * pg;
+}
+
+static int mmap_attach(struct dblade_session * s, struct dblade_tensor * t) {
+    // same address, now the extent of the store: the page cache holds it
+    if (mmap(t->addr, t->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, s->store.fd,
+             (off_t) t->store_off) == MAP_FAILED) {
+        const int e = errno;
+        dblade_set_error("cannot map layer %d of %s: %s", t->il, s->store.path, strerror(e));
+        return -e;
+    }
+    if (t->sums) {
+        // the kernel writes this extent from now on: its blocks are checked again once the direct
+        // path has written them
+        memset(t->sums, 0, t->map_bytes / DBLADE_BLOCK * sizeof(*t->sums));
+    }
+    t->cached = 0;
+    return 0;
+}
+
+// the store gets every dirty page, the page cache lets go of the extent, and the address becomes
+// empty anonymous memory
+static int mmap_detach(struct dblade_session * s, struct dblade_tensor * t) {
+    if (msync(t->addr, t->map_bytes, MS_SYNC) != 0) {
+        const int e = errno;
+        dblade_set_error("writing layer %d %c to %s failed: %s", t->il, "KV"[t->which], s->store.path, strerror(e));
+        return -e;
+    }
+    if (mmap(t->addr, t->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+             -1, 0) == MAP_FAILED) {
+        const int e = errno;
+        dblade_set_error("cannot remap layer %d: %s", t->il, strerror(e));
+        return -e;
+    }
+    posix_fadvise(s->store.fd, (off_t) t->store_off, (off_t) t->map_bytes, POSIX_FADV_DONTNEED);
+    return 0;
+}
+
+// what attention will fault in from the store; what was still cached is what the policy counts
+static void mmap_make_resident(struct dblade_session * s, struct dblade_tensor * t, uint64_t need) {
+    const uint64_t upto    = need < t->hwm ? need : t->hwm;
+    const uint64_t missing = pages_missing(t->addr, upto, t->page);
+    atomic_fetch_add(&t->bytes_read, missing);
+    t->cached = dblade_align_up(upto, t->page) - missing;
+}
+
+// the kernel writes back the pages these rows dirty
+static void mmap_take_rows(struct dblade_session * s, struct dblade_tensor * t, uint64_t lo, uint64_t hi) {
+    atomic_fetch_add(&t->bytes_written, dblade_align_up(hi, t->page) - dblade_align_down(lo, t->page));
+}
+
+static void mmap_clear(struct dblade_session * s, struct dblade_tensor * t) {}
+
+static uint64_t mmap_resident(const struct dblade_tensor * t) {
+    return t->map_bytes - pages_missing(t->addr, t->map_bytes, t->page);
+}
+
+const struct dblade_path_ops dblade_path_mmap = {
+    .name          = "mmap",
+    .attach        = mmap_attach,
+    .detach        = mmap_detach,
+    .make_resident = mmap_make_resident,
+    .take_rows     = mmap_take_rows,
+    .clear         = mmap_clear,
+    .resident      = mmap_resident,
+};

@@ -1,0 +1,56 @@
+// The pinned path: the tensor is anonymous memory, faulted in once and never released. What every
+// layer gets without a budget, and what the plan gives the largest layers that fit one.
+//
+// It owns nothing but its pages; the fences pass it by (nothing to stage, nothing to write back).
+
+#define _GNU_SOURCE
+#include "residency.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#ifndef MADV_POPULATE_WRITE
+#    define MADV_POPULATE_WRITE 23
+#endif
+
+// Faulted in at creation, as stock llama.cpp does when it clears its KV buffer: otherwise the first
+// prefill pays a page fault and a zeroed page per 4 KiB (on a VM that hands free memory back to its
+// host, seconds per GiB). Huge pages where the kernel has them.
+static int ram_attach(struct dblade_session * s, struct dblade_tensor * t) {
+    if (s->thp) {
+        madvise(t->addr, t->map_bytes, MADV_HUGEPAGE);
+    }
+    if (madvise(t->addr, t->map_bytes, MADV_POPULATE_WRITE) != 0) {
+        for (uint64_t off = 0; off < t->map_bytes; off += t->page) {
+            ((volatile uint8_t *) t->addr)[off] = 0;
+        }
+    }
+    return 0;
+}
+
+static int ram_detach(struct dblade_session * s, struct dblade_tensor * t) {
+    return -EINVAL; // pinned layers stay pinned
+}
+
+static void ram_make_resident(struct dblade_session * s, struct dblade_tensor * t, uint64_t need) {}
+
+static void ram_take_rows(struct dblade_session * s, struct dblade_tensor * t, uint64_t lo, uint64_t hi) {}
+
+static void ram_clear(struct dblade_session * s, struct dblade_tensor * t) {
+    memset(t->addr, 0, t->bytes); // zeros, like the stock clear (and the pages stay)
+}
+
+static uint64_t ram_resident(const struct dblade_tensor * t) {
+    return t->bytes;
+}
+
+const struct dblade_path_ops dblade_path_ram = {
+    .name          = "ram",
+    .attach        = ram_attach,
+    .detach        = ram_detach,
+    .make_resident = ram_make_resident,
+    .take_rows     = ram_take_rows,
+    .clear         = ram_clear,
+    .resident      = ram_resident,
+};

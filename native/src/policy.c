@@ -1,0 +1,247 @@
+// The auto policy: from the memory actually available, which offloaded layers go on the page-cache
+// path and which on the direct path, revised as the context fills and memory comes and goes.
+//
+// The decision (pure, tested on its own in test_monitor): offloaded layers stay on the page-cache
+// path while the memory left for file pages holds them plus the model's weights (both are mmap'ed
+// and compete for the same page cache: letting the KV push the weights out would make every token
+// re-read them); the largest move to the direct path when it does not, or when tasks stall on
+// memory; they come back, smallest first, only when they fit with a wide margin, nothing stalls,
+// and the last switch is a while ago (hysteresis: no flapping).
+//
+// The session side: the initial placement, and a sample taken by the pipeline's worker (never by
+// the graph's thread) that marks layers to switch; the pipeline applies a switch when the graph
+// next enters the layer. This file owns the policy's state in the session; it calls the monitor.
+
+#define _GNU_SOURCE
+#include "residency.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static uint64_t sub0(uint64_t a, uint64_t b) {
+    return a > b ? a - b : 0;
+}
+
+uint64_t dblade_auto_capacity(const struct dblade_mem_sample * m, uint64_t reserve, uint64_t page_cached) {
+    // system: what could be freed plus what our own layers already hold, less the weights
+    uint64_t cap = UINT64_MAX;
+    if (m->mem_available != UINT64_MAX && m->mem_total != UINT64_MAX && m->mem_total > 0) {
+        const uint64_t margin = m->mem_total / 32 > (128ull << 20) ? m->mem_total / 32 : (128ull << 20);
+        cap = sub0(m->mem_available + page_cached, reserve + margin);
+    }
+    if (m->cg_limit != UINT64_MAX) {
+        // the group: its limit less its anonymous memory (ours: pinned KV, staging, compute buffers)
+        const uint64_t margin = m->cg_limit / 16 > (32ull << 20) ? m->cg_limit / 16 : (32ull << 20);
+        const uint64_t c      = sub0(m->cg_limit, m->cg_anon + reserve + margin);
+        cap = c < cap ? c : cap;
+    }
+    return cap;
+}
+
+int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sample * m, uint64_t reserve,
+                       struct dblade_auto_layer * layers, uint32_t n, char * why, size_t why_cap) {
+    uint64_t need = 0, cached = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (layers[i].want == DBLADE_PATH_MMAP) {
+            need += layers[i].need_bytes;
+            cached += layers[i].resident_bytes;
+        }
+    }
+    const uint64_t cap = dblade_auto_capacity(m, reserve, cached);
+
+    // stall share since the previous sample
+    double stall = 0;
+    if (m->psi_us != UINT64_MAX && st->last_psi_us != UINT64_MAX && st->last_t_ns && m->t_ns > st->last_t_ns &&
+        m->psi_us >= st->last_psi_us) {
+        stall = (double) (m->psi_us - st->last_psi_us) * 1000.0 / (double) (m->t_ns - st->last_t_ns);
+    }
+    // how fast the context fills: a prefill writes rows much faster than decoding does
+    uint64_t all = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        all += layers[i].need_bytes;
+    }
+    if (st->fill_t_ns == 0 || all < st->fill_bytes) {
+        st->fill_t_ns = m->t_ns, st->fill_bytes = all, st->fill_rate = -1; // the start, or a clear: not known yet
+    } else if (m->t_ns - st->fill_t_ns >= DBLADE_AUTO_FILL_WINDOW_NS) {
+        st->fill_rate = (double) (all - st->fill_bytes) * 1e9 / (double) (m->t_ns - st->fill_t_ns);
+        st->fill_t_ns = m->t_ns, st->fill_bytes = all;
+    }
+
+    const bool had_prev = st->last_t_ns != 0;
+    st->last_psi_us     = m->psi_us;
+    st->last_t_ns       = m->t_ns;
+    st->cap_bytes       = cap;
+    st->need_bytes      = need;
+
+    if (st->hold_ns == 0 || m->t_ns - st->last_switch_ns > DBLADE_AUTO_HOLD_MAX_NS) {
+        st->hold_ns = DBLADE_AUTO_HOLD_NS; // calm for a long while: back to the short hold
+    }
+    int changed = 0;
+    const bool over = need > cap;
+    // stalls show the effect of a demotion only once the layers have moved and the kernel has
+    // reclaimed: a spike that stays is one demotion, not one per sample while it lasts
+    const bool stalling = had_prev && stall > DBLADE_AUTO_STALL_HIGH && need > 0 &&
+                          m->t_ns - st->last_switch_ns >= st->hold_ns;
+    if (over || stalling) {
+        // largest first: the most memory back per switch
+        uint64_t target = over ? cap - cap / 8 : need - need / 4;
+        while (need > target) {
+            int best = -1;
+            for (uint32_t i = 0; i < n; i++) {
+                if (layers[i].want == DBLADE_PATH_MMAP &&
+                    (best < 0 || layers[i].need_bytes > layers[best].need_bytes)) {
+                    best = (int) i;
+                }
+            }
+            if (best < 0) {
+                break;
+            }
+            layers[best].want = DBLADE_PATH_DIRECT;
+            need -= layers[best].need_bytes;
+            changed++;
+        }
+        if (changed) {
+            // demoted again soon after a promotion: that promotion was a mistake, wait longer next time
+            if (st->last_promote_ns && m->t_ns - st->last_promote_ns < 4 * st->hold_ns) {
+                st->hold_ns = st->hold_ns * 2 < DBLADE_AUTO_HOLD_MAX_NS ? st->hold_ns * 2 : DBLADE_AUTO_HOLD_MAX_NS;
+            }
+            if (over) {
+                snprintf(why, why_cap, "page cache short: layers need %llu MiB, %llu MiB available",
+                         (unsigned long long) (st->need_bytes >> 20), (unsigned long long) (cap >> 20));
+            } else {
+                snprintf(why, why_cap, "memory pressure: %.0f%% of the time stalled", stall * 100);
+            }
+            st->last_switch_ns = m->t_ns;
+        }
+        return changed;
+    }
+    // back to the page cache: calm, room with a wide margin, and not right after a switch. The
+    // context grows: a layer comes back only if the page-cache layers still fit once full, and not
+    // while a prefill fills it (its pages would be dirtied faster than written back, and reclaim
+    // stalls: it would promote early and demote again, paying both ways)
+    if (stall < DBLADE_AUTO_STALL_LOW && m->t_ns - st->last_switch_ns >= st->hold_ns &&
+        st->fill_rate >= 0 && st->fill_rate < (double) DBLADE_AUTO_FILL_RATE) {
+        const uint64_t room = cap / 10 * 7;
+        uint64_t       full = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            if (layers[i].want == DBLADE_PATH_MMAP) {
+                full += layers[i].full_bytes > layers[i].need_bytes ? layers[i].full_bytes : layers[i].need_bytes;
+            }
+        }
+        for (;;) {
+            int best = -1;
+            for (uint32_t i = 0; i < n; i++) {
+                const uint64_t f = layers[i].full_bytes > layers[i].need_bytes ? layers[i].full_bytes : layers[i].need_bytes;
+                if (layers[i].want == DBLADE_PATH_DIRECT && full + f <= room &&
+                    (best < 0 || f < layers[best].full_bytes)) {
+                    best = (int) i;
+                }
+            }
+            if (best < 0) {
+                break;
+            }
+            layers[best].want = DBLADE_PATH_MMAP;
+            need += layers[best].need_bytes;
+            full += layers[best].full_bytes > layers[best].need_bytes ? layers[best].full_bytes : layers[best].need_bytes;
+            changed++;
+        }
+        if (changed) {
+            snprintf(why, why_cap, "memory available again: layers need %llu MiB (full: %llu), %llu MiB available",
+                     (unsigned long long) (need >> 20), (unsigned long long) (full >> 20),
+                     (unsigned long long) (cap >> 20));
+            st->last_switch_ns  = m->t_ns;
+            st->last_promote_ns = m->t_ns;
+        }
+    }
+    return changed;
+}
+
+// what of the staging allowance is not memory yet: the direct path's staging comes and goes (its
+// pool fills on first use), and a sample taken before it has must not read it as room
+static uint64_t staging_unheld(struct dblade_session * s) {
+    if (s->allowance == UINT64_MAX) {
+        return 0;
+    }
+    pthread_mutex_lock(&s->staging.lock);
+    const uint64_t pool = s->staging.populated;
+    pthread_mutex_unlock(&s->staging.lock);
+    const uint64_t held = pool > s->staged_bytes ? pool : s->staged_bytes;
+    return s->allowance > held ? s->allowance - held : 0;
+}
+
+// The initial placement: the page cache when what is available can hold every offloaded layer
+// whole next to the weights, else the direct path.
+void dblade_policy_start(struct dblade_session * s) {
+    dblade_monitor_init(&s->monitor);
+    dblade_monitor_sample(&s->monitor, &s->last_sample);
+    uint64_t offloaded = 0;
+    for (uint32_t i = 0; i < s->n_layout; i++) {
+        if (s->layout[i].l.path != DBLADE_PATH_RAM) {
+            offloaded += s->layout[i].l.k_bytes + s->layout[i].l.v_bytes;
+        }
+    }
+    const uint64_t room = dblade_auto_capacity(&s->last_sample, s->config.reserve_bytes + staging_unheld(s), 0);
+    const uint32_t path = room >= offloaded ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT;
+    for (uint32_t i = 0; i < s->n_layout; i++) {
+        if (s->layout[i].l.path != DBLADE_PATH_RAM) {
+            s->layout[i].l.path = path;
+        }
+    }
+    s->auto_state.cap_bytes      = room;
+    s->auto_state.last_switch_ns = dblade_now_ns();
+    s->auto_state.last_psi_us    = UINT64_MAX;
+    char why[100];
+    if (room == UINT64_MAX) {
+        snprintf(why, sizeof(why), "start: no memory limit known, %llu MiB offloaded",
+                 (unsigned long long) (offloaded >> 20));
+    } else {
+        snprintf(why, sizeof(why), "start: %llu MiB offloaded, page cache room %llu MiB",
+                 (unsigned long long) (offloaded >> 20), (unsigned long long) (room >> 20));
+    }
+    dblade_log_switch(s, -1, DBLADE_PATH_DIRECT, path, why);
+}
+
+// On the worker, the session lock held: read memory without the lock, decide with it. What the
+// page-cache layers hold in memory is what their last read fence found (no second mincore).
+void dblade_policy_sample(struct dblade_session * s) {
+    struct dblade_mem_sample m;
+    pthread_mutex_unlock(&s->lock);
+    dblade_monitor_sample(&s->monitor, &m);
+    pthread_mutex_lock(&s->lock);
+    s->last_sample = m;
+
+    uint32_t n = 0;
+    for (struct dblade_cache * c = s->caches; c; c = c->next) {
+        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
+            const struct dblade_tensor * k = &c->tensors[i], * v = k->pair;
+            if (k->path == DBLADE_PATH_RAM || n >= s->n_offloaded) {
+                continue;
+            }
+            struct dblade_auto_layer * a = &s->auto_layers[n++];
+            a->want                      = k->want;
+            a->need_bytes                = dblade_align_up(k->hwm, k->page) + dblade_align_up(v->hwm, v->page);
+            a->full_bytes                = k->map_bytes + v->map_bytes;
+            a->resident_bytes            = k->path == DBLADE_PATH_MMAP ? k->cached + v->cached : 0;
+        }
+    }
+    char      why[sizeof(((struct dblade_switch *) 0)->reason)];
+    const int changed = dblade_auto_decide(&s->auto_state, &m, s->config.reserve_bytes + staging_unheld(s),
+                                           s->auto_layers, n, why, sizeof(why));
+    if (changed <= 0) {
+        return;
+    }
+    uint32_t j = 0;
+    for (struct dblade_cache * c = s->caches; c; c = c->next) {
+        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
+            struct dblade_tensor * k = &c->tensors[i];
+            if (k->path == DBLADE_PATH_RAM || j >= n) {
+                continue;
+            }
+            const uint32_t want = s->auto_layers[j++].want;
+            if (want != k->want) {
+                k->want = k->pair->want = want;
+                snprintf(k->want_why, sizeof(k->want_why), "%s", why);
+            }
+        }
+    }
+}
