@@ -30,30 +30,56 @@ class CgroupResult:
     version: int
 
 
+V2_ROOT, V1_MEMORY_ROOT = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+
+
+def _memberships(pid: int | str = "self") -> list[tuple[list[str], str]]:
+    """/proc/PID/cgroup: (controllers, path) per hierarchy; v2's unified one has no controllers."""
+    out = []
+    for line in open(f"/proc/{pid}/cgroup"):
+        parts = line.rstrip("\n").split(":", 2)
+        if len(parts) == 3:
+            out.append(([c for c in parts[1].split(",") if c], parts[2]))
+    return out
+
+
+def _v1_memory_path(pid: int | str = "self") -> Path | None:
+    return next((V1_MEMORY_ROOT / path.lstrip("/") for ctrls, path in _memberships(pid) if "memory" in ctrls), None)
+
+
+def _v2_path(pid: int | str = "self") -> Path | None:
+    return next((V2_ROOT / path.lstrip("/") for ctrls, path in _memberships(pid) if not ctrls), None)
+
+
+def current(pid: int | str = "self") -> Path | None:
+    """The directory of the memory cgroup process pid is in: the v1 memory controller's, else the v2
+    group's; None if it is in neither."""
+    return _v1_memory_path(pid) or _v2_path(pid)
+
+
 def _v2_root() -> Path | None:
-    root = Path("/sys/fs/cgroup")
-    if (root / "cgroup.controllers").exists():
-        try:
-            rel = next(l.split("::", 1)[1].strip() for l in open("/proc/self/cgroup") if l.startswith("0::"))
-        except StopIteration:
+    if (V2_ROOT / "cgroup.controllers").exists():
+        base = _v2_path()
+        if base is None:
             return None
-        base = root / rel.lstrip("/")
         # a v2 process may only be moved into a leaf of a subtree whose parent delegates "memory"
-        if "memory" in (root / "cgroup.controllers").read_text().split():
+        if "memory" in (V2_ROOT / "cgroup.controllers").read_text().split():
             return base if os.access(base, os.W_OK) else None
     return None
 
 
 def _v1_root() -> Path | None:
-    for line in open("/proc/self/cgroup"):
-        parts = line.strip().split(":", 2)
-        if len(parts) == 3 and "memory" in parts[1].split(","):
-            base = Path("/sys/fs/cgroup/memory") / parts[2].lstrip("/")
-            if base.exists() and os.access(base, os.W_OK):
-                return base
-            root = Path("/sys/fs/cgroup/memory")
-            return root if os.access(root, os.W_OK) else None
-    return None
+    base = _v1_memory_path()
+    if base is None:
+        return None
+    if base.exists() and os.access(base, os.W_OK):
+        return base
+    return V1_MEMORY_ROOT if os.access(V1_MEMORY_ROOT, os.W_OK) else None
+
+
+def members(group: Path) -> list[int]:
+    """The processes in group (its cgroup.procs)."""
+    return [int(p) for p in (group / "cgroup.procs").read_text().split()]
 
 
 def available() -> str | None:

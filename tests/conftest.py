@@ -1,6 +1,9 @@
 """Shared fixtures: the real bundled model, a synthetic dense GQA model, running the CLI."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import mmap
 import os
 import shutil
@@ -22,6 +25,22 @@ def pytest_configure(config):
     if REPO in here.parents and "site-packages" not in str(here):
         raise pytest.UsageError(f"dualblade imported from the source tree ({here}); run the tests with "
                                 "'pytest' after 'pip install .[test]', not 'python -m pytest'")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _memory_back_after_each_module():
+    """When a module is done (its module-scoped models closed), collect what is left of them and give the
+    freed heap back to the kernel. glibc keeps freed memory mapped (a Gemma test leaves 100-300 MB of
+    it): without this the test process would carry it to the end of the suite."""
+    yield
+    gc.collect()
+    _libc().malloc_trim(0)
+
+
+def _libc():
+    if not hasattr(_libc, "lib"):
+        _libc.lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return _libc.lib
 
 
 @pytest.fixture(scope="session")
@@ -183,14 +202,44 @@ def device_header(dev: str) -> dict:
             "align": align, "geometry": geometry}
 
 
+# --- budgets: asked of the C module's placement plan, never restated here ---
+
+def placement(model_path, n_ctx: int, policy: str, budget: int | None, type_k: str = "f16",
+              type_v: str | None = None) -> tuple[list[str], int]:
+    """The placement dualblade.Llama gets for this model, context, policy, budget and KV types: (a path per
+    KV layer, the direct path's staging bytes). The layer sizes are those Llama plans with (the model
+    header's layer_kv_bytes); MemoryError(minimum) when the budget is below the minimum working set."""
+    from dualblade import _native
+    from dualblade.gguf_header import model_info
+
+    kv = model_info(model_path).layer_kv_bytes(n_ctx, type_k, type_v)
+    return _native.plan(policy, budget, [k + v for k, v in kv])
+
+
+def min_budget(model_path, n_ctx: int, policy: str = "direct", type_k: str = "f16",
+               type_v: str | None = None) -> int:
+    """The smallest mem_budget Llama accepts for this model, context, policy and KV types (0: any budget
+    does, as on the page-cache path). At it, with the direct path, every layer is offloaded."""
+    try:
+        placement(model_path, n_ctx, policy, 0, type_k, type_v)
+    except MemoryError as e:
+        return e.args[0]
+    return 0
+
+
 # --- the tiny model with every layer on the direct path (the fault and privacy tests) ---
 
-TINY_DIRECT_CTX, TINY_DIRECT_BUDGET = 1024, "600K"
+TINY_DIRECT_CTX = 1024
+
+
+def tiny_direct_budget(model) -> int:
+    """The budget of tiny_direct: the minimum working set, so every layer is on the direct path."""
+    return min_budget(model, TINY_DIRECT_CTX, "direct")
 
 
 def tiny_direct(model, **kw):
     """A dualblade.Llama on the tiny model whose 8 layers are all on the direct path; kw: the store and more."""
     from dualblade import Llama
 
-    return Llama(str(model), n_ctx=TINY_DIRECT_CTX, mem_budget=TINY_DIRECT_BUDGET, kv_policy="direct",
+    return Llama(str(model), n_ctx=TINY_DIRECT_CTX, mem_budget=tiny_direct_budget(model), kv_policy="direct",
                  verbose=False, **kw)

@@ -19,6 +19,6 @@ for _ in range(8):  # a few decode steps over the full context
 st = llm.kv_stats()
 print(json.dumps({"n_tokens": llm.n_tokens, "out": out, "kv_bytes_total": st["kv_bytes_total"],
                   "offloaded_bytes": st["offloaded_bytes"], "bytes_read": st["bytes_read"],
-                  "paths": {p: sum(1 for l in st["layers"] if l["path"] == p) for p in ("ram", "mmap", "direct")},
+                  "paths": st["layers_by_path"],
                   "switches": st["switches"], "memory": st["memory"],
                   "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

@@ -18,37 +18,22 @@ import subprocess
 import sys
 import time
 
-from dualblade import Llama
+from dualblade import Llama, cgroup
 
 ALLOCATOR = r"""
 import mmap, sys
+from dualblade import cgroup
 n = int(sys.argv[1])
 m = mmap.mmap(-1, n << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 chunk = b"\x5a" * (1 << 20)
 for _ in range(n):
     m.write(chunk)  # every page touched: anonymous memory charged to the cgroup
-print("held", open("/proc/self/cgroup").read().replace("\n", " "), flush=True)
+print("held", cgroup.current(), flush=True)
 sys.stdin.read()  # hold it until the probe is done
 print(sum(m[i] for i in range(0, n << 20, 1 << 20)) == 0x5a * n, flush=True)
 """
 
 TEXT = b"the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat " * 400
-
-
-def paths(st):
-    return {p: sum(1 for l in st["layers"] if l["path"] == p) for p in ("ram", "mmap", "direct")}
-
-
-def _memory_cgroup():
-    """The directory of this process's memory cgroup (v1 memory controller, else v2), or None."""
-    v2 = None
-    for line in open("/proc/self/cgroup"):
-        _, ctrls, path = line.rstrip("\n").split(":", 2)
-        if "memory" in ctrls.split(","):
-            return "/sys/fs/cgroup/memory" + path
-        if ctrls == "":
-            v2 = "/sys/fs/cgroup" + path
-    return v2
 
 
 def spike(model, n_ctx, n_prompt, n_decode, budget, kv_dir, spike_mib, spike_at):
@@ -64,7 +49,7 @@ def spike(model, n_ctx, n_prompt, n_decode, budget, kv_dir, spike_mib, spike_at)
         out.append(tok)
         llm.eval([tok])
         st = llm.kv_stats()
-        steps.append(paths(st))
+        steps.append(st["layers_by_path"])
         if i == int(spike_at) and int(spike_mib) > 0:
             alloc = subprocess.Popen([sys.executable, "-c", ALLOCATOR, str(spike_mib)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
@@ -85,15 +70,15 @@ def spike(model, n_ctx, n_prompt, n_decode, budget, kv_dir, spike_mib, spike_at)
         alloc_ok = alloc.stdout.read().strip() == "True"
         alloc.wait()
     st = llm.kv_stats()
-    print(json.dumps({"out": out, "steps": steps, "start_paths": paths(start), "paths": paths(st),
+    print(json.dumps({"out": out, "steps": steps, "start_paths": start["layers_by_path"], "paths": st["layers_by_path"],
                       "switches": st["switches"], "switch_count": st["switch_count"], "memory": st["memory"],
                       "start_memory": start["memory"], "held_step": held_step, "alloc_alive": alloc_alive,
                       "alloc_ok": alloc_ok, "alloc_rc": alloc.returncode if alloc else None,
                       "t_spawn": t_spawn if alloc else None, "t_held": t_held,
                       "bytes_read": st["bytes_read"], "offloaded_bytes": st["offloaded_bytes"],
-                      "kv_bytes_total": st["kv_bytes_total"], "cgroup": _memory_cgroup(),
+                      "kv_bytes_total": st["kv_bytes_total"], "cgroup": str(cgroup.current()),
                       "same_cgroup": None if alloc is None else
-                      alloc_cgroup == open("/proc/self/cgroup").read().replace("\n", " ").strip()}), flush=True)
+                      alloc_cgroup == str(cgroup.current())}), flush=True)
     llm.close()
 
 
@@ -202,7 +187,7 @@ def soak(model, n_ctx, budget, kv_dir, n_steps):
     print(json.dumps({**counts, "cycles": cycle, "errors": errors, "rss": samples,
                       "fds": {k: v for k, v in fds.items()}, "bytes_read": st["bytes_read"],
                       "bytes_written": st["bytes_written"], "budget": st["budget_bytes"],
-                      "paths": paths(st), "io_engine": st["io_engine"]}), flush=True)
+                      "paths": st["layers_by_path"], "io_engine": st["io_engine"]}), flush=True)
     llm.close()
 
 

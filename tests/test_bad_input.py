@@ -4,7 +4,9 @@ problem and the fix named: on the command line one line `dualblade: error: <prob
 and a non-zero exit, in the Python API an exception of a precise type.
 
 Placeholders ({NAME}) stand for files, directories and devices made on demand; those that need root (loop
-devices, mounts) skip elsewhere.
+devices, mounts) skip elsewhere. {MIN_<MODEL>_<N_CTX>} is the direct path's minimum budget for that model and
+context (asked of the placement plan): every layer offloaded. Other budget literals here are far from any
+minimum: far below it (1M at -c 4096, where Gemma needs 8M) or far above it and below the KV.
 """
 from __future__ import annotations
 
@@ -17,12 +19,12 @@ import llama_cpp
 import pytest
 
 from dualblade import BudgetError, ConfigError, Llama, ModelError, StoreError
-from conftest import assert_user_error, init_ext4, init_foreign_data, init_partition_table, run_cli
+from conftest import assert_user_error, init_ext4, init_foreign_data, init_partition_table, min_budget, run_cli
 
 MiB = 1 << 20
-# the tiny model on a KV device: direct policy, a small budget (as tests/test_device.py opens it)
-TINY_DEV = "chat {TINY} -c 1024 --policy direct --mem-budget 1M --kv-device"
-TINY_DEV_KW = {"n_ctx": 1024, "kv_policy": "direct", "mem_budget": "1M"}
+# the tiny model on a KV device: direct policy, every layer offloaded (as tests/test_device.py opens it)
+TINY_DEV = "chat {TINY} -c 1024 --policy direct --mem-budget {MIN_TINY_1024} --kv-device"
+TINY_DEV_KW = {"n_ctx": 1024, "kv_policy": "direct", "mem_budget": "{MIN_TINY_1024}"}
 
 
 def _write_gguf(path, arch: str, keys: dict, tensors: bool = True):
@@ -94,6 +96,10 @@ class Places(dict):
         return dev, str(mnt)
 
     def __missing__(self, key: str) -> str:
+        if key.startswith("MIN_"):  # MIN_<MODEL>_<N_CTX>
+            model, n_ctx = key[4:].rsplit("_", 1)
+            self[key] = value = str(min_budget(self[model], int(n_ctx), "direct"))
+            return value
         self[key] = value = getattr(self, f"make_{key.lower()}")()
         return value
 
@@ -136,7 +142,8 @@ class Places(dict):
     def make_dev_other(self) -> str:
         """A device of ours, holding the KV layout of the tiny model at -c 1024."""
         dev = self._loop(64 * MiB)
-        Llama(self["TINY"], verbose=False, kv_device=dev, **TINY_DEV_KW).close()
+        kw = {k: v.format_map(self) if isinstance(v, str) else v for k, v in TINY_DEV_KW.items()}
+        Llama(self["TINY"], verbose=False, kv_device=dev, **kw).close()
         return dev
 
     def cleanup(self) -> None:
@@ -164,7 +171,7 @@ CLI_CASES = [
     ("chat --mem-budget 5000G --policy mmap", "machine's memory"),
     # KV directories
     ("chat --kv-dir {RO} --mem-budget 40M -c 4096", "writable --kv-dir"),
-    ("chat --kv-dir {SMALLFS} --mem-budget 100M --policy direct -c 32768", "the KV file needs"),
+    ("chat --kv-dir {SMALLFS} --mem-budget {MIN_GEMMA_32768} --policy direct -c 32768", "the KV file needs"),
     ("chat --kv-dir {KVDIR}/missing --mem-budget 40M", "does not exist"),
     ("chat --kv-dir /dev/shm --mem-budget 40M --policy direct -c 4096", "tmpfs"),
     # KV devices
@@ -173,7 +180,8 @@ CLI_CASES = [
     (TINY_DEV + " {DEV_MBR}", "partition table"),
     (TINY_DEV + " {DEV_DATA}", "data of another program"),
     (TINY_DEV + " {DEV_SMALL}", "too small"),
-    ("chat {TINY} -c 2048 --policy direct --mem-budget 2M --kv-device {DEV_OTHER}", "another model or context"),
+    ("chat {TINY} -c 2048 --policy direct --mem-budget {MIN_TINY_2048} --kv-device {DEV_OTHER}",
+     "another model or context"),
     ("chat --kv-device {KVDIR} --mem-budget 40M", "not a block device"),
     # models
     ("chat {EMPTY}", "empty"),
@@ -187,7 +195,8 @@ CLI_CASES = [
     # contexts
     ("chat -c -5", "not positive"),
     ("chat {TINY} -c 40000", "training context (32768)"),
-    ("chat {TINY} -c 32768 --policy direct --mem-budget 20M --kv-device {DEV_16M}", "a smaller --ctx-size"),
+    ("chat {TINY} -c 32768 --policy direct --mem-budget {MIN_TINY_32768} --kv-device {DEV_16M}",
+     "a smaller --ctx-size"),
     ("info -c -5", "not positive"),
     # cache types
     ("chat --cache-type q4_0 --no-flash-attn", "needs flash attention"),
@@ -250,7 +259,7 @@ API_CASES = [
     ("kv-dir-read-only", StoreError, "writable kv_dir", "GEMMA", {"kv_dir": "{RO}"}),
     ("kv-dir-tmpfs", StoreError, "tmpfs", "GEMMA", {"mem_budget": "8M", "kv_policy": "direct", "kv_dir": "/dev/shm"}),
     ("kv-dir-no-room", StoreError, "the KV file needs", "GEMMA",
-     {"mem_budget": "100M", "kv_policy": "direct", "n_ctx": 32768, "kv_dir": "{SMALLFS}"}),
+     {"mem_budget": "{MIN_GEMMA_32768}", "kv_policy": "direct", "n_ctx": 32768, "kv_dir": "{SMALLFS}"}),
     ("kv-dir-type", ConfigError, "kv_dir must be a path", "GEMMA", {"kv_dir": 5}),
     # KV devices
     ("kv-device-missing", StoreError, "does not exist", "TINY", {"kv_device": "/dev/nonexistent"}),
@@ -263,7 +272,7 @@ API_CASES = [
      {**TINY_DEV_KW, "kv_device": "{DEV_DATA}"}),
     ("kv-device-too-small", StoreError, "too small", "TINY", {**TINY_DEV_KW, "kv_device": "{DEV_SMALL}"}),
     ("kv-device-other-layout", StoreError, "another model or context size", "TINY",
-     {**TINY_DEV_KW, "n_ctx": 2048, "mem_budget": "2M", "kv_device": "{DEV_OTHER}"}),
+     {**TINY_DEV_KW, "n_ctx": 2048, "mem_budget": "{MIN_TINY_2048}", "kv_device": "{DEV_OTHER}"}),
     # models
     ("model-missing", ModelError, "does not exist", "/nonexistent.gguf", {}),
     ("model-directory", ModelError, "is a directory", "DIR", {}),
@@ -281,7 +290,7 @@ API_CASES = [
     ("ctx-type", ConfigError, "whole number of tokens", "GEMMA", {"n_ctx": "4096"}),
     ("ctx-beyond-training", ConfigError, "training context (32768)", "GEMMA", {"n_ctx": 99999}),
     ("ctx-beyond-device", StoreError, "smaller context", "TINY",
-     {"n_ctx": 32768, "kv_policy": "direct", "mem_budget": "20M", "kv_device": "{DEV_16M}"}),
+     {"n_ctx": 32768, "kv_policy": "direct", "mem_budget": "{MIN_TINY_32768}", "kv_device": "{DEV_16M}"}),
     # cache types
     ("cache-type-unknown", ConfigError, "not a ggml type", "GEMMA", {"type_k": 99}),
     ("cache-type-name", ConfigError, "not a ggml type", "GEMMA", {"type_v": "q4_0"}),
@@ -320,3 +329,21 @@ def test_api_bad_input_raises_a_precise_exception(places, monkeypatch, case):
 
 def test_api_cases_cover_the_issue():
     assert len({c[0] for c in API_CASES}) == len(API_CASES) >= 25
+
+
+def test_budget_one_byte_below_the_minimum_is_refused_and_the_minimum_taken(tiny_path, tmp_path):
+    """The minimum working set the plan names is exact: one byte less is refused before any weight is
+    loaded, with that minimum in the message; the minimum itself runs, every layer on the direct path."""
+    from dualblade.sizes import format_size
+
+    minimum = min_budget(tiny_path, 1024, "direct")
+    kw = {"n_ctx": 1024, "kv_policy": "direct", "kv_dir": str(tmp_path), "verbose": False}
+    with pytest.raises(BudgetError, match=r"minimum working set") as e:
+        Llama(str(tiny_path), mem_budget=minimum - 1, **kw)
+    assert f"({format_size(minimum)})" in str(e.value), str(e.value)
+    llm = Llama(str(tiny_path), mem_budget=minimum, **kw)
+    try:
+        assert {l["path"] for l in llm.kv_stats()["layers"]} == {"direct"}
+        assert llm.create_completion("Once", max_tokens=4, temperature=0)["choices"][0]["text"] is not None
+    finally:
+        llm.close()

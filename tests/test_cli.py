@@ -11,8 +11,10 @@ import time
 import pexpect
 import pytest
 
-from conftest import assert_user_error, dualblade_exe, run_cli
+from conftest import assert_user_error, dualblade_exe, min_budget, placement, run_cli
 from conftest import no_traceback as _no_traceback
+from dualblade.gguf_header import model_info
+from dualblade.sizes import format_size
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STATUS = re.compile(r"^(\d+) prompt tok, (\d+) generated, (\d+(?:\.\d+)?) tok/s, (?:first token \d+(?:\.\d+)? s|no token), "
@@ -30,6 +32,19 @@ LONG_REPLY = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
 
 N_LAYERS = 18           # Gemma-3-270M
 GLOBAL_LAYERS = (5, 11, 17)
+MiB = 1 << 20
+
+
+class _Words(dict):
+    """Placeholders of the command lines and expected words below: the bad files, and {MIN_MIB_<N_CTX>}, the
+    bundled model's minimum budget at that context under the default policy, in MiB rounded up as the
+    messages give it (asked of the placement plan, not restated)."""
+
+    def __missing__(self, key: str) -> str:
+        from dualblade.models import bundled_model_path
+
+        assert key.startswith("MIN_MIB_"), key
+        return str(-(-min_budget(bundled_model_path(), int(key[8:]), "auto") // MiB))
 
 
 def _status_lines(stderr: str) -> list[re.Match]:
@@ -230,6 +245,8 @@ def _ram_reference(tmp_path, *args):
     return _RAM_REFERENCE[args]
 
 
+# budgets far above the minimum working set (2-9 MiB at -c 4096) and below the KV (20-72 MiB): some layers
+# pinned, the rest offloaded
 @pytest.mark.parametrize("cache_type,budget", [("q8_0", "30M"), ("q4_0", "20M")])
 @pytest.mark.parametrize("policy", ["direct", "mmap"])
 def test_pipe_offloaded_kv_same_answers_as_ram_quantized(tmp_path, policy, cache_type, budget):
@@ -243,7 +260,7 @@ def test_pipe_offloaded_kv_same_answers_as_ram_f16(tmp_path, policy):
     """README: 'Outputs are exact: token-identical to the all-in-RAM run.' Offloaded layers switch flash
     attention on, so the all-in-RAM reference runs with --flash-attn."""
     ram = _ram_reference(tmp_path, "--flash-attn")
-    off = _offload_run(tmp_path, "--policy", policy, "--mem-budget", "40M")
+    off = _offload_run(tmp_path, "--policy", policy, "--mem-budget", "40M")  # minimum 8 MiB, KV 72 MiB
     assert off.stdout == ram.stdout
 
 
@@ -408,13 +425,13 @@ ERROR_CASES = [
     ("chat --kv-device /dev/null", "not a block device"),
     ("chat --kv-dir {KVDIR} --kv-device /dev/null", "both"),
     ("chat --kv-dir /dev/shm --mem-budget 40M -c 4096", "tmpfs"),
-    ("chat --mem-budget 1M -c 4096", "minimum"),
+    ("chat --mem-budget 1M -c 4096", "minimum"),  # far below the minimum (8 MiB)
     ("info /nonexistent.gguf", "does not exist"),
     ("info {TXT}", "not a GGUF"),
     ("info {TRUNC}", "truncated"),
     ("info -c 0", "not positive"),
     ("info -c 99999", "training context"),
-    ("info --mem-budget 1M -c 32768", "65M"),
+    ("info --mem-budget 1M -c 32768", "{MIN_MIB_32768}M"),
     ("info --mem-budget 2X", "unknown unit"),
     ("info --policy bogus", "bogus"),
     ("chat --frobnicate", "--frobnicate"),
@@ -424,12 +441,13 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize("cmdline,word", ERROR_CASES, ids=[c for c, _ in ERROR_CASES])
 def test_user_error_is_one_line(bad_files, cmdline, word):
-    args = [a.format(**bad_files) for a in shlex.split(cmdline)]
-    assert_user_error(run_cli(*args, input="", timeout=120), word)
+    places = _Words(bad_files)
+    args = [a.format_map(places) for a in shlex.split(cmdline)]
+    assert_user_error(run_cli(*args, input="", timeout=120), word.format_map(places))
 
 
 CLI_WORDING_CASES = [
-    ("chat --mem-budget 1M -c 4096", "--mem-budget 9M"),
+    ("chat --mem-budget 1M -c 4096", "--mem-budget {MIN_MIB_4096}M"),
     ("chat --kv-dir /dev/shm --mem-budget 40M -c 4096", "--kv-dir"),
     ("chat --kv-dir {KVDIR} --kv-device /dev/null", "--kv-dir"),
 ]
@@ -438,11 +456,12 @@ CLI_WORDING_CASES = [
 @pytest.mark.parametrize("cmdline,flag", CLI_WORDING_CASES, ids=[c for c, _ in CLI_WORDING_CASES])
 def test_chat_errors_speak_in_cli_flags(bad_files, cmdline, flag):
     """The fix a CLI error names must be a flag the user can type, not a Python API argument."""
-    args = [a.format(**bad_files) for a in shlex.split(cmdline)]
+    places = _Words(bad_files)
+    args = [a.format_map(places) for a in shlex.split(cmdline)]
     p = run_cli(*args, input="", timeout=120)
     assert p.returncode != 0
     msg = p.stderr.strip()
-    assert flag in msg, msg
+    assert flag.format_map(places) in msg, msg
     for api in ("mem_budget=", "n_ctx", "kv_dir", "kv_device"):
         assert api not in msg, msg
 
@@ -506,7 +525,7 @@ def test_info_json_plan_under_budget():
     assert plan["resident_bytes"] + plan["offloaded_bytes"] == 18432 * 4096
 
 
-def test_info_human_output():
+def test_info_human_output(gemma_path):
     p = run_cli("info", "-c", "4096", "--mem-budget", "40M", "--policy", "direct", timeout=120)
     _no_traceback(p)
     assert p.returncode == 0, p.stderr
@@ -520,7 +539,14 @@ def test_info_human_output():
     assert [r[0] for r in rows] == list(range(N_LAYERS)), out
     assert [r[0] for r in rows if r[1] == "global"] == list(GLOBAL_LAYERS)
     assert {r[2] for r in rows} == {"ram", "direct"}
-    assert "resident 28.0 MiB, offloaded 44.0 MiB, direct-path staging 8.09 MiB" in out
+    # the C module's plan for this budget, in the units the table uses
+    paths, staging = placement(gemma_path, 4096, "direct", 40 * MiB)
+    sizes = model_info(gemma_path).layer_bytes(4096)
+    resident = sum(b for b, path in zip(sizes, paths) if path == "ram")
+    assert 0 < resident and resident + staging <= 40 * MiB and staging > 0
+    assert [r[2] for r in rows] == paths
+    assert (f"resident {format_size(resident)}, offloaded {format_size(sum(sizes) - resident)}, "
+            f"direct-path staging {format_size(staging)}") in out, out
 
 
 def test_info_tiny_model(tiny_path):

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from dualblade import ConfigError, Llama
-from conftest import init_ext4, init_foreign_data, init_partition_table
+from conftest import init_ext4, init_foreign_data, init_partition_table, min_budget, tiny_direct
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"),
                                 reason="loop devices need root and losetup")
@@ -20,7 +20,7 @@ def _head(dev: str, n: int = 68 * 1024) -> bytes:
 
 
 def _open(tiny_path, dev, **kw):
-    return Llama(str(tiny_path), n_ctx=1024, verbose=False, kv_policy="direct", mem_budget="1M", kv_device=dev, **kw)
+    return tiny_direct(tiny_path, kv_device=dev, **kw)  # every layer on the device
 
 
 def test_blank_device_is_taken_and_marked(tiny_path, make_loop):
@@ -62,7 +62,8 @@ def test_other_layout_of_ours_is_refused(tiny_path, make_loop):
     dev = make_loop(64 << 20)
     _open(tiny_path, dev).close()
     with pytest.raises(ConfigError, match="another model or context size"):
-        Llama(str(tiny_path), n_ctx=2048, verbose=False, kv_policy="direct", mem_budget="2M", kv_device=dev)
+        Llama(str(tiny_path), n_ctx=2048, verbose=False, kv_policy="direct",
+              mem_budget=min_budget(tiny_path, 2048), kv_device=dev)
 
 
 def test_too_small_device_names_the_size(tiny_path, make_loop):

@@ -10,10 +10,10 @@ import subprocess
 
 import pytest
 
-from conftest import TINY_DIRECT_BUDGET, TINY_DIRECT_CTX, run_cli, tiny_direct
+from conftest import TINY_DIRECT_CTX, run_cli, tiny_direct, tiny_direct_budget
 from dualblade import ConfigError, KVIOError, Llama
 
-N_CTX, BUDGET = TINY_DIRECT_CTX, TINY_DIRECT_BUDGET
+N_CTX = TINY_DIRECT_CTX
 TEXT = "Tell me a story about a king who lived in a castle by the sea. " * 20  # rows past the tail page
 GEN = 12
 
@@ -148,8 +148,8 @@ def test_malformed_fault_spec_is_refused(tiny_path, tmp_path, monkeypatch):
 
 
 def test_cli_pipe_stops_with_one_line(tiny_path, tmp_path, reference):
-    p = run_cli("chat", str(tiny_path), "--policy", "direct", "--mem-budget", BUDGET, "-c", str(N_CTX),
-                "--kv-dir", str(tmp_path), "--temp", "0", "-n", str(GEN), input=TEXT + "\n",
+    p = run_cli("chat", str(tiny_path), "--policy", "direct", "--mem-budget", str(tiny_direct_budget(tiny_path)),
+                "-c", str(N_CTX), "--kv-dir", str(tmp_path), "--temp", "0", "-n", str(GEN), input=TEXT + "\n",
                 env={"DUALBLADE_FAULT": "read:1:eio"}, timeout=120)
     assert p.returncode == 1
     assert "Traceback" not in p.stderr

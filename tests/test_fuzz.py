@@ -135,6 +135,34 @@ def test_python_fuzzer(target, tmp_path):
     assert not list(tmp_path.glob("crash-*"))
 
 
+# a parent whose peak RSS is past libFuzzer's default -rss_limit_mb (2048) starts the fuzzer, as a test
+# process that has loaded models does: the child's ru_maxrss starts at the parent's peak (vfork+exec)
+BIG_PARENT = r"""
+import resource, subprocess, sys
+b = b"\1" * (2200 << 20); del b  # touched, then freed: only the peak remains
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+r = subprocess.run([sys.executable, *sys.argv[1:]], capture_output=True, text=True)
+print(peak, r.returncode)
+sys.stderr.write(r.stdout + r.stderr)
+"""
+
+
+def _mem_available() -> int:
+    return next(int(l.split()[1]) << 10 for l in open("/proc/meminfo") if l.startswith("MemAvailable:"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
+def test_python_fuzzer_ignores_the_parents_peak_rss(tmp_path):
+    if _mem_available() < 3 << 30:
+        pytest.skip("needs 3 GiB of available memory for a parent with a 2.2 GB peak")
+    r = subprocess.run([sys.executable, "-c", BIG_PARENT, str(REPO / "tests" / "fuzz_parsers.py"), "sizes",
+                        "-runs=100000000", "-max_total_time=3", "-seed=1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    peak, rc = map(int, r.stdout.split())
+    assert peak > 2048  # the setup holds: the fuzzer's default limit would fire at its first check
+    assert rc == 0 and "out-of-memory" not in r.stderr and re.search(r"Done \d+ runs", r.stderr), r.stderr[-4000:]
+
+
 # ------------------------------------------------------------------------- what the fuzzers found
 
 def test_size_of_hundreds_of_digits_is_refused():

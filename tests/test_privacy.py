@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_DIRECT_BUDGET, TINY_DIRECT_CTX, device_header, tiny_direct
+from conftest import TINY_DIRECT_CTX, device_header, tiny_direct, tiny_direct_budget
 from dualblade import ConfigError
 
 MiB = 1 << 20
@@ -106,8 +106,8 @@ def test_device_holds_nothing_after_close(tiny_path, make_loop, wipe):
 def test_device_left_by_a_crash_is_cleared_when_next_opened(tiny_path, make_loop):
     dev = make_loop(64 * MiB)
     crash = ("import os, sys\nfrom dualblade import Llama\n"
-             f"llm = Llama({str(tiny_path)!r}, n_ctx={TINY_DIRECT_CTX}, mem_budget={TINY_DIRECT_BUDGET!r}, kv_policy='direct', "
-             f"kv_device={dev!r}, verbose=False)\n"
+             f"llm = Llama({str(tiny_path)!r}, n_ctx={TINY_DIRECT_CTX}, mem_budget={tiny_direct_budget(tiny_path)}, "
+             f"kv_policy='direct', kv_device={dev!r}, verbose=False)\n"
              f"llm.eval(llm.tokenize({TEXT!r}))\nllm._kv_session.flush()\nos._exit(0)  # no close: as a crash\n")
     r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

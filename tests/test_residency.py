@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import min_budget
 from dualblade import Llama
 from dualblade.gguf_header import GGML_TYPE_IDS, model_info
 
@@ -85,10 +86,10 @@ def run_greedy(path, cache_type: str, **kv) -> dict:
 
 
 def _budget_quarter(path, cache_type: str) -> int:
-    """A budget of 25% of the KV (plus the tail page each offloaded K and V keeps): at least 75% of
-    it offloaded."""
+    """A budget of 25% of the KV, or the direct path's minimum working set where that is more (the tiny
+    model: every layer offloaded): at least 75% of the KV offloaded (the plan reserves the staging)."""
     layers = model_info(path).layer_bytes(N_CTX, cache_type)
-    return sum(layers) // 4 + len(layers) * 2 * 4096
+    return max(sum(layers) // 4, min_budget(path, N_CTX, "direct", cache_type))
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,8 @@ def _io_uring_allowed() -> bool:
 def test_direct_path_reports_engine_and_depth(tiny_path, tmp_path):
     """The build needs no liburing: where the kernel allows io_uring, that is the engine (a fresh machine
     with the README's two commands gets it), and the reason says why."""
-    llm = Llama(str(tiny_path), n_ctx=1024, verbose=False, kv_policy="direct", mem_budget="1M", kv_dir=str(tmp_path))
+    llm = Llama(str(tiny_path), n_ctx=1024, verbose=False, kv_policy="direct", mem_budget=min_budget(tiny_path, 1024),
+                kv_dir=str(tmp_path))
     try:
         llm.eval(llm.tokenize(b"x " * 300))
         st = llm.kv_stats()
@@ -209,10 +211,8 @@ def test_counters_match_the_layout(tiny_path, tmp_path):
     """Prefill N tokens then decode one: bytes read and written are exactly what the layout implies."""
     info = model_info(tiny_path)
     n_ctx, n = 1024, 300
-    kv = info.layer_kv_bytes(n_ctx)
-    # the minimum budget, every layer offloaded: two layers of staging and a tail page per tensor
-    staging_only = 2 * max(k + v for k, v in kv) + len(kv) * 2 * 4096
-    llm = Llama(str(tiny_path), n_ctx=n_ctx, verbose=False, kv_policy="direct", mem_budget=staging_only,
+    # the minimum budget: every layer offloaded
+    llm = Llama(str(tiny_path), n_ctx=n_ctx, verbose=False, kv_policy="direct", mem_budget=min_budget(tiny_path, n_ctx),
                 kv_dir=str(tmp_path))
     try:
         st = llm.kv_stats()
@@ -253,7 +253,8 @@ def test_counters_match_the_layout(tiny_path, tmp_path):
 
 
 def test_clear_does_not_rewrite_storage(tiny_path, tmp_path):
-    llm = Llama(str(tiny_path), n_ctx=2048, verbose=False, kv_policy="direct", mem_budget="1100K", kv_dir=str(tmp_path))
+    llm = Llama(str(tiny_path), n_ctx=2048, verbose=False, kv_policy="direct", mem_budget=min_budget(tiny_path, 2048),
+                kv_dir=str(tmp_path))
     try:
         llm.eval(llm.tokenize(b"hello " * 300))
         before = llm.kv_stats()
@@ -272,7 +273,8 @@ def test_clear_does_not_rewrite_storage(tiny_path, tmp_path):
 def test_context_shift_refused_when_offloaded(tiny_path, tmp_path):
     import llama_cpp
 
-    llm = Llama(str(tiny_path), n_ctx=1024, verbose=False, kv_policy="direct", mem_budget="1M", kv_dir=str(tmp_path))
+    llm = Llama(str(tiny_path), n_ctx=1024, verbose=False, kv_policy="direct", mem_budget=min_budget(tiny_path, 1024),
+                kv_dir=str(tmp_path))
     try:
         mem = llama_cpp.llama_get_memory(llm._ctx.ctx)
         assert not llama_cpp.llama_memory_can_shift(mem)
@@ -287,8 +289,8 @@ def test_context_shift_refused_when_offloaded(tiny_path, tmp_path):
 
 def test_state_moves_between_policies(tiny_path, tmp_path):
     """A state saved from the direct path loads into a RAM-only Llama and continues identically."""
-    direct = Llama(str(tiny_path), n_ctx=1024, flash_attn=True, verbose=False, kv_policy="direct", mem_budget="1M",
-                   kv_dir=str(tmp_path))
+    direct = Llama(str(tiny_path), n_ctx=1024, flash_attn=True, verbose=False, kv_policy="direct",
+                   mem_budget=min_budget(tiny_path, 1024), kv_dir=str(tmp_path))
     ram = Llama(str(tiny_path), n_ctx=1024, flash_attn=True, verbose=False, kv_policy="ram")
     try:
         direct.eval(direct.tokenize(b"the state of things " * 40))
