@@ -186,9 +186,8 @@ class Chat:
         cached = f" + {format_size(st['page_cache_bytes'])} page cache" if st["page_cache_bytes"] else ""
         paths = ""
         if st["offloaded_bytes"]:
-            n_mmap = sum(1 for l in st["layers"] if l["path"] == "mmap")
-            n_direct = sum(1 for l in st["layers"] if l["path"] == "direct")
-            paths = f" ({n_mmap} layers page cache, {n_direct} direct)" if st["policy"] == "auto" else ""
+            n = st["layers_by_path"]
+            paths = f" ({n['mmap']} layers page cache, {n['direct']} direct)" if st["policy"] == "auto" else ""
         self.err.print(f"{prompt} prompt tok, {generated} generated, {rate:.1f} tok/s, {first}, "
                        f"KV {format_size(st['resident_bytes'])} resident{cached} / "
                        f"{format_size(st['offloaded_bytes'])} offloaded{paths}", style="dim", markup=False,

@@ -89,7 +89,7 @@ def run(a: dict) -> dict:
             "decode_io_wait_s": st["io_wait_s"] - st1["io_wait_s"],
             "kv_bytes_total": st["kv_bytes_total"],
             "offloaded_bytes": st["offloaded_bytes"],
-            "layers_by_path": {p: sum(1 for l in st["layers"] if l["path"] == p) for p in ("ram", "mmap", "direct")},
+            "layers_by_path": st["layers_by_path"],
             "switch_count": st["switch_count"],
             "switches": st["switches"][-8:],
             "io_engine": st["io_engine"],

@@ -8,10 +8,10 @@
 //  - a small pool of threads doing pread/pwrite, everywhere else.
 // DUALBLADE_IO_ENGINE=io_uring|threads forces one (io_uring fails loudly where it is missing).
 //
-// Buffers are not registered with the ring: registration pins the pages for as long as it lasts,
-// while the direct path gives staged memory back after every layer (MADV_DONTNEED); a registered
-// buffer would keep the old pages and receive reads the tensor no longer maps. The kernel pins the
-// pages per request instead, which is cheap for multi-MiB requests.
+// Buffers are not registered with the ring: registration binds a buffer to the pages it has at that
+// moment, while the direct path's staging memory moves between the pool and the layers' addresses
+// (staging.c) and a layer's address holds no memory between passes. The kernel pins the pages per
+// request instead, which is cheap for multi-MiB requests.
 //
 // One batch runs at a time per engine (callers serialize on its lock); the lock is never held while
 // taking the session's.

@@ -4,7 +4,8 @@
 // the waiting ones spin. A fence runs on thread 0; while it waits for the disk, the other threads
 // would spin for the whole I/O time (one core of two, busy doing nothing). Instead they arrive here:
 // a barrier of nth threads that spins while the fence computes (a few microseconds, as ggml would)
-// and sleeps on a futex once the fence says it is waiting for I/O (dblade_gate_block).
+// and sleeps on a futex once the fence says it is waiting for I/O (dblade_gate_block), or after
+// a short spin whatever it says.
 //
 // Lock-free; it owns its four counters and calls nothing but the futex.
 
@@ -15,6 +16,8 @@
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#define GATE_SPINS 4096u // about 50 us of pause instructions: what a fence without I/O takes
 
 static void futex_wait(_Atomic uint32_t * addr, uint32_t val) {
     syscall(SYS_futex, (uint32_t *) addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
@@ -43,8 +46,10 @@ void dblade_gate_arrive(struct dblade_gate * g, uint32_t nth) {
         }
         return;
     }
-    while (atomic_load_explicit(&g->gen, memory_order_acquire) == gen) {
-        if (atomic_load_explicit(&g->blocking, memory_order_acquire)) {
+    for (uint32_t spins = 0; atomic_load_explicit(&g->gen, memory_order_acquire) == gen; spins++) {
+        // a fence that takes long without saying so (a busy machine took the core of the thread
+        // doing it) is waited for asleep too: spinning would keep that core from it
+        if (spins >= GATE_SPINS || atomic_load_explicit(&g->blocking, memory_order_acquire)) {
             atomic_fetch_add_explicit(&g->sleepers, 1, memory_order_seq_cst);
             futex_wait(&g->gen, gen); // returns at once if the generation has moved
             atomic_fetch_sub_explicit(&g->sleepers, 1, memory_order_seq_cst);

@@ -40,6 +40,14 @@ static int mmap_attach(struct dblade_session * s, struct dblade_tensor * t) {
         dblade_set_error("cannot map layer %d of %s: %s", t->il, s->store.path, strerror(e));
         return -e;
     }
+#ifndef MADV_POPULATE_READ
+#    define MADV_POPULATE_READ 22
+#endif
+    if (s->populate_page_cache && t->hwm == 0) {
+        // memory holds every offloaded layer: its page cache is filled now, as a pinned layer's memory
+        // is, not by a fault and a zeroed page per 4 KiB of the first prefill
+        madvise(t->addr, t->map_bytes, MADV_POPULATE_READ);
+    }
     if (t->sums) {
         // the kernel writes this extent from now on: its blocks are checked again once the direct
         // path has written them

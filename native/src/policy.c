@@ -187,6 +187,7 @@ void dblade_policy_start(struct dblade_session * s) {
             s->layout[i].l.path = path;
         }
     }
+    s->populate_page_cache       = path == DBLADE_PATH_MMAP;
     s->auto_state.cap_bytes      = room;
     s->auto_state.last_switch_ns = dblade_now_ns();
     s->auto_state.last_psi_us    = UINT64_MAX;

@@ -186,6 +186,7 @@ struct dblade_session {
     uint64_t              allowance;     // what the direct path may stage: the budget less the pinned layers
     uint64_t              stage_pending; // bytes queued STAGE jobs will add
     bool                  thp;           // the kernel has transparent huge pages
+    bool                  populate_page_cache; // auto found room for every offloaded layer in the page cache
     struct dblade_staging staging;
     struct dblade_store   store;
     struct dblade_io *    io;     // the worker's engine: prefetches and write-backs, in batches
