@@ -120,8 +120,9 @@ def bench(
     gen_tokens: int = typer.Option(32, "--gen-tokens", "-n", help="Tokens generated greedily (decode)."),
     reps: int = typer.Option(3, "--reps", "-r", help="Repetitions of the whole matrix (median [min, max])."),
     kv_dir: Optional[Path] = typer.Option(None, "--kv-dir", help="Directory for the KV file (and the probe)."),
-    kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV (its "
-                                             "contents are destroyed)."),
+    kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
+    force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
+                               "(destroys it)."),
     no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Run without a memory limit (numbers are then not "
                                    "memory-enforced)."),
     overhead: Optional[str] = typer.Option(None, "--overhead", help="Memory besides weights and budget in each "
@@ -139,7 +140,7 @@ def bench(
     if reps < 1 or gen_tokens < 1 or prompt_tokens < 1:
         raise click.exceptions.BadParameter("--reps, --gen-tokens and --prompt-tokens must be at least 1")
     run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
-                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout)
+                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout, force)
 
 
 # The library's messages name its keyword arguments; a CLI user should read the flags instead.

@@ -12,6 +12,8 @@ from rich.table import Table
 from dualblade.errors import ConfigError
 from dualblade.sizes import format_size
 
+from .common import resolve_model
+
 
 
 def _model(model: Optional[Path], synthetic: Optional[str]) -> tuple[Path, str]:
@@ -21,13 +23,8 @@ def _model(model: Optional[Path], synthetic: Optional[str]) -> tuple[Path, str]:
         from dualblade.synthetic import cached_model
 
         return cached_model(synthetic), f"synthetic {synthetic}"
-    if model is None:
-        from dualblade.models import bundled_model_path
-
-        return bundled_model_path(), "bundled Gemma-3-270M Q4_K_M"
-    if not model.is_file():
-        raise ConfigError(f"model file {model} does not exist; give the path of a .gguf file")
-    return model, model.name
+    path, _ = resolve_model(model)  # as chat resolves it: the bundled model, or a file checked up front
+    return path, "bundled Gemma-3-270M Q4_K_M" if model is None else path.name
 
 
 def _fmt(v, kind: str) -> str:
@@ -64,7 +61,7 @@ def render(res: dict, console: Console) -> None:
     t = Table(title=title, title_justify="left")
     cols = [("budget", "left"), ("policy", "left"), ("status", "left"), ("TTFT s", "right"), ("decode ms/tok", "right"),
             ("tok/s", "right"), ("peak mem", "right"), ("peak RSS", "right"), ("read", "right"), ("GiB/s", "right"),
-            ("dev util", "right"), ("CPU user/sys s", "right"), ("io stall s", "right"), ("layers r/m/d", "right"),
+            ("dev util", "right"), ("CPU ms/tok", "right"), ("io stall s", "right"), ("layers r/m/d", "right"),
             ("exact", "left")]
     for name, just in cols:
         t.add_column(name, justify=just)
@@ -84,7 +81,7 @@ def render(res: dict, console: Console) -> None:
                   _fmt(r["ttft_s"], "s"), dec, _fmt(r.get("decode_tok_s"), "ms"), _fmt(r["peak_bytes"], "bytes"),
                   _fmt(r["maxrss_bytes"], "bytes"), _fmt(r["bytes_read"], "bytes"), _fmt(r.get("read_gib_s"), "gib"),
                   _fmt(r.get("device_util"), "pct"),
-                  "-" if r["user_s"] is None else f"{r['user_s']:.1f}/{r['sys_s']:.1f}",
+                  _fmt(r.get("decode_cpu_ms"), "ms"),
                   _fmt(r["io_wait_s"], "s"), paths, exact)
     console.print(t)
     for r in res["rows"]:
@@ -95,7 +92,10 @@ def render(res: dict, console: Console) -> None:
                   f"({p['in_flight']} x {p['request_bytes'] >> 20} MiB in flight)"
                   + (f", write {p['write_gib_s']:.2f} GiB/s" if p.get("write_gib_s") else ""), markup=False)
     console.print(f"all KV in RAM, no limit: TTFT {_fmt(ref['ttft_s'], 's')} s, decode {_fmt(ref['decode_ms'], 'ms')} "
-                  f"ms/token", markup=False)
+                  f"ms/token, CPU {_fmt(ref.get('decode_cpu_ms'), 'ms')} ms/token", markup=False)
+    engines = {f"{r['io_engine']} ({r.get('io_engine_reason')})" for r in res["rows"] if r.get("io_engine")}
+    if engines:
+        console.print(f"I/O engine: {', '.join(sorted(engines))}", markup=False)
     if res["memory_enforced"]:
         console.print(f"memory limit per cell: weights + budget + overhead {format_size(res['overhead_bytes'])} "
                       "(cgroup; RSS + page cache)", markup=False)
@@ -111,8 +111,12 @@ def render(res: dict, console: Console) -> None:
         if "auto_vs_bound" in e:
             parts.append(f"auto decode / bound {e['auto_vs_bound']:.2f} (bound {e['bound_decode_ms']:.1f} ms: "
                          f"compute {_fmt(e['ram_decode_ms'], 'ms')}, I/O {e['io_bound_ms']:.1f})")
+        if e.get("auto_vs_mmap_decode_per_run") and len(e["auto_vs_mmap_decode_per_run"]) > 1:
+            parts.append("per rep " + ", ".join(f"{x:.2f}x" for x in e["auto_vs_mmap_decode_per_run"]))
         if "auto_vs_ram_decode" in e:
             parts.append(f"auto / ram: decode {e['auto_vs_ram_decode']:.2f}, prefill {e.get('auto_vs_ram_prefill', 0):.2f}")
+        if "auto_vs_ram_cpu" in e:
+            parts.append(f"CPU per decoded token {e['auto_vs_ram_cpu']:.2f}x the all-in-RAM run's")
         if "verify_cost_decode" in e:
             parts.append(f"checksums cost the direct path {e['verify_cost_decode']:+.1%} decode, "
                          f"{e.get('verify_cost_prefill', 0):+.1%} prefill")
@@ -158,7 +162,7 @@ def plot(res: dict, path: Path) -> None:
 
 
 def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
-                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None) -> None:
+                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None, force=False) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dualblade.bench import BenchOptions, check_options, run_bench
@@ -167,19 +171,20 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
     console, err = Console(), Console(stderr=True)
     if not console.is_terminal:
         console = Console(width=200)  # a file or a pipe: the whole table, unwrapped
+    if force and kv_device is None:
+        raise ConfigError("--force takes over a --kv-device, and no --kv-device was given; give --kv-device, or "
+                          "drop --force")
     path, label = _model(model, synthetic)
     for target in (json_path, plot_path):
         if target is not None and target.exists():
             raise ConfigError(f"{target} exists and would be overwritten; choose another name or remove it")
         if target is not None and not os.access(target.parent if str(target.parent) else ".", os.W_OK):
             raise ConfigError(f"cannot write {target}: its directory is missing or read-only; choose another path")
-    if kv_dir is not None and not kv_dir.is_dir():
-        raise ConfigError(f"--kv-dir {kv_dir} is not a directory; create it or choose another")
     opts = BenchOptions(model=path, policies=[p.strip() for p in policies.split(",") if p.strip()],
                         budgets=[b for b in budgets.split(",") if b.strip()], n_ctx=ctx_size,
                         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps,
                         kv_dir=str(kv_dir) if kv_dir else None, kv_device=str(kv_device) if kv_device else None,
-                        use_cgroup=not no_cgroup, overhead=parse_size(overhead) if overhead else None,
+                        force=force, use_cgroup=not no_cgroup, overhead=parse_size(overhead) if overhead else None,
                         threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout)
     check_options(opts)  # before the progress bar, whose end would leave a line above the error
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

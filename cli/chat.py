@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -11,7 +12,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from dualblade.errors import ConfigError, DualbladeError, KVIOError, ModelError
+from dualblade.errors import ConfigError, DualbladeError, FlashAttentionWarning, KVIOError, ModelError
 from dualblade.gguf_header import GGML_TYPE_IDS
 from dualblade.models import chat_format_for
 from dualblade.sizes import format_size
@@ -210,6 +211,10 @@ class Chat:
             console.print(f"I/O: {st['io_engine']} ({st['io_engine_reason']}), pipeline depth {st['pipeline_depth']}, "
                           f"staged {format_size(st['staged_bytes'])} (peak {format_size(st['staged_peak_bytes'])})",
                           markup=False, soft_wrap=True)
+            sg = st["staging"]
+            how = "reused (moved, not faulted in again)" if sg["reused"] else "faulted in per pass"
+            console.print(f"staging: {format_size(sg['pool_bytes'])} pool in {format_size(sg['chunk_bytes'])} chunks, "
+                          f"{how}", markup=False, soft_wrap=True)
             check = (f"CRC-32C per block ({format_size(st['checksum_bytes'])} of checksums)" if st["verify"]
                      else "off (--no-verify)")
             console.print(f"integrity: {check}; I/O errors: {st['io_errors']}", markup=False, soft_wrap=True)
@@ -218,8 +223,8 @@ class Chat:
             limit = "none" if mem["limit_bytes"] is None else format_size(mem["limit_bytes"])
             room = "unlimited" if mem["page_cache_room_bytes"] is None else format_size(mem["page_cache_room_bytes"])
             console.print(f"memory: limit {limit}, page cache room for KV {room}, "
-                          f"page-cache layers hold {format_size(mem['page_cache_need_bytes'])}", markup=False,
-                          soft_wrap=True)
+                          f"page-cache layers hold {format_size(mem['page_cache_need_bytes'])}, weights keep "
+                          f"{format_size(mem['weights_reserve_bytes'])}", markup=False, soft_wrap=True)
         if st["switches"]:
             more = st["switch_count"] - len(st["switches"])
             console.print(f"path switches: {st['switch_count']}" + (f" (last {len(st['switches'])})" if more else ""),
@@ -295,6 +300,9 @@ def load(opts: ChatOptions, err: Console, live: bool):
         kwargs["flash_attn"] = flash or bool(opts.flash_attn)
     if opts.seed >= 0:
         kwargs["seed"] = opts.seed
+    if opts.flash_attn is None:
+        # the chat has no stock run to match: it says so in --verbose (below) rather than warn every start
+        warnings.filterwarnings("ignore", category=FlashAttentionWarning)
     try:
         if live:
             with err.status(f"loading {path.name} …"):

@@ -5,10 +5,10 @@
     llm.kv_stats()
 """
 from . import chat_formats  # noqa: F401  (registers the formats)
-from .errors import BudgetError, ConfigError, DualbladeError, ModelError, StoreError
+from .errors import BudgetError, ConfigError, DualbladeError, FlashAttentionWarning, ModelError, StoreError
 from .llama import KVIOError, Llama
 from .sizes import format_size, parse_size
 
 __version__ = "0.1.0"
-__all__ = ["Llama", "KVIOError", "parse_size", "format_size", "DualbladeError", "ConfigError", "ModelError", "BudgetError", "StoreError",
-           "__version__"]
+__all__ = ["Llama", "KVIOError", "parse_size", "format_size", "DualbladeError", "ConfigError", "ModelError", "BudgetError",
+           "StoreError", "FlashAttentionWarning", "__version__"]

@@ -136,7 +136,8 @@ def lib() -> ctypes.CDLL:
         "dblade_session_clear_error": (c_int, [c_void_p]),
         "dblade_session_wipe": (c_int, [c_void_p, c_int]),
         "dblade_session_store": (c_int, [c_void_p, POINTER(StoreInfo)]),
-        "dblade_store_check": (c_int, [POINTER(Config), c_uint64, c_uint64, ctypes.c_char_p, ctypes.c_size_t]),
+        "dblade_store_check": (c_int, [POINTER(Config), c_uint32, POINTER(LayoutLayer), ctypes.c_char_p,
+                                       ctypes.c_size_t]),
         "dblade_layout_geometry": (c_uint64, [c_uint32, POINTER(LayoutLayer)]),
         "dblade_last_error": (ctypes.c_char_p, []),
         "dblade_session_release": (None, [c_void_p]),
@@ -179,6 +180,19 @@ def plan(policy: str, budget_bytes: int | None, layer_bytes: list[int]) -> tuple
         raise MemoryError(staging.value)
     _check(rc, "placement plan")
     return [PATHS[paths[i]] for i in range(n)], staging.value
+
+
+def store_check(policy: str, kv_dir: str | None, kv_device: str | None, force: bool,
+                layout: list[tuple[int, str, int, int]]) -> str | None:
+    """Whether the store for this layout can be opened, writing nothing: None, or why not in the C module's
+    words (a missing or read-only directory, tmpfs, no room, a device that is mounted, too small or holds
+    something else)."""
+    cfg = Config(POLICIES.index(policy), CONFIG_FORCE if force else 0, BUDGET_UNLIMITED,
+                 kv_dir.encode() if kv_dir else None, kv_device.encode() if kv_device else None, 0)
+    arr = (LayoutLayer * max(len(layout), 1))(*[LayoutLayer(il, PATHS.index(p), k, v) for il, p, k, v in layout])
+    msg = ctypes.create_string_buffer(512)
+    rc = lib().dblade_store_check(ctypes.byref(cfg), len(layout), arr, msg, len(msg))
+    return (msg.value.decode(errors="replace") or f"error {rc}") if rc < 0 else None
 
 
 class SessionError(NativeError):

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import cgroup
-from .errors import ConfigError
+from .config import KVConfig, mem_total
+from .errors import ConfigError, StoreError
 from .gguf_header import model_info
-from .config import mem_total
 from .sizes import parse_size
 
 MiB = 1 << 20
@@ -46,6 +46,7 @@ class BenchOptions:
     reps: int = 1
     kv_dir: Optional[str] = None
     kv_device: Optional[str] = None
+    force: bool = False  # take over a kv_device that holds something else
     use_cgroup: bool = True
     overhead: Optional[int] = None
     threads: Optional[int] = None
@@ -186,7 +187,7 @@ def _cell_args(opts: BenchOptions, policy: str, budget: Optional[int], prompt_to
                n_ctx: int) -> list[str]:
     a = {"model": str(opts.model), "policy": policy, "budget": budget, "n_ctx": n_ctx,
          "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "kv_dir": opts.kv_dir,
-         "kv_device": opts.kv_device, "threads": opts.threads}
+         "kv_device": opts.kv_device, "kv_force": opts.force, "threads": opts.threads}
     return [sys.executable, "-m", "dualblade.bench_cell", json.dumps(a)]
 
 
@@ -257,7 +258,7 @@ def summarize(cells: list[Cell]) -> list[dict]:
                "status": "ok" if ok else (c.runs[0].get("error", "failed") if c.runs else "not run")}
         for key in ("ttft_s", "prefill_tok_s", "decode_ms", "peak_bytes", "maxrss_bytes", "bytes_read",
                     "bytes_written", "decode_bytes_read", "user_s", "sys_s", "io_wait_s", "decode_io_wait_s",
-                    "proc_read_bytes", "proc_write_bytes", "offloaded_bytes", "load_s"):
+                    "proc_read_bytes", "proc_write_bytes", "offloaded_bytes", "load_s", "decode_cpu_ms"):
             row[key] = _median(c.runs, key)
         row["decode_ms_range"] = _spread(c.runs, "decode_ms")
         row["ttft_s_range"] = _spread(c.runs, "ttft_s")
@@ -267,8 +268,20 @@ def summarize(cells: list[Cell]) -> list[dict]:
             row["layers_by_path"] = ok[-1].get("layers_by_path")
             row["switch_count"] = ok[-1].get("switch_count")
             row["io_engine"] = ok[-1].get("io_engine")
+            row["io_engine_reason"] = ok[-1].get("io_engine_reason")
         rows.append(row)
     return rows
+
+
+def c_runs(cells: list[Cell], policy: str, label: str) -> list[dict]:
+    return next((c.runs for c in cells if c.policy == policy and c.budget_label == label), [])
+
+
+def _paired(cells: list[Cell], label: str, key: str, slow: str, fast: str) -> list[float]:
+    """slow / fast for key, repetition by repetition (the matrix is interleaved: each pair ran close in time)."""
+    a = {r["rep"]: r for r in c_runs(cells, slow, label) if r.get("ok") and r.get(key)}
+    b = {r["rep"]: r for r in c_runs(cells, fast, label) if r.get("ok") and r.get(key)}
+    return [a[k][key] / b[k][key] for k in sorted(a) if k in b]
 
 
 def decode_bound_ms(offloaded_fraction_bytes_per_token: float, probe: dict, ram_decode_ms: Optional[float]):
@@ -288,7 +301,20 @@ def check_options(opts: BenchOptions):
     if opts.prompt_tokens + opts.gen_tokens + 8 > opts.n_ctx:
         raise ConfigError(f"--prompt-tokens {opts.prompt_tokens} + --gen-tokens {opts.gen_tokens} do not fit "
                           f"--ctx-size {opts.n_ctx}; raise --ctx-size or lower them")
-    return info, parse_budgets(opts.budgets, sum(info.layer_bytes(opts.n_ctx)))
+    budgets = parse_budgets(opts.budgets, sum(info.layer_bytes(opts.n_ctx)))
+    # where the KV goes, checked as Llama checks it (and the store as the C module would open it, every layer
+    # offloaded, writing nothing): a bad --kv-dir or --kv-device stops here, not in the first cell
+    KVConfig.from_args(None, "direct", opts.kv_dir, opts.kv_device, opts.force)
+    if any(p not in ("stock", "ram") for p in opts.policies):
+        from . import _native
+        from .llama import default_kv_dir
+
+        layout = [(l.il, "direct", k, v) for l, (k, v) in zip(info.layers, info.layer_kv_bytes(opts.n_ctx))]
+        why = _native.store_check("direct", None if opts.kv_device else opts.kv_dir or default_kv_dir(),
+                                  opts.kv_device, opts.force, layout)
+        if why:
+            raise StoreError(why)
+    return info, budgets
 
 
 def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int], None]] = None,
@@ -344,6 +370,7 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
             row["device_util"] = row["read_gib_s"] / probe["read_gib_s"]
     ram_decode = _median(ram_ref.runs, "decode_ms")
     ram_ttft = _median(ram_ref.runs, "ttft_s")
+    ram_cpu = _median(ram_ref.runs, "decode_cpu_ms")
     # the I/O bound per budget: offloaded KV in use per decode token / probed bandwidth
     used_frac = (opts.prompt_tokens + opts.gen_tokens / 2) / opts.n_ctx
     ratios = []
@@ -366,6 +393,13 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
             entry["auto_vs_ram_decode"] = a["decode_ms"] / ram_decode
         if a and a.get("ttft_s") and ram_ttft:
             entry["auto_vs_ram_prefill"] = a["ttft_s"] / ram_ttft
+        if a and a.get("decode_cpu_ms") and ram_cpu:
+            # CPU time per decoded token against the all-in-RAM run: what waiting for the disk costs in CPU
+            entry["auto_vs_ram_cpu"] = a["decode_cpu_ms"] / ram_cpu
+            entry["auto_cpu_per_run"] = [r["decode_cpu_ms"] / ram_cpu for r in c_runs(cells, "auto", label) if
+                                         r.get("ok") and r.get("decode_cpu_ms")]
+        if a and m:
+            entry["auto_vs_mmap_decode_per_run"] = _paired(cells, label, "decode_ms", "mmap", "auto")
         d, dn = by.get("direct"), by.get("direct-noverify")
         if d and dn and d.get("decode_ms") and dn.get("decode_ms"):
             entry["verify_cost_decode"] = d["decode_ms"] / dn["decode_ms"] - 1
@@ -385,7 +419,7 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
                                None),
         "overhead_bytes": overhead,
         "probe": probe,
-        "ram_reference": {"decode_ms": ram_decode, "ttft_s": ram_ttft,
+        "ram_reference": {"decode_ms": ram_decode, "ttft_s": ram_ttft, "decode_cpu_ms": ram_cpu,
                           "runs": ram_ref.runs},
         "rows": rows,
         "ratios": ratios,

@@ -37,7 +37,7 @@ def run(a: dict) -> dict:
 
         policy, _, variant = a["policy"].partition("-")
         llm = Llama(a["model"], kv_policy=policy, mem_budget=a["budget"], kv_dir=a.get("kv_dir"),
-                    kv_device=a.get("kv_device"), kv_force=bool(a.get("kv_device")),
+                    kv_device=a.get("kv_device"), kv_force=bool(a.get("kv_force")),
                     kv_verify=variant != "noverify", **kw)
     toks = llm.tokenize(TEXT)
     while len(toks) < a["prompt_tokens"]:
@@ -56,6 +56,7 @@ def run(a: dict) -> dict:
     tok = llm.sample(temp=0.0)
     ttft = time.perf_counter() - t0
     st1 = llm.kv_stats() if st0 is not None else None
+    ru_dec = resource.getrusage(resource.RUSAGE_SELF)
     steps, out = [], [tok]
     for _ in range(a["gen_tokens"]):
         ts = time.perf_counter()
@@ -75,6 +76,9 @@ def run(a: dict) -> dict:
         "tokens": out,
         "user_s": ru1.ru_utime - ru0.ru_utime,
         "sys_s": ru1.ru_stime - ru0.ru_stime,
+        # every thread's CPU time (compute, the I/O worker, the kernel's for this process) per decoded token
+        "decode_cpu_ms": (ru1.ru_utime - ru_dec.ru_utime + ru1.ru_stime - ru_dec.ru_stime) / len(steps) * 1e3
+        if steps else None,
         "maxrss_bytes": ru1.ru_maxrss * 1024,
         "proc_read_bytes": io1.get("read_bytes", 0) - io0.get("read_bytes", 0),
         "proc_write_bytes": io1.get("write_bytes", 0) - io0.get("write_bytes", 0),
@@ -93,6 +97,8 @@ def run(a: dict) -> dict:
             "switch_count": st["switch_count"],
             "switches": st["switches"][-8:],
             "io_engine": st["io_engine"],
+            "io_engine_reason": st["io_engine_reason"],
+            "staging": st["staging"],
             "pipeline_depth": st["pipeline_depth"],
             "staged_peak_bytes": st["staged_peak_bytes"],
         })

@@ -32,3 +32,8 @@ class KVIOError(DualbladeError, OSError):
     def __init__(self, detail: str, fix: str):
         super().__init__(f"{detail}; {fix}")
         self.detail = detail  # what failed, in the C module's words
+
+
+class FlashAttentionWarning(UserWarning):
+    """Flash attention was switched on because offloaded KV layers need it (V untransposed), though the caller
+    did not ask for it (llama_cpp's default is off) or asked for it off. Pass flash_attn=True to silence it."""

@@ -116,12 +116,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def _check_tensor_data(r: _Reader, meta: dict, n_tensors: int) -> None:
-    """Raises ModelError when the file ends before the end of its last tensor's data (a cut download)."""
+    """Raises ModelError when the file ends before the end of its last tensor's data (a cut download).
+    Records each tensor's size in meta["GGUF.tensor_bytes"] (name -> bytes; types this reader does not
+    know are left out)."""
     from gguf.constants import GGML_QUANT_SIZES
 
     end = 0
+    sizes: dict[str, int] = {}
+    meta["GGUF.tensor_bytes"] = sizes
     for _ in range(n_tensors):
-        r.string()  # name
+        name = r.string()
         n_dims = r.scalar(_UINT32)
         if n_dims > 8:
             raise ModelError(f"{r.path} has a corrupt GGUF tensor table; use an intact file")
@@ -132,7 +136,10 @@ def _check_tensor_data(r: _Reader, meta: dict, n_tensors: int) -> None:
         offset = r.scalar(_UINT64)
         block = GGML_QUANT_SIZES.get(ggml_type)
         if block is not None:  # a type this reader does not know: llama.cpp will judge it
-            end = max(end, offset + n // block[0] * block[1])
+            sizes[name] = n // block[0] * block[1]
+            end = max(end, offset + sizes[name])
+    if n_tensors == 0:
+        return  # a vocab-only file: no data section, nothing to be cut short
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0:
         align = 32
@@ -167,6 +174,16 @@ class ModelInfo:
     chat_template: str | None
     instruct: bool
     layers: list[KVLayer] = field(default_factory=list)
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
+
+    def weights_working_set(self, repacked_bytes: int = 0) -> int:
+        """Bytes of the mmap'ed weights every token reads, which must stay in the page cache: every tensor but
+        the token-embedding table (a token reads one row of it; unless it is also the output matrix, as when
+        the file has no output.weight), less what llama.cpp repacked into anonymous memory at load."""
+        total = sum(self.tensor_bytes.values())
+        if "output.weight" in self.tensor_bytes:
+            total -= self.tensor_bytes.get("token_embd.weight", 0)
+        return max(total - repacked_bytes, 0)
 
     def kv_rows(self, layer: KVLayer, n_ctx: int, swa_full: bool = True, n_ubatch: int = 512) -> int:
         """Cells llama.cpp allocates for this layer at context n_ctx (one sequence)."""
@@ -276,7 +293,7 @@ def model_info(path: str | os.PathLike, meta: dict | None = None) -> ModelInfo:
                      n_head_kv=n_head_kv, head_dim_k=head_k, head_dim_v=head_v, n_swa=int(n_swa),
                      file_bytes=path.stat().st_size, chat_template=template if isinstance(template, str) else None,
                      instruct=_is_instruct(meta),
-                     layers=layers)
+                     layers=layers, tensor_bytes=meta.get("GGUF.tensor_bytes", {}))
 
 
 def _is_instruct(meta: dict) -> bool:

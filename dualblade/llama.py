@@ -13,7 +13,7 @@ from . import _native
 from . import llama_log
 from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file
 from .errors import KVIOError  # noqa: F401 (re-exported)
-from .errors import BudgetError, ConfigError, ModelError, StoreError
+from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
 
@@ -49,19 +49,30 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *args, mem_budget: int | str | None = None, kv_policy: str = "auto",
                  kv_dir: Optional[str] = None, kv_device: Optional[str] = None, kv_force: bool = False,
                  kv_verify: bool = True, kv_wipe: bool = False, **kwargs):
+        # what the caller asked for, as given: pickling restores exactly this (defaults resolved again)
+        self._kv_args = dict(mem_budget=mem_budget, kv_policy=kv_policy, kv_dir=kv_dir, kv_device=kv_device,
+                             kv_force=kv_force, kv_verify=kv_verify, kv_wipe=kv_wipe)
+        self._flash_attn_arg = kwargs.get("flash_attn")
         # everything is validated, and the KV store opened, before any weight is loaded
         cfg = KVConfig.from_args(mem_budget, kv_policy, kv_dir, kv_device, kv_force)
         if cfg.policy == "ram" and cfg.budget_bytes is not None:
             warnings.warn("kv_policy='ram' pins every layer: the memory budget is not enforced", stacklevel=2)
         meta = check_model_file(model_path)  # missing, a directory, not GGUF, truncated: ModelError
-        check_context_args(meta, kwargs)
-        check_cache_type_args(kwargs)
-        layout = self._plan_layout(model_path, cfg, kwargs, meta)
+        vocab_only = bool(kwargs.get("vocab_only"))
+        if not vocab_only:  # a tokenizer alone has no context and no KV cache to place
+            check_context_args(meta, kwargs)
+            check_cache_type_args(kwargs)
+        info = None if vocab_only else self._model_info(model_path, cfg, meta)
+        layout = self._plan_layout(model_path, cfg, kwargs, info) if info is not None else []
         offloaded = any(path != "ram" for _, path, _, _ in layout)
+        self._flash_attn_forced = offloaded and self._flash_attn_arg is not True
+        if self._flash_attn_forced:
+            # llama_cpp's default is off; offloaded layers need V untransposed, which only flash attention
+            # keeps. Outputs may then differ from a stock run without it (not from one with it).
+            asked = "flash_attn=False was given" if self._flash_attn_arg is False else "llama_cpp's default is off"
+            warnings.warn(f"flash attention switched on: offloaded KV layers need it ({asked}); pass "
+                          "flash_attn=True to say so and silence this", FlashAttentionWarning, stacklevel=2)
         if offloaded:
-            if kwargs.get("flash_attn") is False:
-                warnings.warn("flash attention switched on: offloaded KV layers need it (V untransposed)",
-                              stacklevel=2)
             kwargs["flash_attn"] = True
             if cfg.kv_dir is None and cfg.kv_device is None:
                 cfg = KVConfig(cfg.policy, cfg.budget_bytes, default_kv_dir(), None)
@@ -70,12 +81,13 @@ class Llama(llama_cpp.Llama):
         self._kv_wipe = bool(kv_wipe)
         self.eval_progress: Optional[Callable[[int, int], None]] = None
         self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0}
+        # the weights are mmap'ed (unless use_mmap=False): auto leaves their working set its page cache
+        mapped = offloaded and kwargs.get("use_mmap", True)
         try:
-            # the weights are mmap'ed: the auto policy leaves them their page cache
-            reserve = os.path.getsize(model_path) if offloaded else 0
             self._kv_session = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
                                                layout if offloaded else None, force=kv_force,
-                                               reserve_bytes=reserve, verify=kv_verify)
+                                               reserve_bytes=info.weights_working_set() if mapped else 0,
+                                               verify=kv_verify)
         except _native.SessionError as e:
             raise StoreError(str(e)) from None
         with self._kv_session.bound(), llama_log.errors() as load_log:
@@ -83,13 +95,25 @@ class Llama(llama_cpp.Llama):
                 super().__init__(model_path, *args, **kwargs)
             except ValueError as e:  # llama_cpp says only "Failed to load model"; llama.cpp's log says why
                 raise llama_log.load_error(e, model_path, load_log) from None
+        if mapped:
+            # weights llama.cpp repacked at load live in anonymous memory (the monitor counts that); their
+            # file pages are never read again
+            self._kv_session.set_reserve(info.weights_working_set(load_log.buffers.get("CPU_REPACK", 0)))
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update(self._kv_args)
+        if self._flash_attn_arg is None:
+            state.pop("flash_attn", None)  # as the caller left it: switched on again, and said so
+        else:
+            state["flash_attn"] = self._flash_attn_arg
+        return state
 
     @staticmethod
-    def _plan_layout(model_path, cfg: KVConfig, kwargs: dict,
-                     meta: dict | None = None) -> list[tuple[int, str, int, int]]:
-        """[(layer, path, K bytes, V bytes)] from the model's header and the C module's plan."""
+    def _model_info(model_path, cfg: KVConfig, meta: dict):
+        """The model's KV geometry when the policy may place layers (None: every layer stays in RAM)."""
         if cfg.policy == "ram" or cfg.budget_bytes is None:
-            return []
+            return None
         info = model_info(model_path, meta)
         if info.arch in RECURRENT_ARCHS:
             if cfg.policy != "auto":
@@ -98,7 +122,12 @@ class Llama(llama_cpp.Llama):
                                   "kv_policy='ram' (or 'auto', which runs it in RAM with a warning)")
             warnings.warn(f"{info.arch} keeps recurrent state, not a per-layer KV cache: it runs in RAM",
                           stacklevel=3)
-            return []
+            return None
+        return info
+
+    @staticmethod
+    def _plan_layout(model_path, cfg: KVConfig, kwargs: dict, info) -> list[tuple[int, str, int, int]]:
+        """[(layer, path, K bytes, V bytes)] from the model's header and the C module's plan."""
         n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
         types = []
         for key in ("type_k", "type_v"):
@@ -126,6 +155,9 @@ class Llama(llama_cpp.Llama):
         st = self._kv_session.stats()
         st["kv_dir"] = self._kv_config.kv_dir
         st["kv_device"] = self._kv_config.kv_device
+        # switched on for offloaded layers although the caller did not ask for it (llama_cpp's default is off)
+        st["flash_attn"] = self.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        st["flash_attn_forced"] = self._flash_attn_forced
         return st
 
     def kv_set_path(self, layer: int, path: str) -> None:

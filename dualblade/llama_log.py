@@ -18,10 +18,22 @@ from .errors import ConfigError, DualbladeError, ModelError
 _LEVEL_ERROR, _LEVEL_CONT = 4, 5  # ggml_log_level
 
 
+class LoadLog(list):
+    """llama.cpp's error lines (the list), and the size of each model buffer it allocated, by the buffer's
+    name ("CPU_Mapped": weights used from the mapped file, "CPU_REPACK": weights copied and rearranged)."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffers: dict[str, int] = {}
+
+
+_BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([0-9.]+) MiB")
+
+
 @contextlib.contextmanager
 def errors():
-    """Yields a list that collects llama.cpp's error log lines while the block runs."""
-    lines: list[str] = []
+    """Yields a LoadLog that collects llama.cpp's error log lines (and its model buffers) while the block runs."""
+    lines = LoadLog()
     prev_cb = llama_cpp.llama_log_callback()
     prev_ud = ctypes.c_void_p()
     llama_cpp.llama_log_get(ctypes.byref(prev_cb), ctypes.byref(prev_ud))
@@ -32,6 +44,10 @@ def errors():
             last[0] = level
         if last[0] == _LEVEL_ERROR and text:
             lines.append(text.decode(errors="replace"))
+        elif text and b"model buffer size" in text:
+            m = _BUFFER_LINE.search(text.decode(errors="replace"))
+            if m:
+                lines.buffers[m[1]] = lines.buffers.get(m[1], 0) + round(float(m[2]) * 2**20)
         if prev_cb:
             prev_cb(level, text, prev_ud)
 

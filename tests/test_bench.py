@@ -3,11 +3,12 @@
 Speed is not asserted (machines here are shared and noisy); every column must be filled and sane.
 """
 import json
+import shutil
 
 import pytest
 
 from dualblade import cgroup
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, init_ext4, run_cli
 
 POLICIES = ["stock", "ram", "mmap", "direct", "auto"]
 
@@ -77,6 +78,30 @@ def test_report_has_probe_machine_and_ratios(smoke):
 ])
 def test_bad_input_is_one_line(args, words, tmp_path):
     assert_user_error(run_cli("bench", *args, "--kv-dir", str(tmp_path), "--no-cgroup", timeout=120), words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--synthetic", "tiny", "--kv-device", "/etc/hostname"], "not a block device"),
+    (["--synthetic", "tiny", "--kv-dir", "/nonexistent/kv"], "does not exist"),
+    (["--synthetic", "tiny", "--kv-dir", "/tmp", "--kv-device", "/dev/null"], "only one"),
+    (["--synthetic", "tiny", "--force"], "--force takes over a --kv-device"),
+])
+def test_kv_location_is_checked_before_anything_starts(args, words):
+    """--kv-dir and --kv-device get the checks and the words chat gets, before a probe or a cell runs."""
+    assert_user_error(run_cli("bench", *args, "--no-cgroup", timeout=120), words)
+
+
+def test_a_device_holding_a_file_system_is_not_taken(make_loop):
+    """What a user keeps on a device is never benchmarked over: refused up front unless --force, as in chat."""
+    if not shutil.which("mkfs.ext4"):
+        pytest.skip("mkfs.ext4 is needed")
+    dev = make_loop(256 << 20, init_ext4)
+    before = open(dev, "rb").read(2 << 20)
+    p = run_cli("bench", "--synthetic", "tiny", "-c", "1024", "-p", "64", "-n", "2", "--kv-device", dev,
+                "--no-cgroup", "--policies", "direct", "--budgets", "50%", timeout=300)
+    assert_user_error(p, "--force")
+    assert "file system" in p.stderr
+    assert open(dev, "rb").read(2 << 20) == before  # not a byte written
 
 
 def test_existing_output_is_not_overwritten(tmp_path):

@@ -27,6 +27,12 @@ def test_stats_show_real_placement(tmp_path):
     rows = re.findall(r"^\s*\S?\s*(\d+)\s*\S?\s*(ram|direct|mmap)\b", r.stderr, re.M)
     paths = {p for _, p in rows}
     assert len(rows) == 18 and paths == {"ram", "direct"}
+    # what the direct path runs on, said as it is: the engine and why, and staging reused from a pool
+    engine = re.search(r"^I/O: (\S+) \(([^)]*)\)", r.stderr, re.M)
+    assert engine and engine[1] in ("io_uring", "threads") and engine[2], r.stderr
+    assert re.search(r"^staging: .* pool in .* chunks, (reused|faulted in per pass)", r.stderr, re.M), r.stderr
+    # chat does not nag about flash attention it switched on (it says so with -v)
+    assert "FlashAttention" not in r.stderr and "flash attention switched on" not in r.stderr
 
 
 def test_verbose_says_where_the_kv_is(tmp_path):

@@ -1,9 +1,14 @@
 """dualblade.Llama is a drop-in for llama_cpp.Llama: same answers, same methods, plus kv_stats()."""
+import pickle
+import warnings
+from pathlib import Path
+
 import llama_cpp
 import numpy as np
 import pytest
 
-from dualblade import ConfigError, Llama
+from conftest import tiny_direct_budget
+from dualblade import ConfigError, FlashAttentionWarning, Llama
 from dualblade.gguf_header import model_info
 
 PROMPT = "The three largest cities of France are"
@@ -164,3 +169,82 @@ def test_synthetic_dense_gqa_model(tiny_path):
     finally:
         ours.close()
         stock.close()
+
+
+# --- what llama-cpp-python's own tests found missing (issue 11) ---
+
+VOCABS = sorted((Path(__file__).resolve().parent.parent / "vendor" / "llama-cpp-python" / "vendor" / "llama.cpp"
+                 / "models").glob("ggml-vocab-*.gguf"))
+
+
+@pytest.mark.skipif(not VOCABS, reason="llama.cpp's vocab-only files come with the vendored source (pip install .)")
+def test_vocab_only_files_load_as_stock_loads_them():
+    """llama.cpp's vocab-only GGUF files have no tensors and no data section: not truncated; with vocab_only
+    there is no KV, so no plan and no budget (even a budget far below any working set is fine)."""
+    loaded = 0
+    for path in VOCABS:
+        try:
+            stock = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        except ValueError:
+            continue  # a tokenizer this llama.cpp does not load: nothing to compare
+        text = "Hello world, 1234 is ünïcödé"
+        ours = Llama(str(path), vocab_only=True, verbose=False)
+        small = Llama(str(path), vocab_only=True, verbose=False, kv_policy="direct", mem_budget="4K")
+        try:
+            assert ours.tokenize(text.encode()) == stock.tokenize(text.encode()) == small.tokenize(text.encode())
+            assert small.kv_stats()["offloaded_bytes"] == 0 and small.kv_stats()["store"] is None
+        finally:
+            for llm in (ours, small, stock):
+                llm.close()
+        loaded += 1
+    assert loaded >= len(VOCABS) // 2, f"only {loaded} of {len(VOCABS)} vocab files loaded"
+
+
+def test_pickling_keeps_every_dualblade_setting(tiny_path, tmp_path):
+    kw = dict(n_ctx=1024, verbose=False, seed=3, kv_policy="direct", kv_dir=str(tmp_path), kv_verify=False,
+              mem_budget=tiny_direct_budget(tiny_path))
+    llm = Llama(str(tiny_path), **kw)
+    try:
+        again = pickle.loads(pickle.dumps(llm))
+        try:
+            a, b = llm.kv_stats(), again.kv_stats()
+            for key in ("policy", "budget_bytes", "kv_dir", "verify", "flash_attn", "flash_attn_forced"):
+                assert a[key] == b[key], key
+            assert b["policy"] == "direct" and not b["verify"]
+            assert [l["path"] for l in a["layers"]] == [l["path"] for l in b["layers"]]
+            out = [x.create_completion("Once upon a time", max_tokens=12, temperature=0)["choices"][0]["text"]
+                   for x in (llm, again)]
+            assert out[0] == out[1]
+            state = again.__getstate__()
+            assert state["kv_policy"] == "direct" and state["kv_dir"] == str(tmp_path) and "flash_attn" not in state
+        finally:
+            again.close()
+    finally:
+        llm.close()
+
+
+def test_flash_attention_switched_on_is_said_once(tiny_path, tmp_path):
+    """llama_cpp's default is off; offloaded layers need it on. Left out: switched on, with a warning and in
+    kv_stats(); asked off: the same; asked on: no warning. Pinned layers: nothing changes."""
+    kw = dict(n_ctx=1024, verbose=False, kv_policy="direct", kv_dir=str(tmp_path),
+              mem_budget=tiny_direct_budget(tiny_path))
+    for given, warned in ((None, True), (False, True), (True, False)):
+        extra = {} if given is None else {"flash_attn": given}
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            llm = Llama(str(tiny_path), **kw, **extra)
+        try:
+            fa = [w for w in seen if issubclass(w.category, FlashAttentionWarning)]
+            assert len(fa) == (1 if warned else 0), [str(w.message) for w in seen]
+            st = llm.kv_stats()
+            assert st["flash_attn"] and st["flash_attn_forced"] == warned
+        finally:
+            llm.close()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        llm = Llama(str(tiny_path), n_ctx=1024, verbose=False)  # every layer pinned: stock's default stays
+    try:
+        assert not [w for w in seen if issubclass(w.category, FlashAttentionWarning)]
+        assert not llm.kv_stats()["flash_attn"] and not llm.kv_stats()["flash_attn_forced"]
+    finally:
+        llm.close()

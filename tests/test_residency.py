@@ -304,3 +304,26 @@ def test_state_moves_between_policies(tiny_path, tmp_path):
     finally:
         direct.close()
         ram.close()
+
+
+def test_auto_leaves_the_weights_what_they_keep_cached(heavy_path, gemma_path, tmp_path):
+    """auto's page-cache room leaves the mmap'ed weights their working set, not the file's size: every tensor
+    but the token-embedding table (a token reads one row of it) unless it is also the output matrix (Gemma
+    ties them), less what llama.cpp repacked into anonymous memory; nothing when the weights are not mmap'ed."""
+    def reserve(path, **kw):
+        llm = Llama(str(path), n_ctx=2048, verbose=False, kv_policy="auto", kv_dir=str(tmp_path), flash_attn=True,
+                    mem_budget=min_budget(path, 2048, "auto"), **kw)
+        try:
+            return llm.kv_stats()["memory"]["weights_reserve_bytes"]
+        finally:
+            llm.close()
+
+    heavy = model_info(heavy_path)
+    assert "output.weight" in heavy.tensor_bytes
+    assert reserve(heavy_path) == sum(heavy.tensor_bytes.values()) - heavy.tensor_bytes["token_embd.weight"]
+    assert reserve(heavy_path) < 0.8 * heavy.file_bytes  # the embedding table is a quarter of this file
+    gemma = model_info(gemma_path)
+    assert "output.weight" not in gemma.tensor_bytes  # tied: the embedding table is read whole every token
+    r = reserve(gemma_path)
+    assert 0.5 * sum(gemma.tensor_bytes.values()) < r <= sum(gemma.tensor_bytes.values())
+    assert reserve(gemma_path, use_mmap=False) == 0

@@ -206,9 +206,10 @@ struct dblade_store_info {
 };
 DBLADE_API int dblade_session_store(struct dblade_session * s, struct dblade_store_info * out);
 
-/* Whether a store for data_bytes can be opened under cfg, without writing anything. */
-DBLADE_API int dblade_store_check(const struct dblade_config * cfg, uint64_t data_bytes, uint64_t geometry,
-                                  char * msg, size_t cap);
+/* Whether the store for this layout (its offloaded layers) can be opened under cfg, writing nothing;
+ * on failure msg says why. */
+DBLADE_API int dblade_store_check(const struct dblade_config * cfg, uint32_t n_layers,
+                                  const struct dblade_layout_layer * layers, char * msg, size_t cap);
 /* The hash a device header records for a layout (also what dblade_store_check compares). */
 DBLADE_API uint64_t dblade_layout_geometry(uint32_t n_layers, const struct dblade_layout_layer * layers);
 /* The calling thread's last error text. */

@@ -61,6 +61,33 @@ uint64_t dblade_layout_geometry(uint32_t n, const struct dblade_layout_layer * l
     return g ^ n;
 }
 
+// The offloaded layers' extents of the store, in layer order: each K and V 1 MiB-aligned. Returns
+// where the next one starts (the store's size after the last).
+static uint64_t extents(struct layout_entry * e, uint64_t cursor) {
+    e->k_off = cursor;
+    cursor += dblade_align_up(e->l.k_bytes, 1u << 20);
+    e->v_off = cursor;
+    return cursor + dblade_align_up(e->l.v_bytes, 1u << 20);
+}
+
+int dblade_store_check(const struct dblade_config * cfg, uint32_t n_layers, const struct dblade_layout_layer * layers,
+                       char * msg, size_t cap) {
+    dblade_set_error("%s", "");
+    uint64_t data = 0;
+    for (uint32_t i = 0; i < n_layers; i++) {
+        struct layout_entry e = { .l = layers[i] };
+        data                  = layers[i].path != DBLADE_PATH_RAM ? extents(&e, data) : data;
+    }
+    struct dblade_store st = { .fd = -1 };
+    const int rc = dblade_store_open(&st, cfg, data, dblade_layout_geometry(n_layers, layers), true);
+    if (rc == 0) {
+        dblade_store_close(&st);
+    } else if (msg && cap) {
+        snprintf(msg, cap, "%s", dblade_get_error());
+    }
+    return rc;
+}
+
 // transparent huge pages, unless the kernel says "never" or DUALBLADE_HUGE_PAGES=0
 static bool thp_available(void) {
     const char * env = getenv("DUALBLADE_HUGE_PAGES");
@@ -155,7 +182,6 @@ int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
     s->config.kv_dir    = s->kv_dir;
     s->config.kv_device = s->kv_device;
 
-    // extents for the offloaded layers, in layer order, aligned
     uint64_t cursor = 0, pinned = 0;
     for (uint32_t i = 0; i < n_layers; i++) {
         struct layout_entry * e = &s->layout[i];
@@ -169,10 +195,7 @@ int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
             pinned += e->l.k_bytes + e->l.v_bytes;
         } else {
             s->n_offloaded++;
-            e->k_off = cursor;
-            cursor += dblade_align_up(e->l.k_bytes, 1u << 20);
-            e->v_off = cursor;
-            cursor += dblade_align_up(e->l.v_bytes, 1u << 20);
+            cursor = extents(e, cursor);
         }
     }
     s->n_layout  = n_layers;

@@ -324,16 +324,3 @@ int dblade_store_wipe(struct dblade_store * st, uint64_t end, bool zero) {
     free(zeros);
     return rc == 0 && fdatasync(st->fd) != 0 ? -errno : rc;
 }
-
-int dblade_store_check(const struct dblade_config * cfg, uint64_t data_bytes, uint64_t geometry, char * msg,
-                       size_t cap) {
-    struct dblade_store st;
-    dblade_set_error("%s", "");
-    int rc = dblade_store_open(&st, cfg, data_bytes, geometry, true);
-    if (rc == 0) {
-        dblade_store_close(&st);
-    } else if (msg && cap) {
-        snprintf(msg, cap, "%s", dblade_get_error());
-    }
-    return rc;
-}

@@ -68,9 +68,11 @@ int main(void) {
     unlink(file);
     // a dry check writes nothing
     char msg[512];
-    CHECK_EQ(dblade_store_check(&cfg, 8 << 20, 1, msg, sizeof(msg)), 0);
+    const struct dblade_layout_layer lay[2] = { { 0, DBLADE_PATH_RAM, 4 << 20, 4 << 20 },
+                                                { 1, DBLADE_PATH_DIRECT, 4 << 20, 4 << 20 } };
+    CHECK_EQ(dblade_store_check(&cfg, 2, lay, msg, sizeof(msg)), 0);
     CHECK_EQ(count_entries(dir), 0);
-    CHECK(dblade_store_check(&missing, 8 << 20, 1, msg, sizeof(msg)) < 0 && strlen(msg) > 0);
+    CHECK(dblade_store_check(&missing, 2, lay, msg, sizeof(msg)) < 0 && strlen(msg) > 0);
 
     rmdir(dir);
     puts("test_store: ok");
