@@ -61,13 +61,14 @@ uint64_t dblade_layout_geometry(uint32_t n, const struct dblade_layout_layer * l
     return g ^ n;
 }
 
-// The offloaded layers' extents of the store, in layer order: each K and V 1 MiB-aligned. Returns
-// where the next one starts (the store's size after the last).
+// The offloaded layers' extents of the store, in layer order: each K and V on a huge-page boundary,
+// so that the page-cache path can map a file's large folios with huge pages (the tensors' addresses
+// are huge-page aligned too). Returns where the next one starts (the store's size after the last).
 static uint64_t extents(struct layout_entry * e, uint64_t cursor) {
     e->k_off = cursor;
-    cursor += dblade_align_up(e->l.k_bytes, 1u << 20);
+    cursor += dblade_align_up(e->l.k_bytes, DBLADE_HUGE_PAGE);
     e->v_off = cursor;
-    return cursor + dblade_align_up(e->l.v_bytes, 1u << 20);
+    return cursor + dblade_align_up(e->l.v_bytes, DBLADE_HUGE_PAGE);
 }
 
 int dblade_store_check(const struct dblade_config * cfg, uint32_t n_layers, const struct dblade_layout_layer * layers,
