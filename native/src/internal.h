@@ -49,6 +49,8 @@ struct dblade_header {
 uint32_t dblade_crc32c(const void * data, size_t len);
 // the CRC of each DBLADE_BLOCK-sized block of data
 void     dblade_crc32c_blocks(const void * data, size_t n_blocks, uint32_t * out);
+// which implementation runs: "vpclmul", "sse42" or "soft" (DUALBLADE_CRC picks a slower one)
+const char * dblade_crc32c_impl(void);
 void         dblade_header_encode(const struct dblade_header * h, uint8_t out[DBLADE_HEADER_BYTES]);
 int          dblade_header_decode(const uint8_t in[DBLADE_HEADER_BYTES], struct dblade_header * h);
 // what the first bytes of a device hold: a name, "data of another program", or NULL when blank
