@@ -46,15 +46,24 @@ void dblade_gate_arrive(struct dblade_gate * g, uint32_t nth) {
         }
         return;
     }
-    for (uint32_t spins = 0; atomic_load_explicit(&g->gen, memory_order_acquire) == gen; spins++) {
+    for (uint32_t spins = 0; atomic_load_explicit(&g->gen, memory_order_acquire) == gen;) {
         // a fence that takes long without saying so (a busy machine took the core of the thread
         // doing it) is waited for asleep too: spinning would keep that core from it
         if (spins >= GATE_SPINS || atomic_load_explicit(&g->blocking, memory_order_acquire)) {
             atomic_fetch_add_explicit(&g->sleepers, 1, memory_order_seq_cst);
             futex_wait(&g->gen, gen); // returns at once if the generation has moved
             atomic_fetch_sub_explicit(&g->sleepers, 1, memory_order_seq_cst);
+            spins = 0; // woken early (the I/O is in): spin for the rest of the fence
         } else {
             cpu_relax();
+            spins++;
         }
+    }
+}
+
+void dblade_gate_unblock(struct dblade_gate * g) {
+    if (atomic_exchange_explicit(&g->blocking, 0, memory_order_seq_cst) &&
+        atomic_load_explicit(&g->sleepers, memory_order_seq_cst) > 0) {
+        futex_wake_all(&g->gen); // they wake while the fence finishes, not after it
     }
 }

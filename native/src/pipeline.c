@@ -125,6 +125,8 @@ static void worker_batch(struct dblade_session * s) {
         job_done(s, t);
     }
     pthread_cond_broadcast(&s->done);
+    // a fence waiting for this batch: its other compute threads get up now, with it, not after it
+    dblade_gate_unblock(&s->gate);
 }
 
 static void * worker_main(void * arg) {

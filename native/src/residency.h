@@ -158,9 +158,8 @@ void dblade_gate_arrive(struct dblade_gate * g, uint32_t nth);
 static inline void dblade_gate_block(struct dblade_gate * g) {
     atomic_store_explicit(&g->blocking, 1, memory_order_release);
 }
-static inline void dblade_gate_unblock(struct dblade_gate * g) {
-    atomic_store_explicit(&g->blocking, 0, memory_order_release);
-}
+// the fence no longer waits (its I/O is in, or it is done): sleeping waiters get up
+void dblade_gate_unblock(struct dblade_gate * g);
 
 // --- the session: what one llama_context's KV caches belong to ---
 #define DBLADE_SWITCH_LOG 64u

@@ -271,6 +271,7 @@ uint64_t dblade_stall_begin(struct dblade_session * s) {
 }
 
 void dblade_stall_end(struct dblade_session * s, struct dblade_tensor * t, uint64_t t0) {
+    dblade_gate_unblock(&s->gate); // the other compute threads wake while this one finishes the fence
     const uint64_t dt = dblade_now_ns() - t0;
     if (t) {
         atomic_fetch_add(&t->io_wait_ns, dt);
