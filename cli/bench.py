@@ -134,7 +134,8 @@ def plot(res: dict, path: Path) -> None:
         raise ConfigError("--plot needs matplotlib; install it with: pip install matplotlib") from None
     budgets = [e["budget_bytes"] / res["model"]["kv_bytes_total"] * 100 for e in res["ratios"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    policies = sorted({r["policy"] for r in res["rows"]}, key=["stock", "ram", "mmap", "direct", "auto"].index)
+    order = ["stock", "ram", "mmap", "direct", "direct-noverify", "auto"]
+    policies = sorted({r["policy"] for r in res["rows"]}, key=lambda p: (order.index(p) if p in order else len(order), p))
     for pol in policies:
         xs, dec, ttft = [], [], []
         for x, e in zip(budgets, res["ratios"]):

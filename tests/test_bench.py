@@ -10,7 +10,7 @@ import pytest
 from dualblade import cgroup
 from conftest import assert_user_error, init_ext4, run_cli
 
-POLICIES = ["stock", "ram", "mmap", "direct", "auto"]
+POLICIES = ["stock", "ram", "mmap", "direct", "direct-noverify", "auto"]  # every policy, plotted too
 
 
 @pytest.fixture(scope="module")
