@@ -56,6 +56,15 @@ uint64_t dblade_direct_stage_end(const struct dblade_session * s, const struct d
     return end < t->tail ? end : t->tail;
 }
 
+// the transfer of bytes [lo, hi) of t's extent, from or to memory at buf, with their checksums
+static struct dblade_io_req transfer(const struct dblade_tensor * t, uint8_t * buf, uint64_t lo, uint64_t hi, int write) {
+    return (struct dblade_io_req) { .buf   = buf,
+                                    .len   = hi - lo,
+                                    .off   = t->store_off + lo,
+                                    .write = write,
+                                    .sums  = t->sums ? t->sums + lo / DBLADE_BLOCK : NULL };
+}
+
 // memory behind [0, upto), and the read that brings [valid, upto) in (false: nothing to read)
 bool dblade_direct_stage_plan(struct dblade_session * s, struct dblade_tensor * t, uint64_t upto,
                               struct dblade_io_req * r) {
@@ -64,10 +73,7 @@ bool dblade_direct_stage_plan(struct dblade_session * s, struct dblade_tensor * 
     if (end <= t->valid) {
         return false;
     }
-    *r = (struct dblade_io_req) { .buf  = t->addr + t->valid,
-                                  .len  = end - t->valid,
-                                  .off  = t->store_off + t->valid,
-                                  .sums = t->sums ? t->sums + t->valid / DBLADE_BLOCK : NULL };
+    *r = transfer(t, t->addr + t->valid, t->valid, end, 0);
     return true;
 }
 
@@ -120,11 +126,7 @@ bool dblade_direct_retire_plan(struct dblade_session * s, struct dblade_tensor *
             *keep = t->tail;
             return false;
         }
-        *r = (struct dblade_io_req) { .buf   = t->tail_buf + (lo - t->tail),
-                                      .len   = hi - lo,
-                                      .off   = t->store_off + lo,
-                                      .write = 1,
-                                      .sums  = t->sums ? t->sums + lo / DBLADE_BLOCK : NULL };
+        *r = transfer(t, t->tail_buf + (lo - t->tail), lo, hi, 1);
         return true;
     }
     if (!full && t->dirty_hi % t->page != 0) {
@@ -137,11 +139,7 @@ bool dblade_direct_retire_plan(struct dblade_session * s, struct dblade_tensor *
     if (hi <= lo) {
         return false;
     }
-    *r = (struct dblade_io_req) { .buf   = t->addr + lo,
-                                  .len   = hi - lo,
-                                  .off   = t->store_off + lo,
-                                  .write = 1,
-                                  .sums  = t->sums ? t->sums + lo / DBLADE_BLOCK : NULL };
+    *r = transfer(t, t->addr + lo, lo, hi, 1);
     return true;
 }
 
