@@ -85,7 +85,6 @@ struct dblade_tensor {
     uint64_t  valid, dirty_lo, dirty_hi, tail;
     uint8_t * tail_buf;
     uint32_t * chunks; // staging.c: where each chunk of the range comes from
-    uint32_t   n_chunks_in; // chunks at the tensor now
     // its I/O job, run by the pipeline's worker
     int                    job; // JOB_NONE, JOB_STAGE, JOB_RETIRE
     bool                   job_running, job_has_req;

@@ -155,7 +155,6 @@ int dblade_staging_grow(struct dblade_staging * p, struct dblade_tensor * t, uin
             for (uint64_t k = 0; k < run; k++) {
                 t->chunks[i + k] = first + (uint32_t) k;
             }
-            t->n_chunks_in += (uint32_t) run;
         }
         hint = first + (uint32_t) run;
         i += run;
@@ -196,7 +195,6 @@ void dblade_staging_release(struct dblade_staging * p, struct dblade_tensor * t)
             t->chunks[i + k] = DBLADE_CHUNK_NONE;
         }
         p->n_free += (uint32_t) run;
-        t->n_chunks_in -= (uint32_t) run;
         held = true;
         i += run;
     }
@@ -232,7 +230,6 @@ void dblade_staging_forget(struct dblade_staging * p, struct dblade_tensor * t) 
         }
         t->chunks[i] = DBLADE_CHUNK_NONE;
     }
-    t->n_chunks_in = 0;
     if (p->n_slots > 0) {
         pthread_mutex_unlock(&p->lock);
     }
