@@ -31,12 +31,13 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 6
+#define DBLADE_ABI_VERSION 7
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
     DBLADE_PATH_MMAP   = 1, /* page-cache path: MAP_SHARED extent of a file */
     DBLADE_PATH_DIRECT = 2, /* direct path: O_DIRECT to a contiguous aligned extent */
+    DBLADE_PATH_VRAM   = 3, /* GPU builds: in VRAM for good, allocated by llama.cpp as stock */
 };
 
 enum dblade_policy {
@@ -77,6 +78,8 @@ struct dblade_layer_desc {
     uint64_t v_bytes;     /* whole V tensor (0 for MLA) */
     uint64_t k_row_bytes; /* one cell of K */
     uint64_t v_row_bytes; /* one cell of V (row of the untransposed layout) */
+    const char * device;  /* the GPU llama.cpp put the layer's KV on (its PCI bus id, or "CUDA<n>"),
+                             NULL for host memory */
 };
 
 struct dblade_cache_desc {
@@ -97,6 +100,8 @@ struct dblade_layer_stats {
     uint64_t bytes_read;
     uint64_t bytes_written;
     uint64_t io_wait_ns;
+    uint32_t flags;          /* enum dblade_layout_flags (DBLADE_LAYOUT_STREAMED: copied into VRAM per pass) */
+    uint32_t reserved;
 };
 
 struct dblade_stats {
@@ -126,6 +131,15 @@ struct dblade_stats {
     uint64_t bytes_read;
     uint64_t bytes_written;
     uint64_t io_wait_ns;
+    /* GPU builds: layers streamed into VRAM (their host path above holds them between passes) */
+    uint32_t vram_slots;     /* VRAM slots the streamed layers take turns in (0: none streamed) */
+    uint32_t vram_streamed;  /* layers streamed */
+    uint64_t vram_slot_bytes; /* bytes of one slot */
+    uint64_t h2d_bytes;      /* copied host -> VRAM so far */
+    uint64_t d2h_bytes;      /* new rows copied VRAM -> host so far */
+    uint64_t copy_wait_ns;   /* time the graph waited for those copies */
+    uint64_t h2d_pinned_bytes; /* of h2d_bytes, from page-locked host memory */
+    char     vram_why[96];   /* why nothing is streamed, or which driver and device streams */
 };
 
 struct dblade_session;
@@ -148,11 +162,19 @@ DBLADE_API int dblade_plan(uint32_t policy, uint64_t budget_bytes, uint32_t n_la
 /* --- session: what one llama_context's KV caches belong to --- */
 
 /* Where one layer of the model's KV goes, planned before the context is created. */
+enum dblade_layout_flags {
+    /* a layer on a GPU whose KV lives on its host path (RAM, page cache or direct) and is copied into
+     * a VRAM slot before the layer computes; new rows go back to the host path after it */
+    DBLADE_LAYOUT_STREAMED = 1u << 0,
+};
+
 struct dblade_layout_layer {
     int32_t  il;
     uint32_t path;    /* enum dblade_path */
     uint64_t k_bytes;
     uint64_t v_bytes;
+    uint32_t flags;   /* enum dblade_layout_flags */
+    uint32_t reserved;
 };
 
 /*
@@ -227,10 +249,35 @@ DBLADE_API int dblade_session_snapshot(struct dblade_session * s, struct dblade_
 DBLADE_API int  dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache ** out);
 DBLADE_API void dblade_cache_close(struct dblade_cache * c);
 
-/* One K (which = 0) or V (which = 1) tensor of layer il; its address never changes. */
+/* One K (which = 0) or V (which = 1) tensor of layer il; its address never changes. NULL for a layer
+ * the module leaves to llama.cpp (in VRAM as stock). */
 struct dblade_tensor;
 DBLADE_API struct dblade_tensor * dblade_cache_tensor(struct dblade_cache * c, int32_t il, uint32_t which);
+/* Its host memory (for a streamed tensor: the copy on its host path, what state save/restore use). */
 DBLADE_API void *                 dblade_tensor_data(struct dblade_tensor * t);
+/* A streamed tensor's VRAM address (fixed; several layers' addresses share a slot), else NULL. */
+DBLADE_API void *                 dblade_tensor_device_data(struct dblade_tensor * t);
+/* Whether the graph must fence the tensor (it is offloaded on the host: the CPU reads it). */
+DBLADE_API int                    dblade_tensor_fenced(struct dblade_tensor * t);
+
+/* The rows the next graph stores (its ubatch) and the rows attention reads ([0, n_kv)): called when
+ * the graph's inputs are set, before it computes. */
+DBLADE_API void dblade_cache_ubatch(struct dblade_cache * c, const int64_t * rows, int64_t n, uint32_t n_kv);
+
+/*
+ * GPU builds: the session's graph callback (llama.cpp's eval callback, chained before the user's).
+ * ask != 0: whether the graph must stop after the node named `name` (the scheduler then waits for the
+ * GPU); ask == 0: the graph stopped there, the GPU is idle: the previous streamed layer's new rows go
+ * back to its host path, the next one is copied into its slot. Returns 0 on a failure (the session's
+ * sticky error says why). s: dblade_session_bound() when the context was created (may be NULL).
+ */
+DBLADE_API int dblade_session_graph_cut(struct dblade_session * s, const char * name, int ask);
+/* The session bound to the calling thread (NULL for none), with a reference the caller drops with
+ * dblade_session_put(). */
+DBLADE_API struct dblade_session * dblade_session_current(void);
+DBLADE_API void                    dblade_session_put(struct dblade_session * s);
+/* Whether the session streams any layer into VRAM (the context then installs the graph callback). */
+DBLADE_API int dblade_session_streams(struct dblade_session * s);
 
 /*
  * Fences, called from the graph (one thread) around every use of a tensor:

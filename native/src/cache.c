@@ -108,6 +108,7 @@ static const struct layout_entry * find_layout(const struct dblade_session * s, 
 }
 
 static void tensor_unmap(struct dblade_session * s, struct dblade_tensor * t) {
+    dblade_vram_detach(s, t);
     dblade_staging_forget(&s->staging, t);
     if (t->addr) {
         munmap(t->addr, t->reserved);
@@ -179,6 +180,12 @@ static void cache_free(struct dblade_session * s, struct dblade_cache * c) {
     free(c);
 }
 
+// The layer stays llama.cpp's (in VRAM as stock): the plan says so, or it has no plan and is on a GPU.
+static bool left_to_llama(const struct dblade_session * s, const struct layout_entry * e,
+                          const struct dblade_layer_desc * d) {
+    return e ? e->l.path == DBLADE_PATH_VRAM : s->n_layout == 0 && d->device != NULL;
+}
+
 int dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache ** out) {
     if (!desc || !out || (desc->n_layers > 0 && !desc->layers)) {
         return -EINVAL;
@@ -193,12 +200,11 @@ int dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache
         return -ENOMEM;
     }
     c->session   = s;
-    c->n_tensors = 2 * desc->n_layers;
     c->max_il    = -1;
     for (uint32_t i = 0; i < desc->n_layers; i++) {
         c->max_il = desc->layers[i].il > c->max_il ? desc->layers[i].il : c->max_il;
     }
-    c->tensors = calloc(c->n_tensors ? c->n_tensors : 1, sizeof(*c->tensors));
+    c->tensors = calloc(desc->n_layers ? 2 * desc->n_layers : 1, sizeof(*c->tensors));
     c->by_il   = calloc((size_t) (c->max_il + 1) + 1, sizeof(*c->by_il));
     if (!c->tensors || !c->by_il) {
         free(c->tensors);
@@ -208,9 +214,10 @@ int dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache
     }
     int rc = 0;
     for (uint32_t i = 0; i < desc->n_layers && rc == 0; i++) {
-        const struct dblade_layer_desc * d    = &desc->layers[i];
-        const struct layout_entry *      e    = find_layout(s, d->il);
-        uint32_t                         path = DBLADE_PATH_RAM;
+        const struct dblade_layer_desc * d     = &desc->layers[i];
+        const struct layout_entry *      e     = d->il >= 0 ? find_layout(s, d->il) : NULL;
+        uint32_t                         path  = DBLADE_PATH_RAM;
+        bool                             split = false; // streamed into VRAM
         if (d->il < 0 || c->by_il[d->il]) {
             dblade_set_error("layer %d of the KV cache is given twice or has no index", d->il);
             rc = -EINVAL;
@@ -224,16 +231,27 @@ int dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache
                 rc = -EINVAL;
                 break;
             }
-            path = e->l.path;
+            path  = e->l.path;
+            split = e->l.flags & DBLADE_LAYOUT_STREAMED;
         }
-        if (path != DBLADE_PATH_RAM && (desc->v_trans || d->n_stream != 1)) {
+        if (left_to_llama(s, e, d)) {
+            if (!d->device) {
+                dblade_set_error("layer %d is planned in VRAM, but llama.cpp keeps its KV in host memory "
+                                 "(is the layer on the GPU? n_gpu_layers, offload_kqv)", d->il);
+                rc = -EINVAL;
+            }
+            continue;
+        }
+        if ((path != DBLADE_PATH_RAM || split) && (desc->v_trans || d->n_stream != 1)) {
             dblade_set_error("offloaded KV layers need flash attention (untransposed V) and one sequence stream");
             rc = -EOPNOTSUPP;
             break;
         }
-        struct dblade_tensor * k = &c->tensors[2 * i], * v = &c->tensors[2 * i + 1];
+        struct dblade_tensor * k = &c->tensors[c->n_tensors], * v = &c->tensors[c->n_tensors + 1];
+        c->n_tensors += 2;
         k->pair = v, v->pair = k;
         c->by_il[d->il] = k;
+        c->n_streamed += split;
         for (uint32_t w = 0; w < 2 && rc == 0; w++) {
             struct dblade_tensor * t = w ? v : k;
             t->cache     = c;
@@ -248,6 +266,10 @@ int dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache
             rc = tensor_map(s, t);
             if (rc < 0) {
                 dblade_set_error("cannot map layer %d of the KV cache: %s", d->il, strerror(-rc));
+            } else if (split) {
+                pthread_mutex_lock(&s->lock);
+                rc = dblade_vram_attach(s, t, d->device, desc->type_k, desc->type_v);
+                pthread_mutex_unlock(&s->lock);
             }
         }
     }
@@ -310,12 +332,21 @@ void * dblade_tensor_data(struct dblade_tensor * t) {
     return t ? t->addr : NULL;
 }
 
+void * dblade_tensor_device_data(struct dblade_tensor * t) {
+    return t && t->dev ? (void *) (uintptr_t) t->dev : NULL;
+}
+
+int dblade_tensor_fenced(struct dblade_tensor * t) {
+    return t && !t->dev && t->path != DBLADE_PATH_RAM;
+}
+
 void dblade_cache_clear(struct dblade_cache * c) {
     if (!c) {
         return;
     }
     struct dblade_session * s = c->session;
     pthread_mutex_lock(&s->lock);
+    dblade_vram_forget(s, c);
     for (uint32_t i = 0; i < c->n_tensors; i++) {
         struct dblade_tensor * t = &c->tensors[i];
         dblade_pipeline_settle(s, t);
@@ -333,8 +364,9 @@ int dblade_cache_can_shift(struct dblade_cache * c) {
     if (!c) {
         return 1;
     }
+    // a streamed layer's slot holds other layers between passes
     for (uint32_t i = 0; i < c->n_tensors; i++) {
-        if (c->tensors[i].path != DBLADE_PATH_RAM) {
+        if (c->tensors[i].path != DBLADE_PATH_RAM || c->tensors[i].dev) {
             return 0;
         }
     }
@@ -346,6 +378,7 @@ void dblade_cache_state_begin(struct dblade_cache * c) {
         return;
     }
     struct dblade_session * s = c->session;
+    dblade_vram_settle(s, true); // the rows the last streamed layer stored, before anything reads the copies
     pthread_mutex_lock(&s->lock);
     // nothing is released here: with two caches (iSWA) the other one may hold restored rows that
     // llama.cpp has not copied in yet; staged dirty blocks simply stay staged

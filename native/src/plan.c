@@ -15,6 +15,7 @@ const char * dblade_path_name(uint32_t path) {
         case DBLADE_PATH_RAM:    return "ram";
         case DBLADE_PATH_MMAP:   return "mmap";
         case DBLADE_PATH_DIRECT: return "direct";
+        case DBLADE_PATH_VRAM:   return "vram";
         default:                 return "?";
     }
 }

@@ -176,14 +176,14 @@ void dblade_policy_start(struct dblade_session * s) {
     dblade_monitor_sample(&s->monitor, &s->last_sample);
     uint64_t offloaded = 0;
     for (uint32_t i = 0; i < s->n_layout; i++) {
-        if (s->layout[i].l.path != DBLADE_PATH_RAM) {
+        if (dblade_path_offloaded(s->layout[i].l.path)) {
             offloaded += s->layout[i].l.k_bytes + s->layout[i].l.v_bytes;
         }
     }
     const uint64_t room = dblade_auto_capacity(&s->last_sample, s->config.reserve_bytes + staging_unheld(s), 0);
     const uint32_t path = room >= offloaded ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT;
     for (uint32_t i = 0; i < s->n_layout; i++) {
-        if (s->layout[i].l.path != DBLADE_PATH_RAM) {
+        if (dblade_path_offloaded(s->layout[i].l.path)) {
             s->layout[i].l.path = path;
         }
     }

@@ -94,6 +94,10 @@ struct dblade_tensor {
     struct dblade_tensor * job_batch; // the worker's batch
     // the pipeline (K tensor): the layer the graph entered after this one in the last pass
     struct dblade_tensor * succ;
+    // streamed into VRAM (vram.c): its device address (0: not streamed); addr is its host copy
+    uint64_t dev;
+    uint32_t vslot;           // the VRAM slot behind dev
+    bool     host_registered; // addr is page-locked for the copies
 };
 
 struct dblade_cache {
@@ -103,7 +107,17 @@ struct dblade_cache {
     struct dblade_tensor *   tensors; // 2 per layer: K, V
     int32_t                  max_il;
     struct dblade_tensor **  by_il;   // layer index -> its K tensor (NULL: not in this cache)
+    // streamed layers (vram.c): the rows the current graph stores and reads, and its cuts so far
+    uint32_t n_streamed;
+    bool     ub_set;
+    uint32_t ub_cuts, ub_n_kv;
+    uint64_t ub_lo, ub_hi;
 };
+
+// a path on which a layer lives in host memory or storage under the module's care
+static inline bool dblade_path_offloaded(uint32_t path) {
+    return path == DBLADE_PATH_MMAP || path == DBLADE_PATH_DIRECT;
+}
 
 // the K tensor of layer il of c, or NULL (O(1))
 static inline struct dblade_tensor * dblade_layer_of(const struct dblade_cache * c, int32_t il) {
@@ -216,6 +230,8 @@ struct dblade_session {
     bool                       sample_due; // the worker takes a sample when it can
     struct dblade_switch       switches[DBLADE_SWITCH_LOG];
     uint64_t                   n_switches;
+    // GPU builds: the VRAM slots streamed layers take turns in (vram.c); NULL when none is streamed
+    struct dblade_vram *       vram;
 };
 
 // session.c
@@ -252,6 +268,18 @@ void dblade_pipeline_settle(struct dblade_session * s, struct dblade_tensor * t)
 void dblade_pipeline_make_room(struct dblade_session * s, uint64_t bytes);
 void dblade_pipeline_stop(struct dblade_session * s);
 bool dblade_pipeline_is_active(const struct dblade_session * s, const struct dblade_tensor * t);
+
+// vram.c (GPU builds; the driver is loaded when the first streamed tensor attaches)
+#define DBLADE_VRAM_SLOTS 2u
+// types: the cache's ggml K and V types (a GPU buffer pads quantized rows)
+int  dblade_vram_attach(struct dblade_session * s, struct dblade_tensor * t, const char * device, uint32_t type_k,
+                        uint32_t type_v);
+void dblade_vram_detach(struct dblade_session * s, struct dblade_tensor * t);
+void dblade_vram_destroy(struct dblade_session * s);
+// the last computed layer's new rows back to its host path (sync_gpu: outside a cut); no lock held
+int  dblade_vram_settle(struct dblade_session * s, bool sync_gpu);
+void dblade_vram_forget(struct dblade_session * s, const struct dblade_cache * c); // NULL: every cache
+void dblade_vram_stats(const struct dblade_session * s, struct dblade_stats * out);
 
 // policy.c
 void dblade_policy_start(struct dblade_session * s);

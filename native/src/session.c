@@ -36,6 +36,7 @@ void dblade_session_unref(struct dblade_session * s) {
         return;
     }
     dblade_pipeline_stop(s);
+    dblade_vram_destroy(s);
     pthread_cond_destroy(&s->work);
     pthread_cond_destroy(&s->done);
     dblade_io_close(s->io);
@@ -77,7 +78,7 @@ int dblade_store_check(const struct dblade_config * cfg, uint32_t n_layers, cons
     uint64_t data = 0;
     for (uint32_t i = 0; i < n_layers; i++) {
         struct layout_entry e = { .l = layers[i] };
-        data                  = layers[i].path != DBLADE_PATH_RAM ? extents(&e, data) : data;
+        data                  = dblade_path_offloaded(layers[i].path) ? extents(&e, data) : data;
     }
     struct dblade_store st = { .fd = -1 };
     const int rc = dblade_store_open(&st, cfg, data, dblade_layout_geometry(n_layers, layers), true);
@@ -115,7 +116,7 @@ static int staging_open(struct dblade_session * s) {
     uint64_t       chunk = page, largest = 0; // no chunk larger than the largest tensor needs
     for (uint32_t i = 0; i < s->n_layout; i++) {
         const struct layout_entry * e = &s->layout[i];
-        if (e->l.path != DBLADE_PATH_RAM) {
+        if (dblade_path_offloaded(e->l.path)) {
             largest = e->l.k_bytes > largest ? e->l.k_bytes : largest;
             largest = e->l.v_bytes > largest ? e->l.v_bytes : largest;
         }
@@ -128,7 +129,7 @@ static int staging_open(struct dblade_session * s) {
         uint64_t max_layer = 0;
         for (uint32_t i = 0; i < s->n_layout; i++) {
             const struct layout_entry * e = &s->layout[i];
-            if (e->l.path != DBLADE_PATH_RAM) {
+            if (dblade_path_offloaded(e->l.path)) {
                 const uint64_t fp = dblade_align_up(e->l.k_bytes, c) + dblade_align_up(e->l.v_bytes, c);
                 max_layer         = fp > max_layer ? fp : max_layer;
             }
@@ -141,7 +142,7 @@ static int staging_open(struct dblade_session * s) {
     uint64_t all = 0;
     for (uint32_t i = 0; i < s->n_layout; i++) {
         const struct layout_entry * e = &s->layout[i];
-        if (e->l.path != DBLADE_PATH_RAM) {
+        if (dblade_path_offloaded(e->l.path)) {
             all += dblade_align_up(e->l.k_bytes, chunk) + dblade_align_up(e->l.v_bytes, chunk);
         }
     }
@@ -187,14 +188,15 @@ int dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
     for (uint32_t i = 0; i < n_layers; i++) {
         struct layout_entry * e = &s->layout[i];
         e->l = layers[i];
-        if (e->l.path > DBLADE_PATH_DIRECT) {
-            dblade_set_error("invalid path %u for layer %d", e->l.path, e->l.il);
+        if (e->l.path > DBLADE_PATH_VRAM || (e->l.flags & ~(uint32_t) DBLADE_LAYOUT_STREAMED) ||
+            (e->l.path == DBLADE_PATH_VRAM && e->l.flags)) {
+            dblade_set_error("invalid path %u (flags %#x) for layer %d", e->l.path, e->l.flags, e->l.il);
             dblade_session_unref(s);
             return -EINVAL;
         }
         if (e->l.path == DBLADE_PATH_RAM) {
             pinned += e->l.k_bytes + e->l.v_bytes;
-        } else {
+        } else if (e->l.path != DBLADE_PATH_VRAM) {
             s->n_offloaded++;
             cursor = extents(e, cursor);
         }
@@ -242,6 +244,28 @@ void dblade_session_release(struct dblade_session * s) {
 
 int dblade_session_bind(struct dblade_session * s) {
     tls_bound = s;
+    return 0;
+}
+
+struct dblade_session * dblade_session_current(void) {
+    if (tls_bound) {
+        atomic_fetch_add(&tls_bound->refs, 1);
+    }
+    return tls_bound;
+}
+
+void dblade_session_put(struct dblade_session * s) {
+    if (s) {
+        dblade_session_unref(s);
+    }
+}
+
+int dblade_session_streams(struct dblade_session * s) {
+    for (uint32_t i = 0; s && i < s->n_layout; i++) {
+        if (s->layout[i].l.flags & DBLADE_LAYOUT_STREAMED) {
+            return 1;
+        }
+    }
     return 0;
 }
 
@@ -293,6 +317,7 @@ int dblade_session_flush(struct dblade_session * s) {
     if (!s) {
         return -EINVAL;
     }
+    dblade_vram_settle(s, true); // the last streamed layer's rows first
     pthread_mutex_lock(&s->lock);
     // everything to the store, tails too: what save_state and close rely on
     for (struct dblade_cache * c = s->caches; c; c = c->next) {

@@ -23,6 +23,7 @@ static void layer_stats(const struct dblade_tensor * k, struct dblade_layer_stat
     o->bytes_read    = atomic_load(&k->bytes_read) + atomic_load(&v->bytes_read);
     o->bytes_written = atomic_load(&k->bytes_written) + atomic_load(&v->bytes_written);
     o->io_wait_ns    = atomic_load(&k->io_wait_ns) + atomic_load(&v->io_wait_ns);
+    o->flags         = k->dev ? DBLADE_LAYOUT_STREAMED : 0;
 }
 
 static int cmp_il(const void * a, const void * b) {
@@ -67,6 +68,7 @@ int dblade_session_snapshot(struct dblade_session * s, struct dblade_stats * out
     out->pool_bytes      = s->staging.populated;
     out->pool_moves      = s->staging.moves && s->staging.n_slots > 0;
     pthread_mutex_unlock(&s->staging.lock);
+    dblade_vram_stats(s, out);
     for (struct dblade_cache * c = s->caches; c; c = c->next) {
         for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
             struct dblade_layer_stats * ls = &all[out->n_layers++];
