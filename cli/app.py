@@ -80,6 +80,11 @@ def chat(
     stats: Optional[bool] = typer.Option(None, "--stats/--no-stats",
                                          help="Status line after each reply (default: on in a terminal)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what was chosen and why (DUALBLADE_LLAMA_LOG=1 adds llama.cpp's logs)."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl",
+                                     help="GPU builds: layers on the GPU (-1 or 99: all)."),
+    vram_budget: Optional[str] = typer.Option(None, "--vram-budget",
+                                              help="GPU builds: VRAM the KV may take, e.g. 2G; the other GPU "
+                                                   "layers' KV is streamed in from the host tiers."),
 ):
     """Chat with a model; type /help for commands. Reads lines from a pipe too."""
     from .chat import ChatOptions, run_chat
@@ -88,7 +93,7 @@ def chat(
                          temp=temp, seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir,
                          kv_device=kv_device, force=force, verify=verify, kv_wipe=kv_wipe,
                          cache_type=cache_type.value, flash_attn=flash_attn, system=system, stats=stats,
-                         verbose=verbose))
+                         verbose=verbose, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget))
 
 
 @app.command()
@@ -100,11 +105,14 @@ def info(
     policy: Policy = typer.Option(Policy.auto, "--policy", help="Policy to plan for."),
     cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV type of the plan."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Plan for a GPU build with this many "
+                                                                         "layers on the GPU (-1 or 99: all)."),
+    vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help="Plan for this much VRAM for the KV."),
 ):
     """Read a GGUF header (no weights) and show KV geometry, sizes and the placement plan."""
     from .info import run_info
 
-    run_info(model, ctx_size, mem_budget, policy.value, cache_type.value, as_json)
+    run_info(model, ctx_size, mem_budget, policy.value, cache_type.value, as_json, n_gpu_layers, vram_budget)
 
 
 @app.command()
@@ -149,6 +157,11 @@ _API_TO_FLAGS = [
     (r"\bmem_budget\b", "--mem-budget"),
     (r"kv_policy='([^']*)'", r"--policy \1"),
     (r"\bkv_policy\b", "--policy"),
+    (r"vram_budget='([^']*)'", r"--vram-budget \1"),
+    (r"\bvram_budget\b", "--vram-budget"),
+    (r"\bn_gpu_layers=-1\b", "-ngl 99"),
+    (r"\bn_gpu_layers\b", "-ngl"),
+    (r"\boffload_kqv=False\b", "offloading no KV"),
     (r"\bkv_dir\b", "--kv-dir"),
     (r"\bkv_device\b", "--kv-device"),
     (r"\bkv_force\b|\(force takes", lambda m: "--force" if m.group(0) == "kv_force" else "(--force takes"),

@@ -49,6 +49,8 @@ class ChatOptions:
     verbose: bool
     verify: bool = True
     kv_wipe: bool = False
+    n_gpu_layers: int = 0
+    vram_budget: Optional[str] = None
 
 
 class Chat:
@@ -295,7 +297,8 @@ def load(opts: ChatOptions, err: Console, live: bool):
                   type_v=GGML_TYPE_IDS[opts.cache_type], mem_budget=opts.mem_budget, kv_policy=opts.policy,
                   kv_dir=str(opts.kv_dir) if opts.kv_dir else None,
                   kv_device=str(opts.kv_device) if opts.kv_device else None, kv_force=opts.force,
-                  kv_verify=opts.verify, kv_wipe=opts.kv_wipe)
+                  kv_verify=opts.verify, kv_wipe=opts.kv_wipe, n_gpu_layers=opts.n_gpu_layers,
+                  vram_budget=opts.vram_budget)
     if flash or opts.flash_attn is not None:
         kwargs["flash_attn"] = flash or bool(opts.flash_attn)
     if opts.seed >= 0:

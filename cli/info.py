@@ -8,28 +8,52 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from dualblade import _native
+from dualblade import vram
 from dualblade.config import KVConfig
-from dualblade.errors import BudgetError
+from dualblade.errors import BudgetError, ConfigError
 from dualblade.gguf_header import CACHE_TYPES
 from dualblade.sizes import format_size
 
 from .common import check_ctx, resolve_model
 
 
+def parse_size_arg(value: str, flag: str) -> int:
+    from dualblade.sizes import parse_size
+
+    try:
+        return parse_size(value, flag)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Optional[str], policy: str,
-                 cache_type: str) -> dict:
+                 cache_type: str, n_gpu_layers: int = 0, vram_budget: Optional[str] = None) -> dict:
     path, info = resolve_model(model)
     n_ctx = ctx_size if ctx_size is not None else (info.n_ctx_train or 4096)
     check_ctx(n_ctx, info)
     cfg = KVConfig.from_args(mem_budget, policy)
-    layer_bytes = info.layer_bytes(n_ctx, cache_type)
+    vram_bytes = None if vram_budget is None else parse_size_arg(vram_budget, "--vram-budget")
+    if vram_bytes is not None and not n_gpu_layers:
+        raise ConfigError("--vram-budget plans the KV of the layers on the GPU, and -ngl is 0; give -ngl 99 (all "
+                          "layers), or leave --vram-budget out")
+    kv = info.layer_kv_bytes(n_ctx, cache_type)
+    # a plan for a GPU build (the header is all it needs, whether or not this machine has one)
+    gpu = vram.gpu_layers(len(info.layers), n_gpu_layers, True, True)
     try:
-        paths, staging = _native.plan(cfg.policy, cfg.budget_bytes, layer_bytes)
+        placed = vram.place([(l.il, k, v) for l, (k, v) in zip(info.layers, kv)], cfg.policy, cfg.budget_bytes,
+                            gpu, vram_bytes, quantized=cache_type not in ("f16", "f32", "bf16"))
+    except vram.VramTooSmall as e:
+        raise BudgetError(f"--vram-budget {vram_budget} is below the minimum for this model at this context "
+                          f"({format_size(e.args[0])}); give --vram-budget {-(-e.args[0] // 2**20)}M or more, or a "
+                          "smaller --ctx-size") from None
     except MemoryError as e:
         raise BudgetError(f"memory budget {mem_budget} is below the minimum working set of the {policy} policy "
                           f"at this context ({format_size(e.args[0])}); give --mem-budget "
                           f"{-(-e.args[0] // 2**20)}M or more, or a smaller --ctx-size") from None
+    layer_bytes = [k + v for k, v in kv]
+    paths = [e[1] for e in placed.layout]
+    streamed = [e[4] for e in placed.layout]
+    staging = placed.staging_bytes
     resident = sum(b for b, p in zip(layer_bytes, paths) if p == "ram")
     return {
         "model": str(path),
@@ -58,15 +82,20 @@ def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Opt
             "budget_bytes": cfg.budget_bytes,
             "staging_bytes": staging,
             "resident_bytes": resident,
-            "offloaded_bytes": sum(layer_bytes) - resident,
-            "layers": [{"layer": l.il, "swa": l.swa, "bytes": b, "path": p}
-                       for l, b, p in zip(info.layers, layer_bytes, paths)],
+            "offloaded_bytes": sum(b for b, p in zip(layer_bytes, paths) if p in ("mmap", "direct")),
+            "n_gpu_layers": n_gpu_layers,
+            "vram_budget_bytes": vram_bytes,
+            "vram_bytes": placed.vram.vram_bytes,
+            "vram_slots": placed.vram.slots,
+            "vram_slot_bytes": placed.vram.slot_bytes,
+            "layers": [{"layer": l.il, "swa": l.swa, "bytes": b, "path": p, "streamed": st}
+                       for l, b, p, st in zip(info.layers, layer_bytes, paths, streamed)],
         },
     }
 
 
-def run_info(model, ctx_size, mem_budget, policy, cache_type, as_json) -> None:
-    r = build_report(model, ctx_size, mem_budget, policy, cache_type)
+def run_info(model, ctx_size, mem_budget, policy, cache_type, as_json, n_gpu_layers=0, vram_budget=None) -> None:
+    r = build_report(model, ctx_size, mem_budget, policy, cache_type, n_gpu_layers, vram_budget)
     if as_json:
         print(json.dumps(r, indent=1))
         return
@@ -97,8 +126,13 @@ def run_info(model, ctx_size, mem_budget, policy, cache_type, as_json) -> None:
     for c in ("layer", "kind", "bytes", "path"):
         plan.add_column(c, justify="right" if c in ("layer", "bytes") else "left")
     for l in p["layers"]:
-        plan.add_row(str(l["layer"]), "window" if l["swa"] else "global", format_size(l["bytes"]), l["path"])
+        where = f"{l['path']} -> VRAM slot" if l["streamed"] else ("VRAM" if l["path"] == "vram" else l["path"])
+        plan.add_row(str(l["layer"]), "window" if l["swa"] else "global", format_size(l["bytes"]), where)
     con.print(plan)
+    if p["n_gpu_layers"]:
+        slots = (f", {p['vram_slots']} slots of {format_size(p['vram_slot_bytes'])} the streamed layers take "
+                 "turns in" if p["vram_slots"] else "")
+        con.print(f"VRAM (a GPU build with -ngl {p['n_gpu_layers']}): {format_size(p['vram_bytes'])}{slots}")
     con.print(f"resident {format_size(p['resident_bytes'])}, offloaded {format_size(p['offloaded_bytes'])}, "
               f"direct-path staging {format_size(p['staging_bytes'])}")
     if p["policy"] == "auto" and p["offloaded_bytes"]:

@@ -10,12 +10,13 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 
-PATHS = ("ram", "mmap", "direct")
+PATHS = ("ram", "mmap", "direct", "vram")  # "vram": in VRAM as stock (GPU builds)
 POLICIES = ("ram", "mmap", "direct", "auto")
 BUDGET_UNLIMITED = (1 << 64) - 1
 CONFIG_FORCE, CONFIG_NO_VERIFY = 1 << 0, 1 << 1
+LAYOUT_STREAMED = 1 << 0
 
 
 class NativeError(RuntimeError):
@@ -34,7 +35,15 @@ class Config(ctypes.Structure):
 
 
 class LayoutLayer(ctypes.Structure):
-    _fields_ = [("il", c_int32), ("path", c_uint32), ("k_bytes", c_uint64), ("v_bytes", c_uint64)]
+    _fields_ = [("il", c_int32), ("path", c_uint32), ("k_bytes", c_uint64), ("v_bytes", c_uint64),
+                ("flags", c_uint32), ("reserved", c_uint32)]
+
+
+def _layout_array(layout):
+    """[(il, path, k_bytes, v_bytes[, streamed])] as the C array (streamed: copied into VRAM per pass)."""
+    rows = [LayoutLayer(e[0], PATHS.index(e[1]), e[2], e[3], LAYOUT_STREAMED if len(e) > 4 and e[4] else 0, 0)
+            for e in layout]
+    return (LayoutLayer * max(len(rows), 1))(*rows)
 
 
 class StoreInfo(ctypes.Structure):
@@ -57,6 +66,8 @@ class LayerStats(ctypes.Structure):
         ("bytes_read", c_uint64),
         ("bytes_written", c_uint64),
         ("io_wait_ns", c_uint64),
+        ("flags", c_uint32),
+        ("reserved", c_uint32),
     ]
 
 
@@ -88,6 +99,14 @@ class Stats(ctypes.Structure):
         ("bytes_read", c_uint64),
         ("bytes_written", c_uint64),
         ("io_wait_ns", c_uint64),
+        ("vram_slots", c_uint32),
+        ("vram_streamed", c_uint32),
+        ("vram_slot_bytes", c_uint64),
+        ("h2d_bytes", c_uint64),
+        ("d2h_bytes", c_uint64),
+        ("copy_wait_ns", c_uint64),
+        ("h2d_pinned_bytes", c_uint64),
+        ("vram_why", ctypes.c_char * 96),
     ]
 
 
@@ -147,6 +166,7 @@ def lib() -> ctypes.CDLL:
         "dblade_session_switches": (c_int, [c_void_p, POINTER(Switch), c_uint32]),
         "dblade_session_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
         "dblade_session_set_reserve": (c_int, [c_void_p, c_uint64]),
+        "dblade_session_streams": (c_int, [c_void_p]),
     }
     for name, (res, args) in protos.items():
         fn = getattr(handle, name)
@@ -189,7 +209,7 @@ def store_check(policy: str, kv_dir: str | None, kv_device: str | None, force: b
     something else)."""
     cfg = Config(POLICIES.index(policy), CONFIG_FORCE if force else 0, BUDGET_UNLIMITED,
                  kv_dir.encode() if kv_dir else None, kv_device.encode() if kv_device else None, 0)
-    arr = (LayoutLayer * max(len(layout), 1))(*[LayoutLayer(il, PATHS.index(p), k, v) for il, p, k, v in layout])
+    arr = _layout_array(layout)
     msg = ctypes.create_string_buffer(512)
     rc = lib().dblade_store_check(ctypes.byref(cfg), len(layout), arr, msg, len(msg))
     return (msg.value.decode(errors="replace") or f"error {rc}") if rc < 0 else None
@@ -217,7 +237,7 @@ class Session:
                      BUDGET_UNLIMITED if budget_bytes is None else budget_bytes, self._kv_dir, self._kv_device,
                      reserve_bytes)
         layout = layout or []
-        arr = (LayoutLayer * max(len(layout), 1))(*[LayoutLayer(il, PATHS.index(p), k, v) for il, p, k, v in layout])
+        arr = _layout_array(layout)
         h = c_void_p()
         self._lib = lib()
         rc = self._lib.dblade_session_create(ctypes.byref(cfg), len(layout), arr, ctypes.byref(h))
@@ -296,7 +316,7 @@ class Session:
             # memory the process holds (pinned + staged); page cache of the mmap path apart
             "resident_bytes": sum(layers[i].resident_bytes for i in range(n) if PATHS[layers[i].path] != "mmap"),
             "page_cache_bytes": sum(layers[i].resident_bytes for i in range(n) if PATHS[layers[i].path] == "mmap"),
-            "offloaded_bytes": sum(layers[i].bytes for i in range(n) if layers[i].path != 0),
+            "offloaded_bytes": sum(layers[i].bytes for i in range(n) if PATHS[layers[i].path] in ("mmap", "direct")),
             "staged_bytes": st.staged_bytes,
             "staged_peak_bytes": st.staged_peak,
             "bytes_read": st.bytes_read,
@@ -321,7 +341,18 @@ class Session:
             } if st.policy == POLICIES.index("auto") else None,
             "switches": switches,
             "switch_count": n_switches,
-            "layers_by_path": {p: sum(1 for i in range(n) if PATHS[layers[i].path] == p) for p in PATHS},
+            "layers_by_path": {p: sum(1 for i in range(n) if PATHS[layers[i].path] == p) for p in PATHS[:3]},
+            # GPU builds: layers whose KV lives on the host path above and is copied into VRAM per pass
+            "vram": {
+                "streamed_layers": st.vram_streamed,
+                "slots": st.vram_slots,
+                "slot_bytes": st.vram_slot_bytes,
+                "h2d_bytes": st.h2d_bytes,
+                "h2d_pinned_bytes": st.h2d_pinned_bytes,
+                "d2h_bytes": st.d2h_bytes,
+                "copy_wait_s": st.copy_wait_ns / 1e9,
+                "why": st.vram_why.decode(errors="replace"),
+            },
             "store": None if si.kind == 0 else {
                 "kind": {1: "file", 2: "device"}[si.kind],
                 "path": si.path.decode(errors="replace"),
@@ -338,6 +369,7 @@ class Session:
                     "bytes_read": layers[i].bytes_read,
                     "bytes_written": layers[i].bytes_written,
                     "io_wait_s": layers[i].io_wait_ns / 1e9,
+                    "streamed": bool(layers[i].flags & LAYOUT_STREAMED),
                 }
                 for i in range(n)
             ],

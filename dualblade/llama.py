@@ -15,9 +15,30 @@ from .config import KVConfig, check_cache_type_args, check_context_args, check_m
 from .errors import KVIOError  # noqa: F401 (re-exported)
 from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
-from .sizes import format_size
+from .sizes import format_size, parse_size
+from . import vram
 
 log = logging.getLogger("dualblade")
+
+
+def _vram_budget_arg(vram_budget, kwargs: dict) -> int | None:
+    """vram_budget in bytes (None: stock placement); ConfigError where it cannot apply."""
+    if vram_budget is None:
+        return None
+    try:
+        size = parse_size(vram_budget, "vram_budget")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise ConfigError("vram_budget needs a GPU build of dualblade and a GPU (this build or machine has none); "
+                          "reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install ., or leave vram_budget out")
+    if not kwargs.get("n_gpu_layers"):
+        raise ConfigError("vram_budget applies to the layers on the GPU, and n_gpu_layers is 0; pass "
+                          "n_gpu_layers=-1 (all layers), or leave vram_budget out")
+    if kwargs.get("offload_kqv") is False:
+        raise ConfigError("vram_budget places KV in VRAM, and offload_kqv=False keeps it all in host memory; "
+                          "drop one of them")
+    return size
 
 
 def default_kv_dir() -> str:
@@ -44,17 +65,22 @@ class Llama(llama_cpp.Llama):
     kv_verify: check a CRC-32C of every block the direct path reads back (default on).
     kv_wipe: at close, overwrite what the KV store held with zeros (a device's written range is
         discarded either way; a KV file is unnamed and freed).
+    vram_budget: GPU builds, with n_gpu_layers: bytes or a size string that the KV of the GPU's layers
+        may take in VRAM. The largest layers that fit stay in VRAM as stock; the others keep their KV
+        in the host tiers above (pinned RAM within mem_budget, page cache, direct) and are copied into
+        a VRAM slot before they compute, their new rows going back after. None: stock placement.
     """
 
     def __init__(self, model_path: str, *args, mem_budget: int | str | None = None, kv_policy: str = "auto",
                  kv_dir: Optional[str] = None, kv_device: Optional[str] = None, kv_force: bool = False,
-                 kv_verify: bool = True, kv_wipe: bool = False, **kwargs):
+                 kv_verify: bool = True, kv_wipe: bool = False, vram_budget: int | str | None = None, **kwargs):
         # what the caller asked for, as given: pickling restores exactly this (defaults resolved again)
         self._kv_args = dict(mem_budget=mem_budget, kv_policy=kv_policy, kv_dir=kv_dir, kv_device=kv_device,
-                             kv_force=kv_force, kv_verify=kv_verify, kv_wipe=kv_wipe)
+                             kv_force=kv_force, kv_verify=kv_verify, kv_wipe=kv_wipe, vram_budget=vram_budget)
         self._flash_attn_arg = kwargs.get("flash_attn")
         # everything is validated, and the KV store opened, before any weight is loaded
         cfg = KVConfig.from_args(mem_budget, kv_policy, kv_dir, kv_device, kv_force)
+        vram_bytes = _vram_budget_arg(vram_budget, kwargs)
         if cfg.policy == "ram" and cfg.budget_bytes is not None:
             warnings.warn("kv_policy='ram' pins every layer: the memory budget is not enforced", stacklevel=2)
         meta = check_model_file(model_path)  # missing, a directory, not GGUF, truncated: ModelError
@@ -62,9 +88,10 @@ class Llama(llama_cpp.Llama):
         if not vocab_only:  # a tokenizer alone has no context and no KV cache to place
             check_context_args(meta, kwargs)
             check_cache_type_args(kwargs)
-        info = None if vocab_only else self._model_info(model_path, cfg, meta)
-        layout = self._plan_layout(model_path, cfg, kwargs, info) if info is not None else []
-        offloaded = any(path != "ram" for _, path, _, _ in layout)
+        info = None if vocab_only else self._model_info(model_path, cfg, meta, vram_bytes is not None)
+        layout = self._plan_layout(model_path, cfg, kwargs, info, vram_bytes) if info is not None else []
+        # layers the module places away from the stock placement: on the host's offloaded paths, or streamed
+        offloaded = any(e[1] in ("mmap", "direct") or e[4] for e in layout)
         self._flash_attn_forced = offloaded and self._flash_attn_arg is not True
         if self._flash_attn_forced:
             # llama_cpp's default is off; offloaded layers need V untransposed, which only flash attention
@@ -110,9 +137,9 @@ class Llama(llama_cpp.Llama):
         return state
 
     @staticmethod
-    def _model_info(model_path, cfg: KVConfig, meta: dict):
+    def _model_info(model_path, cfg: KVConfig, meta: dict, vram: bool = False):
         """The model's KV geometry when the policy may place layers (None: every layer stays in RAM)."""
-        if cfg.policy == "ram" or cfg.budget_bytes is None:
+        if not vram and (cfg.policy == "ram" or cfg.budget_bytes is None):
             return None
         info = model_info(model_path, meta)
         if info.arch in RECURRENT_ARCHS:
@@ -126,8 +153,10 @@ class Llama(llama_cpp.Llama):
         return info
 
     @staticmethod
-    def _plan_layout(model_path, cfg: KVConfig, kwargs: dict, info) -> list[tuple[int, str, int, int]]:
-        """[(layer, path, K bytes, V bytes)] from the model's header and the C module's plan."""
+    def _plan_layout(model_path, cfg: KVConfig, kwargs: dict, info,
+                     vram_bytes: int | None = None) -> list[tuple[int, str, int, int, bool]]:
+        """[(layer, path, K bytes, V bytes, streamed)] from the model's header and the C module's plan;
+        on a GPU: path "vram" for a layer kept in VRAM as stock, streamed for one copied into VRAM per pass."""
         n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
         types = []
         for key in ("type_k", "type_v"):
@@ -139,8 +168,17 @@ class Llama(llama_cpp.Llama):
         swa_full = kwargs.get("swa_full")
         kv = info.layer_kv_bytes(n_ctx, types[0], types[1], swa_full=True if swa_full is None else swa_full,
                                  n_ubatch=kwargs.get("n_ubatch", 512))
+        gpu = vram.gpu_layers(len(info.layers), kwargs.get("n_gpu_layers", 0), kwargs.get("offload_kqv", True),
+                              bool(llama_cpp.llama_supports_gpu_offload()))
         try:
-            paths, _ = _native.plan(cfg.policy, cfg.budget_bytes, [k + v for k, v in kv])
+            return vram.place([(l.il, k, v) for l, (k, v) in zip(info.layers, kv)], cfg.policy, cfg.budget_bytes,
+                              gpu, vram_bytes, quantized=any(t not in ("f16", "f32", "bf16") for t in types)).layout
+        except vram.VramTooSmall as e:
+            minimum = e.args[0]
+            raise BudgetError(f"vram_budget {format_size(vram_bytes)} is below the minimum for this model at "
+                              f"n_ctx={n_ctx} ({format_size(minimum)}: {vram.SLOTS} VRAM slots the streamed layers "
+                              f"take turns in, and the layers too large to share them); give "
+                              f"vram_budget='{-(-minimum // 2**20)}M' or more, or a smaller n_ctx") from None
         except ValueError as e:  # sizes no real model has
             raise ModelError(f"{model_path}: {e}; check the model file") from None
         except MemoryError as e:
@@ -148,7 +186,6 @@ class Llama(llama_cpp.Llama):
             raise BudgetError(f"memory budget {format_size(cfg.budget_bytes)} is below the minimum working set of "
                               f"the {cfg.policy} policy for this model at n_ctx={n_ctx} ({format_size(minimum)}); "
                               f"give mem_budget='{-(-minimum // 2**20)}M' or more, or a smaller n_ctx") from None
-        return [(l.il, p, k, v) for l, p, (k, v) in zip(info.layers, paths, kv)]
 
     def kv_stats(self) -> dict:
         """Placement and I/O counters of the KV cache, as the C module reports them."""
@@ -158,6 +195,10 @@ class Llama(llama_cpp.Llama):
         # switched on for offloaded layers although the caller did not ask for it (llama_cpp's default is off)
         st["flash_attn"] = self.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         st["flash_attn_forced"] = self._flash_attn_forced
+        # GPU builds: the layers kept in VRAM as stock (the module streams the others, counted above)
+        resident = [e for e in self._kv_layout if e[1] == "vram"]
+        st["vram"]["resident_layers"] = len(resident)
+        st["vram"]["resident_bytes"] = sum(e[2] + e[3] for e in resident)
         return st
 
     def kv_set_path(self, layer: int, path: str) -> None:

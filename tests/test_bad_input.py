@@ -209,6 +209,9 @@ CLI_CASES = [
     ("chat --force", "--force takes over a --kv-device"),
     ("chat --force --kv-dir {KVDIR} --mem-budget 40M", "--force takes over a --kv-device"),
     ("chat --kv-dir {KVDIR} --kv-device {DEV_SMALL} --mem-budget 40M", "give only one"),
+    # the VRAM tier (this build has no GPU)
+    ("chat --vram-budget 1G -ngl 99", "GPU build"),
+    ("chat --vram-budget 2X -ngl 99", "unknown unit"),
 ]
 # llama.cpp has to open these to find out (their weights are never read)
 LOADED_BY_LLAMA_CPP = {"chat {FROB}"}
@@ -305,6 +308,9 @@ API_CASES = [
     ("force-without-device", ConfigError, "kv_force takes over a kv_device", "GEMMA", {"kv_force": True}),
     ("force-type", ConfigError, "kv_force must be True or False", "TINY",
      {"kv_force": "yes", "kv_device": "/dev/null"}),
+    # the VRAM tier (this build has no GPU)
+    ("vram-budget-without-gpu", ConfigError, "GPU build", "GEMMA", {"vram_budget": "1G", "n_gpu_layers": -1}),
+    ("vram-budget-malformed", ConfigError, "not a size", "GEMMA", {"vram_budget": "1.5.5G"}),
 ]
 LOADED_BY_LLAMA_CPP_API = {"model-unknown-architecture"}
 

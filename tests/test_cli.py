@@ -593,3 +593,32 @@ def test_help(args, usage):
             assert opt in p.stdout
     elif not args or args[0] != "info":
         assert "chat" in p.stdout and "info" in p.stdout
+
+
+def test_info_json_three_tier_plan():
+    """-ngl/--vram-budget: the plan a GPU build would make (the header is all it needs). Gemma-3's 18 layers
+    hold 4096 rows each at 4096 tokens (the windowed ones too: swa_full), 4 MiB of KV per layer: 24M keeps 4
+    layers in VRAM next to 2 slots of 4 MiB and streams the other 14 from the host tiers."""
+    p = run_cli("info", "--json", "-c", "4096", "-ngl", "99", "--vram-budget", "24M", "--mem-budget", "16M",
+                "--policy", "direct", timeout=120)
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)["plan"]
+    layers = plan["layers"]
+    resident = [l for l in layers if l["path"] == "vram"]
+    streamed = [l for l in layers if l["streamed"]]
+    assert len(resident) == 4 and len(streamed) == 14
+    assert not any(l["streamed"] for l in resident)
+    assert plan["vram_bytes"] <= 24 * 2**20 and plan["vram_slots"] == 2
+    assert plan["vram_bytes"] == sum(l["bytes"] for l in resident) + 2 * plan["vram_slot_bytes"]
+    # the streamed layers' host copies: pinned within --mem-budget, the rest on the direct path
+    assert {l["path"] for l in streamed} <= {"ram", "direct"} and any(l["path"] == "direct" for l in streamed)
+    p = run_cli("info", "-c", "4096", "-ngl", "99", "--vram-budget", "24M", "--mem-budget", "16M", "--policy",
+                "direct", timeout=120)
+    assert p.returncode == 0 and "direct -> VRAM slot" in p.stdout and "VRAM (a GPU build" in p.stdout
+
+
+def test_info_vram_budget_mistakes_are_one_line():
+    assert_user_error(run_cli("info", "-c", "4096", "-ngl", "99", "--vram-budget", "1M", timeout=120),
+                      "--vram-budget 8M or more")
+    assert_user_error(run_cli("info", "--vram-budget", "1G", timeout=120), "-ngl is 0")
+    assert_user_error(run_cli("info", "-ngl", "99", "--vram-budget", "2X", timeout=120), "unknown unit")
