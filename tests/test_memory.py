@@ -19,6 +19,13 @@ PROBE = str(Path(__file__).parent / "memory_probe.py")
 
 
 def _run(model, policy, budget, n_ctx, n_tokens, kv_dir, limit):
+    # the weights' pages leave the page cache first: cached, they stay charged to the cgroup that read them
+    # (this one, which wrote the file), and the limited run would not pay for them (cgroup v1 and v2 alike)
+    fd = os.open(model, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
     args = [sys.executable, PROBE, str(model), policy, str(budget), str(n_ctx), str(n_tokens), str(kv_dir)]
     return cgroup.run_limited(args, limit, timeout=900)
 
