@@ -422,6 +422,12 @@ def _interactive(chat: Chat, err: Console) -> None:
         try:
             if _turn(chat, line, out, live=err.is_terminal):
                 return
+        except KeyboardInterrupt:
+            # Ctrl-C that lands after Enter but before the reply's own handler is set up: that message is
+            # dropped (no half turn stays in the history) and the chat goes on
+            if chat.messages and chat.messages[-1]["role"] == "user":
+                chat.messages.pop()
+            print()
         except KVIOError as e:
             # the conversation's text is kept: the next message rebuilds the cache from it
             chat.llm.reset()
