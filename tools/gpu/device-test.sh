@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the GPU machine (the device tool, `.gpu` carried: tools/gpu/pack.sh makes it), from the repo root:
+# builds the CUDA variant (tools/gpu/build.sh), lays the Python package out under /tmp/site as a wheel
+# does (the tests refuse to run from the source tree), runs the C tests, then the arguments. Logs: $OUT.
+#   tools/gpu/device-test.sh python3 -m pytest -x -q tests/test_gpu.py
+set -uo pipefail
+# the image's pytest plugins load another libstdc++ into the test process, and llama.cpp's model loader
+# then crashes printing the model's info (std::ostream from the wrong library): run pytest bare
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out} PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+tools/gpu/build.sh; rc=$?
+cp build/cuda/*.log "$OUT/" 2>/dev/null
+[ $rc -eq 0 ] || exit $rc
+mkdir -p /tmp/site/dualblade/cli && cp -r build/cuda/install/. /tmp/site/ && cp -r dualblade/. /tmp/site/dualblade/ &&
+    cp cli/*.py /tmp/site/dualblade/cli/ || exit 1
+export PYTHONPATH=/tmp/site
+(cd build/cuda && ctest --output-on-failure -j4 >"$OUT/ctest.log" 2>&1; echo "== ctest rc=$? $(tail -1 "$OUT/ctest.log")")
+"$@"
