@@ -120,9 +120,13 @@ def bench(
     model: Optional[Path] = ModelArg,
     synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark a random-weight model of a named "
                                             "shape instead: tiny, kv-heavy, llama-1b (written once, cached)."),
-    policies: str = typer.Option("stock,ram,mmap,direct,auto", "--policies", help="Comma-separated: stock "
-                                 "(llama-cpp-python as is), ram, mmap, direct, auto; direct-noverify measures what the checksums cost."),
-    budgets: str = typer.Option("100%,50%,25%,10%", "--budgets", help="Comma-separated: % of the KV or sizes."),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated: stock "
+                                 "(llama-cpp-python as is), ram, mmap, direct, auto; direct-noverify measures what the "
+                                 "checksums cost (default: stock,ram,mmap,direct,auto). With --gpu: vram, nkvo-fa, nkvo, "
+                                 "ngl (stock: all KV in VRAM; KV in RAM with flash attention on, off; the most layers "
+                                 "that fit), ram, mmap, direct, auto (default: all)."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated: % of the KV or sizes (default: "
+                                          "100%,50%,25%,10%); with --gpu, VRAM budgets (default: 25%)."),
     ctx_size: int = typer.Option(8192, "--ctx-size", "-c", help="Context size in tokens."),
     prompt_tokens: int = typer.Option(4096, "--prompt-tokens", "-p", help="Prompt length (prefill)."),
     gen_tokens: int = typer.Option(32, "--gen-tokens", "-n", help="Tokens generated greedily (decode)."),
@@ -141,6 +145,10 @@ def bench(
     probe_size: str = typer.Option("512M", "--probe-size", help="Bytes the device probe reads."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds a cell may run before it counts as "
                                             "thrashing (default: 8x the all-in-RAM run, at least 120)."),
+    gpu: bool = typer.Option(False, "--gpu", help="GPU builds: the VRAM tier against stock llama.cpp on the GPU; "
+                             "--budgets are then VRAM budgets."),
+    host_budget: Optional[str] = typer.Option(None, "--host-budget", help="With --gpu: the memory budget of the "
+                                              "dualblade cells' host tier, % of the KV or a size (default: 25%)."),
 ):
     """Measure policies x budgets, each in a fresh process under a memory limit, against stock llama.cpp."""
     from .bench import run_bench_cli
@@ -148,7 +156,7 @@ def bench(
     if reps < 1 or gen_tokens < 1 or prompt_tokens < 1:
         raise click.exceptions.BadParameter("--reps, --gen-tokens and --prompt-tokens must be at least 1")
     run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
-                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout, force)
+                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout, force, gpu, host_budget)
 
 
 # The library's messages name its keyword arguments; a CLI user should read the flags instead.

@@ -124,6 +124,79 @@ def render(res: dict, console: Console) -> None:
             console.print(f"budget {e['budget']}: " + "; ".join(parts), markup=False)
 
 
+def render_gpu(res: dict, console: Console) -> None:
+    m, w, p, cp = res["model"], res["workload"], res["probe"], res["copy_probe"]
+    gpu = res["machine"].get("gpu") or {}
+    title = (f"{m['label'] or m['path']} on {gpu.get('name', 'a GPU')}: KV {format_size(m['kv_bytes_total'])} at "
+             f"{w['n_ctx']} tokens, weights {format_size(m['weights_bytes'])}; prompt {w['prompt_tokens']}, "
+             f"{w['gen_tokens']} generated, {w['reps']} rep(s); host budget {res['host_budget']['label']} "
+             f"({format_size(res['host_budget']['bytes'])})")
+    t = Table(title=title, title_justify="left")
+    cols = [("VRAM budget", "left"), ("policy", "left"), ("status", "left"), ("TTFT s", "right"),
+            ("decode ms/tok", "right"), ("tok/s", "right"), ("peak VRAM", "right"), ("peak mem", "right"),
+            ("H2D GiB/tok", "right"), ("copy stall ms/tok", "right"), ("read/tok", "right"),
+            ("layers vram/str", "right"), ("ngl", "right"), ("exact", "left")]
+    for name, just in cols:
+        t.add_column(name, justify=just)
+    last = None
+    for r in res["rows"]:
+        if last is not None and r["budget"] != last:
+            t.add_section()
+        last = r["budget"]
+        dec = _fmt(r["decode_ms"], "ms")
+        if r.get("decode_ms_range") and r["ok_runs"] > 1:
+            lo, hi = r["decode_ms_range"]
+            dec += f" [{lo:.1f}, {hi:.1f}]"
+        vl = r.get("vram_layers")
+        layers = f"{vl['resident']}/{vl['streamed']}" if vl else "-"
+        h2d = r.get("h2d_bytes_per_token")
+        read = max(r.get("decode_bytes_read") or 0, r.get("decode_proc_read_bytes") or 0) / w["gen_tokens"] \
+            if r.get("decode_ms") else None
+        budget = "-" if r["budget_bytes"] is None else f"{r['budget']} ({format_size(r['budget_bytes'])})"
+        exact = {True: "yes", False: "NO", None: "-"}[r.get("tokens_equal_vram")]
+        t.add_row(budget, r["policy"], _short_status(r["status"]), _fmt(r["ttft_s"], "s"), dec,
+                  _fmt(r.get("decode_tok_s"), "ms"), _fmt(r.get("peak_vram_bytes"), "bytes"),
+                  _fmt(r["peak_bytes"], "bytes"), "-" if h2d is None else f"{h2d / 2**30:.3f}",
+                  _fmt(r.get("copy_wait_ms_per_token"), "ms"), "-" if read is None else format_size(read), layers,
+                  _fmt(r.get("n_gpu_layers"), ""), exact)
+    console.print(t)
+    for r in res["rows"]:
+        if r["status"] != "ok" and _short_status(r["status"]) != r["status"]:
+            console.print(f"{r['policy']} @ {r['budget']}: {r['status']}", markup=False, soft_wrap=True)
+    console.print(f"device probe ({res['location'].get('path')}): O_DIRECT read {p['read_gib_s']:.2f} GiB/s; "
+                  + (f"host-to-device copy (pinned, torch) {cp['h2d_gib_s']:.1f} GiB/s, back "
+                     f"{cp.get('d2h_gib_s', 0):.1f} GiB/s" if cp.get("h2d_gib_s")
+                     else f"no copy probe ({cp.get('why')}): the bounds lack their copy term"), markup=False)
+    if res["memory_enforced"]:
+        console.print(f"host memory limit per cell: mmap/direct/auto: host weights "
+                      f"{format_size(m['host_weights_bytes'])} + host budget + overhead "
+                      f"{format_size(res['overhead_bytes'])}; the others: all weights + all KV + overhead (cgroup)",
+                      markup=False)
+    else:
+        console.print("NOT memory-enforced (--no-cgroup): the page cache was free to hold everything", style="bold",
+                      markup=False)
+    for e in res["ratios"]:
+        parts = []
+        if "auto_vs_mmap_decode" in e:
+            parts.append(f"auto vs mmap: decode {e['auto_vs_mmap_decode']:.2f}x, prefill "
+                         f"{e.get('auto_vs_mmap_prefill', 0):.2f}x")
+        if "auto_vs_bound" in e:
+            parts.append(f"auto decode / bound {e['auto_vs_bound']:.2f} (bound {e['auto_bound_ms']:.1f} ms: VRAM "
+                         f"{_fmt(e['vram_decode_ms'], 'ms')}, storage {_fmt(e['auto_io_bound_ms'], 'ms')}, copy "
+                         f"{_fmt(e['auto_copy_bound_ms'], 'ms')})")
+        if "ram_vs_bound" in e:
+            parts.append(f"ram decode / bound {e['ram_vs_bound']:.2f} (bound {e['ram_bound_ms']:.1f} ms: VRAM "
+                         f"{_fmt(e['vram_decode_ms'], 'ms')}, copy {_fmt(e['ram_copy_bound_ms'], 'ms')})")
+        if "ram_vs_vram_prefill" in e:
+            parts.append(f"ram prefill / all-in-VRAM {e['ram_vs_vram_prefill']:.2f}")
+        if "ram_vs_nkvo_decode" in e:
+            parts.append(f"ram decode {e['ram_vs_nkvo_decode']:.2f}x faster than {e['nkvo_fastest']}")
+        if e.get("ngl_n_gpu_layers") is not None:
+            parts.append(f"ngl {e['ngl_n_gpu_layers']}")
+        if parts:
+            console.print(f"VRAM budget {e['budget']}: " + "; ".join(parts), markup=False)
+
+
 def plot(res: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -163,10 +236,11 @@ def plot(res: dict, path: Path) -> None:
 
 
 def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
-                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None, force=False) -> None:
+                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None, force=False,
+                  gpu=False, host_budget=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dualblade.bench import BenchOptions, check_options, run_bench
+    from dualblade.bench import GPU_POLICIES, BenchOptions, check_options, run_bench
     from dualblade.sizes import parse_size
 
     console, err = Console(), Console(stderr=True)
@@ -175,6 +249,12 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
     if force and kv_device is None:
         raise ConfigError("--force takes over a --kv-device, and no --kv-device was given; give --kv-device, or "
                           "drop --force")
+    if policies is None:
+        policies = ",".join(GPU_POLICIES) if gpu else "stock,ram,mmap,direct,auto"
+    if budgets is None:
+        budgets = "25%" if gpu else "100%,50%,25%,10%"
+    if gpu and plot_path is not None:
+        raise ConfigError("--plot draws the CPU matrix; drop --plot with --gpu (--json keeps every figure)")
     path, label = _model(model, synthetic)
     for target in (json_path, plot_path):
         if target is not None and target.exists():
@@ -186,7 +266,8 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
                         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps,
                         kv_dir=str(kv_dir) if kv_dir else None, kv_device=str(kv_device) if kv_device else None,
                         force=force, use_cgroup=not no_cgroup, overhead=parse_size(overhead) if overhead else None,
-                        threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout)
+                        threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout,
+                        gpu=gpu, host_budget=host_budget)
     check_options(opts)  # before the progress bar, whose end would leave a line above the error
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
@@ -196,7 +277,7 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
             prog.update(task, description=what, completed=done, total=total)
 
         res = run_bench(opts, on_progress=on_progress, log=lambda s: prog.update(task, description=s))
-    render(res, console)
+    (render_gpu if res.get("mode") == "gpu" else render)(res, console)
     if json_path:
         json_path.write_text(json.dumps(res, indent=1) + "\n")
         err.print(f"raw figures: {json_path}", markup=False)

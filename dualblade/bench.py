@@ -33,6 +33,14 @@ MiB = 1 << 20
 GiB = 1 << 30
 # direct-noverify: the direct path without its per-block checksums, to measure what they cost
 POLICIES = ("stock", "ram", "mmap", "direct", "auto", "direct-noverify")
+# --gpu: stock llama_cpp with all KV in VRAM (the upper bound, the reference for tokens), with the KV in host
+# RAM (offload_kqv=False) and flash attention on / off, with the most layers that fit the VRAM budget (ngl); and
+# dualblade with every layer on the GPU, a VRAM budget, and the host tier pinned RAM (ram) or as in the CPU mode
+GPU_POLICIES = ("vram", "nkvo-fa", "nkvo", "ngl", "ram", "mmap", "direct", "auto")
+GPU_REFERENCE = ("vram", "nkvo-fa", "nkvo")  # independent of the budgets: run once per repetition
+REF_LABEL = "-"                              # their budget label
+GPU_STOCK = ("vram", "nkvo-fa", "nkvo", "ngl")  # stock llama_cpp.Llama (dualblade.bench_cell.GPU_STOCK)
+HOST_BUDGET = "25%"                          # --host-budget's default: of the KV
 
 
 @dataclass
@@ -53,6 +61,9 @@ class BenchOptions:
     probe_bytes: int = 512 * MiB
     timeout: Optional[float] = None  # per cell; default: 8x the all-in-RAM run's time, at least 120 s
     model_label: str = ""
+    gpu: bool = False                  # GPU cells: budgets are VRAM budgets
+    host_budget: Optional[str] = None  # --gpu: the dualblade cells' mem_budget (default HOST_BUDGET)
+    copy_probe_bytes: int = 512 * MiB
 
 
 @dataclass
@@ -184,16 +195,16 @@ def probe_read_bandwidth(kv_dir: Optional[str], kv_device: Optional[str], nbytes
 
 
 def _cell_args(opts: BenchOptions, policy: str, budget: Optional[int], prompt_tokens: int, gen_tokens: int,
-               n_ctx: int) -> list[str]:
+               n_ctx: int, extra: Optional[dict] = None) -> list[str]:
     a = {"model": str(opts.model), "policy": policy, "budget": budget, "n_ctx": n_ctx,
          "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "kv_dir": opts.kv_dir,
-         "kv_device": opts.kv_device, "kv_force": opts.force, "threads": opts.threads}
+         "kv_device": opts.kv_device, "kv_force": opts.force, "threads": opts.threads, **(extra or {})}
     return [sys.executable, "-m", "dualblade.bench_cell", json.dumps(a)]
 
 
 def _run_cell(opts: BenchOptions, policy: str, budget: Optional[int], limit: Optional[int], prompt_tokens: int,
-              gen_tokens: int, n_ctx: int, timeout: Optional[float] = None) -> dict:
-    cmd = _cell_args(opts, policy, budget, prompt_tokens, gen_tokens, n_ctx)
+              gen_tokens: int, n_ctx: int, timeout: Optional[float] = None, extra: Optional[dict] = None) -> dict:
+    cmd = _cell_args(opts, policy, budget, prompt_tokens, gen_tokens, n_ctx, extra)
     t0 = time.perf_counter()
     timeout = timeout or opts.timeout or 1800
     try:
@@ -227,9 +238,13 @@ def _run_cell(opts: BenchOptions, policy: str, budget: Optional[int], limit: Opt
 
 
 def calibrate_overhead(opts: BenchOptions, weights: int) -> int:
-    """The memory a run needs besides weights and KV (interpreter, libraries, compute buffers),
-    from a small stock run, plus room for compute buffers that grow with the context."""
-    r = _run_cell(opts, "stock", None, 8 * GiB, 64, 4, 512)
+    """The memory a run needs besides weights and KV (interpreter, libraries, compute buffers; with --gpu the
+    CUDA runtime's host memory), from a small stock run, plus room for compute buffers that grow with the
+    context."""
+    if opts.gpu:
+        r = _run_cell(opts, "vram", None, 8 * GiB, 64, 4, 512, extra={"gpu": True})
+    else:
+        r = _run_cell(opts, "stock", None, 8 * GiB, 64, 4, 512)
     if not r.get("ok") or not r.get("peak_bytes"):
         raise RuntimeError(f"the calibration run failed: {r.get('error')}")
     kv_small = sum(model_info(opts.model).layer_bytes(512))
@@ -258,7 +273,9 @@ def summarize(cells: list[Cell]) -> list[dict]:
                "status": "ok" if ok else (c.runs[0].get("error", "failed") if c.runs else "not run")}
         for key in ("ttft_s", "prefill_tok_s", "decode_ms", "peak_bytes", "maxrss_bytes", "bytes_read",
                     "bytes_written", "decode_bytes_read", "user_s", "sys_s", "io_wait_s", "decode_io_wait_s",
-                    "proc_read_bytes", "proc_write_bytes", "offloaded_bytes", "load_s", "decode_cpu_ms"):
+                    "proc_read_bytes", "proc_write_bytes", "offloaded_bytes", "load_s", "decode_cpu_ms",
+                    "decode_proc_read_bytes", "peak_vram_bytes", "h2d_bytes", "d2h_bytes", "copy_wait_s",
+                    "decode_h2d_bytes", "decode_d2h_bytes", "decode_copy_wait_s"):
             row[key] = _median(c.runs, key)
         row["decode_ms_range"] = _spread(c.runs, "decode_ms")
         row["ttft_s_range"] = _spread(c.runs, "ttft_s")
@@ -269,6 +286,10 @@ def summarize(cells: list[Cell]) -> list[dict]:
             row["switch_count"] = ok[-1].get("switch_count")
             row["io_engine"] = ok[-1].get("io_engine")
             row["io_engine_reason"] = ok[-1].get("io_engine_reason")
+            row["n_gpu_layers"] = ok[-1].get("n_gpu_layers")
+            v = ok[-1].get("vram")
+            if v:
+                row["vram_layers"] = {"resident": v.get("resident_layers"), "streamed": v.get("streamed_layers")}
         rows.append(row)
     return rows
 
@@ -294,18 +315,29 @@ def decode_bound_ms(offloaded_fraction_bytes_per_token: float, probe: dict, ram_
 
 def check_options(opts: BenchOptions):
     """Refuses what cannot run, before anything starts; returns the model's header and the budgets."""
+    valid = GPU_POLICIES if opts.gpu else POLICIES
     for p in opts.policies:
-        if p not in POLICIES:
-            raise ConfigError(f"unknown policy {p!r} for the benchmark; choose from {', '.join(POLICIES)}")
+        if p not in valid:
+            raise ConfigError(f"unknown policy {p!r} for the {'--gpu ' if opts.gpu else ''}benchmark; choose from "
+                              f"{', '.join(valid)}")
+    if opts.host_budget is not None and not opts.gpu:
+        raise ConfigError("--host-budget is the host tier's budget of a --gpu run; add --gpu, or give the "
+                          "memory budgets with --budgets")
     info = model_info(opts.model)
     if opts.prompt_tokens + opts.gen_tokens + 8 > opts.n_ctx:
         raise ConfigError(f"--prompt-tokens {opts.prompt_tokens} + --gen-tokens {opts.gen_tokens} do not fit "
                           f"--ctx-size {opts.n_ctx}; raise --ctx-size or lower them")
     budgets = parse_budgets(opts.budgets, sum(info.layer_bytes(opts.n_ctx)))
+    if opts.gpu:
+        host_budget(opts, info)
+        why = gpu_missing()
+        if why:
+            raise ConfigError(f"--gpu needs a GPU build of dualblade and a GPU ({why}); reinstall with "
+                              "CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install ., or leave --gpu out")
     # where the KV goes, checked as Llama checks it (and the store as the C module would open it, every layer
     # offloaded, writing nothing): a bad --kv-dir or --kv-device stops here, not in the first cell
     KVConfig.from_args(None, "direct", opts.kv_dir, opts.kv_device, opts.force)
-    if any(p not in ("stock", "ram") for p in opts.policies):
+    if any(p not in ("stock", "ram", *GPU_STOCK) for p in opts.policies):
         from . import _native
         from .llama import default_kv_dir
 
@@ -319,6 +351,8 @@ def check_options(opts: BenchOptions):
 
 def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int], None]] = None,
               log: Callable[[str], None] = lambda s: None) -> dict:
+    if opts.gpu:
+        return run_bench_gpu(opts, on_progress, log)
     info, budgets = check_options(opts)
     kv_total = sum(info.layer_bytes(opts.n_ctx))
     weights = os.path.getsize(opts.model)
@@ -421,6 +455,286 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
         "probe": probe,
         "ram_reference": {"decode_ms": ram_decode, "ttft_s": ram_ttft, "decode_cpu_ms": ram_cpu,
                           "runs": ram_ref.runs},
+        "rows": rows,
+        "ratios": ratios,
+        "cells": [asdict(c) for c in cells],
+    }
+
+
+# --------------------------------------------------------------------------- --gpu: the VRAM tier
+
+
+def gpu_missing() -> Optional[str]:
+    """Why GPU cells cannot run here (None: they can), as dualblade.Llama refuses vram_budget."""
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return "this build or machine has none"
+    return None
+
+
+def host_budget(opts: BenchOptions, info) -> tuple[str, int]:
+    """--host-budget (default 25% of the KV, or a size): the mem_budget of the GPU run's dualblade cells."""
+    label = (opts.host_budget or HOST_BUDGET).strip()
+    try:
+        return parse_budgets([label], sum(info.layer_bytes(opts.n_ctx)))[0]
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"--host-budget: {e}") from None
+
+
+def ngl_fit(block_bytes: list[int], kv_bytes: list[int], output_bytes: int, vram_budget: int) -> int:
+    """Stock's n_gpu_layers for a VRAM budget, the fair rule: the largest n whose GPU share (weights and KV)
+    fits the VRAM the dualblade cells hold, every weight plus the budget:
+        output_bytes + sum(block + KV of the GPU layers) <= output_bytes + sum(every block) + vram_budget.
+    As llama.cpp counts n_gpu_layers (llama_model::load_tensors): n >= 1 puts the output layer on the GPU, and
+    the last n - 1 repeating layers; n = n_layer + 1 is everything. block_bytes / kv_bytes: per layer, in order."""
+    n_layer = len(block_bytes)
+    allowed = output_bytes + sum(block_bytes) + vram_budget
+    for n in range(n_layer + 1, 0, -1):
+        on = range(n_layer - (n - 1), n_layer)
+        if output_bytes + sum(block_bytes[i] + kv_bytes[i] for i in on) <= allowed:
+            return n
+    return 0
+
+
+def ngl_for_budget(info, n_ctx: int, vram_budget: int) -> int:
+    """ngl_fit from the GGUF tensor table (blk.<il>.* per layer, output.weight or the tied token_embd) and
+    the KV of each layer at n_ctx (f16, as the cells run)."""
+    tb = info.tensor_bytes
+    n_layer = max((l.il for l in info.layers), default=-1) + 1
+    blocks = [0] * n_layer
+    for name, b in tb.items():
+        if name.startswith("blk."):
+            il = name.split(".")[1]
+            if il.isdigit() and int(il) < n_layer:
+                blocks[int(il)] += b
+    kv = [0] * n_layer
+    for l, b in zip(info.layers, info.layer_bytes(n_ctx)):
+        kv[l.il] += b
+    out = tb.get("output.weight", tb.get("token_embd.weight", 0)) + tb.get("output_norm.weight", 0)
+    return ngl_fit(blocks, kv, out, vram_budget)
+
+
+def host_weights(info, weights: int) -> int:
+    """The weights that stay in host memory with every layer on the GPU: the input embeddings (llama.cpp keeps
+    token_embd on the CPU); the whole file if the table does not name it."""
+    return info.tensor_bytes.get("token_embd.weight", weights)
+
+
+def gpu_cell_limit(policy: str, weights: int, host_w: int, kv_total: int, host_bytes: int, overhead: int) -> int:
+    """The host memory limit (cgroup) of a GPU cell. The dualblade cells whose host tier is bounded (mmap,
+    direct, auto) get the host weights + the host budget + the overhead: most of the offloaded KV goes to
+    storage. The references (stock cells, and ram: every host copy pinned) get room for all weights and the
+    whole KV: the issue's 'whole offloaded KV fitting the host limit'."""
+    if policy in ("mmap", "direct", "auto"):
+        return host_w + host_bytes + overhead
+    return weights + kv_total + overhead
+
+
+_COPY_PROBE = r"""
+import json, statistics, sys, time
+try:
+    import torch
+except ImportError:
+    print(json.dumps({"h2d_gib_s": None, "why": "torch is not installed"})); sys.exit()
+if not torch.cuda.is_available():
+    print(json.dumps({"h2d_gib_s": None, "why": "torch sees no GPU"})); sys.exit()
+n = int(sys.argv[1])
+h = torch.empty(n, dtype=torch.uint8, pin_memory=True); h.fill_(1)
+d = torch.empty(n, dtype=torch.uint8, device="cuda")
+def timed(dst, src):
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    dst.copy_(src, non_blocking=True); torch.cuda.synchronize()
+    return time.perf_counter() - t0
+timed(d, h); timed(h, d)
+up = [timed(d, h) for _ in range(5)]
+down = [timed(h, d) for _ in range(5)]
+print(json.dumps({"h2d_gib_s": n / statistics.median(up) / 2**30, "d2h_gib_s": n / statistics.median(down) / 2**30,
+                  "h2d_best_gib_s": n / min(up) / 2**30, "bytes": n, "runs": 5, "device": torch.cuda.get_device_name(),
+                  "torch": torch.__version__}))
+"""
+
+
+def probe_copy_bandwidth(nbytes: int) -> dict:
+    """Host-to-device (and back) copy bandwidth from pinned memory, measured with torch in a subprocess (median
+    of 5 copies of nbytes). h2d_gib_s None, with why, where torch or its GPU is missing: the bound then lacks
+    its copy term."""
+    try:
+        p = subprocess.run([sys.executable, "-c", _COPY_PROBE, str(nbytes)], capture_output=True, text=True,
+                           timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"h2d_gib_s": None, "why": "the copy probe did not finish in 300 s"}
+    for line in reversed(p.stdout.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    tail = " ".join(p.stderr.strip().splitlines()[-2:])[-300:]
+    return {"h2d_gib_s": None, "why": f"the copy probe failed: exit {p.returncode}: {tail}"}
+
+
+def gpu_machine() -> dict:
+    """The GPU the numbers were measured on (nvidia-smi; empty without it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30).stdout
+        name, total, driver = [x.strip() for x in out.splitlines()[0].split(",")]
+        return {"name": name, "memory_total_bytes": int(float(total)) << 20, "driver": driver}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {}
+
+
+def _ms(nbytes: Optional[float], gib_s: Optional[float]) -> Optional[float]:
+    return nbytes / (gib_s * GiB) * 1e3 if nbytes is not None and gib_s else None
+
+
+def gpu_ratios(rows: list[dict], labels: list[str], read_gib_s: Optional[float], h2d_gib_s: Optional[float],
+               gen_tokens: int) -> list[dict]:
+    """Issue 12's figures per VRAM budget, from the summarized rows (the references under REF_LABEL):
+    auto vs mmap (prefill: TTFT; decode: ms per token; >1 = auto faster); auto's decode against its bound,
+    max(all-in-VRAM decode, its storage bytes per token / the O_DIRECT probe, its host-to-device bytes per token /
+    the copy probe); the pinned-RAM tier (ram) against max(all-in-VRAM decode, its copy time), its prefill against
+    all-in-VRAM, and the faster stock offload_kqv=False cell's decode against it (>1 = ram faster)."""
+    ref = {r["policy"]: r for r in rows if r["budget"] == REF_LABEL and r.get("status") == "ok"}
+    vram_dec = ref.get("vram", {}).get("decode_ms")
+    vram_ttft = ref.get("vram", {}).get("ttft_s")
+    nkvo = [(ref[p]["decode_ms"], p) for p in ("nkvo-fa", "nkvo") if p in ref and ref[p].get("decode_ms")]
+    out = []
+    for label in labels:
+        by = {r["policy"]: r for r in rows if r["budget"] == label and r.get("status") == "ok"}
+        e: dict = {"budget": label, "vram_decode_ms": vram_dec, "vram_ttft_s": vram_ttft}
+        a, m, ram = by.get("auto"), by.get("mmap"), by.get("ram")
+        if a and m and a.get("decode_ms") and m.get("decode_ms"):
+            e["auto_vs_mmap_decode"] = m["decode_ms"] / a["decode_ms"]
+        if a and m and a.get("ttft_s") and m.get("ttft_s"):
+            e["auto_vs_mmap_prefill"] = m["ttft_s"] / a["ttft_s"]
+        if a and a.get("decode_ms"):
+            storage = max(a.get("decode_bytes_read") or 0, a.get("decode_proc_read_bytes") or 0) / gen_tokens
+            h2d = (a.get("decode_h2d_bytes") or 0) / gen_tokens
+            io_ms, copy_ms = _ms(storage, read_gib_s), _ms(h2d, h2d_gib_s)
+            terms = [x for x in (vram_dec, io_ms, copy_ms) if x is not None]
+            e.update({"auto_storage_bytes_per_token": storage, "auto_h2d_bytes_per_token": h2d,
+                      "auto_io_bound_ms": io_ms, "auto_copy_bound_ms": copy_ms,
+                      "auto_bound_complete": len(terms) == 3})
+            if terms:
+                e["auto_bound_ms"] = max(terms)
+                e["auto_vs_bound"] = a["decode_ms"] / e["auto_bound_ms"]
+            if vram_dec:
+                e["auto_vs_vram_decode"] = a["decode_ms"] / vram_dec
+        if ram and ram.get("decode_ms"):
+            h2d = (ram.get("decode_h2d_bytes") or 0) / gen_tokens
+            copy_ms = _ms(h2d, h2d_gib_s)
+            terms = [x for x in (vram_dec, copy_ms) if x is not None]
+            e.update({"ram_h2d_bytes_per_token": h2d, "ram_copy_bound_ms": copy_ms,
+                      "ram_bound_complete": len(terms) == 2})
+            if terms:
+                e["ram_bound_ms"] = max(terms)
+                e["ram_vs_bound"] = ram["decode_ms"] / e["ram_bound_ms"]
+            if ram.get("ttft_s") and vram_ttft:
+                e["ram_vs_vram_prefill"] = ram["ttft_s"] / vram_ttft
+            if nkvo:
+                best, which = min(nkvo)
+                e["ram_vs_nkvo_decode"] = best / ram["decode_ms"]
+                e["nkvo_fastest"] = which
+        if by.get("ngl"):
+            e["ngl_n_gpu_layers"] = by["ngl"].get("n_gpu_layers")
+        out.append(e)
+    return out
+
+
+def run_bench_gpu(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int], None]] = None,
+                  log: Callable[[str], None] = lambda s: None) -> dict:
+    """The GPU matrix: the references (all KV in VRAM, stock offload_kqv=False) once per repetition, the other
+    policies per VRAM budget; each cell a fresh process in a host-memory-limited cgroup (gpu_cell_limit), its
+    peak VRAM sampled by NVML (VRAM has no cgroup)."""
+    info, budgets = check_options(opts)
+    kv_total = sum(info.layer_bytes(opts.n_ctx))
+    host_label, host_bytes = host_budget(opts, info)
+    weights = os.path.getsize(opts.model)
+    host_w = host_weights(info, weights)
+    if opts.kv_dir is None and opts.kv_device is None:
+        from .llama import default_kv_dir
+
+        opts.kv_dir = default_kv_dir()
+    reason = cgroup.available() if opts.use_cgroup else None
+    if opts.use_cgroup and reason:
+        raise ConfigError(f"cannot make a memory-limited cgroup here ({reason}); run as root on a machine with "
+                          "cgroup v1 or v2, or pass --no-cgroup (numbers then are not memory-enforced)")
+    log(f"probing {opts.kv_device or opts.kv_dir} with O_DIRECT ...")
+    probe = probe_read_bandwidth(opts.kv_dir, opts.kv_device, opts.probe_bytes)
+    log("probing the host-to-device copy bandwidth ...")
+    copy = probe_copy_bandwidth(opts.copy_probe_bytes)
+    overhead = opts.overhead
+    if opts.use_cgroup and overhead is None:
+        log("calibrating the memory overhead (a small all-in-VRAM run) ...")
+        overhead = calibrate_overhead(opts, weights)
+
+    def limit(policy: str) -> Optional[int]:
+        return gpu_cell_limit(policy, weights, host_w, kv_total, host_bytes, overhead) if opts.use_cgroup else None
+
+    refs = ["vram"] + [p for p in GPU_REFERENCE if p != "vram" and p in opts.policies]
+    cells = [Cell(p, REF_LABEL, None, limit(p)) for p in refs]
+    cells += [Cell(p, label, b, limit(p)) for label, b in budgets for p in opts.policies if p not in GPU_REFERENCE]
+    ngl = {label: ngl_for_budget(info, opts.n_ctx, b) for label, b in budgets}
+    total = opts.reps * len(cells)
+    done = 0
+    for rep in range(opts.reps):
+        for c in cells:
+            if on_progress:
+                on_progress(f"{c.policy} @ {c.budget_label} (rep {rep + 1}/{opts.reps})", done, total)
+            extra = {"gpu": True}
+            if c.policy == "ngl":
+                extra["n_gpu_layers"] = ngl[c.budget_label]
+            elif c.policy not in GPU_STOCK:
+                extra["vram_budget"] = c.budget_bytes
+            budget = host_bytes if c.policy in ("mmap", "direct", "auto") else None  # ram: every host copy pinned
+            ref_wall = [x["wall_s"] for x in cells[0].runs if x.get("ok")]
+            timeout = opts.timeout or (max(120.0, 8 * max(ref_wall)) if ref_wall else 1800)
+            r = _run_cell(opts, c.policy, budget, c.limit_bytes, opts.prompt_tokens, opts.gen_tokens, opts.n_ctx,
+                          timeout, extra)
+            r["rep"] = rep
+            c.runs.append(r)
+            done += 1
+    if on_progress:
+        on_progress("done", total, total)
+
+    ref_tokens = next((r["tokens"] for r in cells[0].runs if r.get("ok")), None)
+    rows = summarize(cells)
+    for row, c in zip(rows, cells):
+        oks = [r for r in c.runs if r.get("ok")]
+        row["tokens_equal_vram"] = None if not oks or ref_tokens is None else all(r["tokens"] == ref_tokens
+                                                                                   for r in oks)
+        row["host_budget_bytes"] = host_bytes if c.policy in ("mmap", "direct", "auto") else None
+        if row.get("decode_h2d_bytes") is not None:
+            row["h2d_bytes_per_token"] = row["decode_h2d_bytes"] / opts.gen_tokens
+            row["copy_wait_ms_per_token"] = (row["decode_copy_wait_s"] or 0) / opts.gen_tokens * 1e3
+        if row.get("decode_bytes_read") and row.get("decode_ms"):
+            row["read_gib_s"] = row["decode_bytes_read"] / opts.gen_tokens / (row["decode_ms"] / 1e3) / GiB
+            row["device_util"] = row["read_gib_s"] / probe["read_gib_s"]
+    ratios = gpu_ratios(rows, [label for label, _ in budgets], probe.get("read_gib_s"), copy.get("h2d_gib_s"),
+                        opts.gen_tokens)
+    for e in ratios:
+        if "auto_vs_mmap_decode" in e:
+            e["auto_vs_mmap_decode_per_run"] = _paired(cells, e["budget"], "decode_ms", "mmap", "auto")
+            e["auto_vs_mmap_prefill_per_run"] = _paired(cells, e["budget"], "ttft_s", "mmap", "auto")
+    return {
+        "mode": "gpu",
+        "command": " ".join(["dualblade", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None,
+        "machine": {**machine(), "gpu": gpu_machine()},
+        "location": describe_location(opts.kv_dir, opts.kv_device),
+        "model": {"path": str(opts.model), "label": opts.model_label, "arch": info.arch,
+                  "n_layer": len(info.layers), "weights_bytes": weights, "host_weights_bytes": host_w,
+                  "kv_bytes_total": kv_total},
+        "workload": {"n_ctx": opts.n_ctx, "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens,
+                     "reps": opts.reps, "threads": opts.threads},
+        "host_budget": {"label": host_label, "bytes": host_bytes},
+        "ngl": ngl,
+        "memory_enforced": opts.use_cgroup,
+        "cgroup_version": next((r.get("cgroup_version") for c in cells for r in c.runs if r.get("cgroup_version")),
+                               None),
+        "overhead_bytes": overhead,
+        "probe": probe,
+        "copy_probe": copy,
         "rows": rows,
         "ratios": ratios,
         "cells": [asdict(c) for c in cells],

@@ -8,7 +8,9 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 TEXT = (b"In the long evening the travellers told stories of rivers and mountains, of cities built on "
@@ -23,22 +25,96 @@ def _proc_io() -> dict:
         return {}
 
 
+class VramSampler:
+    """The GPU's used memory, sampled in a background thread (NVML through pynvml, else nvidia-smi): the
+    baseline before the model loads and the peak after. peak_bytes() - baseline is what the cell took
+    (samples every 10 ms with NVML, 100 ms with nvidia-smi: a shorter spike can be missed)."""
+
+    def __init__(self):
+        self.source, self.total, self._read, interval = None, None, None, 0.01
+        index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        index = int(index) if index.isdigit() else 0
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.total = int(pynvml.nvmlDeviceGetMemoryInfo(h).total)
+            self._read, self.source = (lambda: int(pynvml.nvmlDeviceGetMemoryInfo(h).used)), "nvml"
+        except Exception:  # noqa: BLE001 - no pynvml, or no driver: try nvidia-smi
+            cmd = ["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+
+            def smi() -> int:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+                return int(float(out.split()[0]) * (1 << 20))
+            try:
+                smi()
+                self._read, self.source, interval = smi, "nvidia-smi", 0.1
+            except Exception:  # noqa: BLE001 - no GPU tool at all: no VRAM figures
+                pass
+        self.baseline = self._read() if self._read else None
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        if self._read:
+            self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
+            self._thread.start()
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.peak = max(self.peak, self._read())
+            except Exception:  # noqa: BLE001 - a failed sample is skipped
+                pass
+
+    def stop(self) -> dict:
+        if not self._read:
+            return {"vram_source": None}
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._read())
+        return {"vram_source": self.source, "vram_baseline_bytes": self.baseline, "vram_total_bytes": self.total,
+                "peak_vram_bytes": self.peak - self.baseline}
+
+
+# GPU cells (bench --gpu): stock llama_cpp.Llama's keyword arguments by policy; the dualblade policies
+# (ram, mmap, direct, auto) run dualblade.Llama with every layer on the GPU and a VRAM budget
+GPU_STOCK = {
+    "vram": dict(n_gpu_layers=-1, flash_attn=True),                      # all KV in VRAM: the upper bound
+    "nkvo-fa": dict(n_gpu_layers=-1, offload_kqv=False, flash_attn=True),  # KV in host RAM, attention on the CPU
+    "nkvo": dict(n_gpu_layers=-1, offload_kqv=False, flash_attn=False),
+    "ngl": dict(flash_attn=True),                                         # n_gpu_layers from the cell's argument
+}
+
+
+def _make_llm(a: dict, kw: dict):
+    if a.get("gpu") and a["policy"] in GPU_STOCK:
+        import llama_cpp
+
+        kw.update(GPU_STOCK[a["policy"]])
+        if a["policy"] == "ngl":
+            kw["n_gpu_layers"] = a["n_gpu_layers"]
+        return llama_cpp.Llama(a["model"], **kw)
+    if a["policy"] == "stock":
+        import llama_cpp
+
+        return llama_cpp.Llama(a["model"], **kw)
+    from dualblade import Llama
+
+    policy, _, variant = a["policy"].partition("-")
+    if a.get("gpu"):
+        kw.update(n_gpu_layers=-1, vram_budget=a["vram_budget"])
+    return Llama(a["model"], kv_policy=policy, mem_budget=a["budget"], kv_dir=a.get("kv_dir"),
+                 kv_device=a.get("kv_device"), kv_force=bool(a.get("kv_force")),
+                 kv_verify=variant != "noverify", **kw)
+
+
 def run(a: dict) -> dict:
+    vram = VramSampler() if a.get("gpu") else None  # the baseline before anything is loaded
     t_load = time.perf_counter()
     kw = dict(n_ctx=a["n_ctx"], n_batch=512, n_ubatch=512, flash_attn=True, verbose=False, seed=1)
     if a.get("threads"):
         kw["n_threads"] = a["threads"]
-    if a["policy"] == "stock":
-        import llama_cpp
-
-        llm = llama_cpp.Llama(a["model"], **kw)
-    else:
-        from dualblade import Llama
-
-        policy, _, variant = a["policy"].partition("-")
-        llm = Llama(a["model"], kv_policy=policy, mem_budget=a["budget"], kv_dir=a.get("kv_dir"),
-                    kv_device=a.get("kv_device"), kv_force=bool(a.get("kv_force")),
-                    kv_verify=variant != "noverify", **kw)
+    llm = _make_llm(a, kw)
     toks = llm.tokenize(TEXT)
     while len(toks) < a["prompt_tokens"]:
         toks += llm.tokenize(TEXT, add_bos=False)
@@ -56,7 +132,7 @@ def run(a: dict) -> dict:
     tok = llm.sample(temp=0.0)
     ttft = time.perf_counter() - t0
     st1 = llm.kv_stats() if st0 is not None else None
-    ru_dec = resource.getrusage(resource.RUSAGE_SELF)
+    ru_dec, io_dec = resource.getrusage(resource.RUSAGE_SELF), _proc_io()
     steps, out = [], [tok]
     for _ in range(a["gen_tokens"]):
         ts = time.perf_counter()
@@ -82,7 +158,14 @@ def run(a: dict) -> dict:
         "maxrss_bytes": ru1.ru_maxrss * 1024,
         "proc_read_bytes": io1.get("read_bytes", 0) - io0.get("read_bytes", 0),
         "proc_write_bytes": io1.get("write_bytes", 0) - io0.get("write_bytes", 0),
+        # what the decode read from storage, as the kernel counts it (O_DIRECT reads and page-cache misses)
+        "decode_proc_read_bytes": io1.get("read_bytes", 0) - io_dec.get("read_bytes", 0),
     }
+    if vram is not None:
+        res.update(vram.stop())
+        res["n_gpu_layers"] = kw.get("n_gpu_layers")
+        res["offload_kqv"] = kw.get("offload_kqv", True)
+        res["flash_attn"] = kw.get("flash_attn")
     if st0 is not None:
         st = llm.kv_stats()
         res.update({
@@ -102,6 +185,12 @@ def run(a: dict) -> dict:
             "pipeline_depth": st["pipeline_depth"],
             "staged_peak_bytes": st["staged_peak_bytes"],
         })
+        if vram is not None:  # the VRAM tier's copies: the whole run and the decode alone
+            v, v0, v1 = st["vram"], st0["vram"], st1["vram"]
+            res["vram"] = v
+            for key in ("h2d_bytes", "h2d_pinned_bytes", "d2h_bytes", "copy_wait_s"):
+                res[key] = v[key] - v0[key]
+                res[f"decode_{key}"] = v[key] - v1[key]
     llm.close()
     return res
 

@@ -1,0 +1,151 @@
+"""`dualblade bench --gpu` without a GPU: its refusals, and the pure parts of the GPU matrix (the ngl rule, the
+host limits, issue 12's ratios, the table) on synthetic cell results. The GPU runs themselves are in docs/gpu.md."""
+import io
+
+import llama_cpp
+import pytest
+from rich.console import Console
+
+from dualblade import bench, bench_cell
+from conftest import assert_user_error, run_cli
+
+GiB = 1 << 30
+MiB = 1 << 20
+no_gpu = pytest.mark.skipif(bool(llama_cpp.llama_supports_gpu_offload()), reason="a GPU build on a GPU")
+
+
+@no_gpu
+def test_gpu_refused_without_a_gpu(tmp_path):
+    assert_user_error(run_cli("bench", "--synthetic", "tiny", "--gpu", "--kv-dir", str(tmp_path), "--no-cgroup",
+                              timeout=120), "--gpu needs a GPU build")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--gpu", "--host-budget", "150%"], "--host-budget: budget '150%' must be between 0% and 100%"),
+    (["--gpu", "--host-budget", "lots"], "--host-budget"),
+    (["--host-budget", "1G"], "add --gpu"),
+    (["--gpu", "--policies", "stock"], "unknown policy 'stock' for the --gpu benchmark"),
+])
+def test_bad_gpu_input_is_one_line(args, words, tmp_path):
+    """Refused before the GPU is asked for: the same on machines with and without one."""
+    assert_user_error(run_cli("bench", "--synthetic", "tiny", *args, "--kv-dir", str(tmp_path), "--no-cgroup",
+                              timeout=120), words)
+
+
+def test_ngl_rule():
+    # 4 layers of 100 MB weights, 50 MB KV each; output layer 30 MB
+    blocks, kv = [100 * MiB] * 4, [50 * MiB] * 4
+    # the whole KV fits: everything on the GPU (n_layer + 1)
+    assert bench.ngl_fit(blocks, kv, 30 * MiB, 200 * MiB) == 5
+    # 25% of the KV (50 MB): 4 layers' KV does not fit; 3 layers cost 3 x 150 <= 400 + 50: n = 1 + 3
+    assert bench.ngl_fit(blocks, kv, 30 * MiB, 50 * MiB) == 4
+    # no VRAM for KV at all: 2 layers on the GPU still fit (the other two's weights pay for their KV)
+    assert bench.ngl_fit(blocks, kv, 30 * MiB, 0) == 3
+    # KV far heavier than the weights: fewer layers
+    assert bench.ngl_fit([10 * MiB] * 4, [100 * MiB] * 4, 5 * MiB, 100 * MiB) == 2  # output + 1 layer
+    assert bench.ngl_fit([10 * MiB] * 4, [100 * MiB] * 4, 5 * MiB, 50 * MiB) == 1   # output only
+    assert bench.ngl_fit([], [], 0, 0) == 1
+
+
+def test_ngl_from_the_gguf_table(tiny_path):
+    from dualblade.gguf_header import model_info
+
+    info = model_info(tiny_path)
+    kv_total = sum(info.layer_bytes(2048))
+    n_layer = len(info.layers)
+    assert bench.ngl_for_budget(info, 2048, kv_total) == n_layer + 1
+    assert 1 <= bench.ngl_for_budget(info, 2048, kv_total // 4) <= n_layer
+    assert bench.host_weights(info, 10**12) == info.tensor_bytes["token_embd.weight"]
+
+
+def test_host_limits():
+    w, hw, kv, host, ov = 1300 * MiB, 280 * MiB, GiB, 256 * MiB, 900 * MiB
+    for p in ("mmap", "direct", "auto"):
+        assert bench.gpu_cell_limit(p, w, hw, kv, host, ov) == hw + host + ov
+    for p in ("vram", "nkvo", "nkvo-fa", "ngl", "ram"):
+        assert bench.gpu_cell_limit(p, w, hw, kv, host, ov) == w + kv + ov
+
+
+def test_policies_agree_between_the_bench_and_its_cells():
+    assert set(bench.GPU_STOCK) == set(bench_cell.GPU_STOCK)
+    assert set(bench.GPU_REFERENCE) <= set(bench.GPU_STOCK) <= set(bench.GPU_POLICIES)
+
+
+def _row(policy, budget, **kw):
+    r = {"policy": policy, "budget": budget, "budget_bytes": None if budget == bench.REF_LABEL else 256 * MiB,
+         "status": "ok", "ok_runs": 1, "runs": 1, "limit_bytes": None}
+    r.update(kw)
+    return r
+
+
+GEN = 32
+ROWS = [
+    _row("vram", "-", ttft_s=0.5, decode_ms=2.0),
+    _row("nkvo-fa", "-", ttft_s=10.0, decode_ms=150.0),
+    _row("nkvo", "-", ttft_s=60.0, decode_ms=40.0),
+    _row("ngl", "25%", ttft_s=1.0, decode_ms=20.0, n_gpu_layers=9),
+    # ram: 0.25 GiB host-to-device per token
+    _row("ram", "25%", ttft_s=0.6, decode_ms=6.0, decode_h2d_bytes=GEN * GiB // 4),
+    _row("mmap", "25%", ttft_s=8.0, decode_ms=900.0),
+    # auto: 0.25 GiB per token read from storage (the kernel's count is the larger), 0.25 GiB copied
+    _row("auto", "25%", ttft_s=4.0, decode_ms=300.0, decode_bytes_read=GEN * GiB // 8,
+         decode_proc_read_bytes=GEN * GiB // 4, decode_h2d_bytes=GEN * GiB // 4),
+]
+
+
+def test_gpu_ratios():
+    (e,) = bench.gpu_ratios(ROWS, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    assert e["auto_vs_mmap_decode"] == pytest.approx(3.0)
+    assert e["auto_vs_mmap_prefill"] == pytest.approx(2.0)
+    assert e["auto_io_bound_ms"] == pytest.approx(250.0)  # 0.25 GiB at 1 GiB/s
+    assert e["auto_copy_bound_ms"] == pytest.approx(5.0)  # 0.25 GiB at 50 GiB/s
+    assert e["auto_bound_ms"] == pytest.approx(250.0) and e["auto_bound_complete"]
+    assert e["auto_vs_bound"] == pytest.approx(1.2)
+    assert e["ram_bound_ms"] == pytest.approx(5.0)
+    assert e["ram_vs_bound"] == pytest.approx(1.2)
+    assert e["ram_vs_vram_prefill"] == pytest.approx(1.2)
+    assert e["ram_vs_nkvo_decode"] == pytest.approx(40.0 / 6.0) and e["nkvo_fastest"] == "nkvo"
+    assert e["ngl_n_gpu_layers"] == 9
+
+
+def test_gpu_ratios_without_copy_probe_or_cells():
+    (e,) = bench.gpu_ratios(ROWS, ["25%"], read_gib_s=1.0, h2d_gib_s=None, gen_tokens=GEN)
+    assert e["auto_copy_bound_ms"] is None and not e["auto_bound_complete"]
+    assert e["ram_bound_ms"] == pytest.approx(2.0) and not e["ram_bound_complete"]  # compute term only
+    failed = [dict(r, status="OOM-killed") if r["policy"] == "mmap" else r for r in ROWS]
+    (e,) = bench.gpu_ratios(failed, ["25%"], 1.0, 50.0, GEN)
+    assert "auto_vs_mmap_decode" not in e and "auto_vs_bound" in e
+    (e,) = bench.gpu_ratios([], ["25%"], 1.0, 50.0, GEN)
+    assert e == {"budget": "25%", "vram_decode_ms": None, "vram_ttft_s": None}
+
+
+def test_gpu_table_renders():
+    from dualblade.cli.bench import render_gpu
+
+    rows = [dict(r, peak_bytes=GiB, peak_vram_bytes=3 * GiB, decode_ms_range=None, decode_tok_s=1e3 / r["decode_ms"],
+                 tokens_equal_vram=True) for r in ROWS]
+    for r in rows:
+        if r.get("decode_h2d_bytes"):
+            r["h2d_bytes_per_token"] = r["decode_h2d_bytes"] / GEN
+            r["copy_wait_ms_per_token"] = 0.5
+            r["vram_layers"] = {"resident": 4, "streamed": 12}
+    rows.append(_row("direct", "25%", status="timeout: not done after 120 s (thrashing)", ttft_s=None,
+                     decode_ms=None, peak_bytes=None))
+    res = {"mode": "gpu", "model": {"label": "synthetic llama-1b", "path": "x", "kv_bytes_total": GiB,
+                                    "weights_bytes": 1300 * MiB, "host_weights_bytes": 280 * MiB},
+           "workload": {"n_ctx": 32768, "prompt_tokens": 16384, "gen_tokens": GEN, "reps": 1},
+           "machine": {"gpu": {"name": "NVIDIA H200"}}, "host_budget": {"label": "25%", "bytes": 256 * MiB},
+           "probe": {"read_gib_s": 1.5}, "copy_probe": {"h2d_gib_s": 50.0, "d2h_gib_s": 45.0},
+           "location": {"path": "/tmp"}, "memory_enforced": True, "overhead_bytes": 900 * MiB,
+           "ratios": bench.gpu_ratios(ROWS, ["25%"], 1.5, 50.0, GEN)}
+    res["rows"] = rows
+    out = io.StringIO()
+    render_gpu(res, Console(file=out, width=250))
+    text = out.getvalue()
+    for word in ("nkvo-fa", "peak VRAM", "3.00 GiB", "0.250", "auto vs mmap: decode 3.00x", "ram decode",
+                 "timeout", "NVIDIA H200"):
+        assert word in text, word
+    res["copy_probe"] = {"h2d_gib_s": None, "why": "torch is not installed"}
+    out = io.StringIO()
+    render_gpu(res, Console(file=out, width=250))
+    assert "lack their copy term" in out.getvalue()
