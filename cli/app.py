@@ -119,7 +119,7 @@ def info(
 def bench(
     model: Optional[Path] = ModelArg,
     synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark a random-weight model of a named "
-                                            "shape instead: tiny, kv-heavy, llama-1b (written once, cached)."),
+                                            "shape instead: tiny, kv-heavy, llama-1b, gemma3-tiny, gemma3-1b (written once, cached)."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated: stock "
                                  "(llama-cpp-python as is), ram, mmap, direct, auto; direct-noverify measures what the "
                                  "checksums cost (default: stock,ram,mmap,direct,auto). With --gpu: vram, nkvo-fa, nkvo, "
