@@ -108,8 +108,12 @@ class Llama(llama_cpp.Llama):
         self._kv_wipe = bool(kv_wipe)
         self.eval_progress: Optional[Callable[[int, int], None]] = None
         self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0}
-        # the weights are mmap'ed (unless use_mmap=False): auto leaves their working set its page cache
-        mapped = offloaded and kwargs.get("use_mmap", True)
+        # the weights are mmap'ed (unless use_mmap=False): auto leaves their working set its page cache; with
+        # every layer on a GPU they live in VRAM, and their file pages are read once, at load
+        ngl = kwargs.get("n_gpu_layers", 0)
+        all_on_gpu = (info is not None and (ngl < 0 or ngl > len(info.layers))  # the output matrix too
+                      and bool(llama_cpp.llama_supports_gpu_offload()))
+        mapped = offloaded and kwargs.get("use_mmap", True) and not all_on_gpu
         try:
             self._kv_session = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
                                                layout if offloaded else None, force=kv_force,
