@@ -53,30 +53,54 @@ def _short_status(status: str) -> str:
     return status if len(status) <= 12 else "failed"
 
 
+def _table(title: str, cols: list[tuple[str, str]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for name, just in cols:
+        t.add_column(name, justify=just)
+    return t
+
+
+def _rows_by_budget(t: Table, rows: list[dict]):
+    """The rows, with a section line between budgets."""
+    last = None
+    for r in rows:
+        if last is not None and r["budget"] != last:
+            t.add_section()
+        last = r["budget"]
+        yield r
+
+
+def _decode_text(r: dict) -> str:
+    dec = _fmt(r["decode_ms"], "ms")
+    if r.get("decode_ms_range") and r["ok_runs"] > 1:
+        lo, hi = r["decode_ms_range"]
+        dec += f" [{lo:.1f}, {hi:.1f}]"
+    return dec
+
+
+def _exact(flag) -> str:
+    return {True: "yes", False: "NO", None: "-"}[flag]
+
+
+def _failures(res: dict, console: Console) -> None:
+    for r in res["rows"]:
+        if r["status"] != "ok" and _short_status(r["status"]) != r["status"]:
+            console.print(f"{r['policy']} @ {r['budget']}: {r['status']}", markup=False, soft_wrap=True)
+
+
 def render(res: dict, console: Console) -> None:
     m, w, p = res["model"], res["workload"], res["probe"]
     title = (f"{m['label'] or m['path']}: KV {format_size(m['kv_bytes_total'])} at {w['n_ctx']} tokens, "
              f"weights {format_size(m['weights_bytes'])}; prompt {w['prompt_tokens']}, {w['gen_tokens']} generated, "
              f"{w['reps']} rep(s)")
-    t = Table(title=title, title_justify="left")
-    cols = [("budget", "left"), ("policy", "left"), ("status", "left"), ("TTFT s", "right"), ("decode ms/tok", "right"),
-            ("tok/s", "right"), ("peak mem", "right"), ("peak RSS", "right"), ("read", "right"), ("GiB/s", "right"),
-            ("dev util", "right"), ("CPU ms/tok", "right"), ("io stall s", "right"), ("layers r/m/d", "right"),
-            ("exact", "left")]
-    for name, just in cols:
-        t.add_column(name, justify=just)
-    last = None
-    for r in res["rows"]:
-        if last is not None and r["budget"] != last:
-            t.add_section()
-        last = r["budget"]
+    t = _table(title, [("budget", "left"), ("policy", "left"), ("status", "left"), ("TTFT s", "right"),
+                       ("decode ms/tok", "right"), ("tok/s", "right"), ("peak mem", "right"), ("peak RSS", "right"),
+                       ("read", "right"), ("GiB/s", "right"), ("dev util", "right"), ("CPU ms/tok", "right"),
+                       ("io stall s", "right"), ("layers r/m/d", "right"), ("exact", "left")])
+    for r in _rows_by_budget(t, res["rows"]):
         lp = r.get("layers_by_path") or {}
         paths = f"{lp.get('ram', 0)}/{lp.get('mmap', 0)}/{lp.get('direct', 0)}" if lp else "-"
-        dec = _fmt(r["decode_ms"], "ms")
-        if r.get("decode_ms_range") and r["ok_runs"] > 1:
-            lo, hi = r["decode_ms_range"]
-            dec += f" [{lo:.1f}, {hi:.1f}]"
-        exact = {True: "yes", False: "NO", None: "-"}[r.get("tokens_equal_ram")]
+        dec, exact = _decode_text(r), _exact(r.get("tokens_equal_ram"))
         t.add_row(f"{r['budget']} ({format_size(r['budget_bytes'])})", r["policy"], _short_status(r["status"]),
                   _fmt(r["ttft_s"], "s"), dec, _fmt(r.get("decode_tok_s"), "ms"), _fmt(r["peak_bytes"], "bytes"),
                   _fmt(r["maxrss_bytes"], "bytes"), _fmt(r["bytes_read"], "bytes"), _fmt(r.get("read_gib_s"), "gib"),
@@ -84,9 +108,7 @@ def render(res: dict, console: Console) -> None:
                   _fmt(r.get("decode_cpu_ms"), "ms"),
                   _fmt(r["io_wait_s"], "s"), paths, exact)
     console.print(t)
-    for r in res["rows"]:
-        if r["status"] != "ok" and _short_status(r["status"]) != r["status"]:
-            console.print(f"{r['policy']} @ {r['budget']}: {r['status']}", markup=False, soft_wrap=True)
+    _failures(res, console)
     ref = res["ram_reference"]
     console.print(f"device probe ({res['location'].get('path')}): O_DIRECT read {p['read_gib_s']:.2f} GiB/s "
                   f"({p['in_flight']} x {p['request_bytes'] >> 20} MiB in flight)"
@@ -131,38 +153,26 @@ def render_gpu(res: dict, console: Console) -> None:
              f"{w['n_ctx']} tokens, weights {format_size(m['weights_bytes'])}; prompt {w['prompt_tokens']}, "
              f"{w['gen_tokens']} generated, {w['reps']} rep(s); host budget {res['host_budget']['label']} "
              f"({format_size(res['host_budget']['bytes'])})")
-    t = Table(title=title, title_justify="left")
-    cols = [("VRAM budget", "left"), ("policy", "left"), ("status", "left"), ("TTFT s", "right"),
-            ("decode ms/tok", "right"), ("tok/s", "right"), ("peak VRAM", "right"), ("peak mem", "right"),
-            ("H2D GiB/tok", "right"), ("copy stall ms/tok", "right"), ("read/tok", "right"),
-            ("layers vram/str", "right"), ("ngl", "right"), ("exact", "left")]
-    for name, just in cols:
-        t.add_column(name, justify=just)
-    last = None
-    for r in res["rows"]:
-        if last is not None and r["budget"] != last:
-            t.add_section()
-        last = r["budget"]
-        dec = _fmt(r["decode_ms"], "ms")
-        if r.get("decode_ms_range") and r["ok_runs"] > 1:
-            lo, hi = r["decode_ms_range"]
-            dec += f" [{lo:.1f}, {hi:.1f}]"
+    t = _table(title, [("VRAM budget", "left"), ("policy", "left"), ("status", "left"), ("TTFT s", "right"),
+                       ("decode ms/tok", "right"), ("tok/s", "right"), ("peak VRAM", "right"), ("peak mem", "right"),
+                       ("H2D GiB/tok", "right"), ("copy stall ms/tok", "right"), ("read/tok", "right"),
+                       ("layers vram/str", "right"), ("ngl", "right"), ("exact", "left")])
+    for r in _rows_by_budget(t, res["rows"]):
+        dec = _decode_text(r)
         vl = r.get("vram_layers")
         layers = f"{vl['resident']}/{vl['streamed']}" if vl else "-"
         h2d = r.get("h2d_bytes_per_token")
         read = max(r.get("decode_bytes_read") or 0, r.get("decode_proc_read_bytes") or 0) / w["gen_tokens"] \
             if r.get("decode_ms") else None
         budget = "-" if r["budget_bytes"] is None else f"{r['budget']} ({format_size(r['budget_bytes'])})"
-        exact = {True: "yes", False: "NO", None: "-"}[r.get("tokens_equal_vram")]
+        exact = _exact(r.get("tokens_equal_vram"))
         t.add_row(budget, r["policy"], _short_status(r["status"]), _fmt(r["ttft_s"], "s"), dec,
                   _fmt(r.get("decode_tok_s"), "ms"), _fmt(r.get("peak_vram_bytes"), "bytes"),
                   _fmt(r["peak_bytes"], "bytes"), "-" if h2d is None else f"{h2d / 2**30:.3f}",
                   _fmt(r.get("copy_wait_ms_per_token"), "ms"), "-" if read is None else format_size(read), layers,
                   _fmt(r.get("n_gpu_layers"), ""), exact)
     console.print(t)
-    for r in res["rows"]:
-        if r["status"] != "ok" and _short_status(r["status"]) != r["status"]:
-            console.print(f"{r['policy']} @ {r['budget']}: {r['status']}", markup=False, soft_wrap=True)
+    _failures(res, console)
     console.print(f"device probe ({res['location'].get('path')}): O_DIRECT read {p['read_gib_s']:.2f} GiB/s; "
                   + (f"host-to-device copy (pinned, torch) {cp['h2d_gib_s']:.1f} GiB/s, back "
                      f"{cp.get('d2h_gib_s', 0):.1f} GiB/s" if cp.get("h2d_gib_s")

@@ -349,6 +349,21 @@ def check_options(opts: BenchOptions):
     return info, budgets
 
 
+def _prepare(opts: BenchOptions, log: Callable[[str], None]) -> dict:
+    """What every run does before its cells: the KV location (default: dualblade's), the cgroup check, and the
+    location's O_DIRECT read probe (returned)."""
+    if opts.kv_dir is None and opts.kv_device is None:
+        from .llama import default_kv_dir
+
+        opts.kv_dir = default_kv_dir()
+    reason = cgroup.available() if opts.use_cgroup else None
+    if opts.use_cgroup and reason:
+        raise ConfigError(f"cannot make a memory-limited cgroup here ({reason}); run as root on a machine with "
+                          "cgroup v1 or v2, or pass --no-cgroup (numbers then are not memory-enforced)")
+    log(f"probing {opts.kv_device or opts.kv_dir} with O_DIRECT ...")
+    return probe_read_bandwidth(opts.kv_dir, opts.kv_device, opts.probe_bytes)
+
+
 def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int], None]] = None,
               log: Callable[[str], None] = lambda s: None) -> dict:
     if opts.gpu:
@@ -356,17 +371,7 @@ def run_bench(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int]
     info, budgets = check_options(opts)
     kv_total = sum(info.layer_bytes(opts.n_ctx))
     weights = os.path.getsize(opts.model)
-    if opts.kv_dir is None and opts.kv_device is None:
-        from .llama import default_kv_dir
-
-        opts.kv_dir = default_kv_dir()
-
-    reason = cgroup.available() if opts.use_cgroup else None
-    if opts.use_cgroup and reason:
-        raise ConfigError(f"cannot make a memory-limited cgroup here ({reason}); run as root on a machine with "
-                          "cgroup v1 or v2, or pass --no-cgroup (numbers then are not memory-enforced)")
-    log(f"probing {opts.kv_device or opts.kv_dir} with O_DIRECT ...")
-    probe = probe_read_bandwidth(opts.kv_dir, opts.kv_device, opts.probe_bytes)
+    probe = _prepare(opts, log)
     overhead = opts.overhead
     if opts.use_cgroup and overhead is None:
         log("calibrating the memory overhead ...")
@@ -652,16 +657,7 @@ def run_bench_gpu(opts: BenchOptions, on_progress: Optional[Callable[[str, int, 
     host_label, host_bytes = host_budget(opts, info)
     weights = os.path.getsize(opts.model)
     host_w = host_weights(info, weights)
-    if opts.kv_dir is None and opts.kv_device is None:
-        from .llama import default_kv_dir
-
-        opts.kv_dir = default_kv_dir()
-    reason = cgroup.available() if opts.use_cgroup else None
-    if opts.use_cgroup and reason:
-        raise ConfigError(f"cannot make a memory-limited cgroup here ({reason}); run as root on a machine with "
-                          "cgroup v1 or v2, or pass --no-cgroup (numbers then are not memory-enforced)")
-    log(f"probing {opts.kv_device or opts.kv_dir} with O_DIRECT ...")
-    probe = probe_read_bandwidth(opts.kv_dir, opts.kv_device, opts.probe_bytes)
+    probe = _prepare(opts, log)
     log("probing the host-to-device copy bandwidth ...")
     copy = probe_copy_bandwidth(opts.copy_probe_bytes)
     overhead = opts.overhead
