@@ -9,21 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 from dualblade import vram
-from dualblade.config import KVConfig
+from dualblade.config import KVConfig, size_arg
 from dualblade.errors import BudgetError, ConfigError
 from dualblade.gguf_header import CACHE_TYPES
 from dualblade.sizes import format_size
 
 from .common import check_ctx, resolve_model
-
-
-def parse_size_arg(value: str, flag: str) -> int:
-    from dualblade.sizes import parse_size
-
-    try:
-        return parse_size(value, flag)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Optional[str], policy: str,
@@ -32,7 +23,7 @@ def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Opt
     n_ctx = ctx_size if ctx_size is not None else (info.n_ctx_train or 4096)
     check_ctx(n_ctx, info)
     cfg = KVConfig.from_args(mem_budget, policy)
-    vram_bytes = None if vram_budget is None else parse_size_arg(vram_budget, "--vram-budget")
+    vram_bytes = None if vram_budget is None else size_arg(vram_budget, "--vram-budget")
     if vram_bytes is not None and not n_gpu_layers:
         raise ConfigError("--vram-budget plans the KV of the layers on the GPU, and -ngl is 0; give -ngl 99 (all "
                           "layers), or leave --vram-budget out")

@@ -64,6 +64,14 @@ class KVConfig:
         return cls(policy, budget, kv_dir, kv_device)
 
 
+def size_arg(value, name: str) -> int:
+    """A size argument (bytes or a size string) in bytes; ConfigError naming `name` for a bad one."""
+    try:
+        return parse_size(value, name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _path_arg(value, name: str) -> str | None:
     if value is None:
         return None

@@ -11,11 +11,11 @@ import llama_cpp
 
 from . import _native
 from . import llama_log
-from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file
+from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file, size_arg
 from .errors import KVIOError  # noqa: F401 (re-exported)
 from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
-from .sizes import format_size, parse_size
+from .sizes import format_size
 from . import vram
 
 log = logging.getLogger("dualblade")
@@ -25,10 +25,7 @@ def _vram_budget_arg(vram_budget, kwargs: dict) -> int | None:
     """vram_budget in bytes (None: stock placement); ConfigError where it cannot apply."""
     if vram_budget is None:
         return None
-    try:
-        size = parse_size(vram_budget, "vram_budget")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    size = size_arg(vram_budget, "vram_budget")
     if not llama_cpp.llama_supports_gpu_offload():
         raise ConfigError("vram_budget needs a GPU build of dualblade and a GPU (this build or machine has none); "
                           "reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install ., or leave vram_budget out")
@@ -110,9 +107,8 @@ class Llama(llama_cpp.Llama):
         self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0}
         # the weights are mmap'ed (unless use_mmap=False): auto leaves their working set its page cache; with
         # every layer on a GPU they live in VRAM, and their file pages are read once, at load
-        ngl = kwargs.get("n_gpu_layers", 0)
-        all_on_gpu = (info is not None and (ngl < 0 or ngl > len(info.layers))  # the output matrix too
-                      and bool(llama_cpp.llama_supports_gpu_offload()))
+        all_on_gpu = info is not None and vram.all_weights_on_gpu(len(info.layers), kwargs.get("n_gpu_layers", 0),
+                                                                   bool(llama_cpp.llama_supports_gpu_offload()))
         mapped = offloaded and kwargs.get("use_mmap", True) and not all_on_gpu
         try:
             self._kv_session = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,

@@ -45,6 +45,11 @@ def gpu_layers(n_layer: int, n_gpu_layers: int, offload_kqv: bool, gpu_offload: 
     return {il for il in range(n_layer) if il >= start}
 
 
+def all_weights_on_gpu(n_layer: int, n_gpu_layers: int, gpu_offload: bool) -> bool:
+    """Every layer and the output matrix on the GPU (n_gpu_layers counts the output layer too)."""
+    return gpu_offload and (n_gpu_layers < 0 or n_gpu_layers > n_layer)
+
+
 @dataclass(frozen=True)
 class VramPlan:
     resident: frozenset   # layers in VRAM as stock
