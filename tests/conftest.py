@@ -66,6 +66,25 @@ def heavy_path(tmp_path_factory) -> Path:
     return write_model(tmp_path_factory.mktemp("heavy") / "kv-heavy.gguf", "kv-heavy", seed=1)
 
 
+PROMPT_TEXT = ("In the beginning the valley was quiet. The river ran past the old mill, and the people of the "
+               "village counted the seasons by the colour of the water. ")
+
+
+def prompt_tokens(llm, n: int) -> list[int]:
+    """n tokens of an ordinary English prompt (the text repeated), as the model tokenizes it."""
+    toks = llm.tokenize(PROMPT_TEXT.encode())
+    while len(toks) < n:
+        toks += llm.tokenize(PROMPT_TEXT.encode(), add_bos=False)
+    return toks[:n]
+
+
+def last_logits(llm):
+    """The last evaluated position's logits, copied (llama_cpp keeps no copy without logits_all)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+
+
 def dualblade_exe() -> str:
     exe = shutil.which("dualblade") or str(Path(sys.executable).parent / "dualblade")
     assert os.path.exists(exe), "the dualblade command is not installed"

@@ -14,6 +14,7 @@ import pytest
 import llama_cpp
 
 import dualblade
+from conftest import last_logits
 
 pytestmark = pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(),
                                 reason="no GPU: this llama_cpp build or machine offloads nothing (CI has no GPU)")
@@ -24,17 +25,12 @@ PROMPT = ("The history of computing is the story of memory that was always too s
 N_GEN = 12
 
 
-def _logits(llm) -> bytes:
-    """The last evaluated position's logits, as bytes (llama_cpp keeps no copy without logits_all)."""
-    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).tobytes()
-
-
 def _run(llm, prompt=PROMPT, n_gen=N_GEN):
     """Greedy tokens after the prompt and the logits the prompt's last position gave, as bytes."""
     toks = llm.tokenize(prompt.encode())
     llm.reset()
     llm.eval(toks)
-    logits = _logits(llm)
+    logits = last_logits(llm).tobytes()
     assert np.isfinite(np.frombuffer(logits, np.float32)).all() and len(set(logits)) > 16
     out = []
     for _ in range(n_gen):
@@ -122,11 +118,11 @@ def test_prefix_reuse_and_state_roundtrip(model, reference):
         llm.eval(toks[: len(toks) // 2])
         state = llm.save_state()
         llm.eval(toks[len(toks) // 2:])  # continues from the first half (prefix reuse inside one context)
-        a = _logits(llm)
+        a = last_logits(llm).tobytes()
         assert a == reference[1][1]
         llm.load_state(state)  # back to the first half: the streamed layers' host copies restored
         llm.eval(toks[len(toks) // 2:])
-        b = _logits(llm)
+        b = last_logits(llm).tobytes()
         assert b == a
 
 

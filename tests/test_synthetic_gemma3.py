@@ -9,7 +9,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from conftest import min_budget
+from conftest import last_logits, min_budget, prompt_tokens
 from dualblade import Llama
 from dualblade.gguf_header import model_info
 
@@ -26,31 +26,18 @@ def gemma3_tiny(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("gemma3") / "gemma3-tiny.gguf", "gemma3-tiny", seed=1)
 
 
-def _logits(llm) -> bytes:
-    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).tobytes()
-
-
-def _prompt(llm) -> list[int]:
-    text = ("In the beginning the valley was quiet. The river ran past the old mill, and the people of the "
-            "village counted the seasons by the colour of the water. ")
-    toks = llm.tokenize(text.encode())
-    while len(toks) < PROMPT_TOKENS:
-        toks += llm.tokenize(text.encode(), add_bos=False)
-    return toks[:PROMPT_TOKENS]
-
-
 def _greedy(path, **kv) -> dict:
     """The prompt, then N_GEN greedy tokens one eval at a time: the tokens, the prompt's last logits and the
     final logits (as bytes), and kv_stats()."""
     with closing(Llama(str(path), n_ctx=N_CTX, flash_attn=True, verbose=False, seed=1, **kv)) as llm:
-        llm.eval(_prompt(llm))
-        first = _logits(llm)
+        llm.eval(prompt_tokens(llm, PROMPT_TOKENS))
+        first = last_logits(llm).tobytes()
         out = []
         for _ in range(N_GEN):
-            lg = np.frombuffer(_logits(llm), np.float32)
+            lg = np.frombuffer(last_logits(llm).tobytes(), np.float32)
             out.append(int(np.argmax(lg)))
             llm.eval([out[-1]])
-        return {"tokens": out, "first": first, "last": _logits(llm), "stats": llm.kv_stats()}
+        return {"tokens": out, "first": first, "last": last_logits(llm).tobytes(), "stats": llm.kv_stats()}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +51,7 @@ def test_loads_as_iswa_gemma3(gemma3_tiny, capfd):
     assert [l.swa for l in info.layers] == [True, True, True, False] * 2
     with closing(llama_cpp.Llama(str(gemma3_tiny), n_ctx=N_CTX, flash_attn=True, verbose=True, seed=1)) as llm:
         text = llm.create_completion("Once upon a time", max_tokens=N_GEN, temperature=0)["choices"][0]["text"]
-        lg = np.frombuffer(_logits(llm), np.float32)
+        lg = np.frombuffer(last_logits(llm).tobytes(), np.float32)
     log = capfd.readouterr().err
     assert "arch                  = gemma3" in log and "n_swa                 = 128" in log, log[-3000:]
     assert "is_swa = 0" in log and "is_swa = 1" in log
