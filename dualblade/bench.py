@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import cgroup
+from . import cgroup, vram
 from .config import KVConfig, mem_total
 from .errors import ConfigError, StoreError
 from .gguf_header import model_info
@@ -503,20 +503,12 @@ def ngl_fit(block_bytes: list[int], kv_bytes: list[int], output_bytes: int, vram
 
 
 def ngl_for_budget(info, n_ctx: int, vram_budget: int) -> int:
-    """ngl_fit from the GGUF tensor table (blk.<il>.* per layer, output.weight or the tied token_embd) and
-    the KV of each layer at n_ctx (f16, as the cells run)."""
-    tb = info.tensor_bytes
-    n_layer = max((l.il for l in info.layers), default=-1) + 1
-    blocks = [0] * n_layer
-    for name, b in tb.items():
-        if name.startswith("blk."):
-            il = name.split(".")[1]
-            if il.isdigit() and int(il) < n_layer:
-                blocks[int(il)] += b
-    kv = [0] * n_layer
+    """ngl_fit from the GGUF tensor table (vram.layer_weight_bytes) and the KV of each layer at n_ctx (f16, as
+    the cells run)."""
+    blocks, out = vram.layer_weight_bytes(info)
+    kv = [0] * len(blocks)
     for l, b in zip(info.layers, info.layer_bytes(n_ctx)):
         kv[l.il] += b
-    out = tb.get("output.weight", tb.get("token_embd.weight", 0)) + tb.get("output_norm.weight", 0)
     return ngl_fit(blocks, kv, out, vram_budget)
 
 

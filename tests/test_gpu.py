@@ -78,10 +78,14 @@ def _streamed_budget(model, type_kv):
 
 
 @pytest.mark.parametrize("type_kv", [1, 8], ids=["f16", "q8_0"])
-@pytest.mark.parametrize("host", ["ram", "mmap", "direct"])
-def test_streamed_layers_are_exact(model, reference, type_kv, host, tmp_path):
+@pytest.mark.parametrize("host", ["ram", "mmap", "direct", "device"])
+def test_streamed_layers_are_exact(model, reference, type_kv, host, tmp_path, request):
     kw = dict(type_k=type_kv, type_v=type_kv, vram_budget=_streamed_budget(model, type_kv))
-    if host != "ram":
+    if host == "device":
+        # the direct path on a raw block device (a loop device: root only)
+        kw.update(kv_policy="direct", kv_device=request.getfixturevalue("make_loop")(1 << 30))
+        kw["mem_budget"] = _minimum(model, "mem_budget", **kw)
+    elif host != "ram":
         # the host copies of the streamed layers on the page cache / the direct path (a file): the page
         # cache needs no budget of its own, the direct path its staging
         kw.update(kv_policy=host, kv_dir=str(tmp_path))
@@ -92,7 +96,7 @@ def test_streamed_layers_are_exact(model, reference, type_kv, host, tmp_path):
     assert st["vram"]["streamed_layers"] > 0, st["vram"]
     assert st["vram"]["h2d_bytes"] > 0 and st["vram"]["d2h_bytes"] > 0
     if host != "ram":
-        assert st["layers_by_path"][host] > 0, st["layers_by_path"]
+        assert st["layers_by_path"]["direct" if host == "device" else host] > 0, st["layers_by_path"]
     else:
         assert st["vram"]["h2d_pinned_bytes"] == st["vram"]["h2d_bytes"]  # page-locked host copies
     assert got[0] == reference[type_kv][0]
@@ -135,7 +139,19 @@ def test_without_vram_budget_a_gpu_build_is_stock(model):
         assert _run(llm) == toks_stock
 
 
+def test_vram_budget_auto_takes_the_free_vram(model, reference):
+    """auto: this small model's KV fits the H200's free VRAM: every layer resident, as stock."""
+    free = sum(g.free for g in dualblade.vram.gpus())
+    assert free > 1 << 30
+    with closing(_llm(model, vram_budget="auto")) as llm:
+        st = llm.kv_stats()["vram"]
+        assert st["streamed_layers"] == 0 and st["resident_layers"] > 0
+        assert _run(llm) == reference[1]
+
+
 def test_vram_budget_errors(model):
+    with pytest.raises(dualblade.BudgetError, match="more than the free VRAM .*CUDA0"):
+        _llm(model, vram_budget="100T")
     with pytest.raises(dualblade.BudgetError, match="vram_budget .* below the minimum"):
         _llm(model, vram_budget="1M")
     with pytest.raises(dualblade.ConfigError, match="n_gpu_layers is 0"):
