@@ -127,3 +127,18 @@ def test_no_gpu_here_means_none_found():
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this build has a GPU: tests/test_gpu.py checks what it finds")
     assert vram.gpus() == []  # the CPU build's registry has its CPU device only
+
+
+def test_stats_line_for_the_vram_tier():
+    from dualblade.cli.chat import vram_line
+
+    GiB = 1 << 30
+    assert vram_line({"vram": {"resident_layers": 0, "streamed_layers": 0}}) is None  # CPU builds, stock GPU
+    assert vram_line({}) is None
+    stock = vram_line({"vram": {"resident_layers": 16, "resident_bytes": GiB, "streamed_layers": 0}})
+    assert stock == "VRAM: 16 layers resident (1.00 GiB)"
+    line = vram_line({"vram": {"resident_layers": 2, "resident_bytes": 128 * MiB, "streamed_layers": 14, "slots": 2,
+                               "slot_bytes": 128 * MiB, "h2d_bytes": 3 * GiB, "h2d_pinned_bytes": GiB,
+                               "d2h_bytes": 5 * MiB, "copy_wait_s": 0.25}})
+    assert line == ("VRAM: 2 layers resident (128.0 MiB), 14 streamed through 2 slots of 128.0 MiB; copied host->VRAM "
+                    "3.00 GiB (1.00 GiB page-locked), back 5.00 MiB, copy stall 0.250 s")
