@@ -192,7 +192,8 @@ def render_gpu(res: dict, console: Console) -> None:
                          f"{e.get('auto_vs_mmap_prefill', 0):.2f}x")
         if "auto_vs_bound" in e:
             parts.append(f"auto decode / bound {e['auto_vs_bound']:.2f} (bound {e['auto_bound_ms']:.1f} ms: VRAM "
-                         f"{_fmt(e['vram_decode_ms'], 'ms')}, storage {_fmt(e['auto_io_bound_ms'], 'ms')}, copy "
+                         f"{_fmt(e['vram_decode_ms'], 'ms')}, storage {_fmt(e['auto_io_bound_ms'], 'ms')} at "
+                         f"{e['storage_gib_s'] or 0:.2f} GiB/s ({e['storage_gib_s_from']}), copy "
                          f"{_fmt(e['auto_copy_bound_ms'], 'ms')})")
         if "ram_vs_bound" in e:
             parts.append(f"ram decode / bound {e['ram_vs_bound']:.2f} (bound {e['ram_bound_ms']:.1f} ms: VRAM "

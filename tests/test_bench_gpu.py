@@ -108,6 +108,17 @@ def test_gpu_ratios():
     assert e["ngl_n_gpu_layers"] == 9
 
 
+def test_gpu_ratios_storage_bandwidth_is_the_best_seen():
+    # a cell read at 2 GiB/s while decoding: a 1 GiB/s probe undershot, and the bound uses the 2 GiB/s
+    rows = ROWS + [_row("direct", "25%", ttft_s=9.0, decode_ms=200.0, read_gib_s=2.0)]
+    (e,) = bench.gpu_ratios(rows, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    assert e["storage_gib_s"] == 2.0 and e["storage_gib_s_from"] == "the fastest cell"
+    assert e["auto_io_bound_ms"] == pytest.approx(125.0) and e["auto_vs_bound"] == pytest.approx(2.4)
+    failed = [dict(r, status="timeout") if r["policy"] == "direct" else r for r in rows]
+    (e,) = bench.gpu_ratios(failed, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    assert e["storage_gib_s"] == 1.0 and e["storage_gib_s_from"] == "probe"
+
+
 def test_gpu_ratios_without_copy_probe_or_cells():
     (e,) = bench.gpu_ratios(ROWS, ["25%"], read_gib_s=1.0, h2d_gib_s=None, gen_tokens=GEN)
     assert e["auto_copy_bound_ms"] is None and not e["auto_bound_complete"]
