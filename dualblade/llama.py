@@ -168,6 +168,9 @@ class Llama(llama_cpp.Llama):
             raise BudgetError(str(e)) from None
         if warning:
             warnings.warn(warning, stacklevel=3)
+        partial = vram.cpu_layers_warning(info.n_layer, kwargs.get("n_gpu_layers", 0))
+        if partial:
+            warnings.warn(partial, stacklevel=3)
         if vram_budget == vram.AUTO:
             log.info("vram_budget='auto': %s for the KV (%s)", format_size(budget),
                      ", ".join(f"{g.name} {format_size(g.free)} free" for g in found))

@@ -52,6 +52,17 @@ def all_weights_on_gpu(n_layer: int, n_gpu_layers: int, gpu_offload: bool) -> bo
     return gpu_offload and (n_gpu_layers < 0 or n_gpu_layers > n_layer)
 
 
+def cpu_layers_warning(n_layer: int, n_gpu_layers: int) -> str | None:
+    """With a vram_budget: what to say when n_gpu_layers leaves layers on the CPU (None when none is left)."""
+    on_gpu = n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
+    left = n_layer - max(on_gpu - 1, 0)  # n_gpu_layers counts the output layer first
+    if left <= 0:
+        return None
+    return (f"n_gpu_layers={n_gpu_layers} leaves {left} of {n_layer} layers on the CPU: vram_budget applies to the "
+            f"GPU's layers only, and those {left} keep their KV in the host tiers (mem_budget), their attention on "
+            "the CPU; pass n_gpu_layers=-1 to put every layer on the GPU")
+
+
 @dataclass(frozen=True)
 class VramPlan:
     resident: frozenset   # layers in VRAM as stock

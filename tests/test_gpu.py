@@ -165,6 +165,19 @@ def test_vram_budget_auto_takes_the_free_vram(model, reference):
         assert _run(llm) == reference[1]
 
 
+def test_layers_left_on_the_cpu_are_warned(model):
+    """-ngl short of every layer: a warning; the CPU layers keep their KV in the host tiers, the rest as planned."""
+    from dualblade.gguf_header import model_info
+
+    n_layer = model_info(model).n_layer
+    with pytest.warns(UserWarning, match=f"leaves 2 of {n_layer} layers on the CPU"):
+        llm = _llm(model, n_gpu_layers=n_layer - 1, vram_budget=_streamed_budget(model, 1))
+    with closing(llm):
+        assert llm.kv_stats()["vram"]["streamed_layers"] > 0
+        toks, _ = _run(llm)
+    assert len(toks) == N_GEN
+
+
 def test_vram_budget_errors(model):
     with pytest.raises(dualblade.BudgetError, match="more than the free VRAM .*CUDA0"):
         _llm(model, vram_budget="100T")

@@ -22,6 +22,15 @@ def test_gpu_layers_follow_llama_cpp():
     assert vram.gpu_layers(8, -1, True, False) == set()  # no GPU
 
 
+def test_layers_left_on_the_cpu_are_said():
+    assert vram.cpu_layers_warning(8, -1) is None
+    assert vram.cpu_layers_warning(8, 99) is None
+    assert vram.cpu_layers_warning(8, 9) is None  # 8 layers + the output layer
+    assert vram.cpu_layers_warning(8, 8).startswith("n_gpu_layers=8 leaves 1 of 8 layers on the CPU")
+    assert "leaves 5 of 8 layers" in vram.cpu_layers_warning(8, 4)  # the output layer and the last 3
+    assert "leaves 8 of 8 layers" in vram.cpu_layers_warning(8, 1)
+
+
 def test_no_budget_or_room_for_everything_is_stock():
     kv = {i: (8 * MiB, 8 * MiB) for i in range(8)}
     for budget in (None, 128 * MiB, 10**12):
