@@ -389,8 +389,9 @@ int dblade_sessionfile_save(struct dblade_session * s, const char * path, const 
     }
     uint64_t end = off;
     for (uint32_t i = 0; i < n_secs; i++) {
+        end           = dblade_align_up(end, 8);
         h.sections[i] = (struct sf_section) { secs[i].kind, 0, end, secs[i].bytes };
-        end           = dblade_align_up(end + secs[i].bytes, 8);
+        end += secs[i].bytes; // the file ends with the last section: every byte after the KV is checked
     }
     h.n_sections = n_secs;
     h.file_bytes = end;
