@@ -323,3 +323,14 @@ def test_sigkill_during_save_leaves_the_old_session(tiny_path, tmp_path, phase):
     assert log[0]["n_tokens"] == 32
     worker(tiny_path, kw, [["eval", 40], ["save", str(path)]])
     assert sorted(x.name for x in tmp_path.iterdir()) == ["s.dbkv"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")
+def test_resume_exact_raw_device_stores(g3_path, tmp_path, make_loop):
+    """Saved from layers on one raw device, resumed with layers on another (O_DIRECT copies both ways)."""
+    kw = kv_args(g3_path, "direct", "f16", tmp_path)
+    del kw["kv_dir"]
+    saved, loaded = resume_matches(g3_path, {**kw, "kv_device": make_loop(64 << 20)},
+                                   {**kw, "kv_device": make_loop(64 << 20)}, tmp_path / "dev.dbkv")
+    st = next(e for e in saved if e["step"] == "save")["stats"]
+    assert st["memory_bytes"] < st["kv_bytes"] and st["direct_bytes"] + st["copied_bytes"] > 0
