@@ -128,3 +128,42 @@ def info(path) -> dict:
         "last_used": max(st.st_atime, st.st_mtime),
         "saved": saved.get("saved"),
     }
+
+
+def list_sessions(directory: str | os.PathLike | None = None) -> list[dict]:
+    """info() of every session file in directory (default sessions_dir()), by name; a file that is not a usable
+    session is listed with its error."""
+    d = Path(directory) if directory else sessions_dir()
+    rows = []
+    for p in sorted(d.glob("*" + SUFFIX)):
+        if p.is_symlink() or not p.is_file():
+            continue
+        try:
+            rows.append(info(p))
+        except SessionError as e:
+            rows.append({"name": p.name[: -len(SUFFIX)], "path": str(p), "error": str(e)})
+    return rows
+
+
+def remove(name_or_path, wipe: bool = False) -> Path:
+    """Removes a saved session; with wipe, overwrites it with zeros (and syncs) first. Refuses a file that is
+    not a session, and a symlink."""
+    path = resolve(name_or_path)
+    if path.is_symlink():
+        raise SessionError(f"{path} is a symlink; give the file itself")
+    if not path.exists():
+        raise SessionError(f"no session {os.fspath(name_or_path)!r} ({path}); 'dualblade sessions' lists them")
+    info(path)  # a session file, intact enough to be ours
+    if wipe:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            size = os.fstat(fd).st_size
+            zeros = bytes(1 << 20)
+            done = 0
+            while done < size:
+                done += os.pwrite(fd, zeros[: min(len(zeros), size - done)], done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    path.unlink()
+    return path
