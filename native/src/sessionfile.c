@@ -801,6 +801,10 @@ int dblade_sessionfile_restore(struct dblade_session * s, struct dblade_sessionf
     pthread_mutex_unlock(&s->lock);
     if (rc == 0 && stats) {
         how_name(how, st.strategy, sizeof(st.strategy));
+        const uint64_t moved = st.kv_bytes - st.memory_bytes;
+        st.cloned_bytes      = how == HOW_CLONE ? moved : 0;
+        st.copied_bytes      = how == HOW_CFR ? moved : 0;
+        st.direct_bytes      = how == HOW_DIRECT ? moved : 0;
         st.file_bytes = f->h.file_bytes;
         *stats        = st;
     }
