@@ -261,8 +261,8 @@ class Llama(llama_cpp.Llama):
     def save_session(self, path: str | os.PathLike, app: bytes | None = None) -> dict:
         """Persist this context to `path`, one file: the KV of every layer, the token history and what the
         next eval needs. The KV is not copied through this process's memory: offloaded layers go from the
-        KV store into the file by reflink or in-kernel copy (O_DIRECT copy where neither works), pinned
-        layers are written from their memory. The file is replaced atomically (a crash leaves the old one or
+        KV store into the file by reflink, else an O_DIRECT copy through a 4 MiB buffer, else in-kernel
+        copy_file_range; pinned layers are written from their memory. The file is replaced atomically (a crash leaves the old one or
         the new one), created 0600; a symlink at `path` or a file that is not a session is never replaced.
         `app`: bytes of the caller's own kept with the session (the CLI keeps its messages there).
         Returns the save's counters (KV bytes, strategy). Raises SessionError."""
@@ -304,8 +304,8 @@ class Llama(llama_cpp.Llama):
         the same model and KV geometry (n_ctx, type_k/type_v, flash_attn, swa_full, n_ubatch, n_seq_max);
         budget, policy and kv_dir may differ. Afterwards n_tokens, eval and create_completion (with its
         prefix reuse) continue exactly as in the process that saved it. The file is only read: any number of
-        processes may load it at once. Offloaded layers' rows are copied into this Llama's own KV store in
-        the kernel and checked block by block when first read (a damaged block raises KVIOError then);
+        processes may load it at once. Offloaded layers' rows are copied into this Llama's own KV store (as
+        save_session moves them) and checked block by block when first read (a damaged block raises KVIOError then);
         pinned layers are read and checked now. Raises SessionError (the context is then empty).
         Returns the load's counters; the caller's `app` bytes are under "app"."""
         from . import sessions

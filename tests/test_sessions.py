@@ -66,9 +66,9 @@ def after(log: list, step: str) -> list:
 CONTINUE = [["eval_from", PREFIX, SUFFIX_END], ["greedy", N_GEN]]
 
 
-def resume_matches(model, save_kw, load_kw, session, steps=CONTINUE, prefix=(("eval", PREFIX),)):
-    saved = worker(model, save_kw, [list(s) for s in prefix] + [["save", str(session)]] + steps)
-    loaded = worker(model, load_kw, [["load", str(session)]] + steps)
+def resume_matches(model, save_kw, load_kw, session, steps=CONTINUE, prefix=(("eval", PREFIX),), env=None):
+    saved = worker(model, save_kw, [list(s) for s in prefix] + [["save", str(session)]] + steps, env=env)
+    loaded = worker(model, load_kw, [["load", str(session)]] + steps, env=env)
     a, b = after(saved, "save"), after(loaded, "load")
     assert len(a) == len(b) >= 1
     assert a == b, "a resumed process differs from the uninterrupted one"
@@ -100,6 +100,20 @@ def test_resume_across_policies(g3_path, tmp_path):
     """The file does not depend on the placement: saved all in RAM, loaded with layers on the direct path."""
     resume_matches(g3_path, kv_args(g3_path, "ram", "f16", tmp_path),
                    kv_args(g3_path, "direct", "f16", tmp_path), tmp_path / "s.dbkv")
+
+
+@pytest.mark.parametrize("how", ["copy_file_range", "direct"])
+def test_copy_strategies(g3_path, tmp_path, how):
+    """Each way of moving the extents (forced with DUALBLADE_SESSION_COPY) gives the same exact resume; the page
+    cache path's blocks get their checksums from its mapping."""
+    kw = kv_args(g3_path, "mmap", "f16", tmp_path)
+    saved, loaded = resume_matches(g3_path, kw, kw, tmp_path / "s.dbkv", env={"DUALBLADE_SESSION_COPY": how})
+    save = next(e for e in saved if e["step"] == "save")["stats"]
+    load = next(e for e in loaded if e["step"] == "load")["stats"]
+    key = "copied_bytes" if how == "copy_file_range" else "direct_bytes"
+    assert save["strategy"] == load["strategy"] == how
+    assert save[key] == load[key] == save["kv_bytes"] - save["memory_bytes"] > 0
+    assert save["checked_bytes"] > 0 and load["checked_bytes"] > 0
 
 
 def test_resume_real_gemma_completion_prefix_reuse(gemma_path, tmp_path):
