@@ -318,13 +318,17 @@ class Llama(llama_cpp.Llama):
         with f:
             try:
                 saved = json.loads(f.section(sessions.SEC_CONTEXT) or b"")
+                if not isinstance(saved, dict) or not isinstance(saved.get("geometry"), dict):
+                    raise ValueError
             except ValueError:
                 raise SessionError(f"{path} is damaged (no context description)") from None
             sessions.check(path, saved, self)
             blob = f.section(sessions.SEC_LLAMA) or b""
-            tokens = np.frombuffer(f.section(sessions.SEC_TOKENS) or b"", dtype=np.int32)
+            raw = f.section(sessions.SEC_TOKENS) or b""
             scores = f.section(sessions.SEC_SCORES)
-            if len(tokens) != saved.get("n_tokens") or len(tokens) > self.n_ctx():
+            tokens = np.frombuffer(raw[: len(raw) // 4 * 4], dtype=np.int32)
+            if (len(raw) % 4 or len(tokens) != saved.get("n_tokens") or len(tokens) > self.n_ctx() or not blob
+                    or (scores is not None and self._logits_all and len(scores) != len(tokens) * self.n_vocab() * 4)):
                 raise SessionError(f"{path} is damaged (token history)")
             self._kv_check()
             ctx = self._ctx.ctx
