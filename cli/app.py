@@ -208,6 +208,7 @@ _API_TO_FLAGS = [
     (r"\bkv_device\b", "--kv-device"),
     (r"\bkv_force\b|\(force takes", lambda m: "--force" if m.group(0) == "kv_force" else "(--force takes"),
     (r"\bn_ctx=(\d+)", r"--ctx-size \1"),
+    (r"\btype_[kv]=(\w+)", r"--cache-type \1"),
     (r"\bn_ctx\b", "--ctx-size"),
     (r"\ba smaller context\b", "a smaller --ctx-size"),  # the C module's words
 ]

@@ -91,11 +91,15 @@ def check(path, saved: dict, llm) -> None:
         raise SessionError(f"{path} was saved with another model ({saved.get('model_file')}, sha256 "
                            f"{str(saved.get('model'))[:12]}); this Llama has {Path(llm.model_path).name} (sha256 "
                            f"{mine[:12]}); load it with the model it was saved with")
+    from .gguf_header import GGML_TYPE_NAMES
+
     have = geometry(llm)
     for key, label in _GEOMETRY_NAMES.items():
-        if saved.get("geometry", {}).get(key) != have[key]:
-            raise SessionError(f"{path} was saved with {label}={saved['geometry'].get(key)}, this Llama has "
-                               f"{label}={have[key]}; create it with {label}={saved['geometry'].get(key)}")
+        want = saved.get("geometry", {}).get(key)
+        if want != have[key]:
+            show = (lambda v: GGML_TYPE_NAMES.get(v, v)) if key in ("type_k", "type_v") else (lambda v: v)
+            raise SessionError(f"{path} was saved with {label}={show(want)}, this Llama has {label}="
+                               f"{show(have[key])}; create it with {label}={show(want)}")
     if saved.get("logits_all") and not llm._logits_all:
         raise SessionError(f"{path} was saved with logits_all=True; create the Llama with logits_all=True")
 

@@ -96,6 +96,12 @@ def test_resume_exact_dense(tiny_path, tmp_path, policy, kv_type):
     resume_matches(tiny_path, kw, kw, tmp_path / "s.dbkv")
 
 
+def test_resume_exact_transposed_v(tiny_path, tmp_path):
+    """Flash attention off (all in RAM): V is stored transposed, and its whole tensor is saved."""
+    kw = {"n_ctx": N_CTX, "flash_attn": False, "seed": 1, "kv_policy": "ram"}
+    resume_matches(tiny_path, kw, kw, tmp_path / "s.dbkv")
+
+
 def test_resume_across_policies(g3_path, tmp_path):
     """The file does not depend on the placement: saved all in RAM, loaded with layers on the direct path."""
     resume_matches(g3_path, kv_args(g3_path, "ram", "f16", tmp_path),
@@ -243,8 +249,8 @@ def test_other_model(g3_path, tiny_session):
 def test_other_n_ctx_and_kv_type(tiny_path, tiny_session):
     msg = load_error(tiny_path, tiny_session, n_ctx=1024)
     assert "n_ctx=512" in msg and "n_ctx=1024" in msg
-    msg = load_error(tiny_path, tiny_session, type_k=8, flash_attn=True)
-    assert "type_k" in msg or "flash_attn" in msg
+    msg = load_error(tiny_path, tiny_session, type_k=8)
+    assert "saved with type_k=f16, this Llama has type_k=q8_0" in msg, msg
 
 
 def test_newer_format(tiny_path, tiny_session, tmp_path):
