@@ -96,6 +96,18 @@ def test_resume_exact_dense(tiny_path, tmp_path, policy, kv_type):
     resume_matches(tiny_path, kw, kw, tmp_path / "s.dbkv")
 
 
+@pytest.mark.parametrize("policy", ["ram", "direct"])
+def test_resume_exact_swa_ring(g3_path, tmp_path, policy):
+    """A sliding-window cache smaller than the prefix (swa_full off, small ubatch): its cells wrap around, so
+    they are not 0..n-1 in position order; restored at their saved indices with the saved head, the resumed run
+    is exact."""
+    kw = {**kv_args(g3_path, policy, "f16", tmp_path), "swa_full": False, "n_batch": 64, "n_ubatch": 64}
+    saved, _ = resume_matches(g3_path, kw, kw, tmp_path / "s.dbkv")
+    full = worker(g3_path, kv_args(g3_path, "ram", "f16", tmp_path), [["eval", PREFIX], ["save", str(tmp_path / "f")]])
+    ring_kv = next(e for e in saved if e["step"] == "save")["stats"]["kv_bytes"]
+    assert ring_kv < full[-1]["stats"]["kv_bytes"]  # the window's cache is smaller than the prefix: a ring
+
+
 def test_resume_exact_transposed_v(tiny_path, tmp_path):
     """Flash attention off (all in RAM): V is stored transposed, and its whole tensor is saved."""
     kw = {"n_ctx": N_CTX, "flash_attn": False, "seed": 1, "kv_policy": "ram"}
