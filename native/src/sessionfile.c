@@ -141,6 +141,34 @@ static int copy_direct(int src, uint64_t soff, int dst, uint64_t doff, uint64_t 
     return rc;
 }
 
+// two streams at once (halves of the range): the device has reads and writes in flight together
+struct copy_half {
+    int      src, dst;
+    uint64_t soff, doff, len;
+    int      rc;
+};
+
+static void * copy_half_run(void * arg) {
+    struct copy_half * h = arg;
+    h->rc                = copy_direct(h->src, h->soff, h->dst, h->doff, h->len, NULL);
+    return NULL;
+}
+
+static int copy_direct2(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, struct dblade_fault * fault) {
+    if (fault || len < (1u << 20)) { // the fault rules count transfers in order: one stream
+        return copy_direct(src, soff, dst, doff, len, fault);
+    }
+    const uint64_t   half = dblade_align_down(len / 2, DBLADE_BLOCK);
+    struct copy_half h    = { src, dst, soff + half, doff + half, len - half, 0 };
+    pthread_t        th;
+    if (pthread_create(&th, NULL, copy_half_run, &h) != 0) {
+        return copy_direct(src, soff, dst, doff, len, NULL);
+    }
+    const int rc = copy_direct(src, soff, dst, doff, half, NULL);
+    pthread_join(th, NULL);
+    return rc < 0 ? rc : h.rc;
+}
+
 static int copy_range(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, struct dblade_fault * fault,
                       int * how) {
     const int force = fault ? HOW_DIRECT : forced_how();
@@ -158,7 +186,7 @@ static int copy_range(int src, uint64_t soff, int dst, uint64_t doff, uint64_t l
         *how |= HOW_CFR;
         return copy_cfr(src, soff, dst, doff, len);
     }
-    int rc = copy_direct(src, soff, dst, doff, len, fault);
+    int rc = copy_direct2(src, soff, dst, doff, len, fault);
     if (rc == -EINVAL && !force) {
         *how |= HOW_CFR;
         return copy_cfr(src, soff, dst, doff, len);
