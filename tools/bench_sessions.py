@@ -11,6 +11,7 @@ root allows it), and reports wall times and the process's peak RSS (ru_maxrss):
   resume    a fresh dualblade.Llama: load_session, then the same new token: load -> first token
   stock     llama_cpp.Llama (all KV in RAM), same prefix: save_state + pickle to a file (time, bytes);
             a fresh process: unpickle + load_state, the same new token
+  diskcache the same through llama-cpp-python's LlamaDiskCache (what create_completion does with set_cache)
 The new token's logits must be bit-equal across prefill, resume and (between themselves) the stock runs.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ def child(spec: dict) -> dict:
     toks = llm.tokenize(b"The river ran past the old mill. " * (prefix // 4 + 8))[:prefix]
     new = llm.tokenize(b" and then", add_bos=False)[:1]
     out["rss_before"] = _peak_rss()
-    if spec["role"] in ("prefill", "stock_save"):
+    if spec["role"] in ("prefill", "stock_save", "diskcache_save"):
         t0 = time.perf_counter()
         llm.eval(toks)
         out["prefill_s"] = time.perf_counter() - t0
@@ -73,6 +74,13 @@ def child(spec: dict) -> dict:
             st = llm.save_session(spec["session"])
             out["save_s"] = time.perf_counter() - t0
             out["save"] = st
+        elif spec["role"] == "diskcache_save":  # what create_completion does with llm.set_cache(LlamaDiskCache)
+            from llama_cpp.llama_cache import LlamaDiskCache
+
+            cache = LlamaDiskCache(cache_dir=spec["session"], capacity_bytes=4 << 30)
+            cache[toks] = llm.save_state()
+            cache.cache.close()
+            out["save_s"] = time.perf_counter() - t0
         else:
             import pickle
 
@@ -82,7 +90,8 @@ def child(spec: dict) -> dict:
                 f.flush()
                 os.fsync(f.fileno())
             out["save_s"] = time.perf_counter() - t0
-        out["file_bytes"] = os.path.getsize(spec["session"])
+        out["file_bytes"] = sum(f.stat().st_size for f in Path(spec["session"]).rglob("*")) \
+            if os.path.isdir(spec["session"]) else os.path.getsize(spec["session"])
         t0 = time.perf_counter()
         llm.eval(new)
         out["new_token_s"] = time.perf_counter() - t0
@@ -91,6 +100,13 @@ def child(spec: dict) -> dict:
         t0 = time.perf_counter()
         if spec["role"] == "resume":
             out["load"] = {k: v for k, v in llm.load_session(spec["session"]).items() if k != "app"}
+        elif spec["role"] == "diskcache_load":  # create_completion's lookup: the longest cached prefix
+            from llama_cpp.llama_cache import LlamaDiskCache
+
+            cache = LlamaDiskCache(cache_dir=spec["session"], capacity_bytes=4 << 30)
+            state = cache[toks + new]
+            llm.load_state(state)
+            del state
         else:
             import pickle
 
@@ -146,11 +162,18 @@ def main() -> None:
     res["resume"] = run({**base, "role": "resume", "session": ses})
     res["stock_save"] = run({**base, "role": "stock_save", "session": pkl})
     res["stock_load"] = run({**base, "role": "stock_load", "session": pkl})
+    dc = str(work / "diskcache")
+    res["diskcache_save"] = run({**base, "role": "diskcache_save", "session": dc})
+    res["diskcache_load"] = run({**base, "role": "diskcache_load", "session": dc})
     res["exact"] = res["prefill"]["logits"] == res["resume"]["logits"]
+    res["diskcache_exact"] = res["diskcache_save"]["logits"] == res["diskcache_load"]["logits"]
     res["stock_exact"] = res["stock_save"]["logits"] == res["stock_load"]["logits"]
     res["speedup_vs_reprefill"] = res["prefill"]["ttft_reprefill_s"] / res["resume"]["load_to_first_token_s"]
     for f in (ses, pkl):
         os.unlink(f)
+    import shutil
+
+    shutil.rmtree(dc, ignore_errors=True)
     mib = 2**20
     print(f"{a.shape}, n_ctx {a.ctx}, prefix {a.prefix}, {a.policy} at {a.budget} ({budget / mib:.0f} MiB of "
           f"{kv_total / mib:.0f} MiB KV)")
@@ -164,6 +187,11 @@ def main() -> None:
           f"peak RSS {ss['peak_rss'] / mib:7.0f} MiB (prefill {ss['prefill_s']:.2f} s)")
     print(f"  stock load_state -> 1st    {sl['load_to_first_token_s']:8.3f} s   (load {sl['load_s']:.3f} s)   "
           f"peak RSS {sl['peak_rss'] / mib:7.0f} MiB   exact: {res['stock_exact']}")
+    ds, dl = res["diskcache_save"], res["diskcache_load"]
+    print(f"  stock LlamaDiskCache save  {ds['save_s']:8.3f} s   {ds['file_bytes'] / mib:7.0f} MiB on disk   "
+          f"peak RSS {ds['peak_rss'] / mib:7.0f} MiB")
+    print(f"  stock LlamaDiskCache -> 1st{dl['load_to_first_token_s']:8.3f} s   (load {dl['load_s']:.3f} s)   "
+          f"peak RSS {dl['peak_rss'] / mib:7.0f} MiB   exact: {res['diskcache_exact']}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
 
