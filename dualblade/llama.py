@@ -301,7 +301,8 @@ class Llama(llama_cpp.Llama):
 
     def load_session(self, path: str | os.PathLike) -> dict:
         """Resume the context saved at `path` (one file, see save_session) on this Llama, which must have
-        the same model and KV geometry (n_ctx, type_k/type_v, flash_attn, swa_full, n_ubatch, n_seq_max);
+        the same model and KV geometry (n_ctx, type_k/type_v, flash_attn, swa_full, n_ubatch, n_seq_max, RoPE and
+        LoRA settings);
         budget, policy and kv_dir may differ. Afterwards n_tokens, eval and create_completion (with its
         prefix reuse) continue exactly as in the process that saved it. The file is only read: any number of
         processes may load it at once. Offloaded layers' rows are copied into this Llama's own KV store (as

@@ -54,6 +54,12 @@ def geometry(llm) -> dict:
         "n_ubatch": int(cp.n_ubatch),
         "n_seq_max": int(cp.n_seq_max),
         "kv_unified": bool(cp.kv_unified),
+        # RoPE is applied before K is stored, and an adapter changes K and V: saved rows hold only with the same
+        "rope_freq_base": float(cp.rope_freq_base),
+        "rope_freq_scale": float(cp.rope_freq_scale),
+        "rope_scaling_type": int(cp.rope_scaling_type),
+        "yarn_ext_factor": float(cp.yarn_ext_factor),
+        "lora": f"{llm.lora_path}:{llm.lora_scale}" if getattr(llm, "lora_path", None) else None,
     }
 
 
@@ -76,7 +82,9 @@ def describe(llm) -> dict:
 
 _GEOMETRY_NAMES = {"n_ctx": "n_ctx", "type_k": "type_k", "type_v": "type_v", "flash_attn": "flash_attn",
                    "swa_full": "swa_full", "n_ubatch": "n_ubatch", "n_seq_max": "n_seq_max",
-                   "kv_unified": "kv_unified"}
+                   "kv_unified": "kv_unified", "rope_freq_base": "rope_freq_base",
+                   "rope_freq_scale": "rope_freq_scale", "rope_scaling_type": "rope_scaling_type",
+                   "yarn_ext_factor": "yarn_ext_factor", "lora": "lora_path:lora_scale"}
 
 
 def check(path, saved: dict, llm) -> None:

@@ -265,6 +265,24 @@ def test_other_n_ctx_and_kv_type(tiny_path, tiny_session):
     assert "saved with type_k=f16, this Llama has type_k=q8_0" in msg, msg
 
 
+def test_logits_all_scores_come_back(tiny_path, tmp_path):
+    path = tmp_path / "la.dbkv"
+    kw = {"n_ctx": N_CTX, "kv_policy": "ram", "verbose": False, "logits_all": True}
+    with closing(Llama(str(tiny_path), **kw)) as llm:
+        llm.eval(prompt_tokens(llm, 32))
+        want = llm.scores[:32].tobytes()
+        llm.save_session(path)
+    with closing(Llama(str(tiny_path), **kw)) as llm:
+        llm.load_session(path)
+        assert llm.n_tokens == 32 and llm.scores[:32].tobytes() == want
+    assert "logits_all=True" in load_error(tiny_path, path)
+
+
+def test_other_rope_base(tiny_path, tiny_session):
+    msg = load_error(tiny_path, tiny_session, rope_freq_base=5000.0)
+    assert "rope_freq_base" in msg
+
+
 def test_newer_format(tiny_path, tiny_session, tmp_path):
     b = bytearray(tiny_session.read_bytes())
     struct.pack_into("<I", b, 16, 2)  # the format version
