@@ -76,7 +76,7 @@ def resume_matches(model, save_kw, load_kw, session, steps=CONTINUE, prefix=(("e
 
 
 @pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
-@pytest.mark.parametrize("policy", ["ram", "mmap", "direct"])
+@pytest.mark.parametrize("policy", ["ram", "mmap", "direct", "auto"])
 def test_resume_exact_gemma3_iswa(g3_path, tmp_path, policy, kv_type):
     kw = kv_args(g3_path, policy, kv_type, tmp_path)
     saved, loaded = resume_matches(g3_path, kw, kw, tmp_path / "s.dbkv")
