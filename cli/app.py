@@ -101,17 +101,18 @@ def chat(
 
 @app.command()
 def sessions(
-    action: Optional[str] = typer.Argument(None, help="ls (default) or rm.", show_default=False),
-    name: Optional[str] = typer.Argument(None, help="The session to remove (a name or a file path).",
+    action: Optional[str] = typer.Argument(None, help="ls (default), rm or verify.", show_default=False),
+    name: Optional[str] = typer.Argument(None, help="The session to remove or verify (a name or a file path).",
                                          show_default=False),
     kv_wipe: bool = typer.Option(False, "--kv-wipe", help="rm: overwrite the session file with zeros before "
                                                          "removing it."),
 ):
-    """List the saved chat sessions (name, model, tokens, size, last used), or remove one."""
+    """List the saved chat sessions (name, model, tokens, size, last used), remove one, or verify one (read every
+    KV block and check its CRC-32C)."""
     from rich.console import Console
 
     from dualblade.errors import ConfigError
-    from dualblade.sessions import remove
+    from dualblade.sessions import remove, verify
 
     from .chat import print_sessions
 
@@ -125,9 +126,14 @@ def sessions(
             raise ConfigError("'sessions rm' needs a session name: dualblade sessions rm NAME")
         path = remove(name, wipe=kv_wipe)
         print(f"removed {path}")
+    elif action == "verify":
+        if not name:
+            raise ConfigError("'sessions verify' needs a session name: dualblade sessions verify NAME")
+        r = verify(name)
+        print(f"{r['path']}: intact ({r['tokens']} tokens, {r['checked_bytes']} KV bytes checked)")
     else:
-        raise ConfigError(f"unknown sessions action {action!r}; use 'dualblade sessions' (list) or "
-                          "'dualblade sessions rm NAME'")
+        raise ConfigError(f"unknown sessions action {action!r}; use 'dualblade sessions' (list), "
+                          "'dualblade sessions rm NAME' or 'dualblade sessions verify NAME'")
 
 
 @app.command()

@@ -199,6 +199,7 @@ def lib() -> ctypes.CDLL:
         "dblade_sessionfile_close": (None, [c_void_p]),
         "dblade_sessionfile_section": (c_int, [c_void_p, c_uint32, POINTER(c_void_p), POINTER(c_uint64)]),
         "dblade_sessionfile_restore": (c_int, [c_void_p, c_void_p, POINTER(SessionFileStats)]),
+        "dblade_sessionfile_verify": (c_int, [c_void_p, POINTER(SessionFileStats)]),
     }
     for name, (res, args) in protos.items():
         fn = getattr(handle, name)
@@ -470,6 +471,14 @@ class SessionFile:
         rc = lib().dblade_sessionfile_restore(session._h, self._h, ctypes.byref(st))
         if rc < 0:
             _fail("restoring the session", rc)
+        return st.as_dict()
+
+    def verify(self) -> dict:
+        """Reads every KV block once and checks its CRC-32C."""
+        st = SessionFileStats()
+        rc = lib().dblade_sessionfile_verify(self._h, ctypes.byref(st))
+        if rc < 0:
+            _fail("verifying the session", rc)
         return st.as_dict()
 
     def close(self) -> None:

@@ -299,7 +299,7 @@ class Llama(llama_cpp.Llama):
         self._kv_check()
         return stats
 
-    def load_session(self, path: str | os.PathLike) -> dict:
+    def load_session(self, path: str | os.PathLike, verify: bool = False) -> dict:
         """Resume the context saved at `path` (one file, see save_session) on this Llama, which must have
         the same model and KV geometry (n_ctx, type_k/type_v, flash_attn, swa_full, n_ubatch, n_seq_max, RoPE and
         LoRA settings);
@@ -307,7 +307,8 @@ class Llama(llama_cpp.Llama):
         prefix reuse) continue exactly as in the process that saved it. The file is only read: any number of
         processes may load it at once. Offloaded layers' rows are copied into this Llama's own KV store (as
         save_session moves them) and checked block by block when first read (a damaged block raises KVIOError then);
-        pinned layers are read and checked now. Raises SessionError (the context is then empty).
+        pinned layers are read and checked now; verify=True reads and checks every block before anything
+        changes (a damaged one then raises SessionError). Raises SessionError (the context is then empty).
         Returns the load's counters; the caller's `app` bytes are under "app"."""
         from . import sessions
 
@@ -324,6 +325,11 @@ class Llama(llama_cpp.Llama):
             except ValueError:
                 raise SessionError(f"{path} is damaged (no context description)") from None
             sessions.check(path, saved, self)
+            if verify:
+                try:
+                    f.verify()
+                except _native.SessionFileError as e:
+                    raise SessionError(str(e)) from None
             blob = f.section(sessions.SEC_LLAMA) or b""
             raw = f.section(sessions.SEC_TOKENS) or b""
             scores = f.section(sessions.SEC_SCORES)

@@ -179,3 +179,16 @@ def remove(name_or_path, wipe: bool = False) -> Path:
             os.close(fd)
     path.unlink()
     return path
+
+
+def verify(name_or_path) -> dict:
+    """Reads every KV block of a saved session once and checks its CRC-32C; SessionError names a bad one."""
+    from . import _native
+
+    path = resolve(name_or_path)
+    try:
+        with _native.SessionFile(os.fspath(path)) as f:
+            st = f.verify()
+    except _native.SessionFileError as e:
+        raise SessionError(str(e)) from None
+    return {**info(path), "checked_bytes": st["checked_bytes"]}

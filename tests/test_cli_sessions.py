@@ -60,6 +60,8 @@ def test_sessions_rm_and_kv_wipe(gemma_path, home):
     chat(gemma_path, home, input="/save a\n/save b\n")
     d = os.path.join(env["XDG_CACHE_HOME"], "dualblade", "sessions")
     assert sorted(os.listdir(d)) == ["a.dbkv", "b.dbkv"]
+    p = run_cli("sessions", "verify", "a", env=env)
+    assert p.returncode == 0 and "intact" in p.stdout, p.stderr
     p = run_cli("sessions", "rm", "a", env=env)
     assert p.returncode == 0 and "removed" in p.stdout, p.stderr
     fd = os.open(os.path.join(d, "b.dbkv"), os.O_RDONLY)  # the inode outlives the name: what a wipe leaves

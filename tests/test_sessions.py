@@ -232,6 +232,22 @@ def test_damaged_kv_block_pinned_found_at_load(tiny_path, tiny_session, tmp_path
     assert "KV block" in msg and "failed its checksum" in msg
 
 
+def test_verify_finds_a_damaged_kv_block_before_anything_changes(tiny_path, tiny_session, tmp_path):
+    from dualblade import sessions
+
+    assert sessions.verify(tiny_session)["checked_bytes"] > 0
+    bad = damaged(tiny_session, tmp_path / "v.dbkv", at=KV_OFFSET + 3 * 4096 + 7)
+    with pytest.raises(SessionError, match="KV block .* failed its checksum"):
+        sessions.verify(bad)
+    kw = {"n_ctx": N_CTX, "kv_policy": "ram", "verbose": False}
+    with closing(Llama(str(tiny_path), **kw)) as llm:
+        llm.eval(prompt_tokens(llm, 8))
+        with pytest.raises(SessionError, match="failed its checksum"):
+            llm.load_session(bad, verify=True)
+        llm.load_session(tiny_session, verify=True)
+        assert llm.n_tokens == 64
+
+
 def test_damaged_kv_block_direct_found_at_first_read(tiny_path, tmp_path):
     kw = kv_args(tiny_path, "direct", "f16", tmp_path)
     good = tmp_path / "d.dbkv"

@@ -361,6 +361,8 @@ DBLADE_API int  dblade_sessionfile_section(struct dblade_sessionfile * f, uint32
  * direct path; pinned ones: read and checked now). The file is only read. */
 DBLADE_API int  dblade_sessionfile_restore(struct dblade_session * s, struct dblade_sessionfile * f,
                                            struct dblade_sessionfile_stats * stats);
+/* Reads every KV block of the file once and checks it against its CRC-32C: -EBADMSG names the first bad one. */
+DBLADE_API int  dblade_sessionfile_verify(struct dblade_sessionfile * f, struct dblade_sessionfile_stats * stats);
 
 #ifdef __cplusplus
 }

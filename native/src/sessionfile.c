@@ -306,6 +306,10 @@ int dblade_sessionfile_save(struct dblade_session * s, const char * path, const 
     memset(&st, 0, sizeof(st));
     // the directory and the name in it
     char dir[512];
+    if (strlen(path) >= sizeof(dir)) {
+        dblade_set_error("the session path is too long (%zu bytes; at most %zu)", strlen(path), sizeof(dir) - 1);
+        return -ENAMETOOLONG;
+    }
     snprintf(dir, sizeof(dir), "%s", path);
     char *       slash = strrchr(dir, '/');
     const char * name  = slash ? slash + 1 : dir;
@@ -845,6 +849,52 @@ int dblade_sessionfile_restore(struct dblade_session * s, struct dblade_sessionf
         st.direct_bytes      = how == HOW_DIRECT ? moved : 0;
         st.file_bytes = f->h.file_bytes;
         *stats        = st;
+    }
+    return rc;
+}
+
+int dblade_sessionfile_verify(struct dblade_sessionfile * f, struct dblade_sessionfile_stats * stats) {
+    if (!f) {
+        return -EINVAL;
+    }
+    uint32_t * got = malloc((SF_COPY_BUF / DBLADE_BLOCK) * sizeof(*got));
+    void *     buf = NULL;
+    if (!got || posix_memalign(&buf, DBLADE_BLOCK, SF_COPY_BUF) != 0) {
+        free(got);
+        return -ENOMEM;
+    }
+    int      rc      = 0;
+    uint64_t checked = 0;
+    for (uint32_t i = 0; i < f->n_layers && rc == 0; i++) {
+        const struct sf_layer * l = &f->layers[i];
+        for (uint64_t done = 0; done < l->saved && rc == 0; done += SF_COPY_BUF) {
+            const uint64_t n = l->saved - done < SF_COPY_BUF ? l->saved - done : SF_COPY_BUF;
+            rc               = dblade_io_read(f->dfd, buf, n, l->file_off + done);
+            if (rc < 0) {
+                dblade_set_error("reading the session %s: %s", f->path, strerror(-rc));
+                break;
+            }
+            sums_of_memory(buf, n, got);
+            const uint32_t * want = f->sums + l->sums_at + done / DBLADE_BLOCK;
+            for (uint64_t b = 0; b < n / DBLADE_BLOCK; b++) {
+                if (got[b] != want[b]) {
+                    dblade_set_error("%s is damaged: KV block %llu of layer %d %s%s failed its checksum", f->path,
+                                     (unsigned long long) (done / DBLADE_BLOCK + b), l->il, l->name,
+                                     l->which ? "V" : "K");
+                    rc = -EBADMSG;
+                    break;
+                }
+            }
+            checked += n;
+        }
+    }
+    free(buf);
+    free(got);
+    if (rc == 0 && stats) {
+        memset(stats, 0, sizeof(*stats));
+        stats->kv_bytes      = f->h.kv_bytes;
+        stats->checked_bytes = checked;
+        stats->file_bytes    = f->h.file_bytes;
     }
     return rc;
 }
