@@ -173,6 +173,15 @@ int main(void) {
 
     // a damaged KV block of layer 1 K (the file's third tensor): found when the direct path reads it
     copy_file(path, other, -1, KV_AT + 2 * 8192 + 5);
+    CHECK_EQ(dblade_sessionfile_open(other, &f), 0); // opens: the sections are intact
+    CHECK_EQ(dblade_sessionfile_verify(f, NULL), -EBADMSG); // a full read finds it up front
+    CHECK(strstr(dblade_last_error(), "KV block 0 of layer 1 K"));
+    dblade_sessionfile_close(f);
+    CHECK_EQ(dblade_sessionfile_open(path, &f), 0);
+    struct dblade_sessionfile_stats vs;
+    CHECK_EQ(dblade_sessionfile_verify(f, &vs), 0);
+    CHECK_EQ(vs.checked_bytes, 6 * 8192);
+    dblade_sessionfile_close(f);
     struct dblade_cache * c3;
     struct dblade_session * s3 = make(dir, pb, ROW, &c3);
     CHECK_EQ(restore(s3, c3, other), 0);
