@@ -83,8 +83,9 @@ def chat(
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl",
                                      help="GPU builds: layers on the GPU (-1 or 99: all)."),
     vram_budget: Optional[str] = typer.Option(None, "--vram-budget",
-                                              help="GPU builds: VRAM the KV may take, e.g. 2G; the other GPU "
-                                                   "layers' KV is streamed in from the host tiers."),
+                                              help="GPU builds: VRAM the KV may take, e.g. 2G, or auto (what "
+                                                   "the GPU has free); the other GPU layers' KV is streamed in "
+                                                   "from the host tiers."),
     session: Optional[str] = typer.Option(None, "--session", help="Resume this saved session if it exists, "
                                           "and keep it saved (after each reply and at exit): a name under "
                                           "~/.cache/dualblade/sessions or a file path."),
@@ -147,7 +148,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Plan for a GPU build with this many "
                                                                          "layers on the GPU (-1 or 99: all)."),
-    vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help="Plan for this much VRAM for the KV."),
+    vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help="Plan for this much VRAM for the KV (auto: this machine's free VRAM)."),
 ):
     """Read a GGUF header (no weights) and show KV geometry, sizes and the placement plan."""
     from .info import run_info

@@ -192,7 +192,8 @@ def render_gpu(res: dict, console: Console) -> None:
                          f"{e.get('auto_vs_mmap_prefill', 0):.2f}x")
         if "auto_vs_bound" in e:
             parts.append(f"auto decode / bound {e['auto_vs_bound']:.2f} (bound {e['auto_bound_ms']:.1f} ms: VRAM "
-                         f"{_fmt(e['vram_decode_ms'], 'ms')}, storage {_fmt(e['auto_io_bound_ms'], 'ms')}, copy "
+                         f"{_fmt(e['vram_decode_ms'], 'ms')}, storage {_fmt(e['auto_io_bound_ms'], 'ms')} at "
+                         f"{e['storage_gib_s'] or 0:.2f} GiB/s ({e['storage_gib_s_from']}), copy "
                          f"{_fmt(e['auto_copy_bound_ms'], 'ms')})")
         if "ram_vs_bound" in e:
             parts.append(f"ram decode / bound {e['ram_vs_bound']:.2f} (bound {e['ram_bound_ms']:.1f} ms: VRAM "
@@ -207,7 +208,7 @@ def render_gpu(res: dict, console: Console) -> None:
             console.print(f"VRAM budget {e['budget']}: " + "; ".join(parts), markup=False)
 
 
-def plot(res: dict, path: Path) -> None:
+def _pyplot():
     try:
         import matplotlib
 
@@ -215,6 +216,43 @@ def plot(res: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("--plot needs matplotlib; install it with: pip install matplotlib") from None
+    return plt
+
+
+def plot_gpu(res: dict, path: Path) -> None:
+    """One bar per cell and VRAM budget: decode ms/token and time to first token (log scales: the cells span
+    two orders of magnitude), with each budget's bounds as lines."""
+    plt = _pyplot()
+    rows = [r for r in res["rows"] if r.get("decode_ms")]
+    labels = [r["policy"] if r["budget_bytes"] is None else f"{r['policy']}\n{r['budget']}" for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    xs = range(len(rows))
+    ax1.bar(xs, [r["decode_ms"] for r in rows], color="tab:blue")
+    ax2.bar(xs, [r["ttft_s"] for r in rows], color="tab:orange")
+    for e in res["ratios"]:
+        for key, style, name in (("auto_bound_ms", "k--", "auto's bound"), ("ram_bound_ms", "k:", "ram's bound")):
+            if e.get(key):
+                ax1.axhline(e[key], linestyle=style[1:], color="k", linewidth=1, label=f"{name} ({e['budget']})")
+    for ax, unit in ((ax1, "decode time per token, ms"), (ax2, "time to first token, s")):
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3, axis="y")
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend(fontsize=8)
+    m, w = res["model"], res["workload"]
+    gpu = (res["machine"].get("gpu") or {}).get("name", "GPU")
+    fig.suptitle(f"{m['label'] or m['path']} on {gpu}: {w['prompt_tokens']}-token prompt, n_ctx {w['n_ctx']}, "
+                 f"host budget {res['host_budget']['label']}" + ("" if res["memory_enforced"] else " (no memory limit)"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot(res: dict, path: Path):
+    if res.get("mode") == "gpu":
+        return plot_gpu(res, path)
+    plt = _pyplot()
     budgets = [e["budget_bytes"] / res["model"]["kv_bytes_total"] * 100 for e in res["ratios"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     order = ["stock", "ram", "mmap", "direct", "direct-noverify", "auto"]
@@ -263,8 +301,6 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
         policies = ",".join(GPU_POLICIES) if gpu else "stock,ram,mmap,direct,auto"
     if budgets is None:
         budgets = "25%" if gpu else "100%,50%,25%,10%"
-    if gpu and plot_path is not None:
-        raise ConfigError("--plot draws the CPU matrix; drop --plot with --gpu (--json keeps every figure)")
     path, label = _model(model, synthetic)
     for target in (json_path, plot_path):
         if target is not None and target.exists():

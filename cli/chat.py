@@ -250,6 +250,9 @@ class Chat:
             check = (f"CRC-32C per block ({format_size(st['checksum_bytes'])} of checksums)" if st["verify"]
                      else "off (--no-verify)")
             console.print(f"integrity: {check}; I/O errors: {st['io_errors']}", markup=False, soft_wrap=True)
+        line = vram_line(st)
+        if line:
+            console.print(line, markup=False, soft_wrap=True)
         mem = st.get("memory")
         if mem:
             limit = "none" if mem["limit_bytes"] is None else format_size(mem["limit_bytes"])
@@ -265,6 +268,20 @@ class Chat:
                 who = "all offloaded layers" if e["layer"] is None else f"layer {e['layer']}"
                 console.print(f"  {e['t_s']:8.2f} s  {who}: {e['from']} -> {e['to']}  ({e['reason']})",
                               markup=False, soft_wrap=True)
+
+
+def vram_line(st: dict) -> Optional[str]:
+    """/stats' line for the VRAM tier (GPU builds with a vram_budget); None when it holds nothing."""
+    v = st.get("vram") or {}
+    resident, streamed = v.get("resident_layers", 0), v.get("streamed_layers", 0)
+    if not resident and not streamed:
+        return None
+    text = f"VRAM: {resident} layers resident ({format_size(v.get('resident_bytes', 0))})"
+    if streamed:
+        text += (f", {streamed} streamed through {v['slots']} slots of {format_size(v['slot_bytes'])}; copied "
+                 f"host->VRAM {format_size(v['h2d_bytes'])} ({format_size(v['h2d_pinned_bytes'])} page-locked), "
+                 f"back {format_size(v['d2h_bytes'])}, copy stall {v['copy_wait_s']:.3f} s")
+    return text
 
 
 class _PromptProgress:

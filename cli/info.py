@@ -23,10 +23,20 @@ def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Opt
     n_ctx = ctx_size if ctx_size is not None else (info.n_ctx_train or 4096)
     check_ctx(n_ctx, info)
     cfg = KVConfig.from_args(mem_budget, policy)
-    vram_bytes = None if vram_budget is None else size_arg(vram_budget, "--vram-budget")
-    if vram_bytes is not None and not n_gpu_layers:
+    auto = vram_budget is not None and vram_budget.strip().lower() == vram.AUTO
+    vram_bytes = None if vram_budget is None or auto else size_arg(vram_budget, "--vram-budget")
+    if vram_budget is not None and not n_gpu_layers:
         raise ConfigError("--vram-budget plans the KV of the layers on the GPU, and -ngl is 0; give -ngl 99 (all "
                           "layers), or leave --vram-budget out")
+    found = vram.gpus() if vram_budget is not None else []
+    if auto:  # from this machine's free VRAM: it needs a GPU here
+        if not found:
+            raise ConfigError("--vram-budget auto plans from the VRAM this machine's GPUs have free, and this build "
+                              "or machine has no GPU; give a size such as --vram-budget 2G to plan for another")
+        try:
+            vram_bytes, _ = vram.budget_from_free(vram.AUTO, info, n_gpu_layers, found=found)
+        except vram.VramExceedsFree as e:
+            raise BudgetError(str(e).replace("vram_budget='auto'", "--vram-budget auto")) from None
     kv = info.layer_kv_bytes(n_ctx, cache_type)
     # a plan for a GPU build (the header is all it needs, whether or not this machine has one)
     gpu = vram.gpu_layers(len(info.layers), n_gpu_layers, True, True)
@@ -76,6 +86,8 @@ def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Opt
             "offloaded_bytes": sum(b for b, p in zip(layer_bytes, paths) if p in ("mmap", "direct")),
             "n_gpu_layers": n_gpu_layers,
             "vram_budget_bytes": vram_bytes,
+            "vram_budget_auto": auto,
+            "gpus": [{"name": g.name, "free": g.free, "total": g.total} for g in found],
             "vram_bytes": placed.vram.vram_bytes,
             "vram_slots": placed.vram.slots,
             "vram_slot_bytes": placed.vram.slot_bytes,
@@ -123,7 +135,10 @@ def run_info(model, ctx_size, mem_budget, policy, cache_type, as_json, n_gpu_lay
     if p["n_gpu_layers"]:
         slots = (f", {p['vram_slots']} slots of {format_size(p['vram_slot_bytes'])} the streamed layers take "
                  "turns in" if p["vram_slots"] else "")
-        con.print(f"VRAM (a GPU build with -ngl {p['n_gpu_layers']}): {format_size(p['vram_bytes'])}{slots}")
+        auto = " (--vram-budget auto: the free VRAM less the weights and compute buffers)" if p["vram_budget_auto"] else ""
+        con.print(f"VRAM (a GPU build with -ngl {p['n_gpu_layers']}): {format_size(p['vram_bytes'])}{slots}{auto}")
+        for g in p["gpus"]:
+            con.print(f"  {g['name']}: {format_size(g['free'])} free of {format_size(g['total'])}", markup=False)
     con.print(f"resident {format_size(p['resident_bytes'])}, offloaded {format_size(p['offloaded_bytes'])}, "
               f"direct-path staging {format_size(p['staging_bytes'])}")
     if p["policy"] == "auto" and p["offloaded_bytes"]:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import cgroup
+from . import cgroup, vram
 from .config import KVConfig, mem_total
 from .errors import ConfigError, StoreError
 from .gguf_header import model_info
@@ -503,20 +503,12 @@ def ngl_fit(block_bytes: list[int], kv_bytes: list[int], output_bytes: int, vram
 
 
 def ngl_for_budget(info, n_ctx: int, vram_budget: int) -> int:
-    """ngl_fit from the GGUF tensor table (blk.<il>.* per layer, output.weight or the tied token_embd) and
-    the KV of each layer at n_ctx (f16, as the cells run)."""
-    tb = info.tensor_bytes
-    n_layer = max((l.il for l in info.layers), default=-1) + 1
-    blocks = [0] * n_layer
-    for name, b in tb.items():
-        if name.startswith("blk."):
-            il = name.split(".")[1]
-            if il.isdigit() and int(il) < n_layer:
-                blocks[int(il)] += b
-    kv = [0] * n_layer
+    """ngl_fit from the GGUF tensor table (vram.layer_weight_bytes) and the KV of each layer at n_ctx (f16, as
+    the cells run)."""
+    blocks, out = vram.layer_weight_bytes(info)
+    kv = [0] * len(blocks)
     for l, b in zip(info.layers, info.layer_bytes(n_ctx)):
         kv[l.il] += b
-    out = tb.get("output.weight", tb.get("token_embd.weight", 0)) + tb.get("output_norm.weight", 0)
     return ngl_fit(blocks, kv, out, vram_budget)
 
 
@@ -597,13 +589,16 @@ def gpu_ratios(rows: list[dict], labels: list[str], read_gib_s: Optional[float],
                gen_tokens: int) -> list[dict]:
     """Issue 12's figures per VRAM budget, from the summarized rows (the references under REF_LABEL):
     auto vs mmap (prefill: TTFT; decode: ms per token; >1 = auto faster); auto's decode against its bound,
-    max(all-in-VRAM decode, its storage bytes per token / the O_DIRECT probe, its host-to-device bytes per token /
-    the copy probe); the pinned-RAM tier (ram) against max(all-in-VRAM decode, its copy time), its prefill against
+    max(all-in-VRAM decode, its storage bytes per token / the storage bandwidth, its host-to-device bytes per token /
+    the copy probe), where the storage bandwidth is the O_DIRECT probe's or the fastest any cell read at while
+    decoding, whichever is higher (a probe that undershoots must not flatter the ratio); the pinned-RAM tier (ram) against max(all-in-VRAM decode, its copy time), its prefill against
     all-in-VRAM, and the faster stock offload_kqv=False cell's decode against it (>1 = ram faster)."""
     ref = {r["policy"]: r for r in rows if r["budget"] == REF_LABEL and r.get("status") == "ok"}
     vram_dec = ref.get("vram", {}).get("decode_ms")
     vram_ttft = ref.get("vram", {}).get("ttft_s")
     nkvo = [(ref[p]["decode_ms"], p) for p in ("nkvo-fa", "nkvo") if p in ref and ref[p].get("decode_ms")]
+    seen = max((r.get("read_gib_s") or 0 for r in rows if r.get("status") == "ok"), default=0)
+    storage_gib_s = max(read_gib_s or 0, seen) or None
     out = []
     for label in labels:
         by = {r["policy"]: r for r in rows if r["budget"] == label and r.get("status") == "ok"}
@@ -616,9 +611,11 @@ def gpu_ratios(rows: list[dict], labels: list[str], read_gib_s: Optional[float],
         if a and a.get("decode_ms"):
             storage = max(a.get("decode_bytes_read") or 0, a.get("decode_proc_read_bytes") or 0) / gen_tokens
             h2d = (a.get("decode_h2d_bytes") or 0) / gen_tokens
-            io_ms, copy_ms = _ms(storage, read_gib_s), _ms(h2d, h2d_gib_s)
+            io_ms, copy_ms = _ms(storage, storage_gib_s), _ms(h2d, h2d_gib_s)
             terms = [x for x in (vram_dec, io_ms, copy_ms) if x is not None]
             e.update({"auto_storage_bytes_per_token": storage, "auto_h2d_bytes_per_token": h2d,
+                      "storage_gib_s": storage_gib_s, "storage_gib_s_from": "probe" if storage_gib_s == read_gib_s
+                      else "the fastest cell",
                       "auto_io_bound_ms": io_ms, "auto_copy_bound_ms": copy_ms,
                       "auto_bound_complete": len(terms) == 3})
             if terms:

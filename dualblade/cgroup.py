@@ -57,11 +57,28 @@ def current(pid: int | str = "self") -> Path | None:
     return _v1_memory_path(pid) or _v2_path(pid)
 
 
+def _v2_delegating(base: Path, root: Path = V2_ROOT) -> Path | None:
+    """The group under which a v2 child may get a memory limit: the nearest of base and its ancestors (up to
+    root) that delegates "memory" to its children (its cgroup.subtree_control) and that we may write. A group
+    holding processes cannot delegate ("no internal processes"), so where a command's processes were moved
+    into a leaf, the children go beside that leaf."""
+    for g in (base, *base.parents):
+        sc = g / "cgroup.subtree_control"
+        if sc.exists() and "memory" in sc.read_text().split() and os.access(g, os.W_OK):
+            return g
+        if g == root or root not in g.parents:
+            break
+    return None
+
+
 def _v2_root() -> Path | None:
     if (V2_ROOT / "cgroup.controllers").exists():
         base = _v2_path()
         if base is None:
             return None
+        delegating = _v2_delegating(base)
+        if delegating is not None:
+            return delegating
         # a v2 process may only be moved into a leaf of a subtree whose parent delegates "memory"
         if "memory" in (V2_ROOT / "cgroup.controllers").read_text().split():
             return base if os.access(base, os.W_OK) else None

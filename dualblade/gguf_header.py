@@ -176,6 +176,7 @@ class ModelInfo:
     instruct: bool
     layers: list[KVLayer] = field(default_factory=list)
     tensor_bytes: dict[str, int] = field(default_factory=dict)
+    n_vocab: int = 0  # tokens in the vocabulary (0: the file has none)
 
     def weights_working_set(self, repacked_bytes: int = 0) -> int:
         """Bytes of the mmap'ed weights every token reads, which must stay in the page cache: every tensor but
@@ -320,7 +321,8 @@ def model_info(path: str | os.PathLike, meta: dict | None = None) -> ModelInfo:
                      n_head_kv=n_head_kv, head_dim_k=head_k, head_dim_v=head_v, n_swa=int(n_swa),
                      file_bytes=path.stat().st_size, chat_template=template if isinstance(template, str) else None,
                      instruct=_is_instruct(meta),
-                     layers=layers, tensor_bytes=meta.get("GGUF.tensor_bytes", {}))
+                     layers=layers, tensor_bytes=meta.get("GGUF.tensor_bytes", {}),
+                     n_vocab=tokens if type(tokens := meta.get("tokenizer.ggml.tokens")) is int else 0)
 
 
 def _is_instruct(meta: dict) -> bool:

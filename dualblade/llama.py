@@ -24,11 +24,12 @@ from . import vram
 log = logging.getLogger("dualblade")
 
 
-def _vram_budget_arg(vram_budget, kwargs: dict) -> int | None:
-    """vram_budget in bytes (None: stock placement); ConfigError where it cannot apply."""
+def _vram_budget_arg(vram_budget, kwargs: dict) -> int | str | None:
+    """vram_budget in bytes, or vram.AUTO (None: stock placement); ConfigError where it cannot apply."""
     if vram_budget is None:
         return None
-    size = size_arg(vram_budget, "vram_budget")
+    auto = isinstance(vram_budget, str) and vram_budget.strip().lower() == vram.AUTO
+    size = vram.AUTO if auto else size_arg(vram_budget, "vram_budget")
     if not llama_cpp.llama_supports_gpu_offload():
         raise ConfigError("vram_budget needs a GPU build of dualblade and a GPU (this build or machine has none); "
                           "reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install ., or leave vram_budget out")
@@ -68,7 +69,9 @@ class Llama(llama_cpp.Llama):
     vram_budget: GPU builds, with n_gpu_layers: bytes or a size string that the KV of the GPU's layers
         may take in VRAM. The largest layers that fit stay in VRAM as stock; the others keep their KV
         in the host tiers above (pinned RAM within mem_budget, page cache, direct) and are copied into
-        a VRAM slot before they compute, their new rows going back after. None: stock placement.
+        a VRAM slot before they compute, their new rows going back after. "auto": the VRAM the GPUs
+        have free at load, less the weights that go there and an estimate of llama.cpp's compute
+        buffers. A budget that cannot fit next to the weights is refused. None: stock placement.
     """
 
     def __init__(self, model_path: str, *args, mem_budget: int | str | None = None, kv_policy: str = "auto",
@@ -89,6 +92,8 @@ class Llama(llama_cpp.Llama):
             check_context_args(meta, kwargs)
             check_cache_type_args(kwargs)
         info = None if vocab_only else self._model_info(model_path, cfg, meta, vram_bytes is not None)
+        if info is not None and vram_bytes is not None:
+            vram_bytes = self._vram_budget_now(vram_bytes, info, kwargs)
         layout = self._plan_layout(model_path, cfg, kwargs, info, vram_bytes) if info is not None else []
         # layers the module places away from the stock placement: on the host's offloaded paths, or streamed
         offloaded = any(e[1] in ("mmap", "direct") or e[4] for e in layout)
@@ -154,6 +159,22 @@ class Llama(llama_cpp.Llama):
                           stacklevel=3)
             return None
         return info
+
+    @staticmethod
+    def _vram_budget_now(vram_budget: int | str, info, kwargs: dict) -> int:
+        """vram_budget ("auto" or bytes) against the VRAM the GPUs have free now, with the weights they get."""
+        found = vram.gpus(kwargs.get("main_gpu", 0), kwargs.get("split_mode", llama_cpp.LLAMA_SPLIT_MODE_LAYER))
+        try:
+            budget, warning = vram.budget_from_free(vram_budget, info, kwargs.get("n_gpu_layers", 0),
+                                                    kwargs.get("n_ubatch", 512), found)
+        except vram.VramExceedsFree as e:
+            raise BudgetError(str(e)) from None
+        if warning:
+            warnings.warn(warning, stacklevel=3)
+        if vram_budget == vram.AUTO:
+            log.info("vram_budget='auto': %s for the KV (%s)", format_size(budget),
+                     ", ".join(f"{g.name} {format_size(g.free)} free" for g in found))
+        return budget
 
     @staticmethod
     def _plan_layout(model_path, cfg: KVConfig, kwargs: dict, info,
@@ -261,9 +282,10 @@ class Llama(llama_cpp.Llama):
     def save_session(self, path: str | os.PathLike, app: bytes | None = None) -> dict:
         """Persist this context to `path`, one file: the KV of every layer, the token history and what the
         next eval needs. The KV is not copied through this process's memory: offloaded layers go from the
-        KV store into the file by reflink, else an O_DIRECT copy through a 4 MiB buffer, else in-kernel
-        copy_file_range; pinned layers are written from their memory. The file is replaced atomically (a crash leaves the old one or
-        the new one), created 0600; a symlink at `path` or a file that is not a session is never replaced.
+        KV store into the file by reflink, else an O_DIRECT copy through 4 MiB buffers, else in-kernel
+        copy_file_range; pinned layers are written from their memory. The file is replaced atomically (a
+        crash leaves the old one or the new one), created 0600; a symlink at `path` or a file that is not a
+        session is never replaced.
         `app`: bytes of the caller's own kept with the session (the CLI keeps its messages there).
         Returns the save's counters (KV bytes, strategy). Raises SessionError."""
         from . import sessions
@@ -301,9 +323,8 @@ class Llama(llama_cpp.Llama):
 
     def load_session(self, path: str | os.PathLike, verify: bool = False) -> dict:
         """Resume the context saved at `path` (one file, see save_session) on this Llama, which must have
-        the same model and KV geometry (n_ctx, type_k/type_v, flash_attn, swa_full, n_ubatch, n_seq_max, RoPE and
-        LoRA settings);
-        budget, policy and kv_dir may differ. Afterwards n_tokens, eval and create_completion (with its
+        the same model and KV geometry (n_ctx, type_k/type_v, flash_attn, swa_full, n_ubatch, n_seq_max, RoPE
+        and LoRA settings); budget, policy and kv_dir may differ. Afterwards n_tokens, eval and create_completion (with its
         prefix reuse) continue exactly as in the process that saved it. The file is only read: any number of
         processes may load it at once. Offloaded layers' rows are copied into this Llama's own KV store (as
         save_session moves them) and checked block by block when first read (a damaged block raises KVIOError then);

@@ -212,6 +212,8 @@ CLI_CASES = [
     # the VRAM tier (this build has no GPU)
     ("chat --vram-budget 1G -ngl 99", "GPU build"),
     ("chat --vram-budget 2X -ngl 99", "unknown unit"),
+    ("chat --vram-budget auto -ngl 99", "GPU build"),
+    ("info --vram-budget auto -ngl 99", "has no GPU"),
 ]
 # llama.cpp has to open these to find out (their weights are never read)
 LOADED_BY_LLAMA_CPP = {"chat {FROB}"}
@@ -311,6 +313,7 @@ API_CASES = [
     # the VRAM tier (this build has no GPU)
     ("vram-budget-without-gpu", ConfigError, "GPU build", "GEMMA", {"vram_budget": "1G", "n_gpu_layers": -1}),
     ("vram-budget-malformed", ConfigError, "not a size", "GEMMA", {"vram_budget": "1.5.5G"}),
+    ("vram-budget-auto-without-gpu", ConfigError, "GPU build", "GEMMA", {"vram_budget": "auto", "n_gpu_layers": -1}),
 ]
 LOADED_BY_LLAMA_CPP_API = {"model-unknown-architecture"}
 

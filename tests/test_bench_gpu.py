@@ -108,6 +108,17 @@ def test_gpu_ratios():
     assert e["ngl_n_gpu_layers"] == 9
 
 
+def test_gpu_ratios_storage_bandwidth_is_the_best_seen():
+    # a cell read at 2 GiB/s while decoding: a 1 GiB/s probe undershot, and the bound uses the 2 GiB/s
+    rows = ROWS + [_row("direct", "25%", ttft_s=9.0, decode_ms=200.0, read_gib_s=2.0)]
+    (e,) = bench.gpu_ratios(rows, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    assert e["storage_gib_s"] == 2.0 and e["storage_gib_s_from"] == "the fastest cell"
+    assert e["auto_io_bound_ms"] == pytest.approx(125.0) and e["auto_vs_bound"] == pytest.approx(2.4)
+    failed = [dict(r, status="timeout") if r["policy"] == "direct" else r for r in rows]
+    (e,) = bench.gpu_ratios(failed, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    assert e["storage_gib_s"] == 1.0 and e["storage_gib_s_from"] == "probe"
+
+
 def test_gpu_ratios_without_copy_probe_or_cells():
     (e,) = bench.gpu_ratios(ROWS, ["25%"], read_gib_s=1.0, h2d_gib_s=None, gen_tokens=GEN)
     assert e["auto_copy_bound_ms"] is None and not e["auto_bound_complete"]
@@ -119,8 +130,7 @@ def test_gpu_ratios_without_copy_probe_or_cells():
     assert e == {"budget": "25%", "vram_decode_ms": None, "vram_ttft_s": None}
 
 
-def test_gpu_table_renders():
-    from dualblade.cli.bench import render_gpu
+def _gpu_result():
 
     rows = [dict(r, peak_bytes=GiB, peak_vram_bytes=3 * GiB, decode_ms_range=None, decode_tok_s=1e3 / r["decode_ms"],
                  tokens_equal_vram=True) for r in ROWS]
@@ -139,6 +149,13 @@ def test_gpu_table_renders():
            "location": {"path": "/tmp"}, "memory_enforced": True, "overhead_bytes": 900 * MiB,
            "ratios": bench.gpu_ratios(ROWS, ["25%"], 1.5, 50.0, GEN)}
     res["rows"] = rows
+    return res
+
+
+def test_gpu_table_renders():
+    from dualblade.cli.bench import render_gpu
+
+    res = _gpu_result()
     out = io.StringIO()
     render_gpu(res, Console(file=out, width=250))
     text = out.getvalue()
@@ -149,3 +166,21 @@ def test_gpu_table_renders():
     out = io.StringIO()
     render_gpu(res, Console(file=out, width=250))
     assert "lack their copy term" in out.getvalue()
+
+
+def test_gpu_plot_draws_every_cell(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dualblade.cli.bench import plot
+
+    res = _gpu_result()
+    fig = plot(res, tmp_path / "gpu.png")
+    png = (tmp_path / "gpu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # the bars are the cells that decoded (the timed-out one is left out), in order, with their budgets
+    import matplotlib.pyplot as plt
+
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["vram", "nkvo-fa", "nkvo", "ngl\n25%", "ram\n25%", "mmap\n25%", "auto\n25%"]
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == [r["decode_ms"] for r in ROWS]
+    plt.close(fig)

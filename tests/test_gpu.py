@@ -78,10 +78,14 @@ def _streamed_budget(model, type_kv):
 
 
 @pytest.mark.parametrize("type_kv", [1, 8], ids=["f16", "q8_0"])
-@pytest.mark.parametrize("host", ["ram", "mmap", "direct"])
-def test_streamed_layers_are_exact(model, reference, type_kv, host, tmp_path):
+@pytest.mark.parametrize("host", ["ram", "mmap", "direct", "device"])
+def test_streamed_layers_are_exact(model, reference, type_kv, host, tmp_path, request):
     kw = dict(type_k=type_kv, type_v=type_kv, vram_budget=_streamed_budget(model, type_kv))
-    if host != "ram":
+    if host == "device":
+        # the direct path on a raw block device (a loop device: root only)
+        kw.update(kv_policy="direct", kv_device=request.getfixturevalue("make_loop")(1 << 30))
+        kw["mem_budget"] = _minimum(model, "mem_budget", **kw)
+    elif host != "ram":
         # the host copies of the streamed layers on the page cache / the direct path (a file): the page
         # cache needs no budget of its own, the direct path its staging
         kw.update(kv_policy=host, kv_dir=str(tmp_path))
@@ -92,7 +96,7 @@ def test_streamed_layers_are_exact(model, reference, type_kv, host, tmp_path):
     assert st["vram"]["streamed_layers"] > 0, st["vram"]
     assert st["vram"]["h2d_bytes"] > 0 and st["vram"]["d2h_bytes"] > 0
     if host != "ram":
-        assert st["layers_by_path"][host] > 0, st["layers_by_path"]
+        assert st["layers_by_path"]["direct" if host == "device" else host] > 0, st["layers_by_path"]
     else:
         assert st["vram"]["h2d_pinned_bytes"] == st["vram"]["h2d_bytes"]  # page-locked host copies
     assert got[0] == reference[type_kv][0]
@@ -110,20 +114,36 @@ def test_one_slot_per_layer_is_the_same(model, reference, monkeypatch):
     assert got == reference[1]
 
 
-def test_prefix_reuse_and_state_roundtrip(model, reference):
-    budget = _streamed_budget(model, 1)
-    with closing(_llm(model, vram_budget=budget)) as llm:
+def _state_roundtrip(model, **kw):
+    """Logits after: half the prompt, its state saved, the rest (a); the state restored, the rest again
+    (b); the state loaded into a fresh context, the rest (c). Split evaluations run other kernels than a
+    whole prompt does, so these are compared with the same steps in the stock placement."""
+    with closing(_llm(model, **kw)) as llm:
         toks = llm.tokenize(PROMPT.encode())
+        half = len(toks) // 2
         llm.reset()
-        llm.eval(toks[: len(toks) // 2])
+        llm.eval(toks[:half])
         state = llm.save_state()
-        llm.eval(toks[len(toks) // 2:])  # continues from the first half (prefix reuse inside one context)
+        llm.eval(toks[half:])  # continues from the first half (prefix reuse inside one context)
         a = last_logits(llm).tobytes()
-        assert a == reference[1][1]
         llm.load_state(state)  # back to the first half: the streamed layers' host copies restored
-        llm.eval(toks[len(toks) // 2:])
+        llm.eval(toks[half:])
         b = last_logits(llm).tobytes()
-        assert b == a
+    with closing(_llm(model, **kw)) as llm:
+        llm.load_state(state)  # the saved bytes are the KV itself, not another layer's slot
+        llm.eval(toks[half:])
+        c = last_logits(llm).tobytes()
+    return a, b, c
+
+
+def test_prefix_reuse_and_state_roundtrip(model):
+    stock = _state_roundtrip(model)
+    assert stock[0] == stock[1] == stock[2]
+    assert _state_roundtrip(model, vram_budget=_streamed_budget(model, 1)) == stock
+    # the host copies on the direct path: restored rows are written back to storage
+    assert _state_roundtrip(model, vram_budget=_streamed_budget(model, 1), kv_policy="direct",
+                            mem_budget=_minimum(model, "mem_budget", kv_policy="direct",
+                                                vram_budget=_streamed_budget(model, 1))) == stock
 
 
 def test_without_vram_budget_a_gpu_build_is_stock(model):
@@ -135,7 +155,19 @@ def test_without_vram_budget_a_gpu_build_is_stock(model):
         assert _run(llm) == toks_stock
 
 
+def test_vram_budget_auto_takes_the_free_vram(model, reference):
+    """auto: this small model's KV fits the H200's free VRAM: every layer resident, as stock."""
+    free = sum(g.free for g in dualblade.vram.gpus())
+    assert free > 1 << 30
+    with closing(_llm(model, vram_budget="auto")) as llm:
+        st = llm.kv_stats()["vram"]
+        assert st["streamed_layers"] == 0 and st["resident_layers"] > 0
+        assert _run(llm) == reference[1]
+
+
 def test_vram_budget_errors(model):
+    with pytest.raises(dualblade.BudgetError, match="more than the free VRAM .*CUDA0"):
+        _llm(model, vram_budget="100T")
     with pytest.raises(dualblade.BudgetError, match="vram_budget .* below the minimum"):
         _llm(model, vram_budget="1M")
     with pytest.raises(dualblade.ConfigError, match="n_gpu_layers is 0"):

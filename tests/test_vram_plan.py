@@ -64,3 +64,81 @@ def test_slots_leave_room_for_padded_rows(quantized, span):
     # a GPU buffer pads quantized rows past the tensor's end: vram.c maps a granule more when exactly full
     kv = {i: (8 * MiB, 8 * MiB) for i in range(4)}
     assert vram.plan(kv, set(kv), 40 * MiB, quantized=quantized).slot_bytes == span
+
+
+# --- the budget against the free VRAM (the GPUs are given: the arithmetic, on the real model's tensor table) ---
+
+@pytest.fixture(scope="module")
+def gemma_info(gemma_path):
+    from dualblade.gguf_header import model_info
+
+    return model_info(gemma_path)
+
+
+def test_gpu_weights_follow_llama_cpp(gemma_info):
+    blocks, out = vram.layer_weight_bytes(gemma_info)
+    assert len(blocks) == gemma_info.n_layer == 18 and all(b > 0 for b in blocks)
+    assert out > 0  # Gemma-3 ties its output matrix to token_embd
+    total = sum(blocks) + out
+    assert vram.gpu_weight_bytes(gemma_info, -1) == total
+    assert vram.gpu_weight_bytes(gemma_info, 99) == total
+    assert vram.gpu_weight_bytes(gemma_info, 19) == total
+    assert vram.gpu_weight_bytes(gemma_info, 1) == out  # n >= 1: the output layer first
+    assert vram.gpu_weight_bytes(gemma_info, 4) == out + sum(blocks[-3:])
+    assert vram.gpu_weight_bytes(gemma_info, 0) == 0
+    # every tensor but token_embd (which stays with the input on the host) is counted once
+    tb = gemma_info.tensor_bytes
+    assert sum(blocks) + tb["output_norm.weight"] == sum(b for n, b in tb.items() if n != "token_embd.weight")
+
+
+def test_auto_takes_what_is_free(gemma_info):
+    gpu = [vram.Gpu("CUDA0", 8 << 30, 16 << 30)]
+    budget, warning = vram.budget_from_free(vram.AUTO, gemma_info, -1, 512, gpu)
+    weights = vram.gpu_weight_bytes(gemma_info, -1)
+    reserve = vram.compute_reserve(gemma_info, 512)
+    assert budget == (8 << 30) - weights - reserve and warning is None
+    assert reserve > 512 * gemma_info.n_vocab * 4 > 0  # a ubatch's logits at least
+    two = [vram.Gpu("CUDA0", 4 << 30, 8 << 30), vram.Gpu("CUDA1", 4 << 30, 8 << 30)]
+    assert vram.budget_from_free(vram.AUTO, gemma_info, -1, 512, two)[0] == budget  # layers split over both
+    with pytest.raises(vram.VramExceedsFree, match="finds no VRAM for the KV.*CUDA0"):
+        vram.budget_from_free(vram.AUTO, gemma_info, -1, 512, [vram.Gpu("CUDA0", weights + reserve, 1 << 30)])
+    with pytest.raises(vram.VramExceedsFree, match="no GPU"):
+        vram.budget_from_free(vram.AUTO, gemma_info, -1, 512, [])
+
+
+def test_a_budget_beyond_the_free_vram(gemma_info):
+    weights = vram.gpu_weight_bytes(gemma_info, -1)
+    reserve = vram.compute_reserve(gemma_info, 512)
+    gpu = [vram.Gpu("CUDA0", 2 << 30, 16 << 30)]
+    assert vram.budget_from_free(256 << 20, gemma_info, -1, 512, gpu) == (256 << 20, None)
+    # fits next to the weights, not next to the compute buffers too: a warning
+    tight = (2 << 30) - weights - reserve // 2
+    budget, warning = vram.budget_from_free(tight, gemma_info, -1, 512, gpu)
+    assert budget == tight and "compute buffers" in warning
+    # more than is free: refused, with what would fit
+    with pytest.raises(vram.VramExceedsFree, match=r"more than the free VRAM \(CUDA0 2.00 GiB of 16.0 GiB\); give "
+                                                  rf"vram_budget='{((2 << 30) - weights - reserve) >> 20}M'"):
+        vram.budget_from_free((2 << 30) - weights + 1, gemma_info, -1, 512, gpu)
+
+
+def test_no_gpu_here_means_none_found():
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this build has a GPU: tests/test_gpu.py checks what it finds")
+    assert vram.gpus() == []  # the CPU build's registry has its CPU device only
+
+
+def test_stats_line_for_the_vram_tier():
+    from dualblade.cli.chat import vram_line
+
+    GiB = 1 << 30
+    assert vram_line({"vram": {"resident_layers": 0, "streamed_layers": 0}}) is None  # CPU builds, stock GPU
+    assert vram_line({}) is None
+    stock = vram_line({"vram": {"resident_layers": 16, "resident_bytes": GiB, "streamed_layers": 0}})
+    assert stock == "VRAM: 16 layers resident (1.00 GiB)"
+    line = vram_line({"vram": {"resident_layers": 2, "resident_bytes": 128 * MiB, "streamed_layers": 14, "slots": 2,
+                               "slot_bytes": 128 * MiB, "h2d_bytes": 3 * GiB, "h2d_pinned_bytes": GiB,
+                               "d2h_bytes": 5 * MiB, "copy_wait_s": 0.25}})
+    assert line == ("VRAM: 2 layers resident (128.0 MiB), 14 streamed through 2 slots of 128.0 MiB; copied host->VRAM "
+                    "3.00 GiB (1.00 GiB page-locked), back 5.00 MiB, copy stall 0.250 s")

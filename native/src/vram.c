@@ -108,6 +108,7 @@ struct dblade_vram {
     uint64_t               pending_lo, pending_hi; // rows it stored
     struct dblade_tensor * prefetched;      // K of the next layer, whose copy into its slot is under way
     uint32_t               prefetched_n_kv;
+    bool                   busy;            // a streamed layer may compute: the last graph passed no result_norm
     // counters (session lock)
     _Atomic uint64_t h2d_bytes, h2d_pinned_bytes, d2h_bytes, copy_wait_ns; // read by stats without the graph's lock
 };
@@ -460,6 +461,7 @@ int dblade_vram_settle(struct dblade_session * s, bool sync_gpu) {
     v->cu.CtxPushCurrent(v->ctx);
     if (sync_gpu) {
         v->cu.CtxSynchronize(); // outside a cut the graph's last kernels may still run
+        v->busy = false;
     }
     const int rc = settle(s, v);
     v->cu.CtxPopCurrent(&popped);
@@ -520,21 +522,28 @@ static struct dblade_tensor * streamed_layer(struct dblade_session * s, int32_t 
     return NULL;
 }
 
-// The next streamed layer's copy runs while this one (and any resident layers between) compute, when
-// its host copy needs no fence (pinned RAM: always there, nothing to stage or mark). Its slot is free:
-// the layer that held it last computed before this cut, and its rows went back (same stream, earlier).
+// A pinned layer's copy is queued ahead, while the GPU computes other layers: its host copy needs no
+// fence (pinned RAM: always there, nothing to stage or mark).
+static void prefetch(struct dblade_vram * v, struct dblade_tensor * k) {
+    if (k->path != DBLADE_PATH_RAM || k->pair->path != DBLADE_PATH_RAM || !k->cache->ub_set) {
+        return;
+    }
+    if (enqueue_copy(v, k, 0, k->cache->ub_n_kv, false) == 0) {
+        v->prefetched      = k;
+        v->prefetched_n_kv = k->cache->ub_n_kv;
+    }
+}
+
+// The next streamed layer's copy runs while this one (and any resident layers between) compute. Its
+// slot is free: the layer that held it last computed before this cut, and its rows went back (same
+// stream, earlier).
 static void prefetch_next(struct dblade_vram * v, struct dblade_tensor * k) {
     struct dblade_tensor * next = NULL;
     for (int32_t il = k->il + 1; !next && il <= v->max_il; il++) {
         next = streamed_layer(k->cache->session, il);
     }
-    if (!next || next->vslot == k->vslot || next->path != DBLADE_PATH_RAM || next->pair->path != DBLADE_PATH_RAM ||
-        !next->cache->ub_set) {
-        return;
-    }
-    if (enqueue_copy(v, next, 0, next->cache->ub_n_kv, false) == 0) {
-        v->prefetched      = next;
-        v->prefetched_n_kv = next->cache->ub_n_kv;
+    if (next && next->vslot != k->vslot) {
+        prefetch(v, next);
     }
 }
 
@@ -553,7 +562,8 @@ int dblade_session_graph_cut(struct dblade_session * s, const char * name, int a
     }
     CUcontext popped;
     v->cu.CtxPushCurrent(v->ctx);
-    int rc = settle(s, v);
+    int rc   = settle(s, v);
+    v->busy = k != NULL; // result_norm: every layer of this graph has computed
     if (rc == 0 && k) {
         struct dblade_cache * c = k->cache;
         if (!c->ub_set) {
@@ -611,4 +621,20 @@ void dblade_cache_ubatch(struct dblade_cache * c, const int64_t * rows, int64_t 
     c->ub_n_kv = n_kv;
     c->ub_cuts = 0;
     c->ub_set  = true;
+    // The graph's first streamed layer is copied while the layers before it compute (and the inputs
+    // travel), when the last graph is done with every slot (it passed result_norm, or a flush waited).
+    struct dblade_vram * v = s->vram;
+    if (v->busy || v->pending || v->prefetched) {
+        return;
+    }
+    struct dblade_tensor * first = NULL;
+    for (int32_t il = 0; !first && il <= v->max_il; il++) {
+        first = streamed_layer(s, il);
+    }
+    if (first && first->cache == c) { // its rows are this ubatch's (another cache's come with its own call)
+        CUcontext popped;
+        v->cu.CtxPushCurrent(v->ctx);
+        prefetch(v, first);
+        v->cu.CtxPopCurrent(&popped);
+    }
 }

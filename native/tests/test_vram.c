@@ -78,8 +78,16 @@ static uint8_t mark(int il, int w, int pass) {
 // one graph: every layer cut, its rows [0, N_KV) in its slot when it computes, rows lo..lo+1 stored
 static void graph(int pass, int lo, int slots) {
     const int64_t rows[2] = { lo, lo + 1 };
+    struct dblade_stats before, after;
+    CHECK_EQ(dblade_session_stats(s, &before), 0);
     dblade_cache_ubatch(c, rows, 2, N_KV);
     CHECK_EQ(dblade_session_error(s, NULL, 0), 0);
+    // the first streamed layer (pinned) is copied in before the graph computes
+    CHECK_EQ(dblade_session_stats(s, &after), 0);
+    CHECK_EQ(after.h2d_bytes - before.h2d_bytes, 2ull * N_KV * ROW);
+    for (int w = 0; w < 2; w++) {
+        CHECK(memcmp(dev[0][w], host[0][w], N_KV * ROW) == 0);
+    }
     for (int il = 0; il < LAYERS; il++) {
         cut_layer(il);
         for (int w = 0; w < 2; w++) {

@@ -15,5 +15,14 @@ cp build/cuda/*.log "$OUT/" 2>/dev/null
 mkdir -p /tmp/site/dualblade/cli && cp -r build/cuda/install/. /tmp/site/ && cp -r dualblade/. /tmp/site/dualblade/ &&
     cp cli/*.py /tmp/site/dualblade/cli/ || exit 1
 export PYTHONPATH=/tmp/site
+# memory limits for the benchmark's cells (cgroup v2): the command's group offers "memory" but holds our
+# processes, and a group with processes cannot delegate a controller ("no internal processes"); move every
+# process into a leaf, then delegate memory: dualblade.cgroup puts its children beside the leaf
+cg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)
+if [ -w "$cg/cgroup.subtree_control" ] && ! grep -qw memory "$cg/cgroup.subtree_control"; then
+    mkdir -p "$cg/leaf" && for p in $(cat "$cg/cgroup.procs"); do echo "$p" >"$cg/leaf/cgroup.procs" 2>/dev/null; done
+    echo +memory >"$cg/cgroup.subtree_control" && echo "== cgroup: memory delegated under $cg" ||
+        echo "== cgroup: cannot delegate memory under $cg (benchmarks need --no-cgroup)"
+fi
 (cd build/cuda && ctest --output-on-failure -j4 >"$OUT/ctest.log" 2>&1; echo "== ctest rc=$? $(tail -1 "$OUT/ctest.log")")
 "$@"
