@@ -86,6 +86,9 @@ def chat(
                                               help="GPU builds: VRAM the KV may take, e.g. 2G, or auto (what "
                                                    "the GPU has free); the other GPU layers' KV is streamed in "
                                                    "from the host tiers."),
+    session: Optional[str] = typer.Option(None, "--session", help="Resume this saved session if it exists, "
+                                          "and keep it saved (after each reply and at exit): a name under "
+                                          "~/.cache/dualblade/sessions or a file path."),
 ):
     """Chat with a model; type /help for commands. Reads lines from a pipe too."""
     from .chat import ChatOptions, run_chat
@@ -94,7 +97,44 @@ def chat(
                          temp=temp, seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir,
                          kv_device=kv_device, force=force, verify=verify, kv_wipe=kv_wipe,
                          cache_type=cache_type.value, flash_attn=flash_attn, system=system, stats=stats,
-                         verbose=verbose, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget))
+                         verbose=verbose, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget, session=session))
+
+
+@app.command()
+def sessions(
+    action: Optional[str] = typer.Argument(None, help="ls (default), rm or verify.", show_default=False),
+    name: Optional[str] = typer.Argument(None, help="The session to remove or verify (a name or a file path).",
+                                         show_default=False),
+    kv_wipe: bool = typer.Option(False, "--kv-wipe", help="rm: overwrite the session file with zeros before "
+                                                         "removing it."),
+):
+    """List the saved chat sessions (name, model, tokens, size, last used), remove one, or verify one (read every
+    KV block and check its CRC-32C)."""
+    from rich.console import Console
+
+    from dualblade.errors import ConfigError
+    from dualblade.sessions import remove, verify
+
+    from .chat import print_sessions
+
+    action = action or "ls"
+    if action == "ls":
+        if name is not None:
+            raise ConfigError(f"'sessions ls' takes no name (got {name!r}); use 'dualblade sessions ls'")
+        print_sessions(Console(highlight=False))
+    elif action == "rm":
+        if not name:
+            raise ConfigError("'sessions rm' needs a session name: dualblade sessions rm NAME")
+        path = remove(name, wipe=kv_wipe)
+        print(f"removed {path}")
+    elif action == "verify":
+        if not name:
+            raise ConfigError("'sessions verify' needs a session name: dualblade sessions verify NAME")
+        r = verify(name)
+        print(f"{r['path']}: intact ({r['tokens']} tokens, {r['checked_bytes']} KV bytes checked)")
+    else:
+        raise ConfigError(f"unknown sessions action {action!r}; use 'dualblade sessions' (list), "
+                          "'dualblade sessions rm NAME' or 'dualblade sessions verify NAME'")
 
 
 @app.command()
@@ -175,6 +215,7 @@ _API_TO_FLAGS = [
     (r"\bkv_device\b", "--kv-device"),
     (r"\bkv_force\b|\(force takes", lambda m: "--force" if m.group(0) == "kv_force" else "(--force takes"),
     (r"\bn_ctx=(\d+)", r"--ctx-size \1"),
+    (r"\btype_[kv]=(\w+)", r"--cache-type \1"),
     (r"\bn_ctx\b", "--ctx-size"),
     (r"\ba smaller context\b", "a smaller --ctx-size"),  # the C module's words
 ]

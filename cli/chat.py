@@ -20,10 +20,13 @@ from dualblade.sizes import format_size
 from .common import check_ctx, resolve_model
 
 HELP = """commands:
-  /stats   KV placement and counters
-  /reset   forget the conversation
-  /help    this text
-  /exit    quit (or Ctrl-D); Ctrl-C stops a reply"""
+  /stats         KV placement and counters
+  /reset         forget the conversation
+  /save NAME     save the conversation and its KV as session NAME (or a file path)
+  /load NAME     resume session NAME (saved with this model and --ctx-size/--cache-type)
+  /sessions      list the saved sessions
+  /help          this text
+  /exit          quit (or Ctrl-D); Ctrl-C stops a reply"""
 
 # tokens a chat format adds around one message (turn markers); an over-estimate keeps us in context
 _TURN_OVERHEAD = 8
@@ -51,6 +54,7 @@ class ChatOptions:
     kv_wipe: bool = False
     n_gpu_layers: int = 0
     vram_budget: Optional[str] = None
+    session: Optional[str] = None
 
 
 class Chat:
@@ -66,6 +70,32 @@ class Chat:
     def reset(self) -> None:
         self.messages.clear()
         self.llm.reset()
+
+    def save_session(self, name: str) -> Path:
+        """The conversation (messages and KV) to the named session; its path."""
+        import json
+
+        from dualblade.sessions import resolve
+
+        path = resolve(name)
+        app = json.dumps({"messages": self.messages, "system": self.opts.system}).encode()
+        self.llm.save_session(path, app=app)
+        return path
+
+    def load_session(self, name: str) -> Path:
+        """Resumes the named session: its KV and its messages."""
+        import json
+
+        from dualblade.sessions import resolve
+
+        path = resolve(name)
+        st = self.llm.load_session(path)
+        try:
+            app = json.loads(st.get("app") or b"{}")
+        except ValueError:
+            app = {}
+        self.messages = list(app.get("messages") or [])
+        return path
 
     def _count(self, msg: dict) -> int:
         key = msg["content"]
@@ -378,10 +408,22 @@ def run_chat(opts: ChatOptions) -> None:
     try:
         show = opts.stats if opts.stats is not None else interactive
         chat = Chat(llm, opts, chat_format, sys.stdout, err, show)
-        if interactive:
-            _interactive(chat, err)
-        else:
-            _piped(chat, err)
+        if opts.session:
+            from dualblade.sessions import resolve
+
+            if resolve(opts.session).exists():
+                chat.load_session(opts.session)
+                if opts.verbose or interactive:
+                    err.print(f"resumed session {opts.session}: {len(chat.messages)} messages, {llm.n_tokens} "
+                              "tokens", style="dim", markup=False)
+        try:
+            if interactive:
+                _interactive(chat, err)
+            else:
+                _piped(chat, err)
+        finally:
+            if opts.session and chat.messages:
+                chat.save_session(opts.session)  # on exit too (a reply cut short by Ctrl-C included)
     finally:
         llm.close()
 
@@ -389,6 +431,23 @@ def run_chat(opts: ChatOptions) -> None:
 def _command(chat: Chat, line: str, console: Console) -> Optional[bool]:
     """Runs a /command; True to quit, False if handled, None if the line is not a command."""
     cmd = line.strip().lower()
+    word, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if word.lower() in ("/save", "/load"):
+        if not arg:
+            console.print(f"{word.lower()} needs a session name: {word.lower()} NAME", markup=False)
+            return False
+        if word.lower() == "/save":
+            path = chat.save_session(arg)
+            console.print(f"saved session {arg} ({path})", markup=False, style="dim")
+        else:
+            path = chat.load_session(arg)
+            console.print(f"resumed session {arg}: {len(chat.messages)} messages, {chat.llm.n_tokens} tokens",
+                          markup=False, style="dim")
+        return False
+    if cmd == "/sessions":
+        print_sessions(console)
+        return False
     if cmd in ("/exit", "/quit"):
         return True
     if cmd == "/reset":
@@ -414,6 +473,8 @@ def _turn(chat: Chat, line: str, console: Console, live: bool) -> bool:
     r = _command(chat, line, console)
     if r is None:
         chat.reply(line, live=live)
+        if chat.opts.session:
+            chat.save_session(chat.opts.session)  # kept saved as it goes
     return r is True
 
 
@@ -464,3 +525,23 @@ def _piped(chat: Chat, err: Console) -> None:
         except KVIOError as e:
             print(flush=True)  # end the answer that was cut short
             raise DualbladeError(f"{e.detail}; the answer was cut short there; {_KV_FIX}") from None
+
+
+def print_sessions(console: Console) -> None:
+    """The saved sessions under the sessions directory: name, model, tokens, size, last used."""
+    from dualblade.sessions import list_sessions
+
+    rows = list_sessions()
+    if not rows:
+        console.print("no saved sessions", markup=False)
+        return
+    t = Table(title="sessions")
+    for c in ("name", "model", "tokens", "size", "last used"):
+        t.add_column(c, justify="right" if c in ("tokens", "size") else "left")
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["name"], f"({r['error']})", "", "", "")
+            continue
+        t.add_row(r["name"], str(r["model"]), str(r["tokens"]), format_size(r["size"]),
+                  time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])))
+    console.print(t)

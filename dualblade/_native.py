@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 PATHS = ("ram", "mmap", "direct", "vram")  # "vram": in VRAM as stock (GPU builds)
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -123,6 +123,31 @@ class Switch(ctypes.Structure):
 IO_ENGINES = {0: None, 1: "io_uring", 2: "threads"}
 SWITCH_LOG = 64
 
+STATE_STOCK, STATE_SAVE_META, STATE_LOAD_META = 0, 1, 2
+
+
+class Section(ctypes.Structure):
+    _fields_ = [("kind", c_uint32), ("reserved", c_uint32), ("data", c_void_p), ("bytes", c_uint64)]
+
+
+class SessionFileStats(ctypes.Structure):
+    _fields_ = [
+        ("kv_bytes", c_uint64),
+        ("cloned_bytes", c_uint64),
+        ("copied_bytes", c_uint64),
+        ("direct_bytes", c_uint64),
+        ("memory_bytes", c_uint64),
+        ("checked_bytes", c_uint64),
+        ("file_bytes", c_uint64),
+        ("strategy", ctypes.c_char * 32),
+    ]
+
+    def as_dict(self) -> dict:
+        d = {name: getattr(self, name) for name, _ in self._fields_}
+        d["strategy"] = self.strategy.decode(errors="replace")
+        return d
+
+
 _lib = None
 
 
@@ -167,6 +192,14 @@ def lib() -> ctypes.CDLL:
         "dblade_session_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
         "dblade_session_set_reserve": (c_int, [c_void_p, c_uint64]),
         "dblade_session_streams": (c_int, [c_void_p]),
+        "dblade_session_state_mode": (c_int, [c_void_p, c_int]),
+        "dblade_sessionfile_save": (c_int, [c_void_p, c_char_p, POINTER(Section), c_uint32,
+                                            POINTER(SessionFileStats)]),
+        "dblade_sessionfile_open": (c_int, [c_char_p, POINTER(c_void_p)]),
+        "dblade_sessionfile_close": (None, [c_void_p]),
+        "dblade_sessionfile_section": (c_int, [c_void_p, c_uint32, POINTER(c_void_p), POINTER(c_uint64)]),
+        "dblade_sessionfile_restore": (c_int, [c_void_p, c_void_p, POINTER(SessionFileStats)]),
+        "dblade_sessionfile_verify": (c_int, [c_void_p, POINTER(SessionFileStats)]),
     }
     for name, (res, args) in protos.items():
         fn = getattr(handle, name)
@@ -382,3 +415,82 @@ class Session:
 
     def __del__(self):
         self.release()
+
+
+class SessionFileError(NativeError):
+    """A session file cannot be written, read or used; the message says why (one line)."""
+
+    def __init__(self, msg: str, rc: int):
+        super().__init__(msg)
+        self.rc = rc
+
+
+def _fail(what: str, rc: int):
+    import os
+
+    msg = (lib().dblade_last_error() or b"").decode(errors="replace")
+    raise SessionFileError(msg or f"{what}: {os.strerror(-rc)}", rc)
+
+
+def session_state_mode(session: "Session", mode: int) -> None:
+    rc = lib().dblade_session_state_mode(session._h, mode)
+    if rc < 0:
+        _fail("setting the state mode", rc)
+
+
+def sessionfile_save(session: "Session", path: str, sections: dict[int, bytes]) -> dict:
+    """Writes the session's KV and the sections {kind: bytes} to path (atomically); returns the counters."""
+    keep = [(k, ctypes.create_string_buffer(v, len(v)) if v else None, len(v)) for k, v in sections.items()]
+    arr = (Section * max(len(keep), 1))(*[Section(k, 0, ctypes.cast(b, c_void_p) if b is not None else None, n)
+                                          for k, b, n in keep])
+    st = SessionFileStats()
+    rc = lib().dblade_sessionfile_save(session._h, path.encode(), arr, len(keep), ctypes.byref(st))
+    if rc < 0:
+        _fail(f"saving {path}", rc)
+    return st.as_dict()
+
+
+class SessionFile:
+    """An open, checked session file (header and sections read; no KV read)."""
+
+    def __init__(self, path: str):
+        h = c_void_p()
+        rc = lib().dblade_sessionfile_open(path.encode(), ctypes.byref(h))
+        if rc < 0:
+            _fail(f"opening {path}", rc)
+        self._h = h
+
+    def section(self, kind: int) -> bytes | None:
+        data, n = c_void_p(), c_uint64()
+        if lib().dblade_sessionfile_section(self._h, kind, ctypes.byref(data), ctypes.byref(n)) < 0:
+            return None
+        return ctypes.string_at(data, n.value) if n.value else b""
+
+    def restore(self, session: "Session") -> dict:
+        st = SessionFileStats()
+        rc = lib().dblade_sessionfile_restore(session._h, self._h, ctypes.byref(st))
+        if rc < 0:
+            _fail("restoring the session", rc)
+        return st.as_dict()
+
+    def verify(self) -> dict:
+        """Reads every KV block once and checks its CRC-32C."""
+        st = SessionFileStats()
+        rc = lib().dblade_sessionfile_verify(self._h, ctypes.byref(st))
+        if rc < 0:
+            _fail("verifying the session", rc)
+        return st.as_dict()
+
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            lib().dblade_sessionfile_close(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()

@@ -22,6 +22,12 @@ class StoreError(ConfigError):
     room, mounted, or holding something that is not ours (raised before any weight is loaded)."""
 
 
+class SessionError(StoreError):
+    """A saved session cannot be written or used: not a session file, truncated, damaged, of a newer format,
+    saved with another model or KV geometry, a symlink at the path, no room on the disk. Raised before the
+    context changes (a failed load leaves it empty)."""
+
+
 class KVIOError(DualbladeError, OSError):
     """Reading or writing an offloaded KV layer failed, or data read back failed its checksum.
 

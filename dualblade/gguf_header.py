@@ -138,12 +138,13 @@ def _check_tensor_data(r: _Reader, meta: dict, n_tensors: int) -> None:
         if block is not None:  # a type this reader does not know: llama.cpp will judge it
             sizes[name] = n // block[0] * block[1]
             end = max(end, offset + sizes[name])
-    if n_tensors == 0:
-        return  # a vocab-only file: no data section, nothing to be cut short
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0:
         align = 32
     data_start = -(-r.f.tell() // align) * align
+    meta["GGUF.data_start"] = data_start
+    if n_tensors == 0:
+        return  # a vocab-only file: no data section, nothing to be cut short
     if data_start + end > r.size:
         raise ModelError(f"{r.path} is truncated: its tensors end at byte {data_start + end}, the file has "
                          f"{r.size} bytes; download or copy it again")
@@ -208,6 +209,32 @@ class ModelInfo:
     def kv_bytes_per_token(self, cache_type: str = "f16") -> int:
         return sum(row_bytes(l.n_embd_k_gqa, cache_type) + row_bytes(l.n_embd_v_gqa, cache_type)
                    for l in self.layers)
+
+
+_digests: dict = {}
+
+
+def header_digest(path: str | os.PathLike) -> str:
+    """What identifies a model for a saved session: SHA-256 of the GGUF's bytes up to the end of its tensor
+    table (header, every metadata key, the tensor names, shapes, types and offsets), then ":" and the file's
+    size. The weights are not hashed (a few MB are read, not the whole file). Cached per file version."""
+    import hashlib
+
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        end = read_metadata(path)["GGUF.data_start"]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            left = end
+            while left > 0:
+                block = f.read(min(left, 1 << 20))
+                if not block:
+                    break
+                h.update(block)
+                left -= len(block)
+        _digests[key] = f"{h.hexdigest()}:{st.st_size}"
+    return _digests[key]
 
 
 def _pad(n: int) -> int:

@@ -1,6 +1,8 @@
 """`dualblade.Llama`: llama_cpp.Llama with the KV cache under dualblade's residency module."""
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 import os
 import time
@@ -8,12 +10,13 @@ import warnings
 from typing import Callable, Optional, Sequence
 
 import llama_cpp
+import numpy as np
 
 from . import _native
 from . import llama_log
 from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file, size_arg
 from .errors import KVIOError  # noqa: F401 (re-exported)
-from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, StoreError
+from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, SessionError, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
 from . import vram
@@ -278,6 +281,122 @@ class Llama(llama_cpp.Llama):
         super().load_state(state)
         self._kv_session.flush()  # write the restored rows back and release them
         self._kv_check()
+
+    def save_session(self, path: str | os.PathLike, app: bytes | None = None) -> dict:
+        """Persist this context to `path`, one file: the KV of every layer, the token history and what the
+        next eval needs. The KV is not copied through this process's memory: offloaded layers go from the
+        KV store into the file by reflink, else an O_DIRECT copy through 4 MiB buffers, else in-kernel
+        copy_file_range; pinned layers are written from their memory. The file is replaced atomically (a
+        crash leaves the old one or the new one), created 0600; a symlink at `path` or a file that is not a
+        session is never replaced.
+        `app`: bytes of the caller's own kept with the session (the CLI keeps its messages there).
+        Returns the save's counters (KV bytes, strategy). Raises SessionError."""
+        from . import sessions
+
+        path = os.fspath(path)
+        self._kv_check()
+        self._kv_session.flush()  # every row in the store, tails too
+        self._kv_check()
+        ctx = self._ctx.ctx
+        try:
+            _native.session_state_mode(self._kv_session, _native.STATE_SAVE_META)
+        except _native.SessionFileError as e:
+            raise SessionError(str(e)) from None
+        try:
+            size = llama_cpp.llama_state_get_size(ctx)
+            blob = (ctypes.c_uint8 * int(size))()
+            n = llama_cpp.llama_state_get_data(ctx, blob, size)
+        finally:
+            _native.session_state_mode(self._kv_session, _native.STATE_STOCK)
+        if not 0 < int(n) <= int(size):
+            raise SessionError(f"saving {path}: llama.cpp gave no state")
+        desc = sessions.describe(self)
+        sections = {sessions.SEC_LLAMA: bytes(blob)[: int(n)], sessions.SEC_TOKENS: sessions.token_bytes(self),
+                    sessions.SEC_CONTEXT: json.dumps(desc).encode()}
+        if desc["logits_all"]:
+            sections[sessions.SEC_SCORES] = sessions.scores_bytes(self)
+        if app is not None:
+            sections[sessions.SEC_APP] = bytes(app)
+        try:
+            stats = _native.sessionfile_save(self._kv_session, path, sections)
+        except _native.SessionFileError as e:
+            raise SessionError(str(e)) from None
+        self._kv_check()
+        return stats
+
+    def load_session(self, path: str | os.PathLike, verify: bool = False) -> dict:
+        """Resume the context saved at `path` (one file, see save_session) on this Llama, which must have
+        the same model and KV geometry (n_ctx, type_k/type_v, flash_attn, swa_full, n_ubatch, n_seq_max, RoPE
+        and LoRA settings); budget, policy and kv_dir may differ. Afterwards n_tokens, eval and create_completion (with its
+        prefix reuse) continue exactly as in the process that saved it. The file is only read: any number of
+        processes may load it at once. Offloaded layers' rows are copied into this Llama's own KV store (as
+        save_session moves them) and checked block by block when first read (a damaged block raises KVIOError then);
+        pinned layers are read and checked now; verify=True reads and checks every block before anything
+        changes (a damaged one then raises SessionError). Raises SessionError (the context is then empty).
+        Returns the load's counters; the caller's `app` bytes are under "app"."""
+        from . import sessions
+
+        path = os.fspath(path)
+        try:
+            f = _native.SessionFile(path)
+        except _native.SessionFileError as e:
+            raise SessionError(str(e)) from None
+        with f:
+            try:
+                saved = json.loads(f.section(sessions.SEC_CONTEXT) or b"")
+                if not isinstance(saved, dict) or not isinstance(saved.get("geometry"), dict):
+                    raise ValueError
+            except ValueError:
+                raise SessionError(f"{path} is damaged (no context description)") from None
+            sessions.check(path, saved, self)
+            if verify:
+                try:
+                    f.verify()
+                except _native.SessionFileError as e:
+                    raise SessionError(str(e)) from None
+            blob = f.section(sessions.SEC_LLAMA) or b""
+            raw = f.section(sessions.SEC_TOKENS) or b""
+            scores = f.section(sessions.SEC_SCORES)
+            tokens = np.frombuffer(raw[: len(raw) // 4 * 4], dtype=np.int32)
+            if (len(raw) % 4 or len(tokens) != saved.get("n_tokens") or len(tokens) > self.n_ctx() or not blob
+                    or (scores is not None and self._logits_all and len(scores) != len(tokens) * self.n_vocab() * 4)):
+                raise SessionError(f"{path} is damaged (token history)")
+            self._kv_check()
+            ctx = self._ctx.ctx
+            buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+            try:
+                _native.session_state_mode(self._kv_session, _native.STATE_LOAD_META)
+            except _native.SessionFileError as e:
+                raise SessionError(str(e)) from None
+            try:
+                with llama_log.errors() as restore_log:
+                    rc = llama_cpp.llama_state_set_data(ctx, buf, len(blob))
+            finally:
+                _native.session_state_mode(self._kv_session, _native.STATE_STOCK)
+            try:
+                if rc != len(blob):
+                    why = "".join(restore_log).strip().splitlines()
+                    raise SessionError(f"{path} does not fit this context: llama.cpp refused its state"
+                                       f"{': ' + why[-1].strip() if why else ''}")
+                try:
+                    stats = f.restore(self._kv_session)
+                except _native.SessionFileError as e:
+                    raise SessionError(str(e)) from None
+            except SessionError:
+                self._ctx.kv_cache_clear()
+                self.n_tokens = 0
+                raise
+            app = f.section(sessions.SEC_APP)
+        n = len(tokens)
+        self.input_ids[:n] = tokens
+        self.n_tokens = n
+        if scores is not None and self._logits_all:
+            self.scores[:n, :] = np.frombuffer(scores, dtype=np.float32).reshape(n, -1)
+        if saved.get("seed") is not None:
+            self._seed = saved["seed"]
+        self._requires_eval = True
+        stats["app"] = app
+        return stats
 
     def sample(self, *args, **kwargs):
         token = super().sample(*args, **kwargs)

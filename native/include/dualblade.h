@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 7
+#define DBLADE_ABI_VERSION 8
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -300,6 +300,69 @@ DBLADE_API int  dblade_cache_can_shift(struct dblade_cache * c);
  * so the memory stays staged until the next fence or dblade_session_flush() writes it back. */
 DBLADE_API void dblade_cache_state_begin(struct dblade_cache * c);
 DBLADE_API void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written);
+
+/* --- metadata-only state and session files (sessionfile.c) --- */
+
+/* The state mode of a session: in the two metadata-only modes a whole-context llama_state save or
+ * restore carries the cells (at their indices, with the head) and not the rows of the tensors the
+ * module owns; state_begin stages nothing and state_end marks nothing. */
+enum dblade_state_mode {
+    DBLADE_STATE_STOCK     = 0,
+    DBLADE_STATE_SAVE_META = 1,
+    DBLADE_STATE_LOAD_META = 2,
+};
+DBLADE_API int dblade_session_state_mode(struct dblade_session * s, int mode);
+/* Called by the patched llama.cpp at the start of a whole-context state save (rows: the cells in use,
+ * [0, rows), recorded for the session file) or restore (rows 0): the session's mode. */
+DBLADE_API int dblade_cache_state_mode(struct dblade_cache * c, uint32_t rows);
+/* 1 when the module keeps the bytes of this K (which = 0) or V (1) tensor in a metadata-only mode. */
+DBLADE_API int dblade_cache_state_skips(struct dblade_cache * c, int32_t il, uint32_t which);
+
+/* A metadata section of a session file: an opaque blob of the embedding program, by kind. */
+struct dblade_section {
+    uint32_t     kind;
+    uint32_t     reserved;
+    const void * data;
+    uint64_t     bytes;
+};
+
+/* Counters of one save or load. */
+struct dblade_sessionfile_stats {
+    uint64_t kv_bytes;      /* KV bytes the file holds */
+    uint64_t cloned_bytes;  /* of them, put in place by FICLONERANGE (no data moved) */
+    uint64_t copied_bytes;  /* by copy_file_range (in the kernel) */
+    uint64_t direct_bytes;  /* by an O_DIRECT copy through a bounded buffer */
+    uint64_t memory_bytes;  /* from or into pinned layers' memory */
+    uint64_t checked_bytes; /* read back once to compute or check CRC-32C */
+    uint64_t file_bytes;    /* size of the session file */
+    char     strategy[32];  /* "clone", "copy_file_range", "direct" or a mix */
+};
+
+/*
+ * Writes the session's KV (every layer: offloaded ones from the store, pinned ones from memory) and
+ * the sections into one file at path, atomically: an unnamed file in path's directory, fsync, linked
+ * under a temporary name, renamed over path, the directory fsynced. Must follow a llama_state save in
+ * DBLADE_STATE_SAVE_META mode (the rows per cache) and dblade_session_flush(). The file is 0600; a
+ * symlink at path (-ELOOP) or a file that is not a session file (-EEXIST) is never replaced.
+ */
+DBLADE_API int dblade_sessionfile_save(struct dblade_session * s, const char * path,
+                                       const struct dblade_section * sections, uint32_t n_sections,
+                                       struct dblade_sessionfile_stats * stats);
+
+struct dblade_sessionfile;
+/* Opens and checks a session file (header, sections: CRC-32C, size, format version); reads no KV. */
+DBLADE_API int  dblade_sessionfile_open(const char * path, struct dblade_sessionfile ** out);
+DBLADE_API void dblade_sessionfile_close(struct dblade_sessionfile * f);
+/* The section of this kind (its bytes stay owned by f), or -ENOENT. */
+DBLADE_API int  dblade_sessionfile_section(struct dblade_sessionfile * f, uint32_t kind, const void ** data,
+                                           uint64_t * bytes);
+/* After a llama_state restore in DBLADE_STATE_LOAD_META mode: every tensor of the session gets its rows
+ * from the file (offloaded ones: copied into the session's own store, checked at first read by the
+ * direct path; pinned ones: read and checked now). The file is only read. */
+DBLADE_API int  dblade_sessionfile_restore(struct dblade_session * s, struct dblade_sessionfile * f,
+                                           struct dblade_sessionfile_stats * stats);
+/* Reads every KV block of the file once and checks it against its CRC-32C: -EBADMSG names the first bad one. */
+DBLADE_API int  dblade_sessionfile_verify(struct dblade_sessionfile * f, struct dblade_sessionfile_stats * stats);
 
 #ifdef __cplusplus
 }

@@ -201,6 +201,10 @@ int dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache
     }
     c->session   = s;
     c->max_il    = -1;
+    snprintf(c->name, sizeof(c->name), "%s", desc->name ? desc->name : "");
+    c->type_k  = desc->type_k;
+    c->type_v  = desc->type_v;
+    c->v_trans = desc->v_trans;
     for (uint32_t i = 0; i < desc->n_layers; i++) {
         c->max_il = desc->layers[i].il > c->max_il ? desc->layers[i].il : c->max_il;
     }
@@ -378,6 +382,9 @@ void dblade_cache_state_begin(struct dblade_cache * c) {
         return;
     }
     struct dblade_session * s = c->session;
+    if (s->state_mode != DBLADE_STATE_STOCK) {
+        return; // metadata only: no row is read or written by llama.cpp
+    }
     dblade_vram_settle(s, true); // the rows the last streamed layer stored, before anything reads the copies
     pthread_mutex_lock(&s->lock);
     // nothing is released here: with two caches (iSWA) the other one may hold restored rows that
@@ -399,6 +406,9 @@ void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written) {
     }
     struct dblade_session * s = c->session;
     pthread_mutex_lock(&s->lock);
+    if (s->state_mode != DBLADE_STATE_STOCK) {
+        rows_written = 0; // metadata only: the rows come from the session file (dblade_sessionfile_restore)
+    }
     for (uint32_t i = 0; i < c->n_tensors; i++) {
         struct dblade_tensor * t = &c->tensors[i];
         if (t->path == DBLADE_PATH_RAM || rows_written == 0) {
@@ -418,4 +428,45 @@ void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written) {
     // this returns; the next fence (or a flush) writes the rows back and releases the memory
     s->active = NULL;
     pthread_mutex_unlock(&s->lock);
+}
+
+int dblade_session_state_mode(struct dblade_session * s, int mode) {
+    if (!s || mode < DBLADE_STATE_STOCK || mode > DBLADE_STATE_LOAD_META) {
+        return -EINVAL;
+    }
+    if (mode != DBLADE_STATE_STOCK && s->vram) {
+        dblade_set_error("sessions of KV layers streamed into VRAM are not supported yet");
+        return -EOPNOTSUPP;
+    }
+    pthread_mutex_lock(&s->lock);
+    s->state_mode = mode;
+    if (mode == DBLADE_STATE_SAVE_META) {
+        for (struct dblade_cache * c = s->caches; c; c = c->next) {
+            c->state_rows = 0;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+int dblade_cache_state_mode(struct dblade_cache * c, uint32_t rows) {
+    if (!c) {
+        return DBLADE_STATE_STOCK;
+    }
+    struct dblade_session * s = c->session;
+    pthread_mutex_lock(&s->lock);
+    const int mode = s->state_mode;
+    if (mode == DBLADE_STATE_SAVE_META) {
+        c->state_rows = rows;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return mode;
+}
+
+int dblade_cache_state_skips(struct dblade_cache * c, int32_t il, uint32_t which) {
+    if (!c) {
+        return 0;
+    }
+    // read without the lock: the mode only changes between llama_state calls, on the caller's thread
+    return c->session->state_mode != DBLADE_STATE_STOCK && dblade_layer_of(c, il) != NULL && which <= 1;
 }

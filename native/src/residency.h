@@ -109,6 +109,11 @@ struct dblade_cache {
     struct dblade_tensor **  by_il;   // layer index -> its K tensor (NULL: not in this cache)
     // streamed layers (vram.c): the rows the current graph stores and reads, and its cuts so far
     uint32_t n_streamed;
+    // what a session file records of the cache (sessionfile.c): its name tag, KV types, V layout, and the
+    // cells in use when a metadata-only state save last ran
+    char     name[16];
+    uint32_t type_k, type_v, v_trans;
+    uint32_t state_rows;
     bool     ub_set;
     uint32_t ub_cuts, ub_n_kv;
     uint64_t ub_lo, ub_hi;
@@ -232,6 +237,8 @@ struct dblade_session {
     uint64_t                   n_switches;
     // GPU builds: the VRAM slots streamed layers take turns in (vram.c); NULL when none is streamed
     struct dblade_vram *       vram;
+    // enum dblade_state_mode: a llama_state save/restore carries the cells only (session files)
+    int state_mode;
 };
 
 // session.c
