@@ -101,6 +101,59 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: Optional[Path] = ModelArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; another than loopback needs "
+                                                        "--api-key."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port (0: any free port, printed at start)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DUALBLADE_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on /v1 (compared in constant "
+                                               "time)."),
+    mem_budget: Optional[str] = typer.Option(None, "--mem-budget", "-m",
+                                             help="Memory for pinned KV + staging, e.g. 2G, 512MiB."),
+    ctx_size: int = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens a request may generate (and its "
+                                                                    "default)."),
+    policy: Policy = typer.Option(Policy.auto, "--policy", help="Where KV that exceeds the budget goes."),
+    kv_dir: Optional[Path] = typer.Option(None, "--kv-dir", help="Directory for the KV file."),
+    kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
+    force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
+                                                      "(destroys what is there)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="Check a CRC-32C of every block read back from the direct path."),
+    cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type."),
+    flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn",
+                                              help="Flash attention (default: on when the cache type or "
+                                                   "offloaded layers need it)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+    seed: int = typer.Option(-1, "--seed", help="RNG seed of requests without one (-1 = random)."),
+    session_disk: str = typer.Option("20G", "--session-disk", help="Disk the saved conversations may take (least "
+                                     "recently used go first; 0: none saved)."),
+    session_dir: Optional[Path] = typer.Option(None, "--session-dir", help="Where the server saves conversations "
+                                               "(default ~/.cache/dualblade/serve)."),
+    queue: int = typer.Option(16, "--queue", help="Requests that may wait for the model (more: 503)."),
+    max_body: str = typer.Option("8M", "--max-body", help="Largest request body."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what was chosen and why; log requests."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl",
+                                     help="GPU builds: layers on the GPU (-1 or 99: all)."),
+    vram_budget: Optional[str] = typer.Option(None, "--vram-budget",
+                                              help="GPU builds: VRAM the KV may take, e.g. 2G."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /v1/kv, /health); conversations resume from their KV saved on storage."""
+    from .chat import ChatOptions
+    from .serve import ServeOptions, run_serve
+
+    chat_opts = ChatOptions(model=model, mem_budget=mem_budget, ctx_size=ctx_size, max_tokens=max_tokens, temp=0.0,
+                            seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir, kv_device=kv_device,
+                            force=force, verify=verify, cache_type=cache_type.value, flash_attn=flash_attn,
+                            system=None, stats=False, verbose=verbose, n_gpu_layers=n_gpu_layers,
+                            vram_budget=vram_budget)
+    run_serve(ServeOptions(chat=chat_opts, host=host, port=port, api_key=api_key, session_disk=session_disk,
+                           session_dir=session_dir, queue=queue, max_body=max_body))
+
+
+@app.command()
 def sessions(
     action: Optional[str] = typer.Argument(None, help="ls (default), rm or verify.", show_default=False),
     name: Optional[str] = typer.Argument(None, help="The session to remove or verify (a name or a file path).",

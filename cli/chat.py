@@ -306,9 +306,11 @@ class _PromptProgress:
             self._progress = None
 
 
-def load(opts: ChatOptions, err: Console, live: bool):
-    """Validates every option, then loads the model; returns (llm, chat_format)."""
+def load(opts: ChatOptions, err: Console, live: bool, cls=None):
+    """Validates every option, then loads the model (a dualblade.Llama, or cls); returns (llm, chat_format)."""
     from dualblade import Llama
+
+    Llama = cls or Llama
     from dualblade.config import KVConfig
 
     if not os.environ.get("DUALBLADE_LLAMA_LOG"):
