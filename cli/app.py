@@ -137,7 +137,8 @@ def serve(
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl",
                                      help="GPU builds: layers on the GPU (-1 or 99: all)."),
     vram_budget: Optional[str] = typer.Option(None, "--vram-budget",
-                                              help="GPU builds: VRAM the KV may take, e.g. 2G."),
+                                              help="GPU builds: VRAM the KV may take, e.g. 2G, or auto (what "
+                                                   "the GPU has free)."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /v1/kv, /health); conversations resume from their KV saved on storage."""

@@ -60,7 +60,7 @@ def _check(opts: ServeOptions) -> tuple[int, int]:
     if opts.queue < 1:
         raise ConfigError(f"--queue {opts.queue} is not positive; give the number of requests that may wait, "
                           "such as 16")
-    quota = size_arg(opts.session_disk, "--session-disk")
+    quota = 0 if opts.session_disk.strip() == "0" else size_arg(opts.session_disk, "--session-disk")
     body = size_arg(opts.max_body, "--max-body")
     if body < 1024:
         raise ConfigError(f"--max-body {opts.max_body} is under 1 KiB; give a size such as 8M")

@@ -82,12 +82,13 @@ class ConversationStore:
         self.evict()
 
     def best(self, tokens) -> tuple[Saved | None, int]:
-        """The saved conversation sharing the longest prefix with tokens, and that length."""
+        """The saved conversation that tokens continue (they start with its whole prompt) sharing the longest
+        prefix with them, and that length."""
         best, n = None, 0
         with self.lock:
             for e in self.entries.values():
                 c = common_prefix(e.tokens, tokens)
-                if c > n or (c == n and best is not None and c and e.last_used > best.last_used):
+                if c >= e.prompt_len and (c > n or (c == n and best is not None and e.last_used > best.last_used)):
                     best, n = e, c
         return best, n
 

@@ -33,8 +33,6 @@ from .conversations import ConversationStore, common_prefix
 from .errors import KVIOError, SessionError
 from .llama import Llama
 
-# a saved conversation is loaded only when it spares at least this many tokens of prefill
-MIN_RESUME_GAIN = 16
 
 
 class ApiError(Exception):
@@ -114,6 +112,7 @@ class Engine:
         self._busy_s = []  # recent request durations, for Retry-After
         self._job: Job | None = None
         self.created = int(time.time())
+        self._context_prompt_len = 0  # the prompt of the conversation the context holds
         llm.before_prompt = self._before_prompt
         self.thread = threading.Thread(target=self._run, name="dualblade-serve", daemon=True)
         self.thread.start()
@@ -170,6 +169,8 @@ class Engine:
             finally:
                 self._job = None
                 self._busy_s = (self._busy_s + [time.perf_counter() - t0])[-16:]
+                if self.queue.empty():
+                    _trim_heap()  # idle: the freed heap of the requests goes back to the system
 
     def _check_cancel(self, *args):
         """eval_progress: raises Cancelled between the prompt's batches once the client is gone."""
@@ -187,14 +188,20 @@ class Engine:
         return scores
 
     def _before_prompt(self, tokens: list[int]) -> None:
-        """Resume from the saved conversation that shares the longest prefix with the prompt, if it spares more
-        prefill than what the context holds."""
+        """Only a conversation that the prompt continues (the prompt starts with that conversation's whole
+        earlier prompt) lends its KV: the one in the context, else the saved one that shares the longest prefix
+        (loaded). Anything else is evaluated from the start, as a fresh process would (a prefix shared with
+        another conversation, evaluated in other batches, could change the answer's last bits)."""
         llm, job = self.llm, self._job
         have = common_prefix(llm.input_ids[: llm.n_tokens], tokens)
+        if have < self._context_prompt_len:
+            have = 0
+            llm.reset()  # n_tokens 0: llama-cpp-python evaluates the whole prompt
+            llm._ctx.kv_cache_clear()  # the cells from index 0 again, as in a fresh context
         resumed = False
         if self.store is not None:
             saved, n = self.store.best(tokens)
-            if saved is not None and n >= have + MIN_RESUME_GAIN:
+            if saved is not None and n > have:
                 try:
                     llm.load_session(self.store.path(saved.key))
                     self.store.touch(saved.key)
@@ -206,6 +213,7 @@ class Engine:
                     self.store.forget(saved.key)
                     llm.reset()
                     llm._ctx.kv_cache_clear()
+        self._context_prompt_len = len(tokens)
         if job is not None:
             job.info.update(prompt_tokens=len(tokens), resumed=resumed)
 
@@ -269,6 +277,16 @@ class Engine:
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
                 "prompt_tokens_details": {"cached_tokens": max(prompt - evaluated, 0)},
                 "resumed_from_storage": bool(job.info.get("resumed"))}
+
+
+def _trim_heap() -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # --- requests ------------------------------------------------------------------------------------------------

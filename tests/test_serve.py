@@ -298,7 +298,7 @@ def test_lru_eviction_under_quota(tmp_path_factory, gemma_path):
 # --- API key -----------------------------------------------------------------------------------------------------
 
 def test_api_key(tmp_path_factory, gemma_path):
-    s = Server(tmp=tmp_path_factory.mktemp("key"), env={"DUALBLADE_API_KEY": "s3cret-key"})
+    s = Server("--session-disk", "0", tmp=tmp_path_factory.mktemp("key"), env={"DUALBLADE_API_KEY": "s3cret-key"})
     try:
         model = _model_id(gemma_path)
         assert s.request("GET", "/health")[0] == 200  # liveness needs no key
@@ -312,6 +312,8 @@ def test_api_key(tmp_path_factory, gemma_path):
             s.client("wrong").models.list()
         assert s.client("s3cret-key").models.list().data[0].id == model
         assert s.client("s3cret-key").completions.create(model=model, prompt="Hi", max_tokens=1).choices
+        assert s.kv({"Authorization": "Bearer s3cret-key"})["conversations"] is None  # --session-disk 0
+        assert not s.session_dir.exists()
     finally:
         log = s.stop()
     assert "s3cret-key" not in log
