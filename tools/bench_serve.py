@@ -128,7 +128,7 @@ class Server:
 
     def stop(self):
         self._stop.set()
-        self.proc.send_signal(2)
+        self.proc.send_signal(15)
         self.proc.wait(timeout=120)
 
 
