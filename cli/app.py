@@ -52,27 +52,33 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show a traceback on
 ModelArg = typer.Argument(None, help="GGUF model file (default: the bundled Gemma-3-270M Q4_K_M).",
                           show_default=False)
 
+# options chat and serve share (one definition each)
+MemBudgetOpt = typer.Option(None, "--mem-budget", "-m", help="Memory for pinned KV + staging, e.g. 2G, 512MiB.")
+CtxSizeOpt = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens.")
+PolicyOpt = typer.Option(Policy.auto, "--policy", help="Where KV that exceeds the budget goes.")
+KvDirOpt = typer.Option(None, "--kv-dir", help="Directory for the KV file.")
+VerifyOpt = typer.Option(True, "--verify/--no-verify", help="Check a CRC-32C of every block read back from the direct path.")
+CacheTypeOpt = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type.")
+
 
 @app.command()
 def chat(
     model: Optional[Path] = ModelArg,
-    mem_budget: Optional[str] = typer.Option(None, "--mem-budget", "-m",
-                                             help="Memory for pinned KV + staging, e.g. 2G, 512MiB."),
-    ctx_size: int = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens."),
+    mem_budget: Optional[str] = MemBudgetOpt,
+    ctx_size: int = CtxSizeOpt,
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per reply."),
     temp: float = typer.Option(0.7, "--temp", help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(-1, "--seed", help="RNG seed (-1 = random)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
-    policy: Policy = typer.Option(Policy.auto, "--policy", help="Where KV that exceeds the budget goes."),
-    kv_dir: Optional[Path] = typer.Option(None, "--kv-dir", help="Directory for the KV file."),
+    policy: Policy = PolicyOpt,
+    kv_dir: Optional[Path] = KvDirOpt,
     kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
     force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
                                                       "(destroys what is there)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify",
-                                help="Check a CRC-32C of every block read back from the direct path."),
+    verify: bool = VerifyOpt,
     kv_wipe: bool = typer.Option(False, "--kv-wipe", help="At exit, overwrite what the KV store held with zeros "
                                                          "(a device's written range is discarded anyway)."),
-    cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type."),
+    cache_type: CacheType = CacheTypeOpt,
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn",
                                               help="Flash attention (default: on when the cache type or "
                                                    "offloaded layers need it)."),
@@ -109,19 +115,17 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DUALBLADE_API_KEY", show_envvar=True,
                                           help="Require 'Authorization: Bearer KEY' on /v1 (compared in constant "
                                                "time)."),
-    mem_budget: Optional[str] = typer.Option(None, "--mem-budget", "-m",
-                                             help="Memory for pinned KV + staging, e.g. 2G, 512MiB."),
-    ctx_size: int = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens."),
+    mem_budget: Optional[str] = MemBudgetOpt,
+    ctx_size: int = CtxSizeOpt,
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens a request may generate (and its "
                                                                     "default)."),
-    policy: Policy = typer.Option(Policy.auto, "--policy", help="Where KV that exceeds the budget goes."),
-    kv_dir: Optional[Path] = typer.Option(None, "--kv-dir", help="Directory for the KV file."),
+    policy: Policy = PolicyOpt,
+    kv_dir: Optional[Path] = KvDirOpt,
     kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
     force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
                                                       "(destroys what is there)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify",
-                                help="Check a CRC-32C of every block read back from the direct path."),
-    cache_type: CacheType = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type."),
+    verify: bool = VerifyOpt,
+    cache_type: CacheType = CacheTypeOpt,
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn",
                                               help="Flash attention (default: on when the cache type or "
                                                    "offloaded layers need it)."),
