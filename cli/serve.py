@@ -94,10 +94,10 @@ def _exit_cleanly(signum, frame):
 
 
 def run_serve(opts: ServeOptions) -> None:
+    quota, body_limit = _check(opts)  # first: it says so when the server extra is missing
     from dualblade import conversations
     from dualblade.server import Engine, Limits, ServedLlama, create_app, serve_forever
 
-    quota, body_limit = _check(opts)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     sock = _bind(opts.host, opts.port)
     try:

@@ -9,6 +9,9 @@ context is saved (Llama.save_session) into the server's own directory (dualblade
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import hmac
 import json
 import queue
@@ -33,6 +36,7 @@ from .conversations import ConversationStore, common_prefix
 from .errors import KVIOError, SessionError
 from .llama import Llama
 
+IDLE_RELEASE_S = 1.0  # how long the queue stays empty before the requests' memory is given back
 
 
 class ApiError(Exception):
@@ -108,7 +112,8 @@ class Engine:
         self.queue: queue.Queue = queue.Queue(maxsize=limits.queue)
         self.counters = {"requests": 0, "completed": 0, "cancelled": 0, "rejected_queue_full": 0, "errors": 0,
                          "resumed": 0, "saved": 0, "prompt_tokens": 0, "prompt_tokens_evaluated": 0,
-                         "completion_tokens": 0}
+                         "completion_tokens": 0, "idle_releases": 0,
+                         "released_after_requests": 0}  # how many requests had come when memory was last given back
         self._busy_s = []  # recent request durations, for Retry-After
         self._job: Job | None = None
         self.created = int(time.time())
@@ -154,10 +159,20 @@ class Engine:
 
     # --- the worker thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        idle = True
         while True:
-            job = self.queue.get()
+            try:
+                # once the queue has stayed empty for a while, the requests' memory goes back to the system
+                job = self.queue.get(timeout=None if idle else IDLE_RELEASE_S)
+            except queue.Empty:
+                release_idle_memory()
+                self.counters["idle_releases"] += 1
+                self.counters["released_after_requests"] = self.counters["requests"]
+                idle = True
+                continue
             if job is None:
                 return
+            idle = False
             if job.cancel.is_set():
                 self.counters["cancelled"] += 1
                 job.put("error", Cancelled())
@@ -169,8 +184,6 @@ class Engine:
             finally:
                 self._job = None
                 self._busy_s = (self._busy_s + [time.perf_counter() - t0])[-16:]
-                if self.queue.empty():
-                    _trim_heap()  # idle: the freed heap of the requests goes back to the system
 
     def _check_cancel(self, *args):
         """eval_progress: raises Cancelled between the prompt's batches once the client is gone."""
@@ -279,10 +292,11 @@ class Engine:
                 "resumed_from_storage": bool(job.info.get("resumed"))}
 
 
-def _trim_heap() -> None:
-    import ctypes
-    import ctypes.util
-
+def release_idle_memory() -> None:
+    """What a burst of requests left behind goes back to the system: the cycles llama-cpp-python's samplers
+    form (their C buffers are freed only with them: an idle process never collects), then the free pages of
+    every malloc arena (glibc; elsewhere a no-op)."""
+    gc.collect()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -6,9 +6,10 @@ resume  4 conversations whose first turn carries a ~4,000-token history, then th
         prefill of the same prompt (a server that saves nothing: the context holds another conversation, so the
         whole prompt is evaluated again); the server's memory sampled throughout; the answers compared with those
         of the same conversations run one after another in `dualblade chat` (a pipe, greedy).
-load    100 requests from 8 client threads (half streaming) against a server with a small queue: every request
-        answered (200 or 503 with Retry-After, retried after it), no 5xx, no stream cut short; the server's memory
-        at idle before and after.
+load    100 requests from 8 client threads (half streaming) against a server with a small queue, in rounds: every
+        request answered (200 or 503 with Retry-After, retried after it), no 5xx, no stream cut short; the
+        server's memory at idle (after a warm-up request) and after each round, once it has given back what the
+        requests used, with the growth of the direct path's staging pool (KV memory within the budget) apart.
 
   .venv/bin/python tools/bench_serve.py [--json docs/bench-serve.json] [--model M.gguf] [--parts resume,load]
 """
@@ -201,60 +202,92 @@ def part_load(args, common: list[str], out: dict) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         srv = Server([*common, "--session-dir", d, "--queue", str(args.queue), "--max-tokens", "64"])
         try:
-            srv.request({"messages": [{"role": "user", "content": "Warm up."}], "max_tokens": 4})
-            time.sleep(3)
-            idle = srv.mem()  # after one request: llama.cpp's compute buffers are in use from the first one
-            results, lock = [], threading.Lock()
-            todo = list(range(args.requests))
-
-            def client(cid: int):
+            def settled() -> dict:
+                """The server's memory once it has given back what the requests used (it does so after
+                IDLE_RELEASE_S without a request): RssAnon, RssFile and the direct path's staging pool, KV memory
+                within the budget whose pages come on first use and stay."""
+                deadline = time.monotonic() + 120
                 while True:
-                    with lock:
-                        if not todo:
-                            return
-                        n = todo.pop(0)
-                    stream = n % 2 == 0
-                    body = {"messages": [{"role": "user", "content": f"Question {n}: name a colour and a fruit."}],
-                            "max_tokens": 16 + n % 17, "temperature": 0.7, "seed": n, "stream": stream}
-                    attempts, rejected = 0, 0
-                    while True:
-                        attempts += 1
-                        try:
-                            status, headers, res, _ = srv.request(body)
-                        except Exception as e:  # noqa: BLE001 - counted as lost
-                            status, headers, res = -1, {}, repr(e)
-                        if status == 503 and "retry-after" in headers and attempts < 50:
-                            rejected += 1
-                            time.sleep(min(float(headers["retry-after"]), 2.0))
-                            continue
+                    kv = srv.kv()
+                    if kv["server"]["released_after_requests"] == kv["server"]["requests"]:
                         break
-                    ok = status == 200 and (res.get("done") if stream else bool(res.get("choices")))
-                    with lock:
-                        results.append({"n": n, "stream": stream, "status": status, "ok": bool(ok),
-                                        "rejected_503": rejected})
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"the server did not give memory back at idle: {kv['server']}")
+                    time.sleep(0.1)
+                anon, file = srv.mem()
+                return {"rss_anon": anon, "rss_file": file, "staging_pool": kv["staging"]["pool_bytes"],
+                        "kv_resident": kv["resident_bytes"]}
 
-            t0 = time.perf_counter()
-            threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            peak = max(s[1] for s in srv.samples)
-            time.sleep(3)
-            after = srv.mem()
+            # a warm-up request of the load's kind: llama.cpp's buffers are sized by the first requests
+            srv.request({"messages": [{"role": "user", "content": "Question 0: name a colour and a fruit."}],
+                         "max_tokens": 32, "temperature": 0.7, "seed": 0})
+            idle = settled()
+            rounds = []
+            for rnd in range(args.rounds):
+                results, lock = [], threading.Lock()
+                todo = list(range(args.requests))
+                samples_from = len(srv.samples)
+
+                def client(cid: int):
+                    while True:
+                        with lock:
+                            if not todo:
+                                return
+                            n = todo.pop(0)
+                        stream = n % 2 == 0
+                        body = {"messages": [{"role": "user",
+                                              "content": f"Question {n}: name a colour and a fruit."}],
+                                "max_tokens": 16 + n % 17, "temperature": 0.7, "seed": n + rnd * 1000,
+                                "stream": stream}
+                        attempts, rejected = 0, 0
+                        while True:
+                            attempts += 1
+                            try:
+                                status, headers, res, _ = srv.request(body)
+                            except Exception as e:  # noqa: BLE001 - counted as lost
+                                status, headers, res = -1, {}, repr(e)
+                            if status == 503 and "retry-after" in headers and attempts < 50:
+                                rejected += 1
+                                time.sleep(min(float(headers["retry-after"]), 2.0))
+                                continue
+                            break
+                        ok = status == 200 and (res.get("done") if stream else bool(res.get("choices")))
+                        with lock:
+                            results.append({"n": n, "stream": stream, "status": status, "ok": bool(ok),
+                                            "rejected_503": rejected})
+
+                t0 = time.perf_counter()
+                threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                peak = max(s[1] for s in srv.samples[samples_from:])
+                after = settled()
+                left = after["rss_anon"] - idle["rss_anon"] - (after["staging_pool"] - idle["staging_pool"])
+                rounds.append({
+                    "requests": args.requests, "wall_s": wall,
+                    "answered_200": sum(r["status"] == 200 for r in results),
+                    "complete": sum(r["ok"] for r in results),
+                    "lost": args.requests - sum(r["ok"] for r in results),
+                    "5xx_other_than_503": sum(500 <= r["status"] < 600 and r["status"] != 503 for r in results),
+                    "answers_503_then_retried": sum(r["rejected_503"] for r in results),
+                    "requests_that_met_503": sum(r["rejected_503"] > 0 for r in results),
+                    "peak_rss_anon": peak, "after": after,
+                    "rss_anon_above_idle": after["rss_anon"] - idle["rss_anon"],
+                    "staging_pool_growth": after["staging_pool"] - idle["staging_pool"],
+                    "rss_anon_above_idle_besides_the_pool": left})
+                print(f"round {rnd + 1}: {rounds[-1]['complete']}/{args.requests} complete, "
+                      f"{rounds[-1]['5xx_other_than_503']} 5xx, {rounds[-1]['answers_503_then_retried']} 503s; "
+                      f"RssAnon idle {idle['rss_anon'] / 2**20:.1f} MiB, peak {peak / 2**20:.1f}, after "
+                      f"{after['rss_anon'] / 2**20:.1f} (staging pool {idle['staging_pool'] >> 20} -> "
+                      f"{after['staging_pool'] >> 20} MiB; besides it {left / 2**20:+.1f} MiB)", flush=True)
             kv = srv.kv()
-            out["load"] = {
-                "requests": args.requests, "clients": args.clients, "queue": args.queue, "wall_s": wall,
-                "answered_200": sum(r["status"] == 200 for r in results),
-                "complete": sum(r["ok"] for r in results), "lost": args.requests - sum(r["ok"] for r in results),
-                "5xx_other_than_503": sum(500 <= r["status"] < 600 and r["status"] != 503 for r in results),
-                "answers_503_then_retried": sum(r["rejected_503"] for r in results),
-                "requests_that_met_503": sum(r["rejected_503"] > 0 for r in results),
-                "idle_rss_anon": idle[0], "peak_rss_anon": peak, "after_rss_anon": after[0],
-                "idle_rss_file": idle[1], "after_rss_file": after[1], "server": kv["server"],
-                "conversations": kv["conversations"]}
-            print(json.dumps(out["load"], indent=1), flush=True)
+            out["load"] = {"requests": args.requests, "clients": args.clients, "queue": args.queue,
+                           "rounds": rounds, "idle": idle, "server": kv["server"],
+                           "kv_budget_bytes": kv["budget_bytes"], "conversations": kv["conversations"]}
+            print(json.dumps({k: v for k, v in out["load"].items() if k != "rounds"}, indent=1), flush=True)
         finally:
             srv.stop()
 
@@ -272,6 +305,7 @@ def main():
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--queue", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2, help="load rounds, the server's memory settled after each")
     ap.add_argument("--tmp", default=None, help="where session directories go (default: the system's)")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
