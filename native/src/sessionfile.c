@@ -124,7 +124,11 @@ static int copy_cfr(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len
     return 0;
 }
 
-static int copy_direct(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, struct dblade_fault * fault) {
+// [off, off + len) of fd read through a bounded buffer, each piece handed to fn(buf, n, done, arg) with
+// done its offset in the range; the first error ends it (a read's -errno, or fn's)
+typedef int (*sf_piece_fn)(const void * buf, uint64_t n, uint64_t done, void * arg);
+
+static int read_pieces(int fd, uint64_t off, uint64_t len, sf_piece_fn fn, void * arg) {
     void * buf = NULL;
     if (posix_memalign(&buf, DBLADE_BLOCK, SF_COPY_BUF) != 0) {
         return -ENOMEM;
@@ -132,13 +136,29 @@ static int copy_direct(int src, uint64_t soff, int dst, uint64_t doff, uint64_t 
     int rc = 0;
     for (uint64_t done = 0; done < len && rc == 0; done += SF_COPY_BUF) {
         const uint64_t n = len - done < SF_COPY_BUF ? len - done : SF_COPY_BUF;
-        rc = dblade_io_read(src, buf, n, soff + done);
+        rc               = dblade_io_read(fd, buf, n, off + done);
         if (rc == 0) {
-            rc = dblade_io_rw(dst, 1, buf, n, doff + done, fault);
+            rc = fn(buf, n, done, arg);
         }
     }
     free(buf);
     return rc;
+}
+
+struct copy_to {
+    int                   dst;
+    uint64_t              doff;
+    struct dblade_fault * fault;
+};
+
+static int write_piece(const void * buf, uint64_t n, uint64_t done, void * arg) {
+    const struct copy_to * c = arg;
+    return dblade_io_rw(c->dst, 1, (void *) buf, n, c->doff + done, c->fault);
+}
+
+static int copy_direct(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, struct dblade_fault * fault) {
+    struct copy_to c = { dst, doff, fault };
+    return read_pieces(src, soff, len, write_piece, &c);
 }
 
 // two streams at once (halves of the range): the device has reads and writes in flight together
@@ -195,22 +215,14 @@ static int copy_range(int src, uint64_t soff, int dst, uint64_t doff, uint64_t l
     return rc;
 }
 
-// CRC-32C of each block of [off, off + len) of fd, read through a bounded buffer
+static int sum_piece(const void * buf, uint64_t n, uint64_t done, void * arg) {
+    dblade_crc32c_blocks(buf, n / DBLADE_BLOCK, (uint32_t *) arg + done / DBLADE_BLOCK);
+    return 0;
+}
+
+// CRC-32C of each block of [off, off + len) of fd
 static int sums_read(int fd, uint64_t off, uint64_t len, uint32_t * out) {
-    void * buf = NULL;
-    if (posix_memalign(&buf, DBLADE_BLOCK, SF_COPY_BUF) != 0) {
-        return -ENOMEM;
-    }
-    int rc = 0;
-    for (uint64_t done = 0; done < len && rc == 0; done += SF_COPY_BUF) {
-        const uint64_t n = len - done < SF_COPY_BUF ? len - done : SF_COPY_BUF;
-        rc = dblade_io_read(fd, buf, n, off + done);
-        if (rc == 0) {
-            dblade_crc32c_blocks(buf, n / DBLADE_BLOCK, out + done / DBLADE_BLOCK);
-        }
-    }
-    free(buf);
-    return rc;
+    return read_pieces(fd, off, len, sum_piece, out);
 }
 
 static void sums_of_memory(const void * p, uint64_t len, uint32_t * out) {
@@ -853,43 +865,48 @@ int dblade_sessionfile_restore(struct dblade_session * s, struct dblade_sessionf
     return rc;
 }
 
+struct check_layer {
+    const struct dblade_sessionfile * f;
+    const struct sf_layer *           l;
+    uint32_t                          got[SF_COPY_BUF / DBLADE_BLOCK];
+    bool                              damaged;
+};
+
+static int check_piece(const void * buf, uint64_t n, uint64_t done, void * arg) {
+    struct check_layer *    c    = arg;
+    const struct sf_layer * l    = c->l;
+    const uint32_t *        want = c->f->sums + l->sums_at + done / DBLADE_BLOCK;
+    sums_of_memory(buf, n, c->got);
+    for (uint64_t b = 0; b < n / DBLADE_BLOCK; b++) {
+        if (c->got[b] != want[b]) {
+            dblade_set_error("%s is damaged: KV block %llu of layer %d %s%s failed its checksum", c->f->path,
+                             (unsigned long long) (done / DBLADE_BLOCK + b), l->il, l->name, l->which ? "V" : "K");
+            c->damaged = true;
+            return -EBADMSG;
+        }
+    }
+    return 0;
+}
+
 int dblade_sessionfile_verify(struct dblade_sessionfile * f, struct dblade_sessionfile_stats * stats) {
     if (!f) {
         return -EINVAL;
     }
-    uint32_t * got = malloc((SF_COPY_BUF / DBLADE_BLOCK) * sizeof(*got));
-    void *     buf = NULL;
-    if (!got || posix_memalign(&buf, DBLADE_BLOCK, SF_COPY_BUF) != 0) {
-        free(got);
+    struct check_layer * c = malloc(sizeof(*c));
+    if (!c) {
         return -ENOMEM;
     }
     int      rc      = 0;
     uint64_t checked = 0;
     for (uint32_t i = 0; i < f->n_layers && rc == 0; i++) {
-        const struct sf_layer * l = &f->layers[i];
-        for (uint64_t done = 0; done < l->saved && rc == 0; done += SF_COPY_BUF) {
-            const uint64_t n = l->saved - done < SF_COPY_BUF ? l->saved - done : SF_COPY_BUF;
-            rc               = dblade_io_read(f->dfd, buf, n, l->file_off + done);
-            if (rc < 0) {
-                dblade_set_error("reading the session %s: %s", f->path, strerror(-rc));
-                break;
-            }
-            sums_of_memory(buf, n, got);
-            const uint32_t * want = f->sums + l->sums_at + done / DBLADE_BLOCK;
-            for (uint64_t b = 0; b < n / DBLADE_BLOCK; b++) {
-                if (got[b] != want[b]) {
-                    dblade_set_error("%s is damaged: KV block %llu of layer %d %s%s failed its checksum", f->path,
-                                     (unsigned long long) (done / DBLADE_BLOCK + b), l->il, l->name,
-                                     l->which ? "V" : "K");
-                    rc = -EBADMSG;
-                    break;
-                }
-            }
-            checked += n;
+        c->f = f, c->l = &f->layers[i], c->damaged = false;
+        rc = read_pieces(f->dfd, c->l->file_off, c->l->saved, check_piece, c);
+        if (rc < 0 && !c->damaged) {
+            dblade_set_error("reading the session %s: %s", f->path, strerror(-rc));
         }
+        checked += rc == 0 ? c->l->saved : 0;
     }
-    free(buf);
-    free(got);
+    free(c);
     if (rc == 0 && stats) {
         memset(stats, 0, sizeof(*stats));
         stats->kv_bytes      = f->h.kv_bytes;
