@@ -12,6 +12,7 @@ the budget once the slots are reserved.
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 
 from . import _native
@@ -143,13 +144,13 @@ class Gpu:
     total: int
 
 
-def gpus(main_gpu: int = 0, split_mode: int = 1) -> list[Gpu]:
-    """The GPUs llama.cpp puts layers on, with their free and total memory now, through ggml's device
-    registry (the same figures llama.cpp logs at load). split_mode 0 (none): main_gpu alone."""
+@functools.lru_cache(maxsize=None)
+def _registry():
+    """ggml's device registry functions, their signatures declared once; None without ggml."""
     try:
         from llama_cpp._ggml import libggml as g
     except (ImportError, OSError):
-        return []
+        return None
     g.ggml_backend_dev_count.restype = ctypes.c_size_t
     g.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
     g.ggml_backend_dev_get.restype = ctypes.c_void_p
@@ -159,6 +160,15 @@ def gpus(main_gpu: int = 0, split_mode: int = 1) -> list[Gpu]:
     g.ggml_backend_dev_name.restype = ctypes.c_char_p
     g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
                                           ctypes.POINTER(ctypes.c_size_t)]
+    return g
+
+
+def gpus(main_gpu: int = 0, split_mode: int = 1) -> list[Gpu]:
+    """The GPUs llama.cpp puts layers on, with their free and total memory now, through ggml's device
+    registry (the same figures llama.cpp logs at load). split_mode 0 (none): main_gpu alone."""
+    g = _registry()
+    if g is None:
+        return []
     found = []
     for i in range(g.ggml_backend_dev_count()):
         dev = g.ggml_backend_dev_get(i)

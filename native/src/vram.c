@@ -102,6 +102,10 @@ struct dblade_vram {
     CUmemGenericAllocationHandle * slots;
     uint32_t        n_streamed;
     int32_t         max_il;   // the last streamed layer
+    // the streamed layers in graph order, built at setup: the cuts look them up, never scan
+    struct dblade_tensor ** by_il;    // [il]: K of streamed layer il once attached, else NULL
+    int32_t *               next_il;  // [il]: the next streamed layer after il, -1 after the last
+    int32_t                 first_il; // the first streamed layer
     uint64_t        pad;      // room after each tensor for the GPU buffer's padding
     // the cut protocol
     struct dblade_tensor * pending;         // K of the layer that computed since the last cut: its rows go back
@@ -253,9 +257,24 @@ static int vram_setup(struct dblade_session * s, struct dblade_vram * v, const c
     }
     v->n_slots = slots_wanted(v->n_streamed);
     v->slots   = calloc(v->n_slots, sizeof(*v->slots));
-    if (!v->slots) {
+    v->by_il   = calloc((size_t) v->max_il + 1, sizeof(*v->by_il));
+    v->next_il = malloc(((size_t) v->max_il + 1) * sizeof(*v->next_il));
+    if (!v->slots || !v->by_il || !v->next_il) {
         v->cu.CtxPopCurrent(&popped);
         return -ENOMEM;
+    }
+    for (int32_t il = 0; il <= v->max_il; il++) {
+        v->next_il[il] = -1;
+    }
+    v->first_il = -1;
+    for (uint32_t i = s->n_layout; i-- > 0;) { // backwards: each layer learns the next streamed one
+        const struct dblade_layout_layer * l = &s->layout[i].l;
+        if ((l->flags & DBLADE_LAYOUT_STREAMED) && l->il >= 0) {
+            for (int32_t il = l->il - 1; il >= 0 && (v->next_il[il] < 0 || v->next_il[il] > l->il); il--) {
+                v->next_il[il] = l->il;
+            }
+            v->first_il = v->first_il < 0 || l->il < v->first_il ? l->il : v->first_il;
+        }
     }
     r = v->cu.MemAddressReserve(&v->va, v->va_bytes, v->gran, 0, 0);
     for (uint32_t i = 0; r == 0 && i < v->n_slots; i++) {
@@ -322,6 +341,8 @@ void dblade_vram_destroy(struct dblade_session * s) {
         v->cu.DevicePrimaryCtxRelease(v->dev);
     }
     free(v->slots);
+    free(v->by_il);
+    free(v->next_il);
     if (v->lib) {
         dlclose(v->lib);
     }
@@ -362,6 +383,9 @@ int dblade_vram_attach(struct dblade_session * s, struct dblade_tensor * t, cons
         if (l->il == t->il) {
             t->dev   = (uint64_t) v->va + off + (t->which ? tensor_span(v, l->k_bytes) : 0);
             t->vslot = n % v->n_slots;
+            if (!t->which) {
+                v->by_il[t->il] = t;
+            }
             break;
         }
         off += layer_span(v, l);
@@ -393,6 +417,9 @@ void dblade_vram_detach(struct dblade_session * s, struct dblade_tensor * t) {
         v->cu.MemHostUnregister(t->addr);
         v->cu.CtxPopCurrent(&popped);
         t->host_registered = false;
+    }
+    if (v && t->dev && !t->which && t->il <= v->max_il && v->by_il[t->il] == t) {
+        v->by_il[t->il] = NULL;
     }
     t->dev = 0;
 }
@@ -512,14 +539,8 @@ static int32_t cut_layer(const char * name) {
     return name[0] == 'r' && !strcmp(name, "result_norm") ? INT32_MAX : -1;
 }
 
-static struct dblade_tensor * streamed_layer(struct dblade_session * s, int32_t il) {
-    for (struct dblade_cache * c = s->caches; c; c = c->next) {
-        struct dblade_tensor * k = dblade_layer_of(c, il);
-        if (k && k->dev) {
-            return k;
-        }
-    }
-    return NULL;
+static struct dblade_tensor * streamed_layer(const struct dblade_vram * v, int32_t il) {
+    return il >= 0 && il <= v->max_il ? v->by_il[il] : NULL;
 }
 
 // A pinned layer's copy is queued ahead, while the GPU computes other layers: its host copy needs no
@@ -538,10 +559,7 @@ static void prefetch(struct dblade_vram * v, struct dblade_tensor * k) {
 // slot is free: the layer that held it last computed before this cut, and its rows went back (same
 // stream, earlier).
 static void prefetch_next(struct dblade_vram * v, struct dblade_tensor * k) {
-    struct dblade_tensor * next = NULL;
-    for (int32_t il = k->il + 1; !next && il <= v->max_il; il++) {
-        next = streamed_layer(k->cache->session, il);
-    }
+    struct dblade_tensor * next = streamed_layer(v, v->next_il[k->il]);
     if (next && next->vslot != k->vslot) {
         prefetch(v, next);
     }
@@ -556,7 +574,7 @@ int dblade_session_graph_cut(struct dblade_session * s, const char * name, int a
     if (il < 0) {
         return ask ? 0 : 1;
     }
-    struct dblade_tensor * k = il == INT32_MAX ? NULL : streamed_layer(s, il);
+    struct dblade_tensor * k = streamed_layer(v, il);
     if (ask) {
         return k || v->pending;
     }
@@ -627,10 +645,7 @@ void dblade_cache_ubatch(struct dblade_cache * c, const int64_t * rows, int64_t 
     if (v->busy || v->pending || v->prefetched) {
         return;
     }
-    struct dblade_tensor * first = NULL;
-    for (int32_t il = 0; !first && il <= v->max_il; il++) {
-        first = streamed_layer(s, il);
-    }
+    struct dblade_tensor * first = streamed_layer(v, v->first_il);
     if (first && first->cache == c) { // its rows are this ubatch's (another cache's come with its own call)
         CUcontext popped;
         v->cu.CtxPushCurrent(v->ctx);
