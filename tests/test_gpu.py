@@ -146,6 +146,39 @@ def test_prefix_reuse_and_state_roundtrip(model):
                                                 vram_budget=_streamed_budget(model, 1))) == stock
 
 
+def _session_roundtrip(model, path, **kw):
+    """As _state_roundtrip, through save_session/load_session: (a) half the prompt saved to a session file,
+    the rest evaluated; (b) the session loaded back into that context, the rest again; (c) loaded into a fresh
+    context, the rest."""
+    with closing(_llm(model, **kw)) as llm:
+        toks = llm.tokenize(PROMPT.encode())
+        half = len(toks) // 2
+        llm.reset()
+        llm.eval(toks[:half])
+        llm.save_session(path)
+        llm.eval(toks[half:])
+        a = last_logits(llm).tobytes()
+        llm.load_session(path)  # the rows the last graph left in VRAM are not written back over it
+        llm.eval(toks[half:])
+        b = last_logits(llm).tobytes()
+    with closing(_llm(model, **kw)) as llm:
+        llm.load_session(path, verify=True)
+        llm.eval(toks[half:])
+        c = last_logits(llm).tobytes()
+    return a, b, c
+
+
+def test_sessions_of_streamed_layers(model, tmp_path):
+    stock = _session_roundtrip(model, tmp_path / "stock.dbs")
+    assert stock[0] == stock[1] == stock[2]
+    streamed = _streamed_budget(model, 1)
+    assert _session_roundtrip(model, tmp_path / "pinned.dbs", vram_budget=streamed) == stock
+    # host copies on the direct path: the session's rows go through the KV store
+    direct = _minimum(model, "mem_budget", kv_policy="direct", vram_budget=streamed)
+    assert _session_roundtrip(model, tmp_path / "direct.dbs", vram_budget=streamed, kv_policy="direct",
+                              mem_budget=direct) == stock
+
+
 def test_without_vram_budget_a_gpu_build_is_stock(model):
     toks_stock = None
     with closing(llama_cpp.Llama(str(model), n_ctx=N_CTX, n_gpu_layers=-1, flash_attn=True, verbose=False)) as llm:

@@ -434,12 +434,13 @@ int dblade_session_state_mode(struct dblade_session * s, int mode) {
     if (!s || mode < DBLADE_STATE_STOCK || mode > DBLADE_STATE_LOAD_META) {
         return -EINVAL;
     }
-    if (mode != DBLADE_STATE_STOCK && s->vram) {
-        dblade_set_error("sessions of KV layers streamed into VRAM are not supported yet");
-        return -EOPNOTSUPP;
-    }
+    // streamed layers need nothing of their own: their host copies hold the KV (a save flushes the
+    // rows VRAM still holds first), and each graph copies the rows it reads into VRAM again
     pthread_mutex_lock(&s->lock);
     s->state_mode = mode;
+    if (mode == DBLADE_STATE_LOAD_META) {
+        dblade_vram_forget(s, NULL); // the rows the last graph stored are replaced: none go back
+    }
     if (mode == DBLADE_STATE_SAVE_META) {
         for (struct dblade_cache * c = s->caches; c; c = c->next) {
             c->state_rows = 0;
