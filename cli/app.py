@@ -52,13 +52,23 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show a traceback on
 ModelArg = typer.Argument(None, help="GGUF model file (default: the bundled Gemma-3-270M Q4_K_M).",
                           show_default=False)
 
-# options chat and serve share (one definition each)
+# options the commands share (one definition each)
 MemBudgetOpt = typer.Option(None, "--mem-budget", "-m", help="Memory for pinned KV + staging, e.g. 2G, 512MiB.")
 CtxSizeOpt = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens.")
 PolicyOpt = typer.Option(Policy.auto, "--policy", help="Where KV that exceeds the budget goes.")
 KvDirOpt = typer.Option(None, "--kv-dir", help="Directory for the KV file.")
 VerifyOpt = typer.Option(True, "--verify/--no-verify", help="Check a CRC-32C of every block read back from the direct path.")
 CacheTypeOpt = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type.")
+KvDeviceOpt = typer.Option(None, "--kv-device", help="Raw block device for the KV.")
+ForceOpt = typer.Option(False, "--force", help="Take over a --kv-device that holds something else (destroys what is "
+                                               "there).")
+FlashAttnOpt = typer.Option(None, "--flash-attn/--no-flash-attn",
+                            help="Flash attention (default: on when the cache type or offloaded layers need it).")
+ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores).")
+GpuLayersOpt = typer.Option(0, "--n-gpu-layers", "-ngl", help="GPU builds: layers on the GPU (-1 or 99: all).")
+VramBudgetOpt = typer.Option(None, "--vram-budget",
+                             help="GPU builds: VRAM the KV may take, e.g. 2G, or auto (what the GPU has free); the "
+                                  "other GPU layers' KV is streamed in from the host tiers.")
 
 
 @app.command()
@@ -69,29 +79,22 @@ def chat(
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per reply."),
     temp: float = typer.Option(0.7, "--temp", help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(-1, "--seed", help="RNG seed (-1 = random)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+    threads: Optional[int] = ThreadsOpt,
     policy: Policy = PolicyOpt,
     kv_dir: Optional[Path] = KvDirOpt,
-    kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
-    force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
-                                                      "(destroys what is there)."),
+    kv_device: Optional[Path] = KvDeviceOpt,
+    force: bool = ForceOpt,
     verify: bool = VerifyOpt,
     kv_wipe: bool = typer.Option(False, "--kv-wipe", help="At exit, overwrite what the KV store held with zeros "
                                                          "(a device's written range is discarded anyway)."),
     cache_type: CacheType = CacheTypeOpt,
-    flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn",
-                                              help="Flash attention (default: on when the cache type or "
-                                                   "offloaded layers need it)."),
+    flash_attn: Optional[bool] = FlashAttnOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     stats: Optional[bool] = typer.Option(None, "--stats/--no-stats",
                                          help="Status line after each reply (default: on in a terminal)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what was chosen and why (DUALBLADE_LLAMA_LOG=1 adds llama.cpp's logs)."),
-    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl",
-                                     help="GPU builds: layers on the GPU (-1 or 99: all)."),
-    vram_budget: Optional[str] = typer.Option(None, "--vram-budget",
-                                              help="GPU builds: VRAM the KV may take, e.g. 2G, or auto (what "
-                                                   "the GPU has free); the other GPU layers' KV is streamed in "
-                                                   "from the host tiers."),
+    n_gpu_layers: int = GpuLayersOpt,
+    vram_budget: Optional[str] = VramBudgetOpt,
     session: Optional[str] = typer.Option(None, "--session", help="Resume this saved session if it exists, "
                                           "and keep it saved (after each reply and at exit): a name under "
                                           "~/.cache/dualblade/sessions or a file path."),
@@ -121,15 +124,12 @@ def serve(
                                                                     "default)."),
     policy: Policy = PolicyOpt,
     kv_dir: Optional[Path] = KvDirOpt,
-    kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
-    force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
-                                                      "(destroys what is there)."),
+    kv_device: Optional[Path] = KvDeviceOpt,
+    force: bool = ForceOpt,
     verify: bool = VerifyOpt,
     cache_type: CacheType = CacheTypeOpt,
-    flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn",
-                                              help="Flash attention (default: on when the cache type or "
-                                                   "offloaded layers need it)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+    flash_attn: Optional[bool] = FlashAttnOpt,
+    threads: Optional[int] = ThreadsOpt,
     seed: int = typer.Option(-1, "--seed", help="RNG seed of requests without one (-1 = random)."),
     session_disk: str = typer.Option("20G", "--session-disk", help="Disk the saved conversations may take (least "
                                      "recently used go first; 0: none saved)."),
@@ -138,11 +138,8 @@ def serve(
     queue: int = typer.Option(16, "--queue", help="Requests that may wait for the model (more: 503)."),
     max_body: str = typer.Option("8M", "--max-body", help="Largest request body."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what was chosen and why; log requests."),
-    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl",
-                                     help="GPU builds: layers on the GPU (-1 or 99: all)."),
-    vram_budget: Optional[str] = typer.Option(None, "--vram-budget",
-                                              help="GPU builds: VRAM the KV may take, e.g. 2G, or auto (what "
-                                                   "the GPU has free)."),
+    n_gpu_layers: int = GpuLayersOpt,
+    vram_budget: Optional[str] = VramBudgetOpt,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /v1/kv, /health); conversations resume from their KV saved on storage."""
@@ -231,14 +228,13 @@ def bench(
     gen_tokens: int = typer.Option(32, "--gen-tokens", "-n", help="Tokens generated greedily (decode)."),
     reps: int = typer.Option(3, "--reps", "-r", help="Repetitions of the whole matrix (median [min, max])."),
     kv_dir: Optional[Path] = typer.Option(None, "--kv-dir", help="Directory for the KV file (and the probe)."),
-    kv_device: Optional[Path] = typer.Option(None, "--kv-device", help="Raw block device for the KV."),
-    force: bool = typer.Option(False, "--force", help="Take over a --kv-device that holds something else "
-                               "(destroys it)."),
+    kv_device: Optional[Path] = KvDeviceOpt,
+    force: bool = ForceOpt,
     no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Run without a memory limit (numbers are then not "
                                    "memory-enforced)."),
     overhead: Optional[str] = typer.Option(None, "--overhead", help="Memory besides weights and budget in each "
                                            "cell's limit (default: calibrated)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+    threads: Optional[int] = ThreadsOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every raw figure to this file."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a plot (PNG, needs matplotlib)."),
     probe_size: str = typer.Option("512M", "--probe-size", help="Bytes the device probe reads."),
