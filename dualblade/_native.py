@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 PATHS = ("ram", "mmap", "direct", "vram")  # "vram": in VRAM as stock (GPU builds)
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -177,6 +177,7 @@ def lib() -> ctypes.CDLL:
         "dblade_session_create": (c_int, [POINTER(Config), c_uint32, POINTER(LayoutLayer), POINTER(c_void_p)]),
         "dblade_session_error": (c_int, [c_void_p, ctypes.c_char_p, ctypes.c_size_t]),
         "dblade_session_flush": (c_int, [c_void_p]),
+        "dblade_session_trim": (ctypes.c_int64, [c_void_p]),
         "dblade_session_clear_error": (c_int, [c_void_p]),
         "dblade_session_wipe": (c_int, [c_void_p, c_int]),
         "dblade_session_store": (c_int, [c_void_p, POINTER(StoreInfo)]),
@@ -300,6 +301,11 @@ class Session:
 
     def flush(self) -> None:
         self._lib.dblade_session_flush(self._h)
+
+    def trim(self) -> int:
+        """Flush, then the idle staging pool's pages back to the system: the bytes given back (0 after an
+        I/O error, which error() reports)."""
+        return max(self._lib.dblade_session_trim(self._h), 0)
 
     def clear_error(self) -> None:
         """Forget the I/O error, once the caches have been cleared."""

@@ -228,6 +228,15 @@ class Llama(llama_cpp.Llama):
         st["vram"]["resident_bytes"] = sum(e[2] + e[3] for e in resident)
         return st
 
+    def kv_trim(self) -> int:
+        """For an idle process (a server between requests): writes back what the direct path holds staged
+        and gives the pages of its staging pool back to the system. The pool keeps them otherwise, so that
+        staging a layer costs no page faults; the next layer staged faults fresh ones in, as on first use.
+        The output does not change. Returns the bytes given back; raises KVIOError after an I/O error."""
+        n = self._kv_session.trim()
+        self._kv_check()
+        return n
+
     def kv_set_path(self, layer: int, path: str) -> None:
         """Move offloaded layer `layer` to the page-cache ("mmap") or the direct path; it happens
         between graph computations and never changes the output. Under kv_policy="auto" the policy

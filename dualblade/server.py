@@ -165,7 +165,14 @@ class Engine:
                 # once the queue has stayed empty for a while, the requests' memory goes back to the system
                 job = self.queue.get(timeout=None if idle else IDLE_RELEASE_S)
             except queue.Empty:
-                release_idle_memory()
+                try:
+                    release_idle_memory(self.llm)
+                except KVIOError as e:  # writing back what was staged failed: the context starts empty again
+                    print(f"dualblade serve: the KV storage failed at idle ({e.detail}); the context is reset",
+                          file=sys.stderr)
+                    self.counters["errors"] += 1
+                    self.llm.reset()
+                    self._context_prompt_len = 0
                 self.counters["idle_releases"] += 1
                 self.counters["released_after_requests"] = self.counters["requests"]
                 idle = True
@@ -292,10 +299,13 @@ class Engine:
                 "resumed_from_storage": bool(job.info.get("resumed"))}
 
 
-def release_idle_memory() -> None:
-    """What a burst of requests left behind goes back to the system: the cycles llama-cpp-python's samplers
-    form (their C buffers are freed only with them: an idle process never collects), then the free pages of
-    every malloc arena (glibc; elsewhere a no-op)."""
+def release_idle_memory(llm: Llama | None = None) -> None:
+    """What a burst of requests left behind goes back to the system: the staging pool's idle pages (kept
+    while requests come, so that staging a layer costs no page faults), the cycles llama-cpp-python's
+    samplers form (their C buffers are freed only with them: an idle process never collects), then the free
+    pages of every malloc arena (glibc; elsewhere a no-op)."""
+    if llm is not None:
+        llm.kv_trim()
     gc.collect()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)

@@ -260,6 +260,43 @@ def test_clear_does_not_rewrite_storage(tiny_path, tmp_path):
         llm.close()
 
 
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def test_trim_gives_the_staging_pool_back_and_changes_nothing(gemma_path, tmp_path):
+    """kv_trim (an idle server calls it): the direct path's staging pool gives its pages back, the next layers
+    staged fault fresh ones in, and the tokens and logits stay those of the run without it."""
+    budget = _budget_quarter(gemma_path, "f16")
+
+    def run(trim: bool):
+        llm = Llama(str(gemma_path), n_ctx=N_CTX, flash_attn=True, verbose=False, kv_policy="direct",
+                    mem_budget=budget, kv_dir=str(tmp_path))
+        try:
+            llm.eval(prompt_tokens(llm, 600))
+            seen, gave = [], None
+            for i in range(24):
+                if trim and i == 12:
+                    pool, rss = llm.kv_stats()["staging"]["pool_bytes"], _rss_anon()
+                    gave = llm.kv_trim()
+                    st = llm.kv_stats()
+                    gave = (pool, gave, st["staging"]["pool_bytes"], st["staged_bytes"], rss - _rss_anon())
+                lg = _logits(llm)
+                seen.append(hashlib.sha256(lg.tobytes()).hexdigest())
+                llm.eval([int(np.argmax(lg))])
+            return seen, gave, llm.kv_stats()["staging"]["pool_bytes"]
+        finally:
+            llm.close()
+
+    plain, _, _ = run(False)
+    trimmed, (pool, gave, pool_after, staged_after, rss_drop), pool_end = run(True)
+    assert trimmed == plain
+    assert pool > 0 and gave == pool and pool_after == 0 and staged_after == 0
+    assert rss_drop >= pool * 3 // 4, (rss_drop, pool)  # the pages left the process
+    assert pool_end > 0  # and came back on use
+
+
 def test_context_shift_refused_when_offloaded(tiny_path, tmp_path):
     import llama_cpp
 

@@ -9,7 +9,7 @@ resume  4 conversations whose first turn carries a ~4,000-token history, then th
 load    100 requests from 8 client threads (half streaming) against a server with a small queue, in rounds: every
         request answered (200 or 503 with Retry-After, retried after it), no 5xx, no stream cut short; the
         server's memory at idle (after a warm-up request) and after each round, once it has given back what the
-        requests used, with the growth of the direct path's staging pool (KV memory within the budget) apart.
+        requests used.
 
   .venv/bin/python tools/bench_serve.py [--json docs/bench-serve.json] [--model M.gguf] [--parts resume,load]
 """
@@ -204,8 +204,8 @@ def part_load(args, common: list[str], out: dict) -> None:
         try:
             def settled() -> dict:
                 """The server's memory once it has given back what the requests used (it does so after
-                IDLE_RELEASE_S without a request): RssAnon, RssFile and the direct path's staging pool, KV memory
-                within the budget whose pages come on first use and stay."""
+                IDLE_RELEASE_S without a request): RssAnon, RssFile, the direct path's staging pool (given back
+                too) and the pinned KV."""
                 deadline = time.monotonic() + 120
                 while True:
                     kv = srv.kv()
@@ -281,8 +281,8 @@ def part_load(args, common: list[str], out: dict) -> None:
                 print(f"round {rnd + 1}: {rounds[-1]['complete']}/{args.requests} complete, "
                       f"{rounds[-1]['5xx_other_than_503']} 5xx, {rounds[-1]['answers_503_then_retried']} 503s; "
                       f"RssAnon idle {idle['rss_anon'] / 2**20:.1f} MiB, peak {peak / 2**20:.1f}, after "
-                      f"{after['rss_anon'] / 2**20:.1f} (staging pool {idle['staging_pool'] >> 20} -> "
-                      f"{after['staging_pool'] >> 20} MiB; besides it {left / 2**20:+.1f} MiB)", flush=True)
+                      f"{after['rss_anon'] / 2**20:.1f} ({(after['rss_anon'] - idle['rss_anon']) / 2**20:+.1f} MiB; "
+                      f"staging pool {idle['staging_pool'] >> 20} -> {after['staging_pool'] >> 20} MiB)", flush=True)
             kv = srv.kv()
             out["load"] = {"requests": args.requests, "clients": args.clients, "queue": args.queue,
                            "rounds": rounds, "idle": idle, "server": kv["server"],

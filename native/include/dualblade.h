@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 8
+#define DBLADE_ABI_VERSION 9
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -217,6 +217,10 @@ DBLADE_API int dblade_session_clear_error(struct dblade_session * s);
 DBLADE_API int dblade_session_wipe(struct dblade_session * s, int zero);
 /* Writes back every dirty block and releases every staged layer. */
 DBLADE_API int dblade_session_flush(struct dblade_session * s);
+/* For an idle process: flushes (as above), then gives the pages of the idle staging pool back to the
+ * system; the pool keeps them otherwise, so that staging a layer costs no page faults. The next layer
+ * staged faults fresh pages in, as on first use. Returns the bytes given back, or -errno. */
+DBLADE_API int64_t dblade_session_trim(struct dblade_session * s);
 
 struct dblade_store_info {
     uint32_t kind;        /* 0 none, 1 file, 2 device */

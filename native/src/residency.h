@@ -156,6 +156,9 @@ void dblade_staging_destroy(struct dblade_staging * p);
 int  dblade_staging_grow(struct dblade_staging * p, struct dblade_tensor * t, uint64_t upto);
 // every chunk of the tensor back to the pool; the range becomes empty memory
 void dblade_staging_release(struct dblade_staging * p, struct dblade_tensor * t);
+// the pages of the idle slots back to the system (the next layer staged there faults fresh ones in,
+// as on first use); returns the bytes given back
+uint64_t dblade_staging_trim(struct dblade_staging * p);
 // the tensor dies: forget its chunks (its range is unmapped by the caller)
 void dblade_staging_forget(struct dblade_staging * p, struct dblade_tensor * t);
 

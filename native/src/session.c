@@ -335,6 +335,14 @@ int dblade_session_flush(struct dblade_session * s) {
     return rc;
 }
 
+int64_t dblade_session_trim(struct dblade_session * s) {
+    if (!s) {
+        return -EINVAL;
+    }
+    const int rc = dblade_session_flush(s);
+    return rc < 0 ? rc : (int64_t) dblade_staging_trim(&s->staging);
+}
+
 int dblade_session_error(struct dblade_session * s, char * msg, size_t cap) {
     if (!s) {
         return -EINVAL;

@@ -212,6 +212,33 @@ void dblade_staging_release(struct dblade_staging * p, struct dblade_tensor * t)
     }
 }
 
+uint64_t dblade_staging_trim(struct dblade_staging * p) {
+    uint64_t given = 0;
+    if (p->n_slots == 0) {
+        return 0;
+    }
+    pthread_mutex_lock(&p->lock);
+    for (uint32_t i = 0; i < p->n_slots;) {
+        uint32_t run = 0;
+        while (i + run < p->n_slots && p->state[i + run] == SLOT_PAGES) {
+            run++;
+        }
+        if (run == 0) {
+            i++;
+            continue;
+        }
+        // the range stays mapped (a tensor's chunks may move in later); only its pages go
+        if (madvise(p->base + (uint64_t) i * p->chunk, (size_t) run * p->chunk, MADV_DONTNEED) == 0) {
+            memset(p->state + i, SLOT_EMPTY, run);
+            p->populated -= (uint64_t) run * p->chunk;
+            given += (uint64_t) run * p->chunk;
+        }
+        i += run;
+    }
+    pthread_mutex_unlock(&p->lock);
+    return given;
+}
+
 void dblade_staging_forget(struct dblade_staging * p, struct dblade_tensor * t) {
     if (!t->chunks) {
         return;

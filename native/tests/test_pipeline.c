@@ -50,16 +50,26 @@ static void run(const char * engine, uint64_t budget) {
     memset(shadow, 0, sizeof(shadow));
 
     int64_t rows[64];
-    int n = 0, switches = 0, flushes = 0, clears = 0, reuses = 0;
+    int n = 0, switches = 0, flushes = 0, trims = 0, clears = 0, reuses = 0;
     for (int step = 0; step < 1500; step++) {
         const uint32_t act = next() % 1000;
         if (act < 25) {
             const int il = 1 + (int) (next() % 3);
             CHECK_EQ(dblade_session_set_path(s, il, next() % 2 ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT), 0);
             switches++;
-        } else if (act < 35) {
+        } else if (act < 30) {
             CHECK_EQ(dblade_session_flush(s), 0);
             flushes++;
+        } else if (act < 35) {
+            // as an idle server does: the pool's pages go, the next layers staged fault fresh ones in
+            struct dblade_stats before;
+            dblade_session_stats(s, &before);
+            CHECK_EQ(dblade_session_trim(s), (int64_t) before.pool_bytes);
+            struct dblade_stats after;
+            dblade_session_stats(s, &after);
+            CHECK_EQ(after.pool_bytes, 0);
+            CHECK_EQ(after.staged_bytes, 0);
+            trims++;
         } else if (act < 40) {
             dblade_cache_clear(c);
             memset(shadow, 0, sizeof(shadow));
@@ -111,11 +121,12 @@ static void run(const char * engine, uint64_t budget) {
     const int ns = dblade_session_switches(s, log, 64);
     struct dblade_stats st;
     dblade_session_stats(s, &st);
-    printf("%s: %d requested switches, %d applied, %d flushes, %d clears, %d prefix reuses; "
+    printf("%s: %d requested switches, %d applied, %d flushes, %d trims, %d clears, %d prefix reuses; "
            "read %llu, written %llu, depth %u\n",
-           engine, switches, ns, flushes, clears, reuses, (unsigned long long) st.bytes_read,
+           engine, switches, ns, flushes, trims, clears, reuses, (unsigned long long) st.bytes_read,
            (unsigned long long) st.bytes_written, st.depth);
     CHECK(ns > 10);
+    CHECK(trims > 0);
     // staging moves in chunks as large as the budget allows, up to the largest tensor (67,200 bytes:
     // 128 KiB) when it has room; the pool reuses them (moved with mremap, not faulted in again)
     CHECK_EQ(st.chunk_bytes, budget > (16u << 20) ? 131072 : 16384);
