@@ -66,6 +66,7 @@ class Chat:
         self.messages: list[dict] = []
         self._tokens: dict[str, int] = {}
         self.one_line = False
+        self.trims_when_idle = False  # interactive: kv_trim before each prompt
 
     def reset(self) -> None:
         self.messages.clear()
@@ -245,8 +246,9 @@ class Chat:
                           markup=False, soft_wrap=True)
             sg = st["staging"]
             how = "reused (moved, not faulted in again)" if sg["reused"] else "faulted in per pass"
+            idle = "; given back while the chat waits for you" if self.trims_when_idle and sg["reused"] else ""
             console.print(f"staging: {format_size(sg['pool_bytes'])} pool in {format_size(sg['chunk_bytes'])} chunks, "
-                          f"{how}", markup=False, soft_wrap=True)
+                          f"{how}{idle}", markup=False, soft_wrap=True)
             check = (f"CRC-32C per block ({format_size(st['checksum_bytes'])} of checksums)" if st["verify"]
                      else "off (--no-verify)")
             console.print(f"integrity: {check}; I/O errors: {st['io_errors']}", markup=False, soft_wrap=True)
@@ -490,7 +492,16 @@ def _interactive(chat: Chat, err: Console) -> None:
         pass
     out = Console(highlight=False)
     out.print(f"[bold]dualblade chat[/bold] — /help for commands, Ctrl-D to quit", highlight=False)
+    chat.trims_when_idle = True
     while True:
+        try:
+            # waiting for the user: the direct path's staging pool goes back to the system (the next reply
+            # faults its pages in again: a few huge pages, nothing next to the time it takes)
+            chat.llm.kv_trim()
+        except KVIOError as e:
+            chat.llm.reset()
+            err.print(f"error: {e.detail} ({_KV_FIX}); the next message rebuilds the KV cache", style="red",
+                      markup=False, highlight=False)
         try:
             line = input("> ")
         except EOFError:

@@ -360,6 +360,32 @@ def test_tty_ctrl_c_right_after_enter_does_not_quit():
         _finish(child)
 
 
+def test_tty_gives_the_staging_pool_back_while_waiting(tmp_path):
+    """At the prompt the chat waits for a person: the direct path's staging pool is given back (kv_trim), and
+    the next reply stages into fresh pages; /stats says so."""
+    child = _spawn("-c", "2048", "-n", "16", "--temp", "0", "--policy", "direct", "--mem-budget", "24M",
+                   "--kv-dir", str(tmp_path))
+    try:
+        for _ in range(2):
+            child.sendline("Tell me about the sea.")
+            child.expect(TTY_STATUS)
+            child.expect(r"\n> ")
+            child.sendline("/stats")
+            child.expect(r"\n> ")
+            table = _plain(child.before).replace("\r", "")
+            m = re.search(r"^staging: (\S+ \S+) pool in .* chunks, reused .*; given back while the chat waits for "
+                          r"you$", table, re.M)
+            assert m and m.group(1) == "0 B", table
+            peak = re.search(r"staged 0 B \(peak (\S+ \S+)\)", table)
+            assert peak and peak.group(1) != "0 B" and "I/O errors: 0" in table, table  # the reply did stage
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        _finish(child)
+
+
 def test_tty_commands_ctrl_c_at_prompt_and_ctrl_d():
     child = _spawn("-c", "1024", "-n", "200", "--temp", "0")
     try:
