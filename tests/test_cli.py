@@ -295,6 +295,21 @@ def _plain(s: str) -> str:
     return ANSI.sub("", s)
 
 
+def _stats_table(child) -> str:
+    """/stats at the prompt: its output as plain text."""
+    child.sendline("/stats")
+    child.expect(r"\n> ")
+    return _plain(child.before).replace("\r", "")
+
+
+def _exit_cleanly(child) -> None:
+    """/exit at the prompt: the chat ends with status 0."""
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and child.signalstatus is None
+
+
 TTY_STATUS = r"(\d+) prompt tok, (\d+) generated, [\d.]+ tok/s[^\n]*offloaded"
 
 
@@ -308,10 +323,7 @@ def test_tty_reply_streams_then_status_then_prompt():
         assert 0 < int(child.match[2]) < 200
         child.expect(r"\n> ")
         assert child.isalive()
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0 and child.signalstatus is None
+        _exit_cleanly(child)
     finally:
         _finish(child)
 
@@ -352,10 +364,7 @@ def test_tty_ctrl_c_right_after_enter_does_not_quit():
             assert i == 0, (f"attempt {attempt}: the chat exited on Ctrl-C right after Enter "
                             f"(output {_plain(child.before)!r})")
             assert child.isalive()
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0
+        _exit_cleanly(child)
     finally:
         _finish(child)
 
@@ -370,18 +379,13 @@ def test_tty_gives_the_staging_pool_back_while_waiting(tmp_path):
             child.sendline("Tell me about the sea.")
             child.expect(TTY_STATUS)
             child.expect(r"\n> ")
-            child.sendline("/stats")
-            child.expect(r"\n> ")
-            table = _plain(child.before).replace("\r", "")
+            table = _stats_table(child)
             m = re.search(r"^staging: (\S+ \S+) pool in .* chunks, reused .*; given back while the chat waits for "
                           r"you$", table, re.M)
             assert m and m.group(1) == "0 B", table
             peak = re.search(r"staged 0 B \(peak (\S+ \S+)\)", table)
             assert peak and peak.group(1) != "0 B" and "I/O errors: 0" in table, table  # the reply did stage
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0
+        _exit_cleanly(child)
     finally:
         _finish(child)
 
@@ -389,9 +393,7 @@ def test_tty_gives_the_staging_pool_back_while_waiting(tmp_path):
 def test_tty_commands_ctrl_c_at_prompt_and_ctrl_d():
     child = _spawn("-c", "1024", "-n", "200", "--temp", "0")
     try:
-        child.sendline("/stats")
-        child.expect(r"\n> ")
-        table = _plain(child.before).replace("\r", "")
+        table = _stats_table(child)
         assert "KV cache: policy" in table
         rows = _stats_rows(table)
         assert [l for l, _ in rows] == list(range(N_LAYERS)) and {p for _, p in rows} == {"ram"}, table
