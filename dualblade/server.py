@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gc
 import hmac
 import json
@@ -307,10 +308,18 @@ def release_idle_memory(llm: Llama | None = None) -> None:
     if llm is not None:
         llm.kv_trim()
     gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig); None elsewhere."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
-        pass
+        return None
 
 
 # --- requests ------------------------------------------------------------------------------------------------
