@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 PATHS = ("ram", "mmap", "direct", "vram")  # "vram": in VRAM as stock (GPU builds)
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -174,26 +174,24 @@ def lib() -> ctypes.CDLL:
     protos = {
         "dblade_plan": (c_int, [c_uint32, c_uint64, c_uint32, POINTER(c_uint64), POINTER(c_uint32),
                                 POINTER(c_uint64)]),
-        "dblade_session_create": (c_int, [POINTER(Config), c_uint32, POINTER(LayoutLayer), POINTER(c_void_p)]),
-        "dblade_session_error": (c_int, [c_void_p, ctypes.c_char_p, ctypes.c_size_t]),
-        "dblade_session_flush": (c_int, [c_void_p]),
-        "dblade_session_trim": (ctypes.c_int64, [c_void_p]),
-        "dblade_session_clear_error": (c_int, [c_void_p]),
-        "dblade_session_wipe": (c_int, [c_void_p, c_int]),
-        "dblade_session_store": (c_int, [c_void_p, POINTER(StoreInfo)]),
+        "dblade_kv_create": (c_int, [POINTER(Config), c_uint32, POINTER(LayoutLayer), POINTER(c_void_p)]),
+        "dblade_kv_error": (c_int, [c_void_p, ctypes.c_char_p, ctypes.c_size_t]),
+        "dblade_kv_flush": (c_int, [c_void_p]),
+        "dblade_kv_trim": (ctypes.c_int64, [c_void_p]),
+        "dblade_kv_clear_error": (c_int, [c_void_p]),
+        "dblade_kv_wipe": (c_int, [c_void_p, c_int]),
+        "dblade_kv_store": (c_int, [c_void_p, POINTER(StoreInfo)]),
         "dblade_store_check": (c_int, [POINTER(Config), c_uint32, POINTER(LayoutLayer), ctypes.c_char_p,
                                        ctypes.c_size_t]),
         "dblade_layout_geometry": (c_uint64, [c_uint32, POINTER(LayoutLayer)]),
         "dblade_last_error": (ctypes.c_char_p, []),
-        "dblade_session_release": (None, [c_void_p]),
-        "dblade_session_bind": (c_int, [c_void_p]),
-        "dblade_session_stats": (c_int, [c_void_p, POINTER(Stats)]),
-        "dblade_session_snapshot": (c_int, [c_void_p, POINTER(Stats), POINTER(LayerStats), c_uint32]),
-        "dblade_session_switches": (c_int, [c_void_p, POINTER(Switch), c_uint32]),
-        "dblade_session_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
-        "dblade_session_set_reserve": (c_int, [c_void_p, c_uint64]),
-        "dblade_session_streams": (c_int, [c_void_p]),
-        "dblade_session_state_mode": (c_int, [c_void_p, c_int]),
+        "dblade_kv_release": (None, [c_void_p]),
+        "dblade_kv_bind": (c_int, [c_void_p]),
+        "dblade_kv_snapshot": (c_int, [c_void_p, POINTER(Stats), POINTER(LayerStats), c_uint32]),
+        "dblade_kv_switches": (c_int, [c_void_p, POINTER(Switch), c_uint32]),
+        "dblade_kv_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
+        "dblade_kv_set_reserve": (c_int, [c_void_p, c_uint64]),
+        "dblade_kv_state_mode": (c_int, [c_void_p, c_int]),
         "dblade_sessionfile_save": (c_int, [c_void_p, c_char_p, POINTER(Section), c_uint32,
                                             POINTER(SessionFileStats)]),
         "dblade_sessionfile_open": (c_int, [c_char_p, POINTER(c_void_p)]),
@@ -274,7 +272,7 @@ class Session:
         arr = _layout_array(layout)
         h = c_void_p()
         self._lib = lib()
-        rc = self._lib.dblade_session_create(ctypes.byref(cfg), len(layout), arr, ctypes.byref(h))
+        rc = self._lib.dblade_kv_create(ctypes.byref(cfg), len(layout), arr, ctypes.byref(h))
         if rc < 0:
             import os
 
@@ -285,49 +283,49 @@ class Session:
     @contextlib.contextmanager
     def bound(self):
         """KV caches created by this thread inside the block belong to this session."""
-        self._lib.dblade_session_bind(self._h)
+        self._lib.dblade_kv_bind(self._h)
         try:
             yield self
         finally:
-            self._lib.dblade_session_bind(None)
+            self._lib.dblade_kv_bind(None)
 
     def error(self) -> str | None:
         """The first I/O error of the session, in words, or None."""
-        if self._lib.dblade_session_error(self._h, None, 0) == 0:  # the usual case: no text to copy
+        if self._lib.dblade_kv_error(self._h, None, 0) == 0:  # the usual case: no text to copy
             return None
         buf = ctypes.create_string_buffer(512)
-        rc = self._lib.dblade_session_error(self._h, buf, len(buf))
+        rc = self._lib.dblade_kv_error(self._h, buf, len(buf))
         return buf.value.decode(errors="replace") or f"KV I/O error {rc}" if rc < 0 else None
 
     def flush(self) -> None:
-        self._lib.dblade_session_flush(self._h)
+        self._lib.dblade_kv_flush(self._h)
 
     def trim(self) -> int:
         """Flush, then the idle staging pool's pages back to the system: the bytes given back (0 after an
         I/O error, which error() reports)."""
-        return max(self._lib.dblade_session_trim(self._h), 0)
+        return max(self._lib.dblade_kv_trim(self._h), 0)
 
     def clear_error(self) -> None:
         """Forget the I/O error, once the caches have been cleared."""
-        self._lib.dblade_session_clear_error(self._h)
+        self._lib.dblade_kv_clear_error(self._h)
 
     def wipe(self, zero: bool = False) -> int:
         """Discard (or overwrite with zeros) what the store holds; 0 or -errno."""
-        return self._lib.dblade_session_wipe(self._h, 1 if zero else 0)
+        return self._lib.dblade_kv_wipe(self._h, 1 if zero else 0)
 
     def set_path(self, il: int, path: str) -> None:
         """Move an offloaded layer to the page-cache ("mmap") or the direct path when next used."""
-        if path not in ("mmap", "direct") or self._lib.dblade_session_set_path(self._h, il, PATHS.index(path)) < 0:
+        if path not in ("mmap", "direct") or self._lib.dblade_kv_set_path(self._h, il, PATHS.index(path)) < 0:
             raise ValueError(f"layer {il} is not an offloaded layer, or {path!r} is not mmap or direct")
 
     def set_reserve(self, reserve_bytes: int) -> None:
         """The page cache the model's weights keep (what auto leaves them), once the model is loaded."""
-        _check(self._lib.dblade_session_set_reserve(self._h, reserve_bytes), "setting the weights' reserve")
+        _check(self._lib.dblade_kv_set_reserve(self._h, reserve_bytes), "setting the weights' reserve")
 
     def switches(self) -> tuple[int, list[dict]]:
         """How many path switches there were, and the last ones (oldest first)."""
         log = (Switch * SWITCH_LOG)()
-        total = _check(self._lib.dblade_session_switches(self._h, log, SWITCH_LOG), "reading KV switches")
+        total = _check(self._lib.dblade_kv_switches(self._h, log, SWITCH_LOG), "reading KV switches")
         return total, [
             {
                 "t_s": e.t_ms / 1000,
@@ -341,12 +339,12 @@ class Session:
 
     def stats(self) -> dict:
         st = Stats()
-        n = _check(self._lib.dblade_session_snapshot(self._h, ctypes.byref(st), None, 0), "reading KV stats")
+        n = _check(self._lib.dblade_kv_snapshot(self._h, ctypes.byref(st), None, 0), "reading KV stats")
         layers = (LayerStats * max(n, 1))()
         # the totals and the layers of one moment (the worker stages and writes back meanwhile)
-        n = min(n, _check(self._lib.dblade_session_snapshot(self._h, ctypes.byref(st), layers, n), "reading KV stats"))
+        n = min(n, _check(self._lib.dblade_kv_snapshot(self._h, ctypes.byref(st), layers, n), "reading KV stats"))
         si = StoreInfo()
-        _check(self._lib.dblade_session_store(self._h, ctypes.byref(si)), "reading the KV store")
+        _check(self._lib.dblade_kv_store(self._h, ctypes.byref(si)), "reading the KV store")
         n_switches, switches = self.switches()
         return {
             "policy": POLICIES[st.policy],
@@ -416,7 +414,7 @@ class Session:
 
     def release(self) -> None:
         if getattr(self, "_h", None):
-            self._lib.dblade_session_release(self._h)
+            self._lib.dblade_kv_release(self._h)
             self._h = None
 
     def __del__(self):
@@ -439,7 +437,7 @@ def _fail(what: str, rc: int):
 
 
 def session_state_mode(session: "Session", mode: int) -> None:
-    rc = lib().dblade_session_state_mode(session._h, mode)
+    rc = lib().dblade_kv_state_mode(session._h, mode)
     if rc < 0:
         _fail("setting the state mode", rc)
 

@@ -84,7 +84,8 @@ def test_header_fuzzer_takes_any_corpus_entry(debug_build, tmp_path):
 
 
 PLANTED = r"""
-#include "internal.h"
+#include "crc32c.h"
+#include "header.h"
 #include <stdlib.h>
 #include <string.h>
 

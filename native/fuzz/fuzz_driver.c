@@ -9,7 +9,7 @@
 // re-seals the CRC itself). The input a run dies on is written to ./crash-<run>.
 
 #define _DEFAULT_SOURCE // scandir, clock_gettime
-#include "../src/internal.h"
+#include "../src/header.h"
 
 #include <dirent.h>
 #include <errno.h>

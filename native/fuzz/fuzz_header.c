@@ -2,7 +2,8 @@
 // device the user names. libFuzzer calls it (clang -fsanitize=fuzzer); gcc builds link
 // fuzz_driver.c instead. Any broken invariant aborts, so either runner reports the input.
 
-#include "../src/internal.h"
+#include "../src/crc32c.h"
+#include "../src/header.h"
 
 #include <errno.h>
 #include <stdio.h>

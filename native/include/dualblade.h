@@ -1,18 +1,18 @@
 /*
- * dualblade: KV-cache residency for llama.cpp (DUAL-BLADE, arXiv:2604.26557).
+ * dualblade: KV-cache residency for llama.cpp (DUAL-BLADE, arXiv:2604.26557). The embedding program's
+ * API (the Python package); dualblade-llama.h is the API the patched llama.cpp calls.
  *
  * Every layer's K/V lives in one of three places: pinned in RAM, on the page-cache path (a
- * MAP_SHARED file extent) or on the direct path (O_DIRECT to a block-aligned extent).
+ * MAP_SHARED file extent) or on the direct path (O_DIRECT to a block-aligned extent); on GPU builds a
+ * layer may also stay in VRAM, or be streamed into VRAM from one of those three.
  *
- * Conventions (as liburing): opaque handles, functions return 0 or a negative errno,
- * nothing but what this header declares is exported.
+ * Conventions (as liburing): opaque handles, functions return 0 or a negative errno (the calling
+ * thread's dblade_last_error() says why), nothing but what the two headers declare is exported
+ * (dualblade.map).
  *
- * Two sides use this API:
- *  - the embedding program (the Python package): creates a session with a config, binds it to
- *    the calling thread while it creates a llama_context, reads statistics;
- *  - the patched llama.cpp: each llama_kv_cache opens a cache handle with its geometry while the
- *    session is bound, and closes it when destroyed. An unbound thread gets no handle and
- *    llama.cpp behaves exactly as stock.
+ * The embedding program creates a KV object (struct dblade_kv) with a config and a layout, binds it
+ * to the calling thread while it creates a llama_context (every llama_kv_cache built meanwhile
+ * belongs to it), reads its statistics, flushes it, and saves and loads session files.
  */
 #ifndef DUALBLADE_H
 #define DUALBLADE_H
@@ -30,8 +30,8 @@ extern "C" {
 #    define DBLADE_API __attribute__((visibility("default")))
 #endif
 
-/* Bumped whenever a struct below changes layout; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 9
+/* Bumped whenever a struct below changes layout or a function its meaning; the Python binding checks it. */
+#define DBLADE_ABI_VERSION 10
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -64,33 +64,6 @@ struct dblade_config {
                                    this much page cache) */
 };
 
-/* One layer of one llama_kv_cache, as the cache allocates it. */
-enum dblade_layer_flags {
-    DBLADE_LAYER_SWA = 1u << 0, /* sliding-window layer */
-};
-
-struct dblade_layer_desc {
-    int32_t  il;          /* layer index in the model */
-    uint32_t flags;       /* enum dblade_layer_flags */
-    uint32_t n_rows;      /* cells (kv_size) */
-    uint32_t n_stream;
-    uint64_t k_bytes;     /* whole K tensor */
-    uint64_t v_bytes;     /* whole V tensor (0 for MLA) */
-    uint64_t k_row_bytes; /* one cell of K */
-    uint64_t v_row_bytes; /* one cell of V (row of the untransposed layout) */
-    const char * device;  /* the GPU llama.cpp put the layer's KV on (its PCI bus id, or "CUDA<n>"),
-                             NULL for host memory */
-};
-
-struct dblade_cache_desc {
-    const char *                     name;     /* "" or the llama.cpp name tag ("swa_") */
-    uint32_t                         type_k;   /* ggml_type */
-    uint32_t                         type_v;   /* ggml_type */
-    uint32_t                         v_trans;  /* V stored transposed (flash attention off) */
-    uint32_t                         n_layers;
-    const struct dblade_layer_desc * layers;
-};
-
 /* The placement and counters of one layer, as reported to the user. */
 struct dblade_layer_stats {
     int32_t  il;
@@ -110,7 +83,7 @@ struct dblade_stats {
     uint32_t io_engine;      /* 0 none (nothing offloaded), 1 io_uring, 2 threads */
     uint32_t depth;          /* direct layers staged ahead of the one computing */
     char     io_engine_why[96];
-    uint64_t n_switches;     /* path switches so far (see dblade_session_switches) */
+    uint64_t n_switches;     /* path switches so far (see dblade_kv_switches) */
     uint64_t mem_limit;      /* auto: the tightest limit seen (cgroup), UINT64_MAX for none */
     uint64_t mem_available;  /* auto: MemAvailable at the last sample */
     uint64_t page_cache_room; /* auto: page cache the offloaded layers may use, at the last decision */
@@ -142,12 +115,13 @@ struct dblade_stats {
     char     vram_why[96];   /* why nothing is streamed, or which driver and device streams */
 };
 
-struct dblade_session;
-struct dblade_cache;
+struct dblade_kv;
 
 DBLADE_API int          dblade_abi_version(void);
 DBLADE_API const char * dblade_path_name(uint32_t path);
 DBLADE_API const char * dblade_policy_name(uint32_t policy);
+/* The calling thread's last error text. */
+DBLADE_API const char * dblade_last_error(void);
 
 /* --- placement plan: geometry + budget -> a path per layer (also what `dualblade info` prints) --- */
 
@@ -159,7 +133,7 @@ DBLADE_API const char * dblade_policy_name(uint32_t policy);
 DBLADE_API int dblade_plan(uint32_t policy, uint64_t budget_bytes, uint32_t n_layers,
                            const uint64_t * layer_bytes, uint32_t * paths, uint64_t * staging_bytes);
 
-/* --- session: what one llama_context's KV caches belong to --- */
+/* --- the KV object: what one llama_context's KV caches belong to --- */
 
 /* Where one layer of the model's KV goes, planned before the context is created. */
 enum dblade_layout_flags {
@@ -182,45 +156,50 @@ struct dblade_layout_layer {
  * KV layer the context will allocate (checked when the caches open) and the backing store for the
  * offloaded ones is opened here, before any weight is loaded. On failure dblade_last_error() says why.
  */
-DBLADE_API int  dblade_session_create(const struct dblade_config * cfg, uint32_t n_layers,
-                                      const struct dblade_layout_layer * layers, struct dblade_session ** out);
+DBLADE_API int  dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers,
+                                 const struct dblade_layout_layer * layers, struct dblade_kv ** out);
 /* The memory the model's weights keep in the page cache (what the auto policy leaves them), once
  * it is known (after the model is loaded); replaces cfg->reserve_bytes. */
-DBLADE_API int  dblade_session_set_reserve(struct dblade_session * s, uint64_t reserve_bytes);
-/* Drops the caller's reference; caches still open keep the session alive until they close. */
-DBLADE_API void dblade_session_release(struct dblade_session * s);
-/* Caches opened by this thread from now on belong to s (NULL unbinds). */
-DBLADE_API int  dblade_session_bind(struct dblade_session * s);
+DBLADE_API int  dblade_kv_set_reserve(struct dblade_kv * kv, uint64_t reserve_bytes);
+/* Drops the caller's reference; caches still open keep the KV object alive until they close. */
+DBLADE_API void dblade_kv_release(struct dblade_kv * kv);
+/* Caches opened by this thread from now on belong to kv (NULL unbinds). */
+DBLADE_API int  dblade_kv_bind(struct dblade_kv * kv);
 
-DBLADE_API int dblade_session_stats(struct dblade_session * s, struct dblade_stats * out);
+/* Counters and every layer's placement at one moment (the worker keeps staging and writing back
+ * between calls): fills out and up to cap layers sorted by il; returns the number of layers. */
+DBLADE_API int dblade_kv_snapshot(struct dblade_kv * kv, struct dblade_stats * out, struct dblade_layer_stats * layers,
+                                  uint32_t cap);
+DBLADE_API int dblade_kv_stats(struct dblade_kv * kv, struct dblade_stats * out);
+DBLADE_API int dblade_kv_layers(struct dblade_kv * kv, struct dblade_layer_stats * out, uint32_t cap);
 /* One change of path of a layer (il -1: the initial placement), with its reason in words. */
 struct dblade_switch {
-    uint64_t t_ms; /* since the session was created */
+    uint64_t t_ms; /* since the KV object was created */
     int32_t  il;
     uint32_t from, to; /* enum dblade_path */
     char     reason[100];
 };
 /* The last (at most 64) switches, oldest first, up to cap; returns how many there were in all. */
-DBLADE_API int dblade_session_switches(struct dblade_session * s, struct dblade_switch * out, uint32_t cap);
+DBLADE_API int dblade_kv_switches(struct dblade_kv * kv, struct dblade_switch * out, uint32_t cap);
 /* Moves an offloaded layer between the page-cache and the direct path (applied when the graph next
  * enters it; same address, same data). -EINVAL for a pinned or unknown layer. The auto policy may
  * move it again. */
-DBLADE_API int dblade_session_set_path(struct dblade_session * s, int32_t il, uint32_t path);
+DBLADE_API int dblade_kv_set_path(struct dblade_kv * kv, int32_t il, uint32_t path);
 
-/* The first I/O error of the session (sticky): 0, or -errno with its text in msg (-EBADMSG: data
- * read back failed its checksum). */
-DBLADE_API int dblade_session_error(struct dblade_session * s, char * msg, size_t cap);
+/* The first I/O error (sticky): 0, or -errno with its text in msg (-EBADMSG: data read back failed
+ * its checksum). */
+DBLADE_API int dblade_kv_error(struct dblade_kv * kv, char * msg, size_t cap);
 /* Forgets the error, once the caller has cleared the caches (nothing read since is trusted). */
-DBLADE_API int dblade_session_clear_error(struct dblade_session * s);
+DBLADE_API int dblade_kv_clear_error(struct dblade_kv * kv);
 /* Discards (zero = 0) or overwrites with zeros (zero = 1) every part of the store written so far:
  * nothing of the conversation stays on it. -EOPNOTSUPP where the store cannot discard. */
-DBLADE_API int dblade_session_wipe(struct dblade_session * s, int zero);
+DBLADE_API int dblade_kv_wipe(struct dblade_kv * kv, int zero);
 /* Writes back every dirty block and releases every staged layer. */
-DBLADE_API int dblade_session_flush(struct dblade_session * s);
+DBLADE_API int dblade_kv_flush(struct dblade_kv * kv);
 /* For an idle process: flushes (as above), then gives the pages of the idle staging pool back to the
  * system; the pool keeps them otherwise, so that staging a layer costs no page faults. The next layer
  * staged faults fresh pages in, as on first use. Returns the bytes given back, or -errno. */
-DBLADE_API int64_t dblade_session_trim(struct dblade_session * s);
+DBLADE_API int64_t dblade_kv_trim(struct dblade_kv * kv);
 
 struct dblade_store_info {
     uint32_t kind;        /* 0 none, 1 file, 2 device */
@@ -230,7 +209,7 @@ struct dblade_store_info {
     uint64_t data_bytes;  /* bytes reserved */
     char     path[512];
 };
-DBLADE_API int dblade_session_store(struct dblade_session * s, struct dblade_store_info * out);
+DBLADE_API int dblade_kv_store(struct dblade_kv * kv, struct dblade_store_info * out);
 
 /* Whether the store for this layout (its offloaded layers) can be opened under cfg, writing nothing;
  * on failure msg says why. */
@@ -238,89 +217,18 @@ DBLADE_API int dblade_store_check(const struct dblade_config * cfg, uint32_t n_l
                                   const struct dblade_layout_layer * layers, char * msg, size_t cap);
 /* The hash a device header records for a layout (also what dblade_store_check compares). */
 DBLADE_API uint64_t dblade_layout_geometry(uint32_t n_layers, const struct dblade_layout_layer * layers);
-/* The calling thread's last error text. */
-DBLADE_API const char * dblade_last_error(void);
-/* Fills up to cap layers sorted by il; returns the number of layers the session has. */
-DBLADE_API int dblade_session_layers(struct dblade_session * s, struct dblade_layer_stats * out, uint32_t cap);
-/* Both at one moment (the worker keeps staging and writing back between calls): fills out and up to
- * cap layers sorted by il; returns the number of layers. */
-DBLADE_API int dblade_session_snapshot(struct dblade_session * s, struct dblade_stats * out,
-                                       struct dblade_layer_stats * layers, uint32_t cap);
 
-/* --- cache: called by the patched llama.cpp --- */
+/* --- session files: a context's KV and metadata in one file (sessionfile/) --- */
 
-/* With no session bound to this thread, returns 0 and sets *out to NULL: stock behaviour. */
-DBLADE_API int  dblade_cache_open(const struct dblade_cache_desc * desc, struct dblade_cache ** out);
-DBLADE_API void dblade_cache_close(struct dblade_cache * c);
-
-/* One K (which = 0) or V (which = 1) tensor of layer il; its address never changes. NULL for a layer
- * the module leaves to llama.cpp (in VRAM as stock). */
-struct dblade_tensor;
-DBLADE_API struct dblade_tensor * dblade_cache_tensor(struct dblade_cache * c, int32_t il, uint32_t which);
-/* Its host memory (for a streamed tensor: the copy on its host path, what state save/restore use). */
-DBLADE_API void *                 dblade_tensor_data(struct dblade_tensor * t);
-/* A streamed tensor's VRAM address (fixed; several layers' addresses share a slot), else NULL. */
-DBLADE_API void *                 dblade_tensor_device_data(struct dblade_tensor * t);
-/* Whether the graph must fence the tensor (it is offloaded on the host: the CPU reads it). */
-DBLADE_API int                    dblade_tensor_fenced(struct dblade_tensor * t);
-
-/* The rows the next graph stores (its ubatch) and the rows attention reads ([0, n_kv)): called when
- * the graph's inputs are set, before it computes. */
-DBLADE_API void dblade_cache_ubatch(struct dblade_cache * c, const int64_t * rows, int64_t n, uint32_t n_kv);
-
-/*
- * GPU builds: the session's graph callback (llama.cpp's eval callback, chained before the user's).
- * ask != 0: whether the graph must stop after the node named `name` (the scheduler then waits for the
- * GPU); ask == 0: the graph stopped there, the GPU is idle: the previous streamed layer's new rows go
- * back to its host path, the next one is copied into its slot. Returns 0 on a failure (the session's
- * sticky error says why). s: dblade_session_bound() when the context was created (may be NULL).
- */
-DBLADE_API int dblade_session_graph_cut(struct dblade_session * s, const char * name, int ask);
-/* The session bound to the calling thread (NULL for none), with a reference the caller drops with
- * dblade_session_put(). */
-DBLADE_API struct dblade_session * dblade_session_current(void);
-DBLADE_API void                    dblade_session_put(struct dblade_session * s);
-/* Whether the session streams any layer into VRAM (the context then installs the graph callback). */
-DBLADE_API int dblade_session_streams(struct dblade_session * s);
-
-/*
- * Fences, called from the graph (one thread) around every use of a tensor:
- *  - write: before rows[0..n) (of row_bytes each) are stored into t;
- *  - read:  before the nbytes at data (inside t) are read by attention.
- * They stage the tensor's blocks, write back and release the previous layer's.
- */
-DBLADE_API void dblade_fence_write(struct dblade_tensor * t, const int64_t * rows, int64_t n, uint64_t row_bytes);
-DBLADE_API void dblade_fence_read(struct dblade_tensor * t, const void * data, uint64_t nbytes);
-/* Every compute thread of the graph (nth of them) calls this after thread 0's fence: it returns
- * once the fence is done, and sleeps while the fence waits for I/O instead of spinning. */
-DBLADE_API void dblade_fence_join(struct dblade_tensor * t, int nth);
-
-/* The cache's cells were emptied: forget the contents without writing them anywhere. */
-DBLADE_API void dblade_cache_clear(struct dblade_cache * c);
-/* Whether K can be shifted in place (context shift): not when layers are offloaded. */
-DBLADE_API int  dblade_cache_can_shift(struct dblade_cache * c);
-/* Around state save/restore, which touch tensors outside graphs: stage everything; at the end mark
- * rows [0, rows_written) dirty (0 after a save). llama.cpp copies the data after state_end returns,
- * so the memory stays staged until the next fence or dblade_session_flush() writes it back. */
-DBLADE_API void dblade_cache_state_begin(struct dblade_cache * c);
-DBLADE_API void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written);
-
-/* --- metadata-only state and session files (sessionfile.c) --- */
-
-/* The state mode of a session: in the two metadata-only modes a whole-context llama_state save or
+/* The state mode of a KV object: in the two metadata-only modes a whole-context llama_state save or
  * restore carries the cells (at their indices, with the head) and not the rows of the tensors the
- * module owns; state_begin stages nothing and state_end marks nothing. */
+ * module owns; the module's session file holds those. */
 enum dblade_state_mode {
     DBLADE_STATE_STOCK     = 0,
     DBLADE_STATE_SAVE_META = 1,
     DBLADE_STATE_LOAD_META = 2,
 };
-DBLADE_API int dblade_session_state_mode(struct dblade_session * s, int mode);
-/* Called by the patched llama.cpp at the start of a whole-context state save (rows: the cells in use,
- * [0, rows), recorded for the session file) or restore (rows 0): the session's mode. */
-DBLADE_API int dblade_cache_state_mode(struct dblade_cache * c, uint32_t rows);
-/* 1 when the module keeps the bytes of this K (which = 0) or V (1) tensor in a metadata-only mode. */
-DBLADE_API int dblade_cache_state_skips(struct dblade_cache * c, int32_t il, uint32_t which);
+DBLADE_API int dblade_kv_state_mode(struct dblade_kv * kv, int mode);
 
 /* A metadata section of a session file: an opaque blob of the embedding program, by kind. */
 struct dblade_section {
@@ -343,15 +251,14 @@ struct dblade_sessionfile_stats {
 };
 
 /*
- * Writes the session's KV (every layer: offloaded ones from the store, pinned ones from memory) and
- * the sections into one file at path, atomically: an unnamed file in path's directory, fsync, linked
+ * Writes the KV of every layer (offloaded ones from the store, pinned ones from memory) and the
+ * sections into one file at path, atomically: an unnamed file in path's directory, fsync, linked
  * under a temporary name, renamed over path, the directory fsynced. Must follow a llama_state save in
- * DBLADE_STATE_SAVE_META mode (the rows per cache) and dblade_session_flush(). The file is 0600; a
+ * DBLADE_STATE_SAVE_META mode (the rows per cache) and dblade_kv_flush(). The file is 0600; a
  * symlink at path (-ELOOP) or a file that is not a session file (-EEXIST) is never replaced.
  */
-DBLADE_API int dblade_sessionfile_save(struct dblade_session * s, const char * path,
-                                       const struct dblade_section * sections, uint32_t n_sections,
-                                       struct dblade_sessionfile_stats * stats);
+DBLADE_API int dblade_sessionfile_save(struct dblade_kv * kv, const char * path, const struct dblade_section * sections,
+                                       uint32_t n_sections, struct dblade_sessionfile_stats * stats);
 
 struct dblade_sessionfile;
 /* Opens and checks a session file (header, sections: CRC-32C, size, format version); reads no KV. */
@@ -360,10 +267,10 @@ DBLADE_API void dblade_sessionfile_close(struct dblade_sessionfile * f);
 /* The section of this kind (its bytes stay owned by f), or -ENOENT. */
 DBLADE_API int  dblade_sessionfile_section(struct dblade_sessionfile * f, uint32_t kind, const void ** data,
                                            uint64_t * bytes);
-/* After a llama_state restore in DBLADE_STATE_LOAD_META mode: every tensor of the session gets its rows
- * from the file (offloaded ones: copied into the session's own store, checked at first read by the
- * direct path; pinned ones: read and checked now). The file is only read. */
-DBLADE_API int  dblade_sessionfile_restore(struct dblade_session * s, struct dblade_sessionfile * f,
+/* After a llama_state restore in DBLADE_STATE_LOAD_META mode: every tensor gets its rows from the file
+ * (offloaded ones: copied into the KV object's own store, checked at first read by the direct path;
+ * pinned ones: read and checked now). The file is only read. */
+DBLADE_API int  dblade_sessionfile_restore(struct dblade_kv * kv, struct dblade_sessionfile * f,
                                            struct dblade_sessionfile_stats * stats);
 /* Reads every KV block of the file once and checks it against its CRC-32C: -EBADMSG names the first bad one. */
 DBLADE_API int  dblade_sessionfile_verify(struct dblade_sessionfile * f, struct dblade_sessionfile_stats * stats);

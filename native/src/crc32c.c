@@ -10,7 +10,9 @@
 //  - elsewhere slicing-by-8 tables.
 // DUALBLADE_CRC=vpclmul|sse42|soft picks one (tests compare them).
 
-#include "internal.h"
+#include "crc32c.h"
+
+#include "base.h"
 
 #include <pthread.h>
 #include <stdlib.h>

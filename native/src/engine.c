@@ -17,9 +17,17 @@
 // taking the session's.
 
 #define _GNU_SOURCE
-#include "internal.h"
+#include "engine.h"
+
+#include "base.h"
+#include "crc32c.h"
+#include "fault.h"
+#include "io.h"
+#include "uring.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,10 +108,6 @@ static void chunk_failed(struct dblade_io * io, const struct chunk * c, int err)
 // --- checksums: a write records each block's CRC-32C before it leaves, a read checks them once
 // its chunk has arrived (while other chunks are in flight). 0 means "not known": never checked.
 
-static inline uint32_t sum_of(uint32_t crc) {
-    return crc ? crc : 1;
-}
-
 static void sums_record(const struct dblade_io_req * r, uint64_t pos, uint64_t len) {
     if (!r->sums) {
         return;
@@ -112,7 +116,7 @@ static void sums_record(const struct dblade_io_req * r, uint64_t pos, uint64_t l
     const size_t n = (size_t) (len / DBLADE_BLOCK);
     dblade_crc32c_blocks((const uint8_t *) r->buf + pos, n, s);
     for (size_t i = 0; i < n; i++) {
-        s[i] = sum_of(s[i]);
+        s[i] = dblade_block_sum(s[i]);
     }
 }
 
@@ -128,7 +132,7 @@ static int sums_check(const struct dblade_io_req * r, uint64_t pos, uint64_t len
         const size_t m = n - b < 48 ? n - b : 48;
         dblade_crc32c_blocks(p + b * DBLADE_BLOCK, m, got);
         for (size_t i = 0; i < m; i++) {
-            if (want[b + i] != 0 && want[b + i] != sum_of(got[i])) {
+            if (want[b + i] != 0 && want[b + i] != dblade_block_sum(got[i])) {
                 return -EBADMSG;
             }
         }

@@ -8,8 +8,12 @@
 // it reports half its bytes (whole blocks), and the retry of the rest finds the end of the store.
 // The transfer itself still happens: a write reported failed may have reached the store, as a
 // real one may.
+//
+// It owns the rules and their counters; it calls nothing but the error text (base.c).
 
-#include "internal.h"
+#include "fault.h"
+
+#include "base.h"
 
 #include <errno.h>
 #include <stdlib.h>

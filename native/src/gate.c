@@ -10,7 +10,7 @@
 // Lock-free; it owns its four counters and calls nothing but the futex.
 
 #define _GNU_SOURCE
-#include "residency.h"
+#include "gate.h"
 
 #include <limits.h>
 #include <linux/futex.h>

@@ -4,7 +4,9 @@
 // is recognisably there (a file system, a partition table, swap, LUKS, LVM) or any non-zero data
 // is somebody's, and is refused unless the user forces it.
 
-#include "internal.h"
+#include "header.h"
+
+#include "crc32c.h"
 
 #include <errno.h>
 #include <stdio.h>

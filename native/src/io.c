@@ -1,37 +1,14 @@
-// Synchronous O_DIRECT transfers of whole aligned ranges (device headers, the thread-pool engine's
-// workers), plus the module's thread-local error text and clock.
+// Synchronous O_DIRECT transfers of whole aligned ranges: device headers, session files, the
+// thread-pool engine's workers. It calls the fault injector and nothing else.
 
 #define _GNU_SOURCE
-#include "internal.h"
+#include "io.h"
+
+#include "base.h"
+#include "fault.h"
 
 #include <errno.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <time.h>
 #include <unistd.h>
-
-static _Thread_local char tls_error[512];
-
-void dblade_set_error(const char * fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(tls_error, sizeof(tls_error), fmt, ap);
-    va_end(ap);
-}
-
-const char * dblade_get_error(void) {
-    return tls_error;
-}
-
-const char * dblade_last_error(void) {
-    return tls_error;
-}
-
-uint64_t dblade_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t) ts.tv_sec * 1000000000ull + (uint64_t) ts.tv_nsec;
-}
 
 // large transfers are split so that one request never exceeds what the kernel takes in one go
 #define IO_CHUNK (8u << 20)

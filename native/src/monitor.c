@@ -9,7 +9,9 @@
 // It owns nothing but its cgroup's path; it calls nothing else.
 
 #define _GNU_SOURCE
-#include "internal.h"
+#include "monitor.h"
+
+#include "base.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -6,7 +6,11 @@
 // pages a write dirties); the kernel owns the rest.
 
 #define _GNU_SOURCE
-#include "residency.h"
+#include "path.h"
+
+#include "base.h"
+#include "events.h"
+#include "store.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -32,15 +36,16 @@ static uint64_t pages_missing(const uint8_t * addr, uint64_t len, uint64_t pg) {
     return missing * pg;
 }
 
-static int mmap_attach(struct dblade_session * s, struct dblade_tensor * t) {
+static int mmap_attach(struct dblade_tier * p, struct dblade_tensor * t) {
+    const struct dblade_store * st = p->env->store;
     // same address, now the extent of the store: the page cache holds it
-    if (mmap(t->addr, t->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, s->store.fd,
+    if (mmap(t->addr, t->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, st->fd,
              (off_t) t->store_off) == MAP_FAILED) {
         const int e = errno;
-        dblade_set_error("cannot map layer %d of %s: %s", t->il, s->store.path, strerror(e));
+        dblade_set_error("cannot map layer %d of %s: %s", t->il, st->path, strerror(e));
         return -e;
     }
-    if (s->thp) {
+    if (p->env->thp) {
         // a file's large folios mapped whole: attention walks these pages as fast as a pinned layer's
         // (4 KiB pages cost 5-10% of decode and more of prefill here, in TLB misses)
         madvise(t->addr, t->map_bytes, MADV_HUGEPAGE);
@@ -48,7 +53,7 @@ static int mmap_attach(struct dblade_session * s, struct dblade_tensor * t) {
 #ifndef MADV_POPULATE_READ
 #    define MADV_POPULATE_READ 22
 #endif
-    if (s->populate_page_cache && t->hwm == 0) {
+    if (p->env->populate_page_cache && t->hwm == 0) {
         // memory holds every offloaded layer: its page cache is filled now, as a pinned layer's memory
         // is, not by a fault and a zeroed page per 4 KiB of the first prefill
         madvise(t->addr, t->map_bytes, MADV_POPULATE_READ);
@@ -64,10 +69,11 @@ static int mmap_attach(struct dblade_session * s, struct dblade_tensor * t) {
 
 // the store gets every dirty page, the page cache lets go of the extent, and the address becomes
 // empty anonymous memory
-static int mmap_detach(struct dblade_session * s, struct dblade_tensor * t) {
+static int mmap_detach(struct dblade_tier * p, struct dblade_tensor * t) {
+    const struct dblade_store * st = p->env->store;
     if (msync(t->addr, t->map_bytes, MS_SYNC) != 0) {
         const int e = errno;
-        dblade_set_error("writing layer %d %c to %s failed: %s", t->il, "KV"[t->which], s->store.path, strerror(e));
+        dblade_set_error("writing layer %d %c to %s failed: %s", t->il, "KV"[t->which], st->path, strerror(e));
         return -e;
     }
     if (mmap(t->addr, t->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
@@ -76,12 +82,12 @@ static int mmap_detach(struct dblade_session * s, struct dblade_tensor * t) {
         dblade_set_error("cannot remap layer %d: %s", t->il, strerror(e));
         return -e;
     }
-    posix_fadvise(s->store.fd, (off_t) t->store_off, (off_t) t->map_bytes, POSIX_FADV_DONTNEED);
+    posix_fadvise(st->fd, (off_t) t->store_off, (off_t) t->map_bytes, POSIX_FADV_DONTNEED);
     return 0;
 }
 
 // what attention will fault in from the store; what was still cached is what the policy counts
-static void mmap_make_resident(struct dblade_session * s, struct dblade_tensor * t, uint64_t need) {
+static void mmap_make_resident(struct dblade_tier * p, struct dblade_tensor * t, uint64_t need) {
     const uint64_t upto    = need < t->hwm ? need : t->hwm;
     const uint64_t missing = pages_missing(t->addr, upto, t->page);
     atomic_fetch_add(&t->bytes_read, missing);
@@ -89,22 +95,20 @@ static void mmap_make_resident(struct dblade_session * s, struct dblade_tensor *
 }
 
 // the kernel writes back the pages these rows dirty
-static void mmap_take_rows(struct dblade_session * s, struct dblade_tensor * t, uint64_t lo, uint64_t hi) {
+static void mmap_take_rows(struct dblade_tier * p, struct dblade_tensor * t, uint64_t lo, uint64_t hi) {
     atomic_fetch_add(&t->bytes_written, dblade_align_up(hi, t->page) - dblade_align_down(lo, t->page));
 }
 
-static void mmap_clear(struct dblade_session * s, struct dblade_tensor * t) {}
-
-static uint64_t mmap_resident(const struct dblade_tensor * t) {
+static uint64_t mmap_resident(struct dblade_tier * p, const struct dblade_tensor * t) {
     return t->map_bytes - pages_missing(t->addr, t->map_bytes, t->page);
 }
 
-const struct dblade_path_ops dblade_path_mmap = {
+const struct dblade_path_ops dblade_path_mmap_ops = {
+    .version       = DBLADE_PATH_OPS_VERSION,
     .name          = "mmap",
     .attach        = mmap_attach,
     .detach        = mmap_detach,
     .make_resident = mmap_make_resident,
     .take_rows     = mmap_take_rows,
-    .clear         = mmap_clear,
     .resident      = mmap_resident,
 };

@@ -4,7 +4,7 @@
 // It owns nothing but its pages; the fences pass it by (nothing to stage, nothing to write back).
 
 #define _GNU_SOURCE
-#include "residency.h"
+#include "path.h"
 
 #include <errno.h>
 #include <string.h>
@@ -17,8 +17,8 @@
 // Faulted in at creation, as stock llama.cpp does when it clears its KV buffer: otherwise the first
 // prefill pays a page fault and a zeroed page per 4 KiB (on a VM that hands free memory back to its
 // host, seconds per GiB). Huge pages where the kernel has them.
-static int ram_attach(struct dblade_session * s, struct dblade_tensor * t) {
-    if (s->thp) {
+static int ram_attach(struct dblade_tier * p, struct dblade_tensor * t) {
+    if (p->env->thp) {
         madvise(t->addr, t->map_bytes, MADV_HUGEPAGE);
     }
     if (madvise(t->addr, t->map_bytes, MADV_POPULATE_WRITE) != 0) {
@@ -29,28 +29,23 @@ static int ram_attach(struct dblade_session * s, struct dblade_tensor * t) {
     return 0;
 }
 
-static int ram_detach(struct dblade_session * s, struct dblade_tensor * t) {
+static int ram_detach(struct dblade_tier * p, struct dblade_tensor * t) {
     return -EINVAL; // pinned layers stay pinned
 }
 
-static void ram_make_resident(struct dblade_session * s, struct dblade_tensor * t, uint64_t need) {}
-
-static void ram_take_rows(struct dblade_session * s, struct dblade_tensor * t, uint64_t lo, uint64_t hi) {}
-
-static void ram_clear(struct dblade_session * s, struct dblade_tensor * t) {
+static void ram_clear(struct dblade_tier * p, struct dblade_tensor * t) {
     memset(t->addr, 0, t->bytes); // zeros, like the stock clear (and the pages stay)
 }
 
-static uint64_t ram_resident(const struct dblade_tensor * t) {
+static uint64_t ram_resident(struct dblade_tier * p, const struct dblade_tensor * t) {
     return t->bytes;
 }
 
-const struct dblade_path_ops dblade_path_ram = {
-    .name          = "ram",
-    .attach        = ram_attach,
-    .detach        = ram_detach,
-    .make_resident = ram_make_resident,
-    .take_rows     = ram_take_rows,
-    .clear         = ram_clear,
-    .resident      = ram_resident,
+const struct dblade_path_ops dblade_path_ram_ops = {
+    .version  = DBLADE_PATH_OPS_VERSION,
+    .name     = "ram",
+    .attach   = ram_attach,
+    .detach   = ram_detach,
+    .clear    = ram_clear,
+    .resident = ram_resident,
 };

@@ -3,8 +3,9 @@
 // The one place this decision is made: the runtime uses it when a KV cache opens, and
 // `dualblade info` asks it before any weight is loaded.
 
+#include "plan.h"
+
 #include "dualblade.h"
-#include "internal.h"
 
 #include <errno.h>
 #include <stdbool.h>
@@ -88,7 +89,7 @@ int dblade_plan(uint32_t policy, uint64_t budget, uint32_t n, const uint64_t * l
     uint64_t best_pinned = 0, best_staging = 0, min_needed = UINT64_MAX, prefix = 0;
     int      best_k      = -1;
     for (uint32_t k = 0; k < n; prefix += order[k].bytes, k++) {
-        const uint64_t staging = off_path == DBLADE_PATH_DIRECT ? dblade_staging_bytes(order[k].bytes, n - k) : 0;
+        const uint64_t staging = off_path == DBLADE_PATH_DIRECT ? dblade_plan_staging(order[k].bytes, n - k) : 0;
         if (prefix + staging < min_needed) {
             min_needed = prefix + staging;
         }

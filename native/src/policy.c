@@ -8,14 +8,23 @@
 // memory; they come back, smallest first, only when they fit with a wide margin, nothing stalls,
 // and the last switch is a while ago (hysteresis: no flapping).
 //
-// The session side: the initial placement, and a sample taken by the pipeline's worker (never by
-// the graph's thread) that marks layers to switch; the pipeline applies a switch when the graph
-// next enters the layer. This file owns the policy's state in the session; it calls the monitor.
+// The KV object's side: the initial placement, and a sample taken on the worker (never on the
+// graph's thread) that marks layers to switch; the pipeline applies a switch when the graph next
+// enters the layer. This file owns the policy's state; it calls the monitor, the worker, the events
+// and the direct path (what of its staging allowance is not memory yet).
 
 #define _GNU_SOURCE
-#include "residency.h"
+#include "policy.h"
 
+#include "base.h"
+#include "direct/direct.h"
+#include "events.h"
+#include "path.h"
+#include "worker.h"
+
+#include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static uint64_t sub0(uint64_t a, uint64_t b) {
@@ -156,41 +165,115 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
     return changed;
 }
 
-// what of the staging allowance is not memory yet: the direct path's staging comes and goes (its
+struct dblade_auto {
+    struct dblade_work         work; // its samples on the worker
+    struct dblade_path_env *   env;
+    struct dblade_cache **     caches;
+    struct dblade_tier *       direct;
+    struct dblade_worker *     worker;
+    uint64_t                   reserve_bytes;
+    struct dblade_monitor      monitor;
+    struct dblade_mem_sample   last_sample;
+    struct dblade_auto_state   state;
+    struct dblade_auto_layer * layers;
+    uint32_t                   n_layers; // offloaded layers
+    uint64_t                   next_sample_ns;
+};
+
+// what of the direct path's staging allowance is not memory yet: its staging comes and goes (its
 // pool fills on first use), and a sample taken before it has must not read it as room
-static uint64_t staging_unheld(struct dblade_session * s) {
-    if (s->allowance == UINT64_MAX) {
-        return 0;
-    }
-    pthread_mutex_lock(&s->staging.lock);
-    const uint64_t pool = s->staging.populated;
-    pthread_mutex_unlock(&s->staging.lock);
-    const uint64_t held = pool > s->staged_bytes ? pool : s->staged_bytes;
-    return s->allowance > held ? s->allowance - held : 0;
+static uint64_t reserve(const struct dblade_auto * p) {
+    return p->reserve_bytes + (p->direct ? dblade_direct_unheld(p->direct) : 0);
 }
 
-// The initial placement: the page cache when what is available can hold every offloaded layer
-// whole next to the weights, else the direct path.
-void dblade_policy_start(struct dblade_session * s) {
-    dblade_monitor_init(&s->monitor);
-    dblade_monitor_sample(&s->monitor, &s->last_sample);
+// On the worker, the lock held: read memory without the lock, decide with it. What the page-cache
+// layers hold in memory is what their last read fence found (no second mincore).
+static void sample(struct dblade_work * w) {
+    struct dblade_auto *   p = (struct dblade_auto *) w;
+    struct dblade_mem_sample m;
+    pthread_mutex_unlock(p->env->lock);
+    dblade_monitor_sample(&p->monitor, &m);
+    pthread_mutex_lock(p->env->lock);
+    p->last_sample = m;
+
+    uint32_t n = 0;
+    for (struct dblade_cache * c = *p->caches; c; c = c->next) {
+        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
+            const struct dblade_tensor * k = &c->tensors[i], * v = k->pair;
+            if (k->path == DBLADE_PATH_RAM || n >= p->n_layers) {
+                continue;
+            }
+            struct dblade_auto_layer * a = &p->layers[n++];
+            a->want                      = k->want;
+            a->need_bytes                = dblade_align_up(k->hwm, k->page) + dblade_align_up(v->hwm, v->page);
+            a->full_bytes                = k->map_bytes + v->map_bytes;
+            a->resident_bytes            = k->path == DBLADE_PATH_MMAP ? k->cached + v->cached : 0;
+        }
+    }
+    char      why[sizeof(((struct dblade_switch *) 0)->reason)];
+    const int changed = dblade_auto_decide(&p->state, &m, reserve(p), p->layers, n, why, sizeof(why));
+    if (changed <= 0) {
+        return;
+    }
+    uint32_t j = 0;
+    for (struct dblade_cache * c = *p->caches; c; c = c->next) {
+        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
+            struct dblade_tensor * k = &c->tensors[i];
+            if (k->path == DBLADE_PATH_RAM || j >= n) {
+                continue;
+            }
+            const uint32_t want = p->layers[j++].want;
+            if (want != k->want) {
+                k->want = k->pair->want = want;
+                snprintf(k->want_why, sizeof(k->want_why), "%s", why);
+            }
+        }
+    }
+}
+
+int dblade_policy_open(struct dblade_auto ** out, struct dblade_path_env * env, struct dblade_cache ** caches,
+                       struct dblade_tier * direct, struct dblade_worker * worker, uint64_t reserve_bytes,
+                       struct dblade_layout_layer * layout, uint32_t n_layout) {
+    struct dblade_auto * p = calloc(1, sizeof(*p));
+    if (!p) {
+        return -ENOMEM;
+    }
+    for (uint32_t i = 0; i < n_layout; i++) {
+        p->n_layers += dblade_path_offloaded(layout[i].path);
+    }
+    p->layers = calloc(p->n_layers ? p->n_layers : 1, sizeof(*p->layers));
+    if (!p->layers) {
+        free(p);
+        return -ENOMEM;
+    }
+    p->work.run      = sample;
+    p->env           = env;
+    p->caches        = caches;
+    p->direct        = direct;
+    p->worker        = worker;
+    p->reserve_bytes = reserve_bytes;
+    dblade_monitor_init(&p->monitor);
+    dblade_monitor_sample(&p->monitor, &p->last_sample);
+
+    // the initial placement: the page cache when what is available can hold every offloaded layer
+    // whole next to the weights, else the direct path
     uint64_t offloaded = 0;
-    for (uint32_t i = 0; i < s->n_layout; i++) {
-        if (dblade_path_offloaded(s->layout[i].l.path)) {
-            offloaded += s->layout[i].l.k_bytes + s->layout[i].l.v_bytes;
+    for (uint32_t i = 0; i < n_layout; i++) {
+        if (dblade_path_offloaded(layout[i].path)) {
+            offloaded += layout[i].k_bytes + layout[i].v_bytes;
         }
     }
-    const uint64_t room = dblade_auto_capacity(&s->last_sample, s->config.reserve_bytes + staging_unheld(s), 0);
+    const uint64_t room = dblade_auto_capacity(&p->last_sample, reserve(p), 0);
     const uint32_t path = room >= offloaded ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT;
-    for (uint32_t i = 0; i < s->n_layout; i++) {
-        if (dblade_path_offloaded(s->layout[i].l.path)) {
-            s->layout[i].l.path = path;
+    for (uint32_t i = 0; i < n_layout; i++) {
+        if (dblade_path_offloaded(layout[i].path)) {
+            layout[i].path = path;
         }
     }
-    s->populate_page_cache       = path == DBLADE_PATH_MMAP;
-    s->auto_state.cap_bytes      = room;
-    s->auto_state.last_switch_ns = dblade_now_ns();
-    s->auto_state.last_psi_us    = UINT64_MAX;
+    env->populate_page_cache  = path == DBLADE_PATH_MMAP;
+    p->state.cap_bytes        = room;
+    p->state.last_switch_ns   = dblade_now_ns();
+    p->state.last_psi_us      = UINT64_MAX;
     char why[100];
     if (room == UINT64_MAX) {
         snprintf(why, sizeof(why), "start: no memory limit known, %llu MiB offloaded",
@@ -199,50 +282,31 @@ void dblade_policy_start(struct dblade_session * s) {
         snprintf(why, sizeof(why), "start: %llu MiB offloaded, page cache room %llu MiB",
                  (unsigned long long) (offloaded >> 20), (unsigned long long) (room >> 20));
     }
-    dblade_log_switch(s, -1, DBLADE_PATH_DIRECT, path, why);
+    dblade_log_switch(env->events, -1, DBLADE_PATH_DIRECT, path, why);
+    *out = p;
+    return 0;
 }
 
-// On the worker, the session lock held: read memory without the lock, decide with it. What the
-// page-cache layers hold in memory is what their last read fence found (no second mincore).
-void dblade_policy_sample(struct dblade_session * s) {
-    struct dblade_mem_sample m;
-    pthread_mutex_unlock(&s->lock);
-    dblade_monitor_sample(&s->monitor, &m);
-    pthread_mutex_lock(&s->lock);
-    s->last_sample = m;
+void dblade_policy_close(struct dblade_auto * p) {
+    if (p) {
+        free(p->layers);
+        free(p);
+    }
+}
 
-    uint32_t n = 0;
-    for (struct dblade_cache * c = s->caches; c; c = c->next) {
-        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
-            const struct dblade_tensor * k = &c->tensors[i], * v = k->pair;
-            if (k->path == DBLADE_PATH_RAM || n >= s->n_offloaded) {
-                continue;
-            }
-            struct dblade_auto_layer * a = &s->auto_layers[n++];
-            a->want                      = k->want;
-            a->need_bytes                = dblade_align_up(k->hwm, k->page) + dblade_align_up(v->hwm, v->page);
-            a->full_bytes                = k->map_bytes + v->map_bytes;
-            a->resident_bytes            = k->path == DBLADE_PATH_MMAP ? k->cached + v->cached : 0;
-        }
+void dblade_policy_set_reserve(struct dblade_auto * p, uint64_t reserve_bytes) {
+    p->reserve_bytes = reserve_bytes;
+}
+
+void dblade_policy_tick(struct dblade_auto * p, uint64_t now_ns) {
+    if (now_ns >= p->next_sample_ns && dblade_worker_queue(p->worker, &p->work, false)) {
+        p->next_sample_ns = now_ns + DBLADE_MONITOR_PERIOD_NS; // the worker reads memory; the graph goes on
     }
-    char      why[sizeof(((struct dblade_switch *) 0)->reason)];
-    const int changed = dblade_auto_decide(&s->auto_state, &m, s->config.reserve_bytes + staging_unheld(s),
-                                           s->auto_layers, n, why, sizeof(why));
-    if (changed <= 0) {
-        return;
-    }
-    uint32_t j = 0;
-    for (struct dblade_cache * c = s->caches; c; c = c->next) {
-        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
-            struct dblade_tensor * k = &c->tensors[i];
-            if (k->path == DBLADE_PATH_RAM || j >= n) {
-                continue;
-            }
-            const uint32_t want = s->auto_layers[j++].want;
-            if (want != k->want) {
-                k->want = k->pair->want = want;
-                snprintf(k->want_why, sizeof(k->want_why), "%s", why);
-            }
-        }
-    }
+}
+
+void dblade_policy_stats(const struct dblade_auto * p, struct dblade_policy_stats * out) {
+    out->mem_limit       = p->last_sample.t_ns ? p->last_sample.cg_limit : UINT64_MAX;
+    out->mem_available   = p->last_sample.t_ns ? p->last_sample.mem_available : 0;
+    out->page_cache_room = p->state.cap_bytes;
+    out->page_cache_need = p->state.need_bytes;
 }

@@ -1,22 +1,32 @@
-// Statistics: the session's counters and every layer's placement, as one snapshot.
+// Statistics: a KV object's counters and every layer's placement, as one snapshot.
 //
-// It owns nothing; it reads the session under its lock (the worker keeps staging and writing back
-// between two calls) and asks each tensor's path what it holds.
+// It owns nothing; it reads the KV object under its lock (the worker keeps staging and writing back
+// between two calls), asks each tensor's path what it holds, and the direct path, the policy and the
+// VRAM tier for their counters.
 
 #define _GNU_SOURCE
-#include "residency.h"
+#include "kv.h"
+
+#include "base.h"
+#include "direct/direct.h"
+#include "policy.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static void layer_stats(const struct dblade_tensor * k, struct dblade_layer_stats * o) {
+static uint64_t resident(const struct dblade_kv * kv, const struct dblade_tensor * t) {
+    struct dblade_tier * p = dblade_kv_path(kv, t);
+    return p && p->ops->resident ? p->ops->resident(p, t) : 0;
+}
+
+static void layer_stats(const struct dblade_kv * kv, const struct dblade_tensor * k, struct dblade_layer_stats * o) {
     const struct dblade_tensor * v = k->pair;
     o->il                          = k->il;
     o->path                        = k->path;
     o->bytes                       = k->bytes + v->bytes;
-    o->resident_bytes = dblade_path_ops(k->path)->resident(k) + dblade_path_ops(v->path)->resident(v);
+    o->resident_bytes              = resident(kv, k) + resident(kv, v);
     if (o->resident_bytes > o->bytes) {
         o->resident_bytes = o->bytes;
     }
@@ -32,47 +42,55 @@ static int cmp_il(const void * a, const void * b) {
     return (x->il > y->il) - (x->il < y->il);
 }
 
-int dblade_session_snapshot(struct dblade_session * s, struct dblade_stats * out, struct dblade_layer_stats * layers,
-                            uint32_t cap) {
-    if (!s || !out || (cap > 0 && !layers)) {
+int dblade_kv_snapshot(struct dblade_kv * kv, struct dblade_stats * out, struct dblade_layer_stats * layers,
+                       uint32_t cap) {
+    if (!kv || !out || (cap > 0 && !layers)) {
         return -EINVAL;
     }
     memset(out, 0, sizeof(*out));
-    out->policy       = s->config.policy;
-    out->budget_bytes = s->config.budget_bytes;
-    pthread_mutex_lock(&s->lock);
+    out->policy       = kv->config.policy;
+    out->budget_bytes = kv->config.budget_bytes;
+    pthread_mutex_lock(&kv->lock);
     uint32_t n = 0;
-    for (struct dblade_cache * c = s->caches; c; c = c->next) {
+    for (struct dblade_cache * c = kv->caches; c; c = c->next) {
         n += c->n_tensors / 2;
     }
     struct dblade_layer_stats * all = calloc(n ? n : 1, sizeof(*all));
     if (!all) {
-        pthread_mutex_unlock(&s->lock);
+        pthread_mutex_unlock(&kv->lock);
         return -ENOMEM;
     }
-    out->io_engine = (uint32_t) dblade_io_kind(s->io);
-    snprintf(out->io_engine_why, sizeof(out->io_engine_why), "%s", dblade_io_why(s->io));
-    out->depth           = s->depth;
-    out->n_switches      = s->n_switches;
-    out->mem_limit       = s->last_sample.t_ns ? s->last_sample.cg_limit : UINT64_MAX;
-    out->mem_available   = s->last_sample.t_ns ? s->last_sample.mem_available : 0;
-    out->page_cache_room = s->auto_state.cap_bytes;
-    out->page_cache_need = s->auto_state.need_bytes;
-    out->reserve_bytes   = s->config.reserve_bytes;
-    out->chunk_bytes     = s->n_offloaded > 0 ? s->staging.chunk : 0;
-    out->huge_page_bytes = s->n_offloaded > 0 && s->thp && s->staging.chunk == DBLADE_HUGE_PAGE ? DBLADE_HUGE_PAGE : 0;
-    out->n_io_errors     = s->n_io_errors;
-    out->staged_bytes    = s->staged_bytes;
-    out->staged_peak     = s->staged_peak;
-    pthread_mutex_lock(&s->staging.lock);
-    out->pool_bytes      = s->staging.populated;
-    out->pool_moves      = s->staging.moves && s->staging.n_slots > 0;
-    pthread_mutex_unlock(&s->staging.lock);
-    dblade_vram_stats(s, out);
-    for (struct dblade_cache * c = s->caches; c; c = c->next) {
+    out->n_switches    = kv->events.n_switches;
+    out->n_io_errors   = kv->events.n_io_errors;
+    out->reserve_bytes = kv->config.reserve_bytes;
+    out->mem_limit     = UINT64_MAX;
+    snprintf(out->io_engine_why, sizeof(out->io_engine_why), "%s", "");
+    if (kv->policy) {
+        struct dblade_policy_stats ps;
+        dblade_policy_stats(kv->policy, &ps);
+        out->mem_limit       = ps.mem_limit;
+        out->mem_available   = ps.mem_available;
+        out->page_cache_room = ps.page_cache_room;
+        out->page_cache_need = ps.page_cache_need;
+    }
+    if (kv->direct) {
+        struct dblade_direct_stats ds;
+        dblade_direct_stats(kv->direct, &ds);
+        out->io_engine = ds.io_engine;
+        snprintf(out->io_engine_why, sizeof(out->io_engine_why), "%s", ds.io_engine_why);
+        out->depth           = ds.depth;
+        out->chunk_bytes     = ds.chunk_bytes;
+        out->huge_page_bytes = ds.huge_pages ? DBLADE_HUGE_PAGE : 0;
+        out->staged_bytes    = ds.staged_bytes;
+        out->staged_peak     = ds.staged_peak;
+        out->pool_bytes      = ds.pool_bytes;
+        out->pool_moves      = ds.pool_moves;
+    }
+    dblade_vram_stats(kv->vram, out);
+    for (struct dblade_cache * c = kv->caches; c; c = c->next) {
         for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
             struct dblade_layer_stats * ls = &all[out->n_layers++];
-            layer_stats(&c->tensors[i], ls);
+            layer_stats(kv, &c->tensors[i], ls);
             for (uint32_t w = 0; w < 2; w++) {
                 if (c->tensors[i + w].sums) {
                     out->checksum_bytes += c->tensors[i + w].map_bytes / DBLADE_BLOCK * sizeof(uint32_t);
@@ -85,7 +103,7 @@ int dblade_session_snapshot(struct dblade_session * s, struct dblade_stats * out
             out->io_wait_ns     += ls->io_wait_ns;
         }
     }
-    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_unlock(&kv->lock);
     qsort(all, n, sizeof(*all), cmp_il);
     if (cap > 0) {
         memcpy(layers, all, sizeof(*all) * (n < cap ? n : cap));
@@ -94,27 +112,27 @@ int dblade_session_snapshot(struct dblade_session * s, struct dblade_stats * out
     return (int) n;
 }
 
-int dblade_session_stats(struct dblade_session * s, struct dblade_stats * out) {
-    const int n = dblade_session_snapshot(s, out, NULL, 0);
+int dblade_kv_stats(struct dblade_kv * kv, struct dblade_stats * out) {
+    const int n = dblade_kv_snapshot(kv, out, NULL, 0);
     return n < 0 ? n : 0;
 }
 
-int dblade_session_layers(struct dblade_session * s, struct dblade_layer_stats * out, uint32_t cap) {
+int dblade_kv_layers(struct dblade_kv * kv, struct dblade_layer_stats * out, uint32_t cap) {
     struct dblade_stats st;
-    return dblade_session_snapshot(s, &st, out, cap);
+    return dblade_kv_snapshot(kv, &st, out, cap);
 }
 
-int dblade_session_switches(struct dblade_session * s, struct dblade_switch * out, uint32_t cap) {
-    if (!s || (cap > 0 && !out)) {
+int dblade_kv_switches(struct dblade_kv * kv, struct dblade_switch * out, uint32_t cap) {
+    if (!kv || (cap > 0 && !out)) {
         return -EINVAL;
     }
-    pthread_mutex_lock(&s->lock);
-    const uint64_t n     = s->n_switches;
+    pthread_mutex_lock(&kv->lock);
+    const uint64_t n     = kv->events.n_switches;
     const uint64_t kept  = n < DBLADE_SWITCH_LOG ? n : DBLADE_SWITCH_LOG;
     const uint64_t first = n - kept;
     for (uint64_t i = 0; i < kept && i < cap; i++) {
-        out[i] = s->switches[(first + i) % DBLADE_SWITCH_LOG];
+        out[i] = kv->events.switches[(first + i) % DBLADE_SWITCH_LOG];
     }
-    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_unlock(&kv->lock);
     return (int) (n > INT32_MAX ? INT32_MAX : n);
 }

@@ -2,7 +2,11 @@
 // block device carrying our ownership header. Both are read and written with O_DIRECT.
 
 #define _GNU_SOURCE
-#include "internal.h"
+#include "store.h"
+
+#include "base.h"
+#include "header.h"
+#include "io.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -297,7 +301,7 @@ void dblade_store_close(struct dblade_store * st) {
     }
 }
 
-int dblade_store_wipe(struct dblade_store * st, uint64_t end, bool zero) {
+static int wipe_below(struct dblade_store * st, uint64_t end, bool zero) {
     if (st->fd < 0 || end <= st->data_offset) {
         return 0;
     }
@@ -323,4 +327,12 @@ int dblade_store_wipe(struct dblade_store * st, uint64_t end, bool zero) {
     }
     free(zeros);
     return rc == 0 && fdatasync(st->fd) != 0 ? -errno : rc;
+}
+
+int dblade_store_wipe(struct dblade_store * st, bool zero) {
+    const int rc = wipe_below(st, st->touched_end, zero);
+    if (rc == 0) {
+        st->touched_end = 0;
+    }
+    return rc;
 }

@@ -9,7 +9,7 @@
 // engine's lock).
 
 #define _GNU_SOURCE
-#include "internal.h"
+#include "uring.h"
 
 #include <errno.h>
 #include <string.h>

@@ -47,7 +47,7 @@ static inline int test_open_direct(const char * name, int * plain) {
 }
 #endif
 
-#ifdef DUALBLADE_INTERNAL_H
+#ifdef DUALBLADE_ENGINE_H
 // the engine `engine` on fd into *io; false (and a line saying so) where this build lacks it
 static inline bool test_io_open(const char * engine, int fd, struct dblade_io ** io) {
     setenv("DUALBLADE_IO_ENGINE", engine, 1);
@@ -59,9 +59,11 @@ static inline bool test_io_open(const char * engine, int fd, struct dblade_io **
     CHECK_EQ(rc, 0);
     return true;
 }
+#endif
 
+#ifdef DUALBLADE_LLAMA_H
 // a cache of n layers (il 0..n-1) of rows x row_bytes for K and for V, opened on s
-static inline struct dblade_cache * test_cache_open(struct dblade_session * s, uint32_t n, uint32_t rows,
+static inline struct dblade_cache * test_cache_open(struct dblade_kv * s, uint32_t n, uint32_t rows,
                                                     uint64_t row_bytes) {
     struct dblade_layer_desc d[64];
     CHECK(n <= 64);
@@ -72,9 +74,9 @@ static inline struct dblade_cache * test_cache_open(struct dblade_session * s, u
     }
     struct dblade_cache_desc desc = { .name = "", .n_layers = n, .layers = d };
     struct dblade_cache *    c    = NULL;
-    dblade_session_bind(s);
+    dblade_kv_bind(s);
     CHECK_EQ(dblade_cache_open(&desc, &c), 0);
-    dblade_session_bind(NULL);
+    dblade_kv_bind(NULL);
     return c;
 }
 #endif

@@ -1,7 +1,8 @@
 // The I/O engine: both engines move many chunks in flight and get every byte right, errors come
 // back per request, and the engine choice follows DUALBLADE_IO_ENGINE.
 #define _GNU_SOURCE
-#include "../src/internal.h"
+#include "../src/base.h"
+#include "../src/engine.h"
 #include "check.h"
 
 #include <errno.h>

@@ -2,7 +2,10 @@
 // short, on both engines; a session turns a failed transfer into its sticky error, which a caller
 // can clear; a wipe leaves nothing of what was written.
 #define _GNU_SOURCE
-#include "../src/internal.h"
+#include "../src/base.h"
+#include "../src/engine.h"
+#include "../src/fault.h"
+#include "dualblade-llama.h"
 #include "check.h"
 
 #include <errno.h>
@@ -92,8 +95,8 @@ static void session_error(void) {
     struct dblade_layout_layer lay[2] = { { 0, DBLADE_PATH_DIRECT, BYTES, BYTES }, { 1, DBLADE_PATH_DIRECT, BYTES, BYTES } };
     struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = 1 << 20, .kv_dir = dir };
     setenv("DUALBLADE_FAULT", "read:1+:eio", 1);
-    struct dblade_session * s;
-    CHECK_EQ(dblade_session_create(&cfg, 2, lay, &s), 0);
+    struct dblade_kv * s;
+    CHECK_EQ(dblade_kv_create(&cfg, 2, lay, &s), 0);
     unsetenv("DUALBLADE_FAULT");
     struct dblade_cache * c = test_cache_open(s, 2, ROWS, ROW);
 
@@ -108,31 +111,31 @@ static void session_error(void) {
         }
     }
     char msg[256];
-    CHECK_EQ(dblade_session_error(s, msg, sizeof(msg)), 0);
-    CHECK_EQ(dblade_session_flush(s), 0);
+    CHECK_EQ(dblade_kv_error(s, msg, sizeof(msg)), 0);
+    CHECK_EQ(dblade_kv_flush(s), 0);
 
     // layer 0 is read back: every read fails
     struct dblade_tensor * k0 = dblade_cache_tensor(c, 0, 0);
     dblade_fence_read(k0, dblade_tensor_data(k0), 100 * ROW);
-    CHECK_EQ(dblade_session_error(s, msg, sizeof(msg)), -EIO);
+    CHECK_EQ(dblade_kv_error(s, msg, sizeof(msg)), -EIO);
     CHECK(strstr(msg, "reading layer 0 K from") && strstr(msg, "Input/output error"));
     struct dblade_stats st;
-    CHECK_EQ(dblade_session_stats(s, &st), 0);
+    CHECK_EQ(dblade_kv_stats(s, &st), 0);
     CHECK(st.n_io_errors >= 1);
     CHECK(st.checksum_bytes == 4 * (BYTES / DBLADE_BLOCK) * sizeof(uint32_t));
 
     // the caller clears the caches, then the error
     dblade_cache_clear(c);
-    CHECK_EQ(dblade_session_clear_error(s), 0);
-    CHECK_EQ(dblade_session_error(s, msg, sizeof(msg)), 0);
+    CHECK_EQ(dblade_kv_clear_error(s), 0);
+    CHECK_EQ(dblade_kv_error(s, msg, sizeof(msg)), 0);
     CHECK_EQ(msg[0], 0);
 
     // wipe: the file's written blocks are given back (a hole reads zeros)
     struct dblade_store_info si;
-    CHECK_EQ(dblade_session_store(s, &si), 0);
-    CHECK_EQ(dblade_session_wipe(s, 0), 0);
+    CHECK_EQ(dblade_kv_store(s, &si), 0);
+    CHECK_EQ(dblade_kv_wipe(s, 0), 0);
     dblade_cache_close(c);
-    dblade_session_release(s);
+    dblade_kv_release(s);
     rmdir(dir);
     printf("session: a failed read is the session's error until cleared\n");
 }

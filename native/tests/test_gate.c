@@ -2,7 +2,7 @@
 // while the fence says it waits for I/O the others sleep (their CPU time stays near zero), and
 // they get up when it stops waiting. Thousands of rounds, as a graph makes them.
 #define _GNU_SOURCE
-#include "../src/residency.h"
+#include "../src/gate.h"
 #include "check.h"
 
 #include <pthread.h>

@@ -1,5 +1,6 @@
 // Device ownership header: round trip, damage, versions; signatures of what a device may hold.
-#include "../src/internal.h"
+#include "../src/crc32c.h"
+#include "../src/header.h"
 #include "check.h"
 
 #include <errno.h>

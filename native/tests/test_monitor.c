@@ -1,6 +1,9 @@
 // The memory monitor reads this machine; the auto decision demotes the largest layers when the
 // page cache cannot hold them (or tasks stall), and promotes back only with room, calm and time.
-#include "../src/internal.h"
+#include "../src/base.h"
+#include "../src/monitor.h"
+#include "../src/policy.h"
+#include "dualblade.h"
 #include "check.h"
 
 #include <stdio.h>

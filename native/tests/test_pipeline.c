@@ -3,7 +3,8 @@
 // Before every read by "attention", each offloaded tensor must hold exactly what was written.
 // Run with both I/O engines.
 #define _GNU_SOURCE
-#include "../src/internal.h"
+#include "../src/testing.h"
+#include "dualblade-llama.h"
 #include "check.h"
 
 #include <errno.h>
@@ -38,8 +39,8 @@ static void run(const char * engine, uint64_t budget) {
     };
     // budget: the pinned layer plus room for a deep pipeline
     struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = budget, .kv_dir = dir };
-    struct dblade_session * s;
-    int rc = dblade_session_create(&cfg, LAYERS, lay, &s);
+    struct dblade_kv * s;
+    int rc = dblade_kv_create(&cfg, LAYERS, lay, &s);
     if (rc == -ENOSYS) {
         printf("%s: not available, skipped\n", engine);
         rmdir(dir);
@@ -55,18 +56,18 @@ static void run(const char * engine, uint64_t budget) {
         const uint32_t act = next() % 1000;
         if (act < 25) {
             const int il = 1 + (int) (next() % 3);
-            CHECK_EQ(dblade_session_set_path(s, il, next() % 2 ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT), 0);
+            CHECK_EQ(dblade_kv_set_path(s, il, next() % 2 ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT), 0);
             switches++;
         } else if (act < 30) {
-            CHECK_EQ(dblade_session_flush(s), 0);
+            CHECK_EQ(dblade_kv_flush(s), 0);
             flushes++;
         } else if (act < 35) {
             // as an idle server does: the pool's pages go, the next layers staged fault fresh ones in
             struct dblade_stats before;
-            dblade_session_stats(s, &before);
-            CHECK_EQ(dblade_session_trim(s), (int64_t) before.pool_bytes);
+            dblade_kv_stats(s, &before);
+            CHECK_EQ(dblade_kv_trim(s), (int64_t) before.pool_bytes);
             struct dblade_stats after;
-            dblade_session_stats(s, &after);
+            dblade_kv_stats(s, &after);
             CHECK_EQ(after.pool_bytes, 0);
             CHECK_EQ(after.staged_bytes, 0);
             trims++;
@@ -116,11 +117,11 @@ static void run(const char * engine, uint64_t budget) {
         n += batch;
     }
     char msg[256];
-    CHECK_EQ(dblade_session_error(s, msg, sizeof(msg)), 0);
+    CHECK_EQ(dblade_kv_error(s, msg, sizeof(msg)), 0);
     struct dblade_switch log[64];
-    const int ns = dblade_session_switches(s, log, 64);
+    const int ns = dblade_kv_switches(s, log, 64);
     struct dblade_stats st;
-    dblade_session_stats(s, &st);
+    dblade_kv_stats(s, &st);
     printf("%s: %d requested switches, %d applied, %d flushes, %d trims, %d clears, %d prefix reuses; "
            "read %llu, written %llu, depth %u\n",
            engine, switches, ns, flushes, trims, clears, reuses, (unsigned long long) st.bytes_read,
@@ -136,7 +137,7 @@ static void run(const char * engine, uint64_t budget) {
     CHECK(strcmp(log[0].reason, "requested") == 0);
     CHECK(st.staged_peak <= cfg.budget_bytes - 2 * BYTES); // the pinned layer takes the rest
     dblade_cache_close(c);
-    dblade_session_release(s);
+    dblade_kv_release(s);
     rmdir(dir);
 }
 

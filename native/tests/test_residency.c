@@ -1,7 +1,8 @@
 // The direct and page-cache paths through their fences: staging, write-back, release, clear,
 // state save/restore, and the counters they keep.
 #define _GNU_SOURCE
-#include "../src/internal.h"
+#include "../src/testing.h"
+#include "dualblade-llama.h"
 #include "check.h"
 
 #include <stdlib.h>
@@ -23,9 +24,9 @@ static int rows_ok(const unsigned char * p, int r0, int r1, int seed) {
     return 1;
 }
 
-static struct dblade_layer_stats layer(struct dblade_session * s, int il) {
+static struct dblade_layer_stats layer(struct dblade_kv * s, int il) {
     struct dblade_layer_stats ls[8];
-    int n = dblade_session_layers(s, ls, 8);
+    int n = dblade_kv_layers(s, ls, 8);
     for (int i = 0; i < n; i++) if (ls[i].il == il) return ls[i];
     CHECK(!"no such layer");
     return ls[0];
@@ -38,10 +39,10 @@ int main(void) {
     struct dblade_layout_layer lay[3] = {
         { 0, DBLADE_PATH_DIRECT, BYTES, BYTES }, { 1, DBLADE_PATH_DIRECT, BYTES, BYTES }, { 2, DBLADE_PATH_MMAP, BYTES, BYTES } };
     struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = 1 << 20, .kv_dir = dir };
-    struct dblade_session * s;
-    CHECK_EQ(dblade_session_create(&cfg, 3, lay, &s), 0);
+    struct dblade_kv * s;
+    CHECK_EQ(dblade_kv_create(&cfg, 3, lay, &s), 0);
     struct dblade_store_info si;
-    CHECK_EQ(dblade_session_store(s, &si), 0);
+    CHECK_EQ(dblade_kv_store(s, &si), 0);
     CHECK_EQ(si.kind, 1);
     CHECK(si.data_bytes >= 6 * BYTES);
 
@@ -53,12 +54,12 @@ int main(void) {
     }
     struct dblade_cache_desc desc = { .name = "", .n_layers = 3, .layers = d };
     struct dblade_cache * c;
-    dblade_session_bind(s);
+    dblade_kv_bind(s);
     desc.v_trans = 1; // offloaded layers with a transposed V: refused
     CHECK(dblade_cache_open(&desc, &c) < 0);
     desc.v_trans = 0;
     CHECK_EQ(dblade_cache_open(&desc, &c), 0);
-    dblade_session_bind(NULL);
+    dblade_kv_bind(NULL);
     CHECK(!dblade_cache_can_shift(c));
 
     struct dblade_tensor * k0 = dblade_cache_tensor(c, 0, 0);
@@ -72,7 +73,7 @@ int main(void) {
     // staged memory comes in chunks (from the staging pool): as large as the budget allows, no
     // larger than a tensor
     struct dblade_stats st0;
-    dblade_session_stats(s, &st0);
+    dblade_kv_stats(s, &st0);
     const uint64_t chunk = st0.chunk_bytes;
     CHECK(chunk >= 4096 && chunk <= BYTES);
 
@@ -88,7 +89,7 @@ int main(void) {
     // page, so that page (the tail) stays in memory, dirty, and nothing is written yet
     dblade_fence_write(k1, rows, 10, ROW);
     fill_rows(p1, 0, 10, 2);
-    dblade_session_quiesce(s);
+    dblade_kv_quiesce(s);
     CHECK_EQ(layer(s, 0).bytes_written, 0);
     CHECK_EQ(layer(s, 0).resident_bytes, 4096);
 
@@ -111,12 +112,12 @@ int main(void) {
     dblade_fence_read(k2, p2, 16 * ROW);
     CHECK_EQ(layer(s, 2).bytes_written, 4096);
     CHECK(rows_ok(p2, 0, 16, 3));
-    dblade_session_quiesce(s);
+    dblade_kv_quiesce(s);
     CHECK_EQ(layer(s, 0).resident_bytes, 4096); // entering layer 2 released layer 0 but its tail
     CHECK_EQ(layer(s, 0).bytes_written, 0);
 
     // a flush makes the tails durable: everything written can be read back
-    CHECK_EQ(dblade_session_flush(s), 0);
+    CHECK_EQ(dblade_kv_flush(s), 0);
     CHECK_EQ(layer(s, 0).bytes_written, 4096);
     CHECK_EQ(layer(s, 1).bytes_written, 4096);
     CHECK_EQ(layer(s, 0).resident_bytes, 0);
@@ -146,7 +147,7 @@ int main(void) {
     fill_rows(p1, 0, 20, 4);
     dblade_cache_state_end(c, 20);
     CHECK(layer(s, 1).resident_bytes > 0); // still staged: llama.cpp copies after state_end
-    CHECK_EQ(dblade_session_flush(s), 0);
+    CHECK_EQ(dblade_kv_flush(s), 0);
     CHECK_EQ(layer(s, 1).resident_bytes, 0);
     dblade_fence_read(k1, p1, 20 * ROW);
     CHECK(rows_ok(p1, 0, 20, 4));
@@ -155,19 +156,19 @@ int main(void) {
 
     // clear: metadata only; nothing is read back afterwards
     struct dblade_stats before, after;
-    CHECK_EQ(dblade_session_flush(s), 0); // settles the prefetcher: counters are quiet now
-    dblade_session_stats(s, &before);
+    CHECK_EQ(dblade_kv_flush(s), 0); // settles the prefetcher: counters are quiet now
+    dblade_kv_stats(s, &before);
     dblade_cache_clear(c);
     dblade_fence_read(k1, p1, 20 * ROW);
-    dblade_session_stats(s, &after);
+    dblade_kv_stats(s, &after);
     CHECK_EQ(after.bytes_read, before.bytes_read);
     CHECK_EQ(after.bytes_written, before.bytes_written);
     CHECK_EQ(p1[0], 0);
     CHECK(after.staged_peak > 0 && after.staged_peak <= 2 * 2 * BYTES);
 
     char msg[256];
-    CHECK_EQ(dblade_session_error(s, msg, sizeof(msg)), 0);
-    dblade_session_release(s);
+    CHECK_EQ(dblade_kv_error(s, msg, sizeof(msg)), 0);
+    dblade_kv_release(s);
     dblade_cache_close(c);
     rmdir(dir);
     puts("test_residency: ok");

@@ -1,6 +1,8 @@
 // Backing stores: an unnamed preallocated O_DIRECT file; refusals with reasons.
 #define _GNU_SOURCE
-#include "../src/internal.h"
+#include "../src/base.h"
+#include "../src/io.h"
+#include "../src/store.h"
 #include "check.h"
 
 #include <dirent.h>

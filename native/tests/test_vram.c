@@ -3,7 +3,8 @@
 // cut, the new rows back at the next cut, the prefetch of a pinned layer, the check that every streamed
 // layer was cut, clears and flushes. Layers 0-1 keep their host copies pinned, 2-3 on the direct path.
 #define _GNU_SOURCE
-#include "../src/internal.h"
+#include "../src/testing.h"
+#include "dualblade-llama.h"
 #include "check.h"
 
 #include <dlfcn.h>
@@ -18,15 +19,15 @@
 #define LAYERS 4
 #define N_KV   16
 
-static struct dblade_session * s;
+static struct dblade_kv * s;
 static struct dblade_cache *   c;
 static uint8_t * dev[LAYERS][2], * host[LAYERS][2];
 
 static void cut(const char * name, int want_ask) {
-    CHECK_EQ(dblade_session_graph_cut(s, name, 1), want_ask);
-    if (dblade_session_graph_cut(s, name, 0) != 1) {
+    CHECK_EQ(dblade_kv_graph_cut(s, name, 1), want_ask);
+    if (dblade_kv_graph_cut(s, name, 0) != 1) {
         char msg[256];
-        dblade_session_error(s, msg, sizeof(msg));
+        dblade_kv_error(s, msg, sizeof(msg));
         fprintf(stderr, "cut %s failed: %s\n", name, msg);
         exit(1);
     }
@@ -47,12 +48,12 @@ static void open_all(const char * dir) {
         d[il]   = (struct dblade_layer_desc) { il, 0, ROWS, 1, BYTES, BYTES, ROW, ROW, "CUDA0" };
     }
     struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = 1 << 20, .kv_dir = dir };
-    CHECK_EQ(dblade_session_create(&cfg, LAYERS, lay, &s), 0);
-    CHECK(dblade_session_streams(s));
+    CHECK_EQ(dblade_kv_create(&cfg, LAYERS, lay, &s), 0);
+    CHECK(dblade_kv_streams(s));
     const struct dblade_cache_desc desc = { "", 1, 1, 0, LAYERS, d };
-    dblade_session_bind(s);
+    dblade_kv_bind(s);
     CHECK_EQ(dblade_cache_open(&desc, &c), 0);
-    dblade_session_bind(NULL);
+    dblade_kv_bind(NULL);
     CHECK(c != NULL);
     for (int il = 0; il < LAYERS; il++) {
         for (int w = 0; w < 2; w++) {
@@ -68,7 +69,7 @@ static void open_all(const char * dir) {
 
 static void close_all(void) {
     dblade_cache_close(c);
-    dblade_session_release(s);
+    dblade_kv_release(s);
 }
 
 static uint8_t mark(int il, int w, int pass) {
@@ -79,11 +80,11 @@ static uint8_t mark(int il, int w, int pass) {
 static void graph(int pass, int lo, int slots) {
     const int64_t rows[2] = { lo, lo + 1 };
     struct dblade_stats before, after;
-    CHECK_EQ(dblade_session_stats(s, &before), 0);
+    CHECK_EQ(dblade_kv_stats(s, &before), 0);
     dblade_cache_ubatch(c, rows, 2, N_KV);
-    CHECK_EQ(dblade_session_error(s, NULL, 0), 0);
+    CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
     // the first streamed layer (pinned) is copied in before the graph computes
-    CHECK_EQ(dblade_session_stats(s, &after), 0);
+    CHECK_EQ(dblade_kv_stats(s, &after), 0);
     CHECK_EQ(after.h2d_bytes - before.h2d_bytes, 2ull * N_KV * ROW);
     for (int w = 0; w < 2; w++) {
         CHECK(memcmp(dev[0][w], host[0][w], N_KV * ROW) == 0);
@@ -103,7 +104,7 @@ static void graph(int pass, int lo, int slots) {
                 CHECK(dev[il - 2][w][lo * ROW] == mark(il - 2, w, pass)); // a slot each: nothing shared
             }
         }
-        CHECK_EQ(dblade_session_graph_cut(s, "ffn_out-0", 1), 0); // not a cut
+        CHECK_EQ(dblade_kv_graph_cut(s, "ffn_out-0", 1), 0); // not a cut
     }
     cut("result_norm", 1);
 }
@@ -129,7 +130,7 @@ static void run(const char * slots_env, int slots) {
     open_all(dir);
 
     struct dblade_stats st;
-    CHECK_EQ(dblade_session_stats(s, &st), 0);
+    CHECK_EQ(dblade_kv_stats(s, &st), 0);
     CHECK_EQ(st.vram_slots, slots);
     CHECK_EQ(st.vram_streamed, LAYERS);
     CHECK_EQ(st.vram_slot_bytes, 2 * (64 << 10)); // K and V, each on the 64 KiB granule
@@ -139,8 +140,8 @@ static void run(const char * slots_env, int slots) {
     graph(1, 12, slots);
     check_rows(0, 10); // the first pass's rows kept
     check_rows(1, 12);
-    CHECK_EQ(dblade_session_error(s, NULL, 0), 0);
-    CHECK_EQ(dblade_session_stats(s, &st), 0);
+    CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
+    CHECK_EQ(dblade_kv_stats(s, &st), 0);
     CHECK_EQ(st.d2h_bytes, 2ull * LAYERS * 2 * 2 * ROW);         // 2 graphs x 4 layers x K, V x 2 rows
     CHECK_EQ(st.h2d_pinned_bytes, 2ull * 2 * 2 * N_KV * ROW);    // 2 graphs x layers 0-1 x K, V
     CHECK_EQ(st.h2d_bytes, 2ull * LAYERS * 2 * N_KV * ROW);
@@ -154,7 +155,7 @@ static void run(const char * slots_env, int slots) {
             memset(dev[il][w] + 20 * ROW, mark(il, w, 2), 2 * ROW);
         }
     }
-    CHECK_EQ(dblade_session_flush(s), 0);
+    CHECK_EQ(dblade_kv_flush(s), 0);
     check_rows(2, 20);
 
     // a clear forgets the rows a layer stored since its cut: nothing comes back
@@ -171,9 +172,9 @@ static void run(const char * slots_env, int slots) {
     cut_layer(1);
     dblade_cache_ubatch(c, rows, 2, N_KV);
     char msg[256];
-    CHECK_EQ(dblade_session_error(s, msg, sizeof(msg)), -EPROTO);
+    CHECK_EQ(dblade_kv_error(s, msg, sizeof(msg)), -EPROTO);
     CHECK(strstr(msg, "attn_norm"));
-    CHECK_EQ(dblade_session_graph_cut(s, "attn_norm-2", 0), 0); // and nothing runs after it
+    CHECK_EQ(dblade_kv_graph_cut(s, "attn_norm-2", 0), 0); // and nothing runs after it
     close_all();
 }
 
@@ -195,13 +196,13 @@ int main(void) {
     struct dblade_layout_layer lay = { 0, DBLADE_PATH_RAM, BYTES, BYTES, DBLADE_LAYOUT_STREAMED, 0 };
     struct dblade_layer_desc   d   = { 0, 0, ROWS, 1, BYTES, BYTES, ROW, ROW, "CUDA0" };
     struct dblade_config cfg = { .policy = DBLADE_POLICY_RAM, .budget_bytes = DBLADE_BUDGET_UNLIMITED };
-    CHECK_EQ(dblade_session_create(&cfg, 1, &lay, &s), 0);
+    CHECK_EQ(dblade_kv_create(&cfg, 1, &lay, &s), 0);
     const struct dblade_cache_desc desc = { "", 1, 1, 0, 1, &d };
-    dblade_session_bind(s);
+    dblade_kv_bind(s);
     CHECK(dblade_cache_open(&desc, &c) < 0);
     CHECK(strstr(dblade_last_error(), "cannot load the CUDA driver"));
-    dblade_session_bind(NULL);
-    dblade_session_release(s);
+    dblade_kv_bind(NULL);
+    dblade_kv_release(s);
     printf("test_vram: ok\n");
     return 0;
 }

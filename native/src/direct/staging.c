@@ -14,12 +14,12 @@
 // state copy, which stages every layer at once) is the tensor's own anonymous memory: faulted in on
 // use, dropped on release, as before the pool existed.
 //
-// This file owns the pool's slots and the tensors' chunk maps (t->chunks); it calls nothing else.
-// The caller holds the tensor exclusively (session lock, or the tensor's running job); the slots
-// are guarded by the pool's own lock, since the worker releases outside the session lock.
+// This file owns the pool's slots and the tensors' chunk maps (t->direct->chunks); it calls nothing
+// else. The caller holds the tensor exclusively (the KV object's lock, or the tensor's running job);
+// the slots are guarded by the pool's own lock, since the worker releases outside the other lock.
 
 #define _GNU_SOURCE
-#include "residency.h"
+#include "direct-impl.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -120,25 +120,25 @@ int dblade_staging_grow(struct dblade_staging * p, struct dblade_tensor * t, uin
     const uint64_t n = dblade_align_up(upto, p->chunk) / p->chunk;
     if (p->n_slots == 0) {
         for (uint64_t i = 0; i < n; i++) {
-            t->chunks[i] = t->chunks[i] == DBLADE_CHUNK_NONE ? DBLADE_CHUNK_FRESH : t->chunks[i];
+            t->direct->chunks[i] = t->direct->chunks[i] == DBLADE_CHUNK_NONE ? DBLADE_CHUNK_FRESH : t->direct->chunks[i];
         }
         return 0;
     }
     pthread_mutex_lock(&p->lock);
     uint32_t hint = 0;
     for (uint64_t i = 0; i < n;) {
-        if (t->chunks[i] != DBLADE_CHUNK_NONE) {
+        if (t->direct->chunks[i] != DBLADE_CHUNK_NONE) {
             i++;
             continue;
         }
         // a run of missing chunks filled from consecutive slots: one move
         const uint32_t first = take_slot(p, hint);
         if (first == UINT32_MAX) {
-            t->chunks[i++] = DBLADE_CHUNK_FRESH;
+            t->direct->chunks[i++] = DBLADE_CHUNK_FRESH;
             continue;
         }
         uint64_t run = 1;
-        while (i + run < n && t->chunks[i + run] == DBLADE_CHUNK_NONE && first + run < p->n_slots &&
+        while (i + run < n && t->direct->chunks[i + run] == DBLADE_CHUNK_NONE && first + run < p->n_slots &&
                p->state[first + run] != SLOT_TAKEN) {
             take_slot(p, first + (uint32_t) run);
             run++;
@@ -149,11 +149,11 @@ int dblade_staging_grow(struct dblade_staging * p, struct dblade_tensor * t, uin
             for (uint64_t k = 0; k < run; k++) {
                 p->state[first + k] = SLOT_PAGES;
                 p->n_free++;
-                t->chunks[i + k] = DBLADE_CHUNK_FRESH;
+                t->direct->chunks[i + k] = DBLADE_CHUNK_FRESH;
             }
         } else {
             for (uint64_t k = 0; k < run; k++) {
-                t->chunks[i + k] = first + (uint32_t) k;
+                t->direct->chunks[i + k] = first + (uint32_t) k;
             }
         }
         hint = first + (uint32_t) run;
@@ -170,14 +170,14 @@ void dblade_staging_release(struct dblade_staging * p, struct dblade_tensor * t)
         pthread_mutex_lock(&p->lock);
     }
     for (uint64_t i = 0; i < n;) {
-        const uint32_t slot = t->chunks[i];
+        const uint32_t slot = t->direct->chunks[i];
         if (slot == DBLADE_CHUNK_NONE || slot == DBLADE_CHUNK_FRESH) {
             held |= slot == DBLADE_CHUNK_FRESH;
-            t->chunks[i++] = DBLADE_CHUNK_NONE;
+            t->direct->chunks[i++] = DBLADE_CHUNK_NONE;
             continue;
         }
         uint64_t run = 1;
-        while (i + run < n && t->chunks[i + run] == slot + run) {
+        while (i + run < n && t->direct->chunks[i + run] == slot + run) {
             run++;
         }
         if (!move(t->addr + i * p->chunk, p->base + slot * p->chunk, run * p->chunk)) {
@@ -192,7 +192,7 @@ void dblade_staging_release(struct dblade_staging * p, struct dblade_tensor * t)
             }
         }
         for (uint64_t k = 0; k < run; k++) {
-            t->chunks[i + k] = DBLADE_CHUNK_NONE;
+            t->direct->chunks[i + k] = DBLADE_CHUNK_NONE;
         }
         p->n_free += (uint32_t) run;
         held = true;
@@ -240,7 +240,7 @@ uint64_t dblade_staging_trim(struct dblade_staging * p) {
 }
 
 void dblade_staging_forget(struct dblade_staging * p, struct dblade_tensor * t) {
-    if (!t->chunks) {
+    if (!t->direct->chunks) {
         return;
     }
     const uint64_t n = dblade_align_up(t->map_bytes, p->chunk) / p->chunk;
@@ -248,14 +248,14 @@ void dblade_staging_forget(struct dblade_staging * p, struct dblade_tensor * t) 
         pthread_mutex_lock(&p->lock);
     }
     for (uint64_t i = 0; i < n; i++) {
-        const uint32_t slot = t->chunks[i];
+        const uint32_t slot = t->direct->chunks[i];
         if (slot != DBLADE_CHUNK_NONE && slot != DBLADE_CHUNK_FRESH) {
             // its pages go with the tensor's range: the slot starts empty again
             p->state[slot] = SLOT_EMPTY;
             p->populated -= p->chunk;
             p->n_free++;
         }
-        t->chunks[i] = DBLADE_CHUNK_NONE;
+        t->direct->chunks[i] = DBLADE_CHUNK_NONE;
     }
     if (p->n_slots > 0) {
         pthread_mutex_unlock(&p->lock);

@@ -14,83 +14,27 @@
 //     rows [0, n_kv) of K and V, the rows attention reads.
 // Rows a slot holds beyond what was copied belong to another layer: finite, and masked.
 //
-// This file owns: the driver's function table, the context, the copy stream, the address
-// reservation and the slots, the cut protocol and its counters. It calls the host fences (cache.c)
-// and nothing else of the module.
+// This file owns: the context, the copy stream, the address reservation and the slots, the cut
+// protocol and its counters. It calls the driver (cuda.c), the pipeline (a streamed layer is staged on
+// its host path as on the CPU) and the events.
 
 #define _GNU_SOURCE
-#include "residency.h"
+#include "vram.h"
 
-#include <dlfcn.h>
+#include "../base.h"
+#include "../events.h"
+#include "../pipeline.h"
+#include "cuda.h"
+
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-// --- the few driver API declarations used (cuda.h, CUDA >= 11.2) ---
-typedef int                          CUresult;
-typedef int                          CUdevice;
-typedef struct CUctx_st *            CUcontext;
-typedef struct CUstream_st *         CUstream;
-typedef unsigned long long           CUdeviceptr;
-typedef unsigned long long           CUmemGenericAllocationHandle;
-
-typedef struct {
-    int type; // CU_MEM_LOCATION_TYPE_DEVICE = 1
-    int id;
-} CUmemLocation;
-
-typedef struct {
-    int           type;                 // CU_MEM_ALLOCATION_TYPE_PINNED = 1
-    int           requestedHandleTypes; // CU_MEM_HANDLE_TYPE_NONE = 0
-    CUmemLocation location;
-    void *        win32HandleMetaData;
-    struct {
-        unsigned char  compressionType;
-        unsigned char  gpuDirectRDMACapable;
-        unsigned short usage;
-        unsigned char  reserved[4];
-    } allocFlags;
-} CUmemAllocationProp;
-
-typedef struct {
-    CUmemLocation location;
-    int           flags; // CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
-} CUmemAccessDesc;
-
-#define CU_STREAM_NON_BLOCKING 1u
-
-struct cuda_api {
-    CUresult (*Init)(unsigned);
-    CUresult (*GetErrorString)(CUresult, const char **);
-    CUresult (*DeviceGet)(CUdevice *, int);
-    CUresult (*DeviceGetByPCIBusId)(CUdevice *, const char *);
-    CUresult (*DevicePrimaryCtxRetain)(CUcontext *, CUdevice);
-    CUresult (*DevicePrimaryCtxRelease)(CUdevice);
-    CUresult (*CtxPushCurrent)(CUcontext);
-    CUresult (*CtxPopCurrent)(CUcontext *);
-    CUresult (*CtxSynchronize)(void);
-    CUresult (*StreamCreate)(CUstream *, unsigned);
-    CUresult (*StreamDestroy)(CUstream);
-    CUresult (*StreamSynchronize)(CUstream);
-    CUresult (*MemGetAllocationGranularity)(size_t *, const CUmemAllocationProp *, int);
-    CUresult (*MemAddressReserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
-    CUresult (*MemAddressFree)(CUdeviceptr, size_t);
-    CUresult (*MemCreate)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *, unsigned long long);
-    CUresult (*MemRelease)(CUmemGenericAllocationHandle);
-    CUresult (*MemMap)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
-    CUresult (*MemUnmap)(CUdeviceptr, size_t);
-    CUresult (*MemSetAccess)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
-    CUresult (*MemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
-    CUresult (*MemcpyHtoDAsync)(CUdeviceptr, const void *, size_t, CUstream);
-    CUresult (*MemcpyDtoHAsync)(void *, CUdeviceptr, size_t, CUstream);
-    CUresult (*MemHostRegister)(void *, size_t, unsigned);
-    CUresult (*MemHostUnregister)(void *);
-};
-
 struct dblade_vram {
-    struct cuda_api cu;
-    void *          lib;
+    struct dblade_cuda     cu;
+    struct dblade_vram_env env;
     CUdevice        dev;
     CUcontext       ctx;
     CUstream        stream;
@@ -113,73 +57,15 @@ struct dblade_vram {
     struct dblade_tensor * prefetched;      // K of the next layer, whose copy into its slot is under way
     uint32_t               prefetched_n_kv;
     bool                   busy;            // a streamed layer may compute: the last graph passed no result_norm
-    // counters (session lock)
+    // counters, read by stats without the graph's lock
     _Atomic uint64_t h2d_bytes, h2d_pinned_bytes, d2h_bytes, copy_wait_ns; // read by stats without the graph's lock
 };
-
-static const char * cu_err(const struct dblade_vram * v, CUresult r) {
-    const char * s = NULL;
-    if (v->cu.GetErrorString) {
-        v->cu.GetErrorString(r, &s);
-    }
-    return s ? s : "unknown CUDA error";
-}
-
-static int load_driver(struct dblade_vram * v) {
-    // DUALBLADE_CUDA_LIB: another driver library (test_vram's stand-in on machines without a GPU)
-    const char * name = getenv("DUALBLADE_CUDA_LIB") ? getenv("DUALBLADE_CUDA_LIB") : "libcuda.so.1";
-    v->lib            = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-    if (!v->lib) {
-        dblade_set_error("cannot load the CUDA driver (%s): %s", name, dlerror());
-        return -ENOENT;
-    }
-    // versioned names where the ABI changed (what cuda.h's macros select)
-    static const struct { size_t off; const char * name; } syms[] = {
-#define SYM(f, n) { offsetof(struct cuda_api, f), n }
-        SYM(Init, "cuInit"),
-        SYM(GetErrorString, "cuGetErrorString"),
-        SYM(DeviceGet, "cuDeviceGet"),
-        SYM(DeviceGetByPCIBusId, "cuDeviceGetByPCIBusId"),
-        SYM(DevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain"),
-        SYM(DevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease_v2"),
-        SYM(CtxPushCurrent, "cuCtxPushCurrent_v2"),
-        SYM(CtxPopCurrent, "cuCtxPopCurrent_v2"),
-        SYM(CtxSynchronize, "cuCtxSynchronize"),
-        SYM(StreamCreate, "cuStreamCreate"),
-        SYM(StreamDestroy, "cuStreamDestroy_v2"),
-        SYM(StreamSynchronize, "cuStreamSynchronize"),
-        SYM(MemGetAllocationGranularity, "cuMemGetAllocationGranularity"),
-        SYM(MemAddressReserve, "cuMemAddressReserve"),
-        SYM(MemAddressFree, "cuMemAddressFree"),
-        SYM(MemCreate, "cuMemCreate"),
-        SYM(MemRelease, "cuMemRelease"),
-        SYM(MemMap, "cuMemMap"),
-        SYM(MemUnmap, "cuMemUnmap"),
-        SYM(MemSetAccess, "cuMemSetAccess"),
-        SYM(MemsetD8Async, "cuMemsetD8Async"),
-        SYM(MemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2"),
-        SYM(MemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2"),
-        SYM(MemHostRegister, "cuMemHostRegister_v2"),
-        SYM(MemHostUnregister, "cuMemHostUnregister"),
-#undef SYM
-    };
-    for (size_t i = 0; i < sizeof(syms) / sizeof(syms[0]); i++) {
-        void * f = dlsym(v->lib, syms[i].name);
-        if (!f) {
-            dblade_set_error("the CUDA driver has no %s (too old for VRAM streaming: CUDA 11.2 or later)",
-                             syms[i].name);
-            return -ENOSYS;
-        }
-        memcpy((char *) &v->cu + syms[i].off, &f, sizeof(f));
-    }
-    return 0;
-}
 
 #define CU_TRY(v, call, what)                                                                   \
     do {                                                                                        \
         const CUresult r_ = (call);                                                             \
         if (r_ != 0) {                                                                          \
-            dblade_set_error("CUDA: %s failed: %s (%d)", what, cu_err(v, r_), r_);              \
+            dblade_set_error("CUDA: %s failed: %s (%d)", what, dblade_cuda_error(&v->cu, r_), r_);              \
             return -EIO;                                                                        \
         }                                                                                       \
     } while (0)
@@ -218,9 +104,9 @@ static uint32_t slots_wanted(uint32_t n_streamed) {
     return n;
 }
 
-static int vram_setup(struct dblade_session * s, struct dblade_vram * v, const char * device, bool quantized) {
+static int vram_setup(struct dblade_vram * v, const char * device, bool quantized) {
     v->pad = quantized ? DEVICE_PAD : 0;
-    int rc = load_driver(v);
+    int rc = dblade_cuda_load(&v->cu);
     if (rc < 0) {
         return rc;
     }
@@ -241,12 +127,12 @@ static int vram_setup(struct dblade_session * s, struct dblade_vram * v, const c
         r = v->cu.MemGetAllocationGranularity(&v->gran, &prop, 0);
     }
     if (r != 0) {
-        dblade_set_error("CUDA: cannot set up VRAM streaming: %s (%d)", cu_err(v, r), r);
+        dblade_set_error("CUDA: cannot set up VRAM streaming: %s (%d)", dblade_cuda_error(&v->cu, r), r);
         v->cu.CtxPopCurrent(&popped);
         return -EIO;
     }
-    for (uint32_t i = 0; i < s->n_layout; i++) {
-        const struct dblade_layout_layer * l = &s->layout[i].l;
+    for (uint32_t i = 0; i < v->env.n_layout; i++) {
+        const struct dblade_layout_layer * l = &v->env.layout[i];
         if (l->flags & DBLADE_LAYOUT_STREAMED) {
             const uint64_t span = layer_span(v, l);
             v->va_bytes += span;
@@ -267,8 +153,8 @@ static int vram_setup(struct dblade_session * s, struct dblade_vram * v, const c
         v->next_il[il] = -1;
     }
     v->first_il = -1;
-    for (uint32_t i = s->n_layout; i-- > 0;) { // backwards: each layer learns the next streamed one
-        const struct dblade_layout_layer * l = &s->layout[i].l;
+    for (uint32_t i = v->env.n_layout; i-- > 0;) { // backwards: each layer learns the next streamed one
+        const struct dblade_layout_layer * l = &v->env.layout[i];
         if ((l->flags & DBLADE_LAYOUT_STREAMED) && l->il >= 0) {
             for (int32_t il = l->il - 1; il >= 0 && (v->next_il[il] < 0 || v->next_il[il] > l->il); il--) {
                 v->next_il[il] = l->il;
@@ -286,8 +172,8 @@ static int vram_setup(struct dblade_session * s, struct dblade_vram * v, const c
     // each layer's range onto its slot, for good
     uint64_t off = 0;
     uint32_t n   = 0;
-    for (uint32_t i = 0; r == 0 && i < s->n_layout; i++) {
-        const struct dblade_layout_layer * l = &s->layout[i].l;
+    for (uint32_t i = 0; r == 0 && i < v->env.n_layout; i++) {
+        const struct dblade_layout_layer * l = &v->env.layout[i];
         if (l->flags & DBLADE_LAYOUT_STREAMED) {
             const uint64_t span = layer_span(v, l);
             r = v->cu.MemMap(v->va + off, span, 0, v->slots[n % v->n_slots], 0);
@@ -308,19 +194,17 @@ static int vram_setup(struct dblade_session * s, struct dblade_vram * v, const c
     }
     if (r != 0) {
         dblade_set_error("CUDA: cannot reserve %u VRAM slots of %llu bytes for %u streamed layers: %s (%d)",
-                         v->n_slots, (unsigned long long) v->slot_bytes, v->n_streamed, cu_err(v, r), r);
+                         v->n_slots, (unsigned long long) v->slot_bytes, v->n_streamed, dblade_cuda_error(&v->cu, r), r);
         rc = r == 2 /* CUDA_ERROR_OUT_OF_MEMORY */ ? -ENOMEM : -EIO;
     }
     v->cu.CtxPopCurrent(&popped);
     return rc;
 }
 
-void dblade_vram_destroy(struct dblade_session * s) {
-    struct dblade_vram * v = s->vram;
+void dblade_vram_destroy(struct dblade_vram * v) {
     if (!v) {
         return;
     }
-    s->vram = NULL;
     if (v->ctx) {
         CUcontext popped;
         v->cu.CtxPushCurrent(v->ctx);
@@ -343,40 +227,39 @@ void dblade_vram_destroy(struct dblade_session * s) {
     free(v->slots);
     free(v->by_il);
     free(v->next_il);
-    if (v->lib) {
-        dlclose(v->lib);
-    }
+    dblade_cuda_unload(&v->cu);
     free(v);
 }
 
-// The streamed tensor t gets its device address (the session's slots are set up by the first one).
-int dblade_vram_attach(struct dblade_session * s, struct dblade_tensor * t, const char * device, uint32_t type_k,
-                       uint32_t type_v) {
+// The streamed tensor t gets its device address (the slots are set up by the first one).
+int dblade_vram_attach(struct dblade_vram ** vp, const struct dblade_vram_env * env, struct dblade_tensor * t,
+                       const char * device, uint32_t type_k, uint32_t type_v) {
     if (!device) {
         dblade_set_error("layer %d is to be streamed into VRAM, but llama.cpp keeps its KV in host memory "
                          "(is the layer on the GPU? n_gpu_layers, offload_kqv)", t->il);
         return -EINVAL;
     }
-    if (!s->vram) {
+    if (!*vp) {
         struct dblade_vram * v = calloc(1, sizeof(*v));
         if (!v) {
             return -ENOMEM;
         }
-        s->vram      = v;
-        const int rc = vram_setup(s, v, device, padded_type(type_k) || padded_type(type_v));
+        v->env       = *env;
+        const int rc = vram_setup(v, device, padded_type(type_k) || padded_type(type_v));
         if (rc < 0) {
             char why[256];
             snprintf(why, sizeof(why), "%s", dblade_get_error());
-            dblade_vram_destroy(s);
+            dblade_vram_destroy(v);
             dblade_set_error("%s", why);
             return rc;
         }
+        *vp = v;
     }
-    struct dblade_vram * v   = s->vram;
+    struct dblade_vram * v   = *vp;
     uint64_t             off = 0;
     uint32_t             n   = 0;
-    for (uint32_t i = 0; i < s->n_layout; i++) {
-        const struct dblade_layout_layer * l = &s->layout[i].l;
+    for (uint32_t i = 0; i < v->env.n_layout; i++) {
+        const struct dblade_layout_layer * l = &v->env.layout[i];
         if (!(l->flags & DBLADE_LAYOUT_STREAMED)) {
             continue;
         }
@@ -406,8 +289,7 @@ int dblade_vram_attach(struct dblade_session * s, struct dblade_tensor * t, cons
     return 0;
 }
 
-void dblade_vram_detach(struct dblade_session * s, struct dblade_tensor * t) {
-    struct dblade_vram * v = s->vram;
+void dblade_vram_detach(struct dblade_vram * v, struct dblade_tensor * t) {
     if (v && v->pending && (v->pending == t || v->pending->pair == t)) {
         v->pending = NULL;
     }
@@ -422,6 +304,19 @@ void dblade_vram_detach(struct dblade_session * s, struct dblade_tensor * t) {
         v->by_il[t->il] = NULL;
     }
     t->dev = 0;
+}
+
+// the KV object's sticky error (the lock not held)
+static void fail(struct dblade_vram * v, int rc, const char * fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail(struct dblade_vram * v, int rc, const char * fmt, ...) {
+    char    msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    pthread_mutex_lock(v->env.lock);
+    dblade_fail(v->env.events, rc, "%s", msg);
+    pthread_mutex_unlock(v->env.lock);
 }
 
 // queues the copies of rows [lo, hi) of both tensors of a layer, into VRAM or back to the host
@@ -445,8 +340,7 @@ static CUresult enqueue_copy(struct dblade_vram * v, struct dblade_tensor * k, u
 }
 
 // waits for every copy queued so far (the GPU needs them before the layer computes): the copy stall
-static int wait_copies(struct dblade_session * s, struct dblade_vram * v, struct dblade_tensor * k, CUresult r,
-                       const char * what) {
+static int wait_copies(struct dblade_vram * v, struct dblade_tensor * k, CUresult r, const char * what) {
     const uint64_t t0 = dblade_now_ns();
     if (r == 0) {
         r = v->cu.StreamSynchronize(v->stream);
@@ -455,29 +349,25 @@ static int wait_copies(struct dblade_session * s, struct dblade_vram * v, struct
     atomic_fetch_add(&v->copy_wait_ns, dt);
     atomic_fetch_add(&k->io_wait_ns, dt);
     if (r != 0) {
-        pthread_mutex_lock(&s->lock);
-        dblade_fail(s, -EIO, "CUDA: copying layer %d %s failed: %s (%d)", k->il, what, cu_err(v, r), r);
-        pthread_mutex_unlock(&s->lock);
+        fail(v, -EIO, "CUDA: copying layer %d %s failed: %s (%d)", k->il, what, dblade_cuda_error(&v->cu, r), r);
         return -EIO;
     }
     return 0;
 }
 
-static int copy_layer(struct dblade_session * s, struct dblade_vram * v, struct dblade_tensor * k, uint64_t lo,
-                      uint64_t hi, bool to_host) {
-    return wait_copies(s, v, k, enqueue_copy(v, k, lo, hi, to_host), to_host ? "out of VRAM" : "into VRAM");
+static int copy_layer(struct dblade_vram * v, struct dblade_tensor * k, uint64_t lo, uint64_t hi, bool to_host) {
+    return wait_copies(v, k, enqueue_copy(v, k, lo, hi, to_host), to_host ? "out of VRAM" : "into VRAM");
 }
 
 // the rows the layer that computed last stored go back to its host path
-static int settle(struct dblade_session * s, struct dblade_vram * v) {
+static int settle(struct dblade_vram * v) {
     struct dblade_tensor * k = v->pending;
     v->pending               = NULL;
 
-    return k ? copy_layer(s, v, k, v->pending_lo, v->pending_hi, true) : 0;
+    return k ? copy_layer(v, k, v->pending_lo, v->pending_hi, true) : 0;
 }
 
-int dblade_vram_settle(struct dblade_session * s, bool sync_gpu) {
-    struct dblade_vram * v = s->vram;
+int dblade_vram_settle(struct dblade_vram * v, bool sync_gpu) {
     if (v) {
         v->prefetched = NULL; // outside a graph: host copies may change before the next one
     }
@@ -490,28 +380,28 @@ int dblade_vram_settle(struct dblade_session * s, bool sync_gpu) {
         v->cu.CtxSynchronize(); // outside a cut the graph's last kernels may still run
         v->busy = false;
     }
-    const int rc = settle(s, v);
+    const int rc = settle(v);
     v->cu.CtxPopCurrent(&popped);
     return rc;
 }
 
-void dblade_vram_forget(struct dblade_session * s, const struct dblade_cache * c) {
-    if (s->vram && s->vram->pending && (!c || s->vram->pending->cache == c)) {
-        s->vram->pending = NULL; // the cells were emptied: nothing to bring back
+void dblade_vram_forget(struct dblade_vram * v, const struct dblade_cache * c) {
+    if (!v) {
+        return;
     }
-    if (s->vram) {
-        s->vram->prefetched = NULL;
+    if (v->pending && (!c || v->pending->cache == c)) {
+        v->pending = NULL; // the cells were emptied: nothing to bring back
     }
+    v->prefetched = NULL;
     // a graph cut short (cleared in between) is not checked for its cuts
-    for (struct dblade_cache * o = s->caches; o; o = o->next) {
+    for (struct dblade_cache * o = *v->env.caches; o; o = o->next) {
         if (!c || o == c) {
-            o->ub_set = false;
+            o->ub.set = false;
         }
     }
 }
 
-void dblade_vram_stats(const struct dblade_session * s, struct dblade_stats * out) {
-    const struct dblade_vram * v = s->vram;
+void dblade_vram_stats(const struct dblade_vram * v, struct dblade_stats * out) {
     if (!v) {
         snprintf(out->vram_why, sizeof(out->vram_why), "%s", "no layer streamed into VRAM");
         return;
@@ -546,12 +436,12 @@ static struct dblade_tensor * streamed_layer(const struct dblade_vram * v, int32
 // A pinned layer's copy is queued ahead, while the GPU computes other layers: its host copy needs no
 // fence (pinned RAM: always there, nothing to stage or mark).
 static void prefetch(struct dblade_vram * v, struct dblade_tensor * k) {
-    if (k->path != DBLADE_PATH_RAM || k->pair->path != DBLADE_PATH_RAM || !k->cache->ub_set) {
+    if (k->path != DBLADE_PATH_RAM || k->pair->path != DBLADE_PATH_RAM || !k->cache->ub.set) {
         return;
     }
-    if (enqueue_copy(v, k, 0, k->cache->ub_n_kv, false) == 0) {
+    if (enqueue_copy(v, k, 0, k->cache->ub.n_kv, false) == 0) {
         v->prefetched      = k;
-        v->prefetched_n_kv = k->cache->ub_n_kv;
+        v->prefetched_n_kv = k->cache->ub.n_kv;
     }
 }
 
@@ -565,8 +455,30 @@ static void prefetch_next(struct dblade_vram * v, struct dblade_tensor * k) {
     }
 }
 
-int dblade_session_graph_cut(struct dblade_session * s, const char * name, int ask) {
-    struct dblade_vram * v = s ? s->vram : NULL;
+// the layer's host copies as the graph needs them: staged by their host path (its I/O waited for),
+// the rows the layer stores marked; 0 or the sticky error
+static int stage_on_host(struct dblade_vram * v, struct dblade_tensor * k) {
+    const struct dblade_ubatch * ub = &k->cache->ub;
+    pthread_mutex_lock(v->env.lock);
+    for (struct dblade_tensor * t = k; t; t = t == k ? k->pair : NULL) {
+        if (t->path != DBLADE_PATH_RAM) {
+            dblade_pipeline_take_rows(v->env.pipeline, t, ub->lo * t->row_bytes, ub->hi * t->row_bytes);
+            dblade_pipeline_make_resident(v->env.pipeline, t, (uint64_t) ub->n_kv * t->row_bytes);
+        }
+    }
+    const int rc = v->env.events->error;
+    pthread_mutex_unlock(v->env.lock);
+    return rc;
+}
+
+static int sticky_error(struct dblade_vram * v) {
+    pthread_mutex_lock(v->env.lock);
+    const int rc = v->env.events->error;
+    pthread_mutex_unlock(v->env.lock);
+    return rc;
+}
+
+int dblade_vram_cut(struct dblade_vram * v, const char * name, int ask) {
     if (!v || !name) {
         return ask ? 0 : 1;
     }
@@ -580,68 +492,58 @@ int dblade_session_graph_cut(struct dblade_session * s, const char * name, int a
     }
     CUcontext popped;
     v->cu.CtxPushCurrent(v->ctx);
-    int rc   = settle(s, v);
+    int rc  = settle(v);
     v->busy = k != NULL; // result_norm: every layer of this graph has computed
     if (rc == 0 && k) {
         struct dblade_cache * c = k->cache;
-        if (!c->ub_set) {
-            pthread_mutex_lock(&s->lock);
-            dblade_fail(s, -EPROTO, "layer %d computed without its rows being known (dblade_cache_ubatch)", il);
-            pthread_mutex_unlock(&s->lock);
+        if (!c->ub.set) {
+            fail(v, -EPROTO, "layer %d computed without its rows being known (dblade_cache_ubatch)", il);
             rc = -EPROTO;
         } else {
-            c->ub_cuts++;
-            if (v->prefetched == k && v->prefetched_n_kv == c->ub_n_kv) {
+            c->ub.cuts++;
+            if (v->prefetched == k && v->prefetched_n_kv == c->ub.n_kv) {
                 // queued at the previous cut, while the layers before computed (settle waited for it)
-                rc = wait_copies(s, v, k, 0, "into VRAM");
+                rc = wait_copies(v, k, 0, "into VRAM");
             } else {
-                for (struct dblade_tensor * t = k; t; t = t == k ? k->pair : NULL) {
-                    // the host path's own fences: stage, wait for I/O, mark the rows the layer stores dirty
-                    const int64_t rows[2] = { (int64_t) c->ub_lo, (int64_t) c->ub_hi - 1 };
-                    dblade_fence_write(t, rows, 2, t->row_bytes);
-                    dblade_fence_read(t, t->addr, (uint64_t) c->ub_n_kv * t->row_bytes);
-                }
-                rc = s->error ? s->error : copy_layer(s, v, k, 0, c->ub_n_kv, false);
+                rc = stage_on_host(v, k);
+                rc = rc ? rc : copy_layer(v, k, 0, c->ub.n_kv, false);
             }
             v->prefetched = NULL;
             if (rc == 0) {
                 v->pending    = k;
-                v->pending_lo = c->ub_lo;
-                v->pending_hi = c->ub_hi;
+                v->pending_lo = c->ub.lo;
+                v->pending_hi = c->ub.hi;
                 prefetch_next(v, k);
             }
         }
     }
     v->cu.CtxPopCurrent(&popped);
-    return rc == 0 && !s->error;
+    return rc == 0 && !sticky_error(v);
 }
 
-void dblade_cache_ubatch(struct dblade_cache * c, const int64_t * rows, int64_t n, uint32_t n_kv) {
-    if (!c || !c->session->vram || n <= 0 || !rows) {
+void dblade_vram_ubatch(struct dblade_vram * v, struct dblade_cache * c, const int64_t * rows, int64_t n,
+                        uint32_t n_kv) {
+    if (!v || !c || n <= 0 || !rows) {
         return;
     }
-    struct dblade_session * s = c->session;
     // every streamed layer of the last graph stopped at its cut, or its slot held another layer
-    if (c->ub_set && c->ub_cuts < c->n_streamed) {
-        pthread_mutex_lock(&s->lock);
-        dblade_fail(s, -EPROTO, "the graph stopped before %u of %u streamed layers: this model's graph does not "
-                    "name its layers' attention norms (attn_norm-<il>); VRAM streaming cannot run it",
-                    c->n_streamed - c->ub_cuts, c->n_streamed);
-        pthread_mutex_unlock(&s->lock);
+    if (c->ub.set && c->ub.cuts < c->n_streamed) {
+        fail(v, -EPROTO, "the graph stopped before %u of %u streamed layers: this model's graph does not name its "
+             "layers' attention norms (attn_norm-<il>); VRAM streaming cannot run it",
+             c->n_streamed - c->ub.cuts, c->n_streamed);
     }
     int64_t lo = rows[0], hi = rows[0];
     for (int64_t i = 1; i < n; i++) {
         lo = rows[i] < lo ? rows[i] : lo;
         hi = rows[i] > hi ? rows[i] : hi;
     }
-    c->ub_lo   = (uint64_t) lo;
-    c->ub_hi   = (uint64_t) hi + 1;
-    c->ub_n_kv = n_kv;
-    c->ub_cuts = 0;
-    c->ub_set  = true;
+    c->ub.lo   = (uint64_t) lo;
+    c->ub.hi   = (uint64_t) hi + 1;
+    c->ub.n_kv = n_kv;
+    c->ub.cuts = 0;
+    c->ub.set  = true;
     // The graph's first streamed layer is copied while the layers before it compute (and the inputs
     // travel), when the last graph is done with every slot (it passed result_norm, or a flush waited).
-    struct dblade_vram * v = s->vram;
     if (v->busy || v->pending || v->prefetched) {
         return;
     }

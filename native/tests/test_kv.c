@@ -1,5 +1,5 @@
 // Sessions and caches: binding, layout checks, stats, lifetime when either side lets go first.
-#include "dualblade.h"
+#include "dualblade-llama.h"
 #include "check.h"
 
 #include <errno.h>
@@ -26,14 +26,14 @@ int main(void) {
     CHECK_EQ(dblade_abi_version(), DBLADE_ABI_VERSION);
 
     struct dblade_config bad = { .policy = 7, .budget_bytes = 1 };
-    struct dblade_session * s = NULL;
-    CHECK_EQ(dblade_session_create(&bad, 0, NULL, &s), -EINVAL);
+    struct dblade_kv * s = NULL;
+    CHECK_EQ(dblade_kv_create(&bad, 0, NULL, &s), -EINVAL);
     bad.policy = DBLADE_POLICY_RAM;
     bad.budget_bytes = 0;
-    CHECK_EQ(dblade_session_create(&bad, 0, NULL, &s), -EINVAL);
+    CHECK_EQ(dblade_kv_create(&bad, 0, NULL, &s), -EINVAL);
 
     struct dblade_config cfg = { .policy = DBLADE_POLICY_RAM, .budget_bytes = DBLADE_BUDGET_UNLIMITED };
-    CHECK_EQ(dblade_session_create(&cfg, 0, NULL, &s), 0);
+    CHECK_EQ(dblade_kv_create(&cfg, 0, NULL, &s), 0);
 
     struct dblade_layer_desc base[2] = { L(5, 4096, 4096), L(0, 8192, 8192) };
     struct dblade_layer_desc swa[1]  = { L(3, 1024, 1024) };
@@ -45,14 +45,14 @@ int main(void) {
     CHECK_EQ(dblade_cache_open(&d1, &c1), 0);
     CHECK(c1 == NULL);
 
-    CHECK_EQ(dblade_session_bind(s), 0);
+    CHECK_EQ(dblade_kv_bind(s), 0);
     pthread_t th;
     pthread_create(&th, NULL, open_unbound, &d1); // binding is per thread
     pthread_join(th, NULL);
     CHECK_EQ(dblade_cache_open(&d1, &c1), 0);
     CHECK_EQ(dblade_cache_open(&d2, &c2), 0);
     CHECK(c1 && c2);
-    CHECK_EQ(dblade_session_bind(NULL), 0);
+    CHECK_EQ(dblade_kv_bind(NULL), 0);
 
     // every tensor has its own zeroed, writable address range
     unsigned char * k5 = dblade_tensor_data(dblade_cache_tensor(c1, 5, 0));
@@ -64,7 +64,7 @@ int main(void) {
     CHECK(dblade_cache_can_shift(c1));
 
     struct dblade_stats st;
-    CHECK_EQ(dblade_session_stats(s, &st), 0);
+    CHECK_EQ(dblade_kv_stats(s, &st), 0);
     CHECK_EQ(st.n_layers, 3);
     CHECK_EQ(st.kv_bytes_total, 2 * 4096 + 2 * 8192 + 2 * 1024);
     CHECK_EQ(st.resident_bytes, st.kv_bytes_total);
@@ -73,36 +73,36 @@ int main(void) {
     CHECK(st.budget_bytes == DBLADE_BUDGET_UNLIMITED);
 
     struct dblade_layer_stats ls[8];
-    CHECK_EQ(dblade_session_layers(s, ls, 8), 3);
+    CHECK_EQ(dblade_kv_layers(s, ls, 8), 3);
     CHECK_EQ(ls[0].il, 0); // sorted by layer
     CHECK_EQ(ls[1].il, 3);
     CHECK_EQ(ls[2].il, 5);
     CHECK_EQ(ls[0].bytes, 16384);
     CHECK_EQ(ls[2].path, DBLADE_PATH_RAM);
-    CHECK_EQ(dblade_session_layers(s, ls, 1), 3); // count even when capped
+    CHECK_EQ(dblade_kv_layers(s, ls, 1), 3); // count even when capped
 
     // clear zeroes RAM tensors, as the stock clear does
     dblade_cache_clear(c1);
     CHECK_EQ(k5[100], 0);
 
     // the embedding side lets go first: the caches keep the session alive
-    dblade_session_release(s);
+    dblade_kv_release(s);
     dblade_cache_close(c1);
     dblade_cache_close(c2);
 
     // with a layout, a cache whose geometry differs from the plan is refused
     struct dblade_layout_layer lay[2] = { { 5, DBLADE_PATH_RAM, 4096, 4096 }, { 0, DBLADE_PATH_RAM, 8192, 9999 } };
-    CHECK_EQ(dblade_session_create(&cfg, 2, lay, &s), 0);
-    dblade_session_bind(s);
+    CHECK_EQ(dblade_kv_create(&cfg, 2, lay, &s), 0);
+    dblade_kv_bind(s);
     CHECK_EQ(dblade_cache_open(&d1, &c1), -EINVAL);
     CHECK(strstr(dblade_last_error(), "not the planned one"));
-    dblade_session_bind(NULL);
-    dblade_session_release(s);
+    dblade_kv_bind(NULL);
+    dblade_kv_release(s);
 
     // offloaded layers need a store
     struct dblade_layout_layer off[1] = { { 0, DBLADE_PATH_DIRECT, 8192, 8192 } };
     struct dblade_config dcfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = 1 << 20 };
-    CHECK_EQ(dblade_session_create(&dcfg, 1, off, &s), -EINVAL);
+    CHECK_EQ(dblade_kv_create(&dcfg, 1, off, &s), -EINVAL);
     CHECK(strstr(dblade_last_error(), "kv_dir"));
 
     puts("test_session: ok");

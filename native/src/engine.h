@@ -1,0 +1,35 @@
+// The asynchronous I/O engine (engine.c): batches of O_DIRECT transfers, DBLADE_IO_DEPTH chunks in
+// flight, on io_uring or a pool of threads, with a CRC-32C per block recorded on write and checked on
+// read.
+#ifndef DUALBLADE_ENGINE_H
+#define DUALBLADE_ENGINE_H
+
+#include <stdint.h>
+
+#define DBLADE_IO_CHUNK      (4u << 20)
+#define DBLADE_IO_TAIL_CHUNK (1u << 20) // the last DBLADE_IO_CHUNK of a batch goes in pieces of this
+#define DBLADE_IO_DEPTH      16u        // 64 MiB in flight at most
+
+enum { DBLADE_IO_URING = 1, DBLADE_IO_THREADS = 2 };
+
+struct dblade_io_req {
+    void *     buf;
+    uint64_t   len;
+    uint64_t   off;
+    int        write;
+    int        res;  // out: 0 or the first -errno of this request (-EBADMSG: a checksum mismatch)
+    uint32_t * sums; // per DBLADE_BLOCK of the request, or NULL: a write records the blocks' CRC-32C,
+                     // a read checks them (0: not known, not checked)
+};
+
+struct dblade_io;
+// picks io_uring where it works, else the thread pool (DUALBLADE_IO_ENGINE forces one)
+int          dblade_io_open(struct dblade_io ** out, int fd);
+void         dblade_io_close(struct dblade_io * io);
+int          dblade_io_kind(const struct dblade_io * io);
+const char * dblade_io_why(const struct dblade_io * io);
+const char * dblade_io_engine_name(int kind);
+// every request to completion; 0 or the first failing request's -errno
+int          dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n);
+
+#endif
