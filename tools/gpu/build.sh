@@ -25,6 +25,14 @@ else
 fi
 t0=$SECONDS
 
+# ggml from an earlier call where .gpu/ggml holds it for this key (tools/gpu/ggml-cache.sh): only llama.cpp's own
+# sources and libdualblade are built then (DUALBLADE_GGML_CACHE=0: build it all)
+ggml=/tmp/ggml-prebuilt prebuilt=0
+if [ "$gpu" = 1 ] && [ "${DUALBLADE_GGML_CACHE:-1}" = 1 ] && tools/gpu/ggml-cache.sh unpack .gpu/ggml "$ggml"; then
+    args+=(-DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR="$ggml/lib/cmake/ggml")
+    prebuilt=1
+fi
+
 # The patched llama.cpp: the packed tree where there is none or it is not current for patches/ (a warm
 # machine keeps the vendor/ of an earlier call). There, tools/vendor.py prepare cannot download the sdist.
 if ! "$PYTHON" tools/vendor.py status 2>/dev/null | grep -q ': current;'; then
@@ -47,10 +55,12 @@ cmake --build "$B" -j"$(nproc)" >"$B/build.log" 2>&1 ||
     { grep -E -A5 "error|FAILED" "$B/build.log" | head -80; tail -5 "$B/build.log"; exit 1; }
 t2=$SECONDS
 cmake --install "$B" >/dev/null
+[ "$prebuilt" = 0 ] || cp -a "$ggml"/lib/libggml*.so* "$B/install/llama_cpp/lib/"
+echo "$prebuilt" >"$B/ggml-prebuilt"
 # dualblade imported from the working tree looks for its tokenizers in dualblade/data/vocab (synthetic.py's
 # VOCAB_DIR), where a wheel has them; ignored through .git/info/exclude (tools/gpu/pack.sh)
 mkdir -p dualblade/data/vocab && cp "$B"/install/dualblade/data/vocab/*.gguf dualblade/data/vocab/
-echo "== build.sh: configure $((t1 - t0)) s, build $((t2 - t1)) s, install $((SECONDS - t2)) s ($B)"
+echo "== build.sh: configure $((t1 - t0)) s, build $((t2 - t1)) s, install $((SECONDS - t2)) s ($B; ggml $([ $prebuilt = 1 ] && echo carried || echo built))"
 "$PYTHON" -c "import llama_cpp, dualblade; print('== llama_cpp', llama_cpp.__version__, 'from', llama_cpp.__file__,
       '| GPU offload:', llama_cpp.llama_supports_gpu_offload())"
 echo "== PYTHONPATH=$PYTHONPATH"

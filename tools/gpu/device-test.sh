@@ -12,6 +12,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 tools/gpu/build.sh; rc=$?
 cp build/cuda/*.log "$OUT/" 2>/dev/null
 [ $rc -eq 0 ] || exit $rc
+# a ggml built here goes back for the next call (tools/gpu/ggml-cache.sh: copy the pieces into .gpu/ggml/)
+[ "$(cat build/cuda/ggml-prebuilt)" = 1 ] || tools/gpu/ggml-cache.sh pack build/cuda "$OUT"
 mkdir -p /tmp/site/dualblade/cli && cp -r build/cuda/install/. /tmp/site/ && cp -r dualblade/. /tmp/site/dualblade/ &&
     cp cli/*.py /tmp/site/dualblade/cli/ || exit 1
 export PYTHONPATH=/tmp/site
