@@ -106,7 +106,12 @@ class Stats(ctypes.Structure):
         ("d2h_bytes", c_uint64),
         ("copy_wait_ns", c_uint64),
         ("h2d_pinned_bytes", c_uint64),
+        ("vram_ring_bytes", c_uint64),
+        ("vram_ring_read_bytes", c_uint64),
+        ("vram_ring_pinned", c_uint32),
+        ("reserved1", c_uint32),
         ("vram_why", ctypes.c_char * 96),
+        ("vram_pin_why", ctypes.c_char * 96),
     ]
 
 
@@ -388,6 +393,11 @@ class Session:
                 "h2d_pinned_bytes": st.h2d_pinned_bytes,
                 "d2h_bytes": st.d2h_bytes,
                 "copy_wait_s": st.copy_wait_ns / 1e9,
+                # page-locked host memory the page cache and direct paths are read into, ahead of the graph
+                "ring_bytes": st.vram_ring_bytes,
+                "ring_read_bytes": st.vram_ring_read_bytes,
+                "ring_pinned": bool(st.vram_ring_pinned),
+                "pin_failed": st.vram_pin_why.decode(errors="replace") or None,
                 "why": st.vram_why.decode(errors="replace"),
             },
             "store": None if si.kind == 0 else {

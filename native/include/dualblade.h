@@ -112,7 +112,12 @@ struct dblade_stats {
     uint64_t d2h_bytes;      /* new rows copied VRAM -> host so far */
     uint64_t copy_wait_ns;   /* time the graph waited for those copies */
     uint64_t h2d_pinned_bytes; /* of h2d_bytes, from page-locked host memory */
+    uint64_t vram_ring_bytes; /* host memory the page cache and direct paths are read into ahead of the graph */
+    uint64_t vram_ring_read_bytes; /* read into it so far */
+    uint32_t vram_ring_pinned; /* 1: it is page-locked (copies start from it at the link's speed) */
+    uint32_t reserved1;
     char     vram_why[96];   /* why nothing is streamed, or which driver and device streams */
+    char     vram_pin_why[96]; /* why host memory for copies is not page-locked ("" when it is) */
 };
 
 struct dblade_kv;

@@ -242,6 +242,7 @@ void dblade_cache_close(struct dblade_cache * c) {
     }
     struct dblade_kv * kv = c->kv;
     pthread_mutex_lock(&kv->lock);
+    dblade_vram_forget(kv->vram, c); // its reads ahead done, its rows in VRAM dropped
     for (uint32_t i = 0; i < c->n_tensors; i++) {
         DBLADE_KV_PATH_CALL(kv, &c->tensors[i], settle);
     }

@@ -16,6 +16,7 @@
 #include "base.h"
 #include "crc32c.h"
 #include "direct/direct.h"
+#include "plan.h"
 #include "policy.h"
 #include "testing.h"
 
@@ -121,11 +122,39 @@ static bool thp_available(void) {
     return ok;
 }
 
-// the direct path over the offloaded layers, inside the allowance (the budget less the pinned layers)
+// The ring the VRAM tier reads streamed layers into (page-locked host memory) takes the allowance's share
+// the direct path would stage them in: up to four of the largest, at least one (else none: they are staged
+// by their host path and copied from there). What is left stages the layers the CPU reads and the tails.
+static uint64_t ring_share(const struct dblade_kv * kv, uint64_t allowance) {
+    uint64_t streamed = 0, cpu = 0;
+    for (uint32_t i = 0; i < kv->n_layout; i++) {
+        const struct dblade_layout_layer * l = &kv->layout[i];
+        const uint64_t                     b = dblade_align_up(l->k_bytes, DBLADE_BLOCK) + dblade_align_up(l->v_bytes, DBLADE_BLOCK);
+        if (dblade_path_offloaded(l->path)) {
+            uint64_t * m = (l->flags & DBLADE_LAYOUT_STREAMED) ? &streamed : &cpu;
+            *m           = b > *m ? b : *m;
+        }
+    }
+    if (streamed == 0) {
+        return 0;
+    }
+    if (allowance == UINT64_MAX) {
+        return 4 * streamed;
+    }
+    const uint64_t keep = (cpu ? dblade_plan_staging(cpu, kv->n_offloaded) : 0) + (uint64_t) kv->n_offloaded * 2 * DBLADE_BLOCK;
+    const uint64_t room = allowance > keep ? allowance - keep : 0;
+    const uint64_t ring = room < 4 * streamed ? room : 4 * streamed;
+    return ring >= streamed ? dblade_align_down(ring, DBLADE_BLOCK) : 0;
+}
+
+// the direct path over the offloaded layers, inside the allowance (the budget less the pinned layers and
+// the VRAM tier's ring)
 static int direct_open(struct dblade_kv * kv, uint64_t pinned) {
-    const uint64_t allowance = kv->config.budget_bytes == DBLADE_BUDGET_UNLIMITED ? UINT64_MAX
-                               : kv->config.budget_bytes > pinned               ? kv->config.budget_bytes - pinned
-                                                                                : 0;
+    uint64_t allowance = kv->config.budget_bytes == DBLADE_BUDGET_UNLIMITED ? UINT64_MAX
+                         : kv->config.budget_bytes > pinned               ? kv->config.budget_bytes - pinned
+                                                                          : 0;
+    kv->ring_bytes = ring_share(kv, allowance);
+    allowance      = allowance == UINT64_MAX ? allowance : allowance - kv->ring_bytes;
     struct dblade_direct_extent * ext = calloc(kv->n_offloaded ? kv->n_offloaded : 1, sizeof(*ext));
     if (!ext) {
         return -ENOMEM;
@@ -222,12 +251,15 @@ int dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers, const 
         }
         kv->pipeline.policy = kv->policy;
     }
-    kv->vram_env = (struct dblade_vram_env) { .lock     = &kv->lock,
-                                              .events   = &kv->events,
-                                              .pipeline = &kv->pipeline,
-                                              .caches   = &kv->caches,
-                                              .layout   = kv->layout,
-                                              .n_layout = kv->n_layout };
+    kv->vram_env = (struct dblade_vram_env) { .lock       = &kv->lock,
+                                              .events     = &kv->events,
+                                              .pipeline   = &kv->pipeline,
+                                              .worker     = &kv->worker,
+                                              .caches     = &kv->caches,
+                                              .layout     = kv->layout,
+                                              .n_layout   = kv->n_layout,
+                                              .store_fd   = kv->store.fd,
+                                              .ring_bytes = kv->ring_bytes };
     *out = kv;
     return 0;
 }

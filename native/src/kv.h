@@ -44,6 +44,7 @@ struct dblade_kv {
     struct dblade_auto *       policy;    // auto, with offloaded layers
     struct dblade_vram *         vram;      // GPU builds: NULL when no layer is streamed
     struct dblade_vram_env       vram_env;
+    uint64_t                     ring_bytes; // the VRAM tier's share of the allowance
     int                          state_mode; // enum dblade_state_mode
 };
 

@@ -14,11 +14,12 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define DBLADE_PATH_OPS_VERSION 1 // the hooks below; a later version only appends
+#define DBLADE_PATH_OPS_VERSION 2 // the hooks below; a later version only appends (2: snapshot)
 
 struct dblade_tier;
 struct dblade_store;
 struct dblade_events;
+struct dblade_io_req;
 
 struct dblade_path_ops {
     int          version; // DBLADE_PATH_OPS_VERSION
@@ -52,6 +53,22 @@ struct dblade_path_ops {
     void (*host_end)(struct dblade_tier * p, struct dblade_tensor * t, uint64_t hi);
     // bytes of the tensor in memory now
     uint64_t (*resident)(struct dblade_tier * p, const struct dblade_tensor * t);
+
+    // --- version 2 ---
+    // The tensor's bytes [0, len) as they are now, into dst (page- and block-aligned, len a multiple of the
+    // store's alignment), for a copy elsewhere (a VRAM slot): what only memory holds is copied at once; what
+    // the store holds is described in reqs (at most cap), for the caller to run on an engine of the store:
+    // an O_DIRECT one, or a buffered one where *buffered (the page cache holds the newest bytes). Returns
+    // how many requests, or -errno. The tensor's bytes in the store do not change until the caller's
+    // requests are done if nobody takes rows of it meanwhile.
+    int (*snapshot)(struct dblade_tier * p, struct dblade_tensor * t, uint64_t len, uint8_t * dst,
+                    struct dblade_io_req * reqs, uint32_t cap, bool * buffered);
+    // Rows [lo, hi) (bytes; t->hwm already counts them) were computed elsewhere (a VRAM slot) and are in src:
+    // the tensor's byte x is at src[x - src_lo], for x in [src_lo, align_up(hi, page)), src_lo =
+    // align_down(lo, page) (whole pages: the bytes around the rows are the tensor's current ones). The path
+    // stores them as it keeps its bytes (src is page-locked and O_DIRECT-aligned).
+    void (*store_from)(struct dblade_tier * p, struct dblade_tensor * t, uint64_t lo, uint64_t hi, const uint8_t * src,
+                       uint64_t src_lo);
 };
 
 // What every path works with, owned by the KV object.

@@ -9,6 +9,7 @@
 #include "path.h"
 
 #include "base.h"
+#include "engine.h"
 #include "events.h"
 #include "store.h"
 
@@ -103,6 +104,33 @@ static uint64_t mmap_resident(struct dblade_tier * p, const struct dblade_tensor
     return t->map_bytes - pages_missing(t->addr, t->map_bytes, t->page);
 }
 
+// into the mapping: the kernel writes the pages back
+static void mmap_store_from(struct dblade_tier * p, struct dblade_tensor * t, uint64_t lo, uint64_t hi,
+                            const uint8_t * src, uint64_t src_lo) {
+    memcpy(t->addr + lo, src + (lo - src_lo), hi - lo);
+    mmap_take_rows(p, t, lo, hi);
+}
+
+// a buffered read of the extent: the page cache has the newest bytes (the mapping's dirty pages too), and
+// several of them in flight copy it out faster than one thread walking the mapping
+static int mmap_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint64_t len, uint8_t * dst,
+                         struct dblade_io_req * reqs, uint32_t cap, bool * buffered) {
+    if (len == 0) {
+        return 0;
+    }
+    if (cap < 1) {
+        return -ENOSPC;
+    }
+    // what is not in the page cache is read from storage: counted as the read fence counts it
+    const uint64_t upto    = len < t->hwm ? len : t->hwm;
+    const uint64_t missing = pages_missing(t->addr, upto, t->page);
+    atomic_fetch_add(&t->bytes_read, missing);
+    t->cached = dblade_align_up(upto, t->page) - missing;
+    reqs[0]   = (struct dblade_io_req) { .buf = dst, .len = len, .off = t->store_off };
+    *buffered = true;
+    return 1;
+}
+
 const struct dblade_path_ops dblade_path_mmap_ops = {
     .version       = DBLADE_PATH_OPS_VERSION,
     .name          = "mmap",
@@ -111,4 +139,6 @@ const struct dblade_path_ops dblade_path_mmap_ops = {
     .make_resident = mmap_make_resident,
     .take_rows     = mmap_take_rows,
     .resident      = mmap_resident,
+    .snapshot      = mmap_snapshot,
+    .store_from    = mmap_store_from,
 };

@@ -41,6 +41,17 @@ static uint64_t ram_resident(struct dblade_tier * p, const struct dblade_tensor 
     return t->bytes;
 }
 
+static void ram_store_from(struct dblade_tier * p, struct dblade_tensor * t, uint64_t lo, uint64_t hi,
+                           const uint8_t * src, uint64_t src_lo) {
+    memcpy(t->addr + lo, src + (lo - src_lo), hi - lo);
+}
+
+static int ram_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint64_t len, uint8_t * dst,
+                        struct dblade_io_req * reqs, uint32_t cap, bool * buffered) {
+    memcpy(dst, t->addr, len < t->map_bytes ? len : t->map_bytes);
+    return 0;
+}
+
 const struct dblade_path_ops dblade_path_ram_ops = {
     .version  = DBLADE_PATH_OPS_VERSION,
     .name     = "ram",
@@ -48,4 +59,6 @@ const struct dblade_path_ops dblade_path_ram_ops = {
     .detach   = ram_detach,
     .clear    = ram_clear,
     .resident = ram_resident,
+    .snapshot = ram_snapshot,
+    .store_from = ram_store_from,
 };

@@ -52,7 +52,7 @@ static void layer_switch(struct dblade_pipeline * pl, struct dblade_tensor * k) 
 
 // The graph moved to t's layer: the previous layer's attention is done. Apply a pending switch of this
 // layer, keep it and the next ones the paths bring in ahead, release every other.
-static void enter(struct dblade_pipeline * pl, struct dblade_tensor * t) {
+void dblade_pipeline_enter(struct dblade_pipeline * pl, struct dblade_tensor * t) {
     struct dblade_tensor * tk = t->which ? t->pair : t;
     if (pl->active == tk) {
         return;
@@ -89,9 +89,10 @@ static void enter(struct dblade_pipeline * pl, struct dblade_tensor * t) {
     struct dblade_tensor * ahead[MAX_AHEAD];
     uint32_t               n_ahead = 0, taken[3] = { 0, 0, 0 };
     uint32_t               hops    = 0; // bounds a walk around a cycle that does not come back here
+    // (a layer streamed into VRAM is not: the VRAM tier brings it in from its path, the host never reads it)
     for (struct dblade_tensor * k = tk->succ; k && k != tk && n_ahead < total && n_ahead < MAX_AHEAD && hops < 1024;
          k = k->succ, hops++) {
-        if (k->path < 3 && k->want == k->path && taken[k->path] < want[k->path]) {
+        if (!k->dev && k->path < 3 && k->want == k->path && taken[k->path] < want[k->path]) {
             taken[k->path]++;
             ahead[n_ahead++] = k;
         }
@@ -120,7 +121,7 @@ static void enter(struct dblade_pipeline * pl, struct dblade_tensor * t) {
 }
 
 void dblade_pipeline_take_rows(struct dblade_pipeline * pl, struct dblade_tensor * t, uint64_t lo, uint64_t hi) {
-    enter(pl, t);
+    dblade_pipeline_enter(pl, t);
     struct dblade_tier * p = path_of(pl, t);
     if (p && p->ops->take_rows) {
         p->ops->take_rows(p, t, lo, hi);
@@ -132,12 +133,22 @@ void dblade_pipeline_take_rows(struct dblade_pipeline * pl, struct dblade_tensor
 }
 
 void dblade_pipeline_make_resident(struct dblade_pipeline * pl, struct dblade_tensor * t, uint64_t need) {
-    enter(pl, t);
+    dblade_pipeline_enter(pl, t);
     struct dblade_tier * p = path_of(pl, t);
     if (p && p->ops->make_resident) {
         p->ops->make_resident(p, t, need);
     }
     dblade_gate_unblock(&pl->env->events->gate);
+}
+
+void dblade_pipeline_store_rows(struct dblade_pipeline * pl, struct dblade_tensor * t, uint64_t lo, uint64_t hi,
+                                const uint8_t * src, uint64_t src_lo) {
+    t->hwm = hi > t->hwm ? hi : t->hwm;
+    dblade_store_touch(pl->env->store, t->store_off + dblade_align_up(hi, pl->env->store->align));
+    struct dblade_tier * p = path_of(pl, t);
+    if (p && p->ops->store_from) {
+        p->ops->store_from(p, t, lo, hi, src, src_lo);
+    }
 }
 
 void dblade_pipeline_leave(struct dblade_pipeline * pl) {

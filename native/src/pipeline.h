@@ -25,6 +25,14 @@ static inline struct dblade_tier * dblade_pipeline_path(const struct dblade_pipe
 // go), then t's path takes the rows / makes them resident.
 void dblade_pipeline_take_rows(struct dblade_pipeline * pl, struct dblade_tensor * t, uint64_t lo, uint64_t hi);
 void dblade_pipeline_make_resident(struct dblade_pipeline * pl, struct dblade_tensor * t, uint64_t need);
+// The lock held: the graph is at t's layer, which it does not read on the host (a layer streamed into VRAM):
+// a pending switch is applied, the layers behind let go, the policy told of the progress.
+void dblade_pipeline_enter(struct dblade_pipeline * pl, struct dblade_tensor * t);
+// The lock held. Rows [lo, hi) (bytes) of t were computed elsewhere (a VRAM slot); src holds whole pages of
+// the tensor from src_lo = align_down(lo, page) (path.h's store_from): t's path stores them. The pipeline does
+// not enter the layer: the graph never reads it on the host.
+void dblade_pipeline_store_rows(struct dblade_pipeline * pl, struct dblade_tensor * t, uint64_t lo, uint64_t hi,
+                                const uint8_t * src, uint64_t src_lo);
 // the lock held: the graph left its layers (a clear, a state copy, a flush): no layer is active
 void dblade_pipeline_leave(struct dblade_pipeline * pl);
 // the lock held: forget predictions that lead into c (it closes)

@@ -45,11 +45,15 @@ void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written) {
     }
     for (uint32_t i = 0; i < c->n_tensors; i++) {
         struct dblade_tensor * t = &c->tensors[i];
-        if (t->path == DBLADE_PATH_RAM || rows_written == 0) {
+        if (rows_written == 0) {
             continue;
         }
         uint64_t hi = rows_written * t->row_bytes;
         hi          = hi > t->bytes ? t->bytes : hi;
+        if (t->path == DBLADE_PATH_RAM) {
+            t->hwm = hi > t->hwm ? hi : t->hwm; // what a streamed layer's copy into VRAM takes
+            continue;
+        }
         DBLADE_KV_PATH_CALL(kv, t, settle);
         DBLADE_KV_PATH_CALL(kv, t, host_end, hi);
         t->hwm = hi > t->hwm ? hi : t->hwm;

@@ -1,7 +1,9 @@
-// The VRAM tier's protocol (vram.c) against a stand-in driver (fake_cuda.c: "device" memory is host
-// memory a test can read): fixed device addresses over shared slots, the copy into a slot at a layer's
-// cut, the new rows back at the next cut, the prefetch of a pinned layer, the check that every streamed
-// layer was cut, clears and flushes. Layers 0-1 keep their host copies pinned, 2-3 on the direct path.
+// The VRAM tier (vram/) against a stand-in driver (fake_cuda.c: "device" memory is host memory a test can
+// read, and copies run only when something waits for them): fixed device addresses over shared slots; at a
+// layer's cut its slot holds exactly the rows written so far, whatever host path they come from (pinned RAM,
+// the direct path, the page cache: read ahead into the ring, or staged when the ring has no room); the rows a
+// layer stores come back to its host path at the next cut (a decode's rows into the tail page, a prefill's
+// across pages, rows rewritten in the middle); clears, flushes, a storage fault, a skipped cut.
 #define _GNU_SOURCE
 #include "../src/testing.h"
 #include "dualblade-llama.h"
@@ -16,12 +18,18 @@
 #define ROW    256
 #define ROWS   64
 #define BYTES  (ROW * ROWS)
-#define LAYERS 4
-#define N_KV   16
+#define LAYERS 6 // 0-1 pinned host copies, 2-3 on the direct path, 4-5 on the page cache
+#define N_KV   48
 
-static struct dblade_kv * s;
-static struct dblade_cache *   c;
-static uint8_t * dev[LAYERS][2], * host[LAYERS][2];
+static struct dblade_kv *    s;
+static struct dblade_cache * c;
+static uint8_t *             dev[LAYERS][2], * host[LAYERS][2];
+static uint8_t               shadow[LAYERS][2][BYTES];
+static int                   hwm; // rows written so far (every layer alike)
+
+static uint32_t path_of(int il) {
+    return il < 2 ? DBLADE_PATH_RAM : il < 4 ? DBLADE_PATH_DIRECT : DBLADE_PATH_MMAP;
+}
 
 static void cut(const char * name, int want_ask) {
     CHECK_EQ(dblade_kv_graph_cut(s, name, 1), want_ask);
@@ -39,15 +47,14 @@ static void cut_layer(int il) {
     cut(name, 1);
 }
 
-static void open_all(const char * dir) {
+static void open_all(const char * dir, uint64_t budget) {
     struct dblade_layout_layer lay[LAYERS];
     struct dblade_layer_desc   d[LAYERS];
     for (int il = 0; il < LAYERS; il++) {
-        lay[il] = (struct dblade_layout_layer) { il, il < 2 ? DBLADE_PATH_RAM : DBLADE_PATH_DIRECT, BYTES, BYTES,
-                                                 DBLADE_LAYOUT_STREAMED, 0 };
+        lay[il] = (struct dblade_layout_layer) { il, path_of(il), BYTES, BYTES, DBLADE_LAYOUT_STREAMED, 0 };
         d[il]   = (struct dblade_layer_desc) { il, 0, ROWS, 1, BYTES, BYTES, ROW, ROW, "CUDA0" };
     }
-    struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = 1 << 20, .kv_dir = dir };
+    struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = budget, .kv_dir = dir };
     CHECK_EQ(dblade_kv_create(&cfg, LAYERS, lay, &s), 0);
     CHECK(dblade_kv_streams(s));
     const struct dblade_cache_desc desc = { "", 1, 1, 0, LAYERS, d };
@@ -58,13 +65,15 @@ static void open_all(const char * dir) {
     for (int il = 0; il < LAYERS; il++) {
         for (int w = 0; w < 2; w++) {
             struct dblade_tensor * t = dblade_cache_tensor(c, il, w);
-            dev[il][w]  = dblade_tensor_device_data(t);
-            host[il][w] = dblade_tensor_data(t);
+            dev[il][w]               = dblade_tensor_device_data(t);
+            host[il][w]              = dblade_tensor_data(t);
             CHECK(dev[il][w] && host[il][w] && dev[il][w] != host[il][w]);
             CHECK(!dblade_tensor_fenced(t)); // the CPU never reads a streamed tensor: no fence in the graph
         }
     }
     CHECK(!dblade_cache_can_shift(c));
+    memset(shadow, 0, sizeof(shadow));
+    hwm = 0;
 }
 
 static void close_all(void) {
@@ -72,62 +81,62 @@ static void close_all(void) {
     dblade_kv_release(s);
 }
 
-static uint8_t mark(int il, int w, int pass) {
-    return (uint8_t) ('a' + 8 * pass + 2 * il + w);
+static uint8_t mark(int il, int w, int pass, int r) {
+    return (uint8_t) (1 + ((pass * 7 + il * 13 + w * 29 + r * 3) % 251));
 }
 
-// one graph: every layer cut, its rows [0, N_KV) in its slot when it computes, rows lo..lo+1 stored
-static void graph(int pass, int lo, int slots) {
-    const int64_t rows[2] = { lo, lo + 1 };
-    struct dblade_stats before, after;
-    CHECK_EQ(dblade_kv_stats(s, &before), 0);
-    dblade_cache_ubatch(c, rows, 2, N_KV);
-    CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
-    // the first streamed layer (pinned) is copied in before the graph computes
-    CHECK_EQ(dblade_kv_stats(s, &after), 0);
-    CHECK_EQ(after.h2d_bytes - before.h2d_bytes, 2ull * N_KV * ROW);
-    for (int w = 0; w < 2; w++) {
-        CHECK(memcmp(dev[0][w], host[0][w], N_KV * ROW) == 0);
+// One graph storing rows [lo, hi): at every layer's cut its slot holds what was written below the high-water
+// mark, then "the GPU" stores the new rows there. The slots' contents are checked before the cut returns'
+// next copy can run (the stand-in runs copies only when waited for).
+static void graph(int pass, int lo, int hi) {
+    int64_t rows[ROWS];
+    for (int r = lo; r < hi; r++) {
+        rows[r - lo] = r;
     }
+    dblade_cache_ubatch(c, rows, hi - lo, N_KV);
+    CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
     for (int il = 0; il < LAYERS; il++) {
         cut_layer(il);
         for (int w = 0; w < 2; w++) {
-            CHECK(memcmp(dev[il][w], host[il][w], N_KV * ROW) == 0);
-            memset(dev[il][w] + lo * ROW, mark(il, w, pass), 2 * ROW); // the GPU's set_rows
-            if (slots == 2 && il >= 2) {
-                CHECK(memcmp(dev[il - 2][w], dev[il][w], N_KV * ROW) == 0); // one slot, two addresses
+            if (memcmp(dev[il][w], shadow[il][w], (size_t) hwm * ROW) != 0) {
+                fprintf(stderr, "pass %d: layer %d %c in its slot differs from what was written\n", pass, il, "KV"[w]);
+                exit(1);
             }
-            if (slots == 2 && il == 0) {
-                CHECK(memcmp(dev[1][w], host[1][w], N_KV * ROW) == 0); // pinned layer 1 prefetched
-            }
-            if (slots == LAYERS && il >= 2) {
-                CHECK(dev[il - 2][w][lo * ROW] == mark(il - 2, w, pass)); // a slot each: nothing shared
+            for (int r = lo; r < hi; r++) { // the GPU's set_rows
+                memset(dev[il][w] + r * ROW, mark(il, w, pass, r), ROW);
+                memset(shadow[il][w] + r * ROW, mark(il, w, pass, r), ROW);
             }
         }
         CHECK_EQ(dblade_kv_graph_cut(s, "ffn_out-0", 1), 0); // not a cut
     }
     cut("result_norm", 1);
+    hwm = hi > hwm ? hi : hwm;
 }
 
-static void check_rows(int pass, int lo) {
-    dblade_cache_state_begin(c); // every host copy staged (the direct ones from storage)
+// every host copy staged (the direct ones from storage) and compared with what was written
+static void check_rows(void) {
+    dblade_cache_state_begin(c);
     for (int il = 0; il < LAYERS; il++) {
         for (int w = 0; w < 2; w++) {
-            for (int r = 0; r < 2; r++) {
-                for (int b = 0; b < ROW; b++) {
-                    CHECK_EQ(host[il][w][(lo + r) * ROW + b], mark(il, w, pass));
+            if (memcmp(host[il][w], shadow[il][w], (size_t) hwm * ROW) != 0) {
+                int r0 = 0;
+                while (r0 < hwm && !memcmp(host[il][w] + r0 * ROW, shadow[il][w] + r0 * ROW, ROW)) {
+                    r0++;
                 }
+                fprintf(stderr, "layer %d %c on its host path differs from what was written from row %d (%d, not %d)\n",
+                        il, "KV"[w], r0, host[il][w][r0 * ROW], shadow[il][w][r0 * ROW]);
+                exit(1);
             }
         }
     }
     dblade_cache_state_end(c, 0);
 }
 
-static void run(const char * slots_env, int slots) {
+static void run(const char * slots_env, int slots, uint64_t budget, const char * what) {
     setenv("DUALBLADE_VRAM_SLOTS", slots_env, 1);
     char dir[512];
     test_mkdtemp(dir, sizeof(dir), "vram");
-    open_all(dir);
+    open_all(dir, budget);
 
     struct dblade_stats st;
     CHECK_EQ(dblade_kv_stats(s, &st), 0);
@@ -135,36 +144,43 @@ static void run(const char * slots_env, int slots) {
     CHECK_EQ(st.vram_streamed, LAYERS);
     CHECK_EQ(st.vram_slot_bytes, 2 * (64 << 10)); // K and V, each on the 64 KiB granule
 
-    graph(0, 10, slots);
-    check_rows(0, 10);
-    graph(1, 12, slots);
-    check_rows(0, 10); // the first pass's rows kept
-    check_rows(1, 12);
+    graph(0, 0, 20);   // a prefill across pages (16 rows a page)
+    graph(1, 20, 21);  // decode: a row into the tail page
+    graph(2, 21, 22);
+    check_rows();
+    graph(3, 22, 40);  // more than a page, from the tail on
+    graph(4, 5, 9);    // rows rewritten in the middle (a prefix reused)
+    graph(5, 40, 41);
+    check_rows();
     CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
     CHECK_EQ(dblade_kv_stats(s, &st), 0);
-    CHECK_EQ(st.d2h_bytes, 2ull * LAYERS * 2 * 2 * ROW);         // 2 graphs x 4 layers x K, V x 2 rows
-    CHECK_EQ(st.h2d_pinned_bytes, 2ull * 2 * 2 * N_KV * ROW);    // 2 graphs x layers 0-1 x K, V
-    CHECK_EQ(st.h2d_bytes, 2ull * LAYERS * 2 * N_KV * ROW);
+    CHECK(st.h2d_bytes > 0 && st.d2h_bytes > 0);
+    printf("%s: %u slots, ring %llu KiB (%s), h2d %llu KiB (pinned %llu), read into the ring %llu KiB\n", what,
+           st.vram_slots, (unsigned long long) st.vram_ring_bytes >> 10, st.vram_ring_pinned ? "page-locked" : "pageable",
+           (unsigned long long) st.h2d_bytes >> 10, (unsigned long long) st.h2d_pinned_bytes >> 10,
+           (unsigned long long) st.vram_ring_read_bytes >> 10);
 
     // a flush outside a graph brings the last layer's rows back (no result_norm: embeddings graphs)
-    const int64_t rows[2] = { 20, 21 };
+    const int64_t rows[2] = { 41, 42 };
     dblade_cache_ubatch(c, rows, 2, N_KV);
     for (int il = 0; il < LAYERS; il++) {
         cut_layer(il);
         for (int w = 0; w < 2; w++) {
-            memset(dev[il][w] + 20 * ROW, mark(il, w, 2), 2 * ROW);
+            memset(dev[il][w] + 41 * ROW, mark(il, w, 6, 0), 2 * ROW);
+            memset(shadow[il][w] + 41 * ROW, mark(il, w, 6, 0), 2 * ROW);
         }
     }
     CHECK_EQ(dblade_kv_flush(s), 0);
-    check_rows(2, 20);
+    hwm = 43;
+    check_rows();
 
     // a clear forgets the rows a layer stored since its cut: nothing comes back
     dblade_cache_ubatch(c, rows, 2, N_KV);
     cut_layer(0);
-    memset(dev[0][0] + 20 * ROW, 'Z', 2 * ROW);
+    memset(dev[0][0] + 41 * ROW, 'Z', 2 * ROW);
     dblade_cache_clear(c);
     cut("result_norm", 0);
-    CHECK(host[0][0][20 * ROW] != 'Z');
+    CHECK(host[0][0][41 * ROW] != 'Z');
 
     // a graph that skips a streamed layer's cut is refused when the next one starts
     dblade_cache_ubatch(c, rows, 2, N_KV);
@@ -176,6 +192,40 @@ static void run(const char * slots_env, int slots) {
     CHECK(strstr(msg, "attn_norm"));
     CHECK_EQ(dblade_kv_graph_cut(s, "attn_norm-2", 0), 0); // and nothing runs after it
     close_all();
+    rmdir(dir);
+}
+
+// Reads of the direct path that fail (storage): a cut fails with the error, sticky, and nothing runs after.
+static void storage_fault(void) {
+    setenv("DUALBLADE_VRAM_SLOTS", "2", 1);
+    char dir[512];
+    test_mkdtemp(dir, sizeof(dir), "vram-fault");
+    setenv("DUALBLADE_FAULT", "read:1+:eio", 1);
+    open_all(dir, 1 << 20);
+    unsetenv("DUALBLADE_FAULT");
+    int64_t rows[20];
+    for (int r = 0; r < 20; r++) {
+        rows[r] = r;
+    }
+    int ok = 1;
+    for (int pass = 0; pass < 3 && ok; pass++) { // the second graph reads the direct layers' rows back
+        dblade_cache_ubatch(c, rows, pass ? 1 : 20, N_KV);
+        for (int il = 0; il < LAYERS && ok; il++) {
+            char name[32];
+            snprintf(name, sizeof(name), "attn_norm-%d", il);
+            ok = dblade_kv_graph_cut(s, name, 1) && dblade_kv_graph_cut(s, name, 0);
+        }
+        ok = ok && dblade_kv_graph_cut(s, "result_norm", 0);
+        rows[0] = 20 + pass;
+    }
+    char msg[256];
+    CHECK(!ok);
+    CHECK_EQ(dblade_kv_error(s, msg, sizeof(msg)), -EIO);
+    CHECK(strstr(msg, "reading layer 2") || strstr(msg, "reading layer 3"));
+    CHECK_EQ(dblade_kv_graph_cut(s, "attn_norm-4", 0), 0); // sticky
+    close_all();
+    rmdir(dir);
+    printf("storage fault: \"%s\"\n", msg);
 }
 
 int main(void) {
@@ -188,14 +238,21 @@ int main(void) {
     CHECK(h);
     int (*registered)(void) = (int (*)(void)) dlsym(h, "fake_cuda_registered");
     CHECK(registered);
-    run("2", 2);
-    CHECK_EQ(registered(), 0); // every page-locked host copy given back
-    run("0", LAYERS);
-    // without the driver: a clear error, no session
+    run("2", 2, 1 << 20, "2 slots, a ring");
+    CHECK_EQ(registered(), 0); // every page-locked buffer given back
+    run("0", LAYERS, 1 << 20, "a slot each");
+    run("3", 3, 1 << 20, "3 slots");
+    // the budget leaves the ring no room for a layer: the host paths stage them, copies start from there
+    run("2", 2, 2 * 2 * BYTES + 2 * 2 * BYTES + 64 * 1024, "no room for a ring");
+    setenv("DUALBLADE_PIN", "0", 1); // what a failing page lock leaves: pageable copies
+    run("2", 2, 1 << 20, "pageable");
+    unsetenv("DUALBLADE_PIN");
+    storage_fault();
+    // without the driver: a clear error, no KV object
     setenv("DUALBLADE_CUDA_LIB", "/nonexistent/libcuda.so.1", 1);
     struct dblade_layout_layer lay = { 0, DBLADE_PATH_RAM, BYTES, BYTES, DBLADE_LAYOUT_STREAMED, 0 };
     struct dblade_layer_desc   d   = { 0, 0, ROWS, 1, BYTES, BYTES, ROW, ROW, "CUDA0" };
-    struct dblade_config cfg = { .policy = DBLADE_POLICY_RAM, .budget_bytes = DBLADE_BUDGET_UNLIMITED };
+    struct dblade_config       cfg = { .policy = DBLADE_POLICY_RAM, .budget_bytes = DBLADE_BUDGET_UNLIMITED };
     CHECK_EQ(dblade_kv_create(&cfg, 1, &lay, &s), 0);
     const struct dblade_cache_desc desc = { "", 1, 1, 0, 1, &d };
     dblade_kv_bind(s);

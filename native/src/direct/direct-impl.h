@@ -122,6 +122,9 @@ void dblade_direct_make_room(struct dblade_direct * d, uint64_t bytes);
 // (all of it when full, the tail too) and release
 void dblade_direct_stage_now(struct dblade_direct * d, struct dblade_tensor * t, uint64_t upto, bool budgeted);
 void dblade_direct_retire_now(struct dblade_direct * d, struct dblade_tensor * t, bool full);
+// bytes [lo, hi) of t's extent (store-aligned) written from buf now, on the graph's own engine; 0 or -errno
+int  dblade_direct_write_now(struct dblade_direct * d, struct dblade_tensor * t, const uint8_t * buf, uint64_t lo,
+                             uint64_t hi);
 // the worker's side: runs queued jobs in batches
 void dblade_direct_run_batch(struct dblade_work * w);
 // how many direct layers to stage ahead for a layer of layer_bytes

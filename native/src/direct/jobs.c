@@ -179,6 +179,19 @@ static int io_now(struct dblade_direct * d, struct dblade_tensor * t, struct dbl
     return r->res;
 }
 
+int dblade_direct_write_now(struct dblade_direct * d, struct dblade_tensor * t, const uint8_t * buf, uint64_t lo,
+                            uint64_t hi) {
+    if (hi <= lo) {
+        return 0;
+    }
+    struct dblade_io_req r = { .buf   = (void *) buf,
+                               .len   = hi - lo,
+                               .off   = t->store_off + lo,
+                               .write = 1,
+                               .sums  = t->sums ? t->sums + lo / DBLADE_BLOCK : NULL };
+    return io_now(d, t, &r);
+}
+
 void dblade_direct_stage_now(struct dblade_direct * d, struct dblade_tensor * t, uint64_t upto, bool budgeted) {
     dblade_direct_settle(d, t);
     const uint64_t align = d->base.env->store->align;

@@ -188,6 +188,78 @@ static void direct_host_end(struct dblade_tier * p, struct dblade_tensor * t, ui
     dblade_direct_staged_set(d, t, before);
 }
 
+// memory first (the staged rows, the tail page), the store for the rest; nothing above what was written
+static int direct_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint64_t len, uint8_t * dst,
+                           struct dblade_io_req * reqs, uint32_t cap, bool * buffered) {
+    dblade_direct_settle(direct_of(p), t); // a retire running gives its memory back outside the lock
+    const struct dblade_direct_tensor * x = t->direct;
+    const uint64_t                      mem = x->valid < len ? x->valid : len;
+    memcpy(dst, t->addr, mem);
+    int n = 0;
+    for (uint64_t lo = mem; lo < len;) {
+        uint64_t hi = len;
+        if (x->tail != NO_TAIL && x->tail >= lo && x->tail < hi) {
+            hi = x->tail; // the store up to the tail page, which memory holds
+        }
+        if (hi > lo) {
+            if ((uint32_t) n >= cap) {
+                return -ENOSPC;
+            }
+            reqs[n++] = (struct dblade_io_req) { .buf  = dst + lo,
+                                                 .len  = hi - lo,
+                                                 .off  = t->store_off + lo,
+                                                 .sums = t->sums ? t->sums + lo / DBLADE_BLOCK : NULL };
+        }
+        if (hi == x->tail) {
+            const uint64_t end = x->tail + t->page < len ? x->tail + t->page : len;
+            memcpy(dst + x->tail, x->tail_buf, end - x->tail);
+            hi = end;
+        }
+        lo = hi;
+    }
+    *buffered = false;
+    return n;
+}
+
+// Rows computed elsewhere, in whole pages of src: full pages go to the store now, the page the newest rows
+// end in stays in memory as the tail (as take_rows and a retire would leave it), so that decode writes no
+// block per token. A tail page left below the new rows is full now: written too.
+static void direct_store_from(struct dblade_tier * p, struct dblade_tensor * t, uint64_t lo, uint64_t hi,
+                              const uint8_t * src, uint64_t src_lo) {
+    struct dblade_direct * d = direct_of(p);
+    dblade_direct_settle(d, t);
+    if (t->direct->valid > 0) {
+        dblade_direct_retire_now(d, t, true); // staged by a state copy: the store first, then these rows over it
+    }
+    struct dblade_direct_tensor * x      = t->direct;
+    const uint64_t                before = dblade_direct_staged(d, t);
+    const uint64_t                end    = dblade_align_up(hi, t->page);
+    const bool                    tail   = hi == t->hwm && hi % t->page != 0;
+    const uint64_t                upto   = tail ? end - t->page : end; // what goes to the store
+    if (x->tail != NO_TAIL && x->tail < src_lo) {
+        // the old tail is complete now (or rows below it were rewritten): to the store from its buffer
+        if (dblade_direct_write_now(d, t, x->tail_buf, x->tail, x->tail + t->page) < 0) {
+            return;
+        }
+        x->tail = NO_TAIL;
+    }
+    if (x->tail != NO_TAIL && x->tail < end) {
+        x->tail = NO_TAIL; // these rows' pages supersede it
+    }
+    if (dblade_direct_write_now(d, t, src, src_lo, upto) < 0) {
+        return;
+    }
+    if (tail) {
+        memcpy(x->tail_buf, src + (upto - src_lo), t->page);
+        x->tail     = upto;
+        x->dirty_lo = upto;
+        x->dirty_hi = hi;
+    } else if (x->tail == NO_TAIL) {
+        x->dirty_lo = x->dirty_hi = 0;
+    }
+    dblade_direct_staged_set(d, t, before);
+}
+
 // memory it holds: whole chunks, as the budget counts them
 static uint64_t direct_resident(struct dblade_tier * p, const struct dblade_tensor * t) {
     return dblade_direct_staged(direct_of(p), t);
@@ -210,4 +282,6 @@ const struct dblade_path_ops dblade_direct_ops = {
     .host_begin    = direct_host_begin,
     .host_end      = direct_host_end,
     .resident      = direct_resident,
+    .snapshot      = direct_snapshot,
+    .store_from    = direct_store_from,
 };

@@ -268,9 +268,7 @@ int dblade_sessionfile_restore(struct dblade_kv * kv, struct dblade_sessionfile 
                 }
                 st.checked_bytes += l->saved;
             }
-            if (t->path != DBLADE_PATH_RAM) {
-                t->hwm = l->used;
-            }
+            t->hwm = l->used;
             st.kv_bytes += l->saved;
         }
     }

@@ -55,6 +55,11 @@ int dblade_cuda_load(struct dblade_cuda * cu) {
         SYM(MemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2"),
         SYM(MemHostRegister, "cuMemHostRegister_v2"),
         SYM(MemHostUnregister, "cuMemHostUnregister"),
+        SYM(EventCreate, "cuEventCreate"),
+        SYM(EventDestroy, "cuEventDestroy_v2"),
+        SYM(EventRecord, "cuEventRecord"),
+        SYM(EventSynchronize, "cuEventSynchronize"),
+        SYM(EventQuery, "cuEventQuery"),
 #undef SYM
     };
     for (size_t i = 0; i < sizeof(syms) / sizeof(syms[0]); i++) {

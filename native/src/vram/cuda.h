@@ -10,6 +10,7 @@ typedef int                          CUresult;
 typedef int                          CUdevice;
 typedef struct CUctx_st *            CUcontext;
 typedef struct CUstream_st *         CUstream;
+typedef struct CUevent_st *          CUevent;
 typedef unsigned long long           CUdeviceptr;
 typedef unsigned long long           CUmemGenericAllocationHandle;
 
@@ -36,7 +37,9 @@ typedef struct {
     int           flags; // CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
 } CUmemAccessDesc;
 
-#define CU_STREAM_NON_BLOCKING 1u
+#define CU_STREAM_NON_BLOCKING  1u
+#define CU_EVENT_DISABLE_TIMING 2u
+#define CUDA_ERROR_NOT_READY    600
 
 struct dblade_cuda {
     CUresult (*Init)(unsigned);
@@ -64,6 +67,11 @@ struct dblade_cuda {
     CUresult (*MemcpyDtoHAsync)(void *, CUdeviceptr, size_t, CUstream);
     CUresult (*MemHostRegister)(void *, size_t, unsigned);
     CUresult (*MemHostUnregister)(void *);
+    CUresult (*EventCreate)(CUevent *, unsigned);
+    CUresult (*EventDestroy)(CUevent);
+    CUresult (*EventRecord)(CUevent, CUstream);
+    CUresult (*EventSynchronize)(CUevent);
+    CUresult (*EventQuery)(CUevent);
     void * lib; // the driver library, dlopen()ed
 };
 

@@ -19,10 +19,13 @@ struct dblade_pipeline;
 struct dblade_vram_env {
     pthread_mutex_t *                  lock;     // the KV object's
     struct dblade_events *             events;
-    struct dblade_pipeline *           pipeline; // the host paths, through which a streamed layer is staged
+    struct dblade_pipeline *           pipeline; // the host paths a streamed layer's bytes live on
+    struct dblade_worker *             worker;   // reads ahead run there
     struct dblade_cache **             caches;
     const struct dblade_layout_layer * layout;   // the plan: which layers are streamed
     uint32_t                           n_layout;
+    int                                store_fd; // the store (O_DIRECT), -1 for none
+    uint64_t                           ring_bytes; // page-locked memory to read host paths ahead into (0: none)
 };
 
 // The lock held: the streamed tensor t gets its device address (the first one sets the slots up in
@@ -33,7 +36,8 @@ int  dblade_vram_attach(struct dblade_vram ** vp, const struct dblade_vram_env *
 void dblade_vram_detach(struct dblade_vram * v, struct dblade_tensor * t);
 void dblade_vram_destroy(struct dblade_vram * v);
 // The lock not held: the last computed layer's new rows back to its host path (sync_gpu: outside a cut,
-// where the graph's last kernels may still run).
+// where the graph's last kernels may still run); what was read ahead is dropped (the host copies may change
+// before the next graph: a state restore).
 int  dblade_vram_settle(struct dblade_vram * v, bool sync_gpu);
 // the lock held: c's cells were emptied (NULL: every cache's): nothing of the last graph goes back
 void dblade_vram_forget(struct dblade_vram * v, const struct dblade_cache * c);
