@@ -113,9 +113,6 @@ def _messages(messages: list) -> list[dict]:
 
 
 def _common_kwargs(engine: Engine, body, excluded: set) -> dict:
-    if body.model is not None and body.model != engine.model_id:
-        raise ApiError(404, f"The model '{body.model}' does not exist; this server has '{engine.model_id}' "
-                            "(GET /v1/models)", param="model", code="model_not_found")
     n = getattr(body, "n", 1)
     if n not in (None, 1):
         raise ApiError(400, f"n={n}: this server answers with one choice; send n=1", param="n")
@@ -132,7 +129,10 @@ def _common_kwargs(engine: Engine, body, excluded: set) -> dict:
     kwargs = body.model_dump(exclude=excluded | {"n", "best_of", "logit_bias_type", "user", "min_tokens",
                                                  "stream", "stream_options", "model"})
     kwargs["max_tokens"] = body.max_tokens or limit
-    kwargs["model"] = engine.model_id  # responses name the model, never a file path
+    # whatever model the client names, the one model answers (as llama_cpp.server and llama-server do with one
+    # model); the response echoes that name, as llama_cpp.server's does, or, for none, the model's id (where
+    # llama_cpp.server would give model_path: a file path never goes out)
+    kwargs["model"] = body.model or engine.model_id
     for k, v in _SAMPLING_DEFAULTS.items():
         if k not in body.model_fields_set:
             kwargs[k] = v
