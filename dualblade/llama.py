@@ -119,13 +119,13 @@ class Llama(llama_cpp.Llama):
                                                                    bool(llama_cpp.llama_supports_gpu_offload()))
         mapped = offloaded and kwargs.get("use_mmap", True) and not all_on_gpu
         try:
-            self._kv_session = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
+            self._kv = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
                                                layout if offloaded else None, force=kv_force,
                                                reserve_bytes=info.weights_working_set() if mapped else 0,
                                                verify=kv_verify)
         except _native.SessionError as e:
             raise StoreError(str(e)) from None
-        with self._kv_session.bound(), llama_log.errors() as load_log:
+        with self._kv.bound(), llama_log.errors() as load_log:
             try:
                 super().__init__(model_path, *args, **kwargs)
             except ValueError as e:  # llama_cpp says only "Failed to load model"; llama.cpp's log says why
@@ -133,7 +133,7 @@ class Llama(llama_cpp.Llama):
         if mapped:
             # weights llama.cpp repacked at load live in anonymous memory (the monitor counts that); their
             # file pages are never read again
-            self._kv_session.set_reserve(info.weights_working_set(load_log.buffers.get("CPU_REPACK", 0)))
+            self._kv.set_reserve(info.weights_working_set(load_log.buffers.get("CPU_REPACK", 0)))
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -216,7 +216,7 @@ class Llama(llama_cpp.Llama):
 
     def kv_stats(self) -> dict:
         """Placement and I/O counters of the KV cache, as the C module reports them."""
-        st = self._kv_session.stats()
+        st = self._kv.stats()
         st["kv_dir"] = self._kv_config.kv_dir
         st["kv_device"] = self._kv_config.kv_device
         # switched on for offloaded layers although the caller did not ask for it (llama_cpp's default is off)
@@ -233,7 +233,7 @@ class Llama(llama_cpp.Llama):
         and gives the pages of its staging pool back to the system. The pool keeps them otherwise, so that
         staging a layer costs no page faults; the next layer staged faults fresh ones in, as on first use.
         The output does not change. Returns the bytes given back; raises KVIOError after an I/O error."""
-        n = self._kv_session.trim()
+        n = self._kv.trim()
         self._kv_check()
         return n
 
@@ -241,14 +241,14 @@ class Llama(llama_cpp.Llama):
         """Move offloaded layer `layer` to the page-cache ("mmap") or the direct path; it happens
         between graph computations and never changes the output. Under kv_policy="auto" the policy
         may move it again."""
-        self._kv_session.set_path(layer, path)
+        self._kv.set_path(layer, path)
 
     def counters(self) -> dict:
         """Tokens evaluated and sampled so far, and the time spent evaluating (for status lines)."""
         return dict(self._counters)
 
     def _kv_check(self) -> None:
-        err = self._kv_session.error()
+        err = self._kv.error()
         if err:
             self._requires_eval = True  # logits computed from the damaged cache are never sampled
             raise KVIOError(err, "nothing computed from it is returned: call reset() to go on from an empty KV "
@@ -256,10 +256,10 @@ class Llama(llama_cpp.Llama):
 
     def reset(self):
         super().reset()
-        session = getattr(self, "_kv_session", None)
-        if session is not None and session.error():
+        kv = getattr(self, "_kv", None)
+        if kv is not None and kv.error():
             self._ctx.kv_cache_clear()  # nothing read since the error is trusted: forget it all
-            session.clear_error()
+            kv.clear_error()
 
     def eval(self, tokens: Sequence[int]):
         self._kv_check()
@@ -282,13 +282,13 @@ class Llama(llama_cpp.Llama):
     def save_state(self):
         self._kv_check()
         state = super().save_state()
-        self._kv_session.flush()  # the copy is done: release the layers staged for it
+        self._kv.flush()  # the copy is done: release the layers staged for it
         self._kv_check()  # a state copied from a damaged cache is not handed out
         return state
 
     def load_state(self, state) -> None:
         super().load_state(state)
-        self._kv_session.flush()  # write the restored rows back and release them
+        self._kv.flush()  # write the restored rows back and release them
         self._kv_check()
 
     def save_session(self, path: str | os.PathLike, app: bytes | None = None) -> dict:
@@ -304,11 +304,11 @@ class Llama(llama_cpp.Llama):
 
         path = os.fspath(path)
         self._kv_check()
-        self._kv_session.flush()  # every row in the store, tails too
+        self._kv.flush()  # every row in the store, tails too
         self._kv_check()
         ctx = self._ctx.ctx
         try:
-            _native.session_state_mode(self._kv_session, _native.STATE_SAVE_META)
+            _native.session_state_mode(self._kv, _native.STATE_SAVE_META)
         except _native.SessionFileError as e:
             raise SessionError(str(e)) from None
         try:
@@ -316,7 +316,7 @@ class Llama(llama_cpp.Llama):
             blob = (ctypes.c_uint8 * int(size))()
             n = llama_cpp.llama_state_get_data(ctx, blob, size)
         finally:
-            _native.session_state_mode(self._kv_session, _native.STATE_STOCK)
+            _native.session_state_mode(self._kv, _native.STATE_STOCK)
         if not 0 < int(n) <= int(size):
             raise SessionError(f"saving {path}: llama.cpp gave no state")
         desc = sessions.describe(self)
@@ -327,7 +327,7 @@ class Llama(llama_cpp.Llama):
         if app is not None:
             sections[sessions.SEC_APP] = bytes(app)
         try:
-            stats = _native.sessionfile_save(self._kv_session, path, sections)
+            stats = _native.sessionfile_save(self._kv, path, sections)
         except _native.SessionFileError as e:
             raise SessionError(str(e)) from None
         self._kv_check()
@@ -374,21 +374,21 @@ class Llama(llama_cpp.Llama):
             ctx = self._ctx.ctx
             buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
             try:
-                _native.session_state_mode(self._kv_session, _native.STATE_LOAD_META)
+                _native.session_state_mode(self._kv, _native.STATE_LOAD_META)
             except _native.SessionFileError as e:
                 raise SessionError(str(e)) from None
             try:
                 with llama_log.errors() as restore_log:
                     rc = llama_cpp.llama_state_set_data(ctx, buf, len(blob))
             finally:
-                _native.session_state_mode(self._kv_session, _native.STATE_STOCK)
+                _native.session_state_mode(self._kv, _native.STATE_STOCK)
             try:
                 if rc != len(blob):
                     why = "".join(restore_log).strip().splitlines()
                     raise SessionError(f"{path} does not fit this context: llama.cpp refused its state"
                                        f"{': ' + why[-1].strip() if why else ''}")
                 try:
-                    stats = f.restore(self._kv_session)
+                    stats = f.restore(self._kv)
                 except _native.SessionFileError as e:
                     raise SessionError(str(e)) from None
             except SessionError:
@@ -413,18 +413,18 @@ class Llama(llama_cpp.Llama):
         return token
 
     def close(self) -> None:
-        session = getattr(self, "_kv_session", None)
-        live = session is not None and getattr(session, "_h", None)
+        kv = getattr(self, "_kv", None)
+        live = kv is not None and getattr(kv, "_h", None)
         if live:
-            session.flush()  # tails included: what the store holds is complete
+            kv.flush()  # tails included: what the store holds is complete
         if hasattr(self, "_stack"):  # __init__ may have stopped before the parent set up
             super().close()
         if live:
             # nothing of the conversation stays on a device: its written range is discarded (or zeroed)
-            rc = session.wipe(zero=getattr(self, "_kv_wipe", False))
+            rc = kv.wipe(zero=getattr(self, "_kv_wipe", False))
             if rc < 0 and self._kv_config.kv_device:
                 warnings.warn(f"KV device {self._kv_config.kv_device} could not discard what it held "
                               f"({os.strerror(-rc)}): the conversation stays on it until overwritten; pass "
                               "kv_wipe=True to overwrite it with zeros at close", stacklevel=2)
-        if session is not None:
-            session.release()
+        if kv is not None:
+            kv.release()
