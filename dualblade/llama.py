@@ -1,8 +1,6 @@
 """`dualblade.Llama`: llama_cpp.Llama with the KV cache under dualblade's residency module."""
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
 import os
 import time
@@ -12,11 +10,10 @@ from typing import Callable, Optional, Sequence
 import llama_cpp
 import numpy as np
 
-from . import _native
-from . import llama_log
+from . import _native, llama_log, sessions
 from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file, size_arg
 from .errors import KVIOError  # noqa: F401 (re-exported)
-from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, SessionError, StoreError
+from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
 from . import vram
@@ -300,38 +297,7 @@ class Llama(llama_cpp.Llama):
         session is never replaced.
         `app`: bytes of the caller's own kept with the session (the CLI keeps its messages there).
         Returns the save's counters (KV bytes, strategy). Raises SessionError."""
-        from . import sessions
-
-        path = os.fspath(path)
-        self._kv_check()
-        self._kv.flush()  # every row in the store, tails too
-        self._kv_check()
-        ctx = self._ctx.ctx
-        try:
-            _native.session_state_mode(self._kv, _native.STATE_SAVE_META)
-        except _native.SessionFileError as e:
-            raise SessionError(str(e)) from None
-        try:
-            size = llama_cpp.llama_state_get_size(ctx)
-            blob = (ctypes.c_uint8 * int(size))()
-            n = llama_cpp.llama_state_get_data(ctx, blob, size)
-        finally:
-            _native.session_state_mode(self._kv, _native.STATE_STOCK)
-        if not 0 < int(n) <= int(size):
-            raise SessionError(f"saving {path}: llama.cpp gave no state")
-        desc = sessions.describe(self)
-        sections = {sessions.SEC_LLAMA: bytes(blob)[: int(n)], sessions.SEC_TOKENS: sessions.token_bytes(self),
-                    sessions.SEC_CONTEXT: json.dumps(desc).encode()}
-        if desc["logits_all"]:
-            sections[sessions.SEC_SCORES] = sessions.scores_bytes(self)
-        if app is not None:
-            sections[sessions.SEC_APP] = bytes(app)
-        try:
-            stats = _native.sessionfile_save(self._kv, path, sections)
-        except _native.SessionFileError as e:
-            raise SessionError(str(e)) from None
-        self._kv_check()
-        return stats
+        return sessions.save(self, path, app)
 
     def load_session(self, path: str | os.PathLike, verify: bool = False) -> dict:
         """Resume the context saved at `path` (one file, see save_session) on this Llama, which must have
@@ -343,69 +309,40 @@ class Llama(llama_cpp.Llama):
         pinned layers are read and checked now; verify=True reads and checks every block before anything
         changes (a damaged one then raises SessionError). Raises SessionError (the context is then empty).
         Returns the load's counters; the caller's `app` bytes are under "app"."""
-        from . import sessions
+        return sessions.load(self, path, verify)
 
-        path = os.fspath(path)
-        try:
-            f = _native.SessionFile(path)
-        except _native.SessionFileError as e:
-            raise SessionError(str(e)) from None
-        with f:
-            try:
-                saved = json.loads(f.section(sessions.SEC_CONTEXT) or b"")
-                if not isinstance(saved, dict) or not isinstance(saved.get("geometry"), dict):
-                    raise ValueError
-            except ValueError:
-                raise SessionError(f"{path} is damaged (no context description)") from None
-            sessions.check(path, saved, self)
-            if verify:
-                try:
-                    f.verify()
-                except _native.SessionFileError as e:
-                    raise SessionError(str(e)) from None
-            blob = f.section(sessions.SEC_LLAMA) or b""
-            raw = f.section(sessions.SEC_TOKENS) or b""
-            scores = f.section(sessions.SEC_SCORES)
-            tokens = np.frombuffer(raw[: len(raw) // 4 * 4], dtype=np.int32)
-            if (len(raw) % 4 or len(tokens) != saved.get("n_tokens") or len(tokens) > self.n_ctx() or not blob
-                    or (scores is not None and self._logits_all and len(scores) != len(tokens) * self.n_vocab() * 4)):
-                raise SessionError(f"{path} is damaged (token history)")
+    # --- what dualblade.sessions saves and restores besides llama_cpp's public attributes ------------------------
+
+    def _kv_handle(self, flush: bool = False) -> _native.Session:
+        """The KV module's handle (a session file's rows are copied from it and restored into it), once the store
+        is checked (KVIOError); flush: every row written to the store first, tails too."""
+        self._kv_check()
+        if flush:
+            self._kv.flush()
             self._kv_check()
-            ctx = self._ctx.ctx
-            buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-            try:
-                _native.session_state_mode(self._kv, _native.STATE_LOAD_META)
-            except _native.SessionFileError as e:
-                raise SessionError(str(e)) from None
-            try:
-                with llama_log.errors() as restore_log:
-                    rc = llama_cpp.llama_state_set_data(ctx, buf, len(blob))
-            finally:
-                _native.session_state_mode(self._kv, _native.STATE_STOCK)
-            try:
-                if rc != len(blob):
-                    why = "".join(restore_log).strip().splitlines()
-                    raise SessionError(f"{path} does not fit this context: llama.cpp refused its state"
-                                       f"{': ' + why[-1].strip() if why else ''}")
-                try:
-                    stats = f.restore(self._kv)
-                except _native.SessionFileError as e:
-                    raise SessionError(str(e)) from None
-            except SessionError:
-                self._ctx.kv_cache_clear()
-                self.n_tokens = 0
-                raise
-            app = f.section(sessions.SEC_APP)
+        return self._kv
+
+    def _saved_settings(self) -> dict:
+        """What a session keeps besides the geometry: the sampling seed, and whether every position's logits are
+        kept (a loader must keep them too)."""
+        return {"seed": self._seed, "logits_all": bool(self._logits_all)}
+
+    def _restore_history(self, tokens: np.ndarray, scores: np.ndarray | None, seed: int | None) -> None:
+        """The token history of a restored context (and its logits, with logits_all), and its seed; the logits of
+        the last token are not restored: it is evaluated again before the next sample."""
         n = len(tokens)
         self.input_ids[:n] = tokens
         self.n_tokens = n
-        if scores is not None and self._logits_all:
-            self.scores[:n, :] = np.frombuffer(scores, dtype=np.float32).reshape(n, -1)
-        if saved.get("seed") is not None:
-            self._seed = saved["seed"]
+        if scores is not None:
+            self.scores[:n, :] = scores
+        if seed is not None:
+            self._seed = seed
         self._requires_eval = True
-        stats["app"] = app
-        return stats
+
+    def _clear_context(self) -> None:
+        """No token and no KV cell: what a restore that failed half way leaves."""
+        self._ctx.kv_cache_clear()
+        self.n_tokens = 0
 
     def sample(self, *args, **kwargs):
         token = super().sample(*args, **kwargs)
