@@ -10,13 +10,12 @@ from typing import Callable, Optional, Sequence
 import llama_cpp
 import numpy as np
 
-from . import _native, llama_log, sessions
+from . import _native, llama_log, placement, sessions, vram
 from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file, size_arg
 from .errors import KVIOError  # noqa: F401 (re-exported)
 from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
-from . import vram
 
 log = logging.getLogger("dualblade")
 
@@ -112,8 +111,8 @@ class Llama(llama_cpp.Llama):
         self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0}
         # the weights are mmap'ed (unless use_mmap=False): auto leaves their working set its page cache; with
         # every layer on a GPU they live in VRAM, and their file pages are read once, at load
-        all_on_gpu = info is not None and vram.all_weights_on_gpu(len(info.layers), kwargs.get("n_gpu_layers", 0),
-                                                                   bool(llama_cpp.llama_supports_gpu_offload()))
+        all_on_gpu = info is not None and placement.all_weights_on_gpu(
+            len(info.layers), kwargs.get("n_gpu_layers", 0), bool(llama_cpp.llama_supports_gpu_offload()))
         mapped = offloaded and kwargs.get("use_mmap", True) and not all_on_gpu
         try:
             self._kv = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
@@ -168,7 +167,7 @@ class Llama(llama_cpp.Llama):
             raise BudgetError(str(e)) from None
         if warning:
             warnings.warn(warning, stacklevel=3)
-        partial = vram.cpu_layers_warning(info.n_layer, kwargs.get("n_gpu_layers", 0))
+        partial = placement.cpu_layers_warning(info.n_layer, kwargs.get("n_gpu_layers", 0))
         if partial:
             warnings.warn(partial, stacklevel=3)
         if vram_budget == vram.AUTO:
@@ -192,16 +191,17 @@ class Llama(llama_cpp.Llama):
         swa_full = kwargs.get("swa_full")
         kv = info.layer_kv_bytes(n_ctx, types[0], types[1], swa_full=True if swa_full is None else swa_full,
                                  n_ubatch=kwargs.get("n_ubatch", 512))
-        gpu = vram.gpu_layers(len(info.layers), kwargs.get("n_gpu_layers", 0), kwargs.get("offload_kqv", True),
-                              bool(llama_cpp.llama_supports_gpu_offload()))
+        gpu = placement.gpu_layers(len(info.layers), kwargs.get("n_gpu_layers", 0), kwargs.get("offload_kqv", True),
+                                   bool(llama_cpp.llama_supports_gpu_offload()))
         try:
-            return vram.place([(l.il, k, v) for l, (k, v) in zip(info.layers, kv)], cfg.policy, cfg.budget_bytes,
-                              gpu, vram_bytes, quantized=any(t not in ("f16", "f32", "bf16") for t in types)).layout
-        except vram.VramTooSmall as e:
+            return placement.place([(l.il, k, v) for l, (k, v) in zip(info.layers, kv)], cfg.policy,
+                                   cfg.budget_bytes, gpu, vram_bytes,
+                                   quantized=any(t not in ("f16", "f32", "bf16") for t in types)).layout
+        except placement.VramTooSmall as e:
             minimum = e.args[0]
             raise BudgetError(f"vram_budget {format_size(vram_bytes)} is below the minimum for this model at "
-                              f"n_ctx={n_ctx} ({format_size(minimum)}: {vram.SLOTS} VRAM slots the streamed layers "
-                              f"take turns in, and the layers too large to share them); give "
+                              f"n_ctx={n_ctx} ({format_size(minimum)}: {placement.VRAM_SLOTS} VRAM slots the streamed "
+                              f"layers take turns in, and the layers too large to share them); give "
                               f"vram_budget='{-(-minimum // 2**20)}M' or more, or a smaller n_ctx") from None
         except ValueError as e:  # sizes no real model has
             raise ModelError(f"{model_path}: {e}; check the model file") from None
