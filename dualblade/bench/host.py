@@ -44,7 +44,7 @@ def run_bench_host(opts: BenchOptions, on_progress: Optional[Callable[[str, int,
             ref_wall = [x["wall_s"] for x in ram_ref.runs if x.get("ok")]
             timeout = opts.timeout or (max(120.0, 8 * max(ref_wall)) if ref_wall else 1800)
             r = run_cell(opts, c.policy, budget, c.limit_bytes, opts.prompt_tokens, opts.gen_tokens, opts.n_ctx,
-                          timeout)
+                         timeout)
             r["rep"] = rep
             c.runs.append(r)
             done += 1

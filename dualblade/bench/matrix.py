@@ -164,7 +164,9 @@ def _cell_args(opts: BenchOptions, policy: str, budget: Optional[int], prompt_to
 
 
 def run_cell(opts: BenchOptions, policy: str, budget: Optional[int], limit: Optional[int], prompt_tokens: int,
-              gen_tokens: int, n_ctx: int, timeout: Optional[float] = None, extra: Optional[dict] = None) -> dict:
+             gen_tokens: int, n_ctx: int, timeout: Optional[float] = None, extra: Optional[dict] = None) -> dict:
+    """One cell in a fresh process (cell.py), in a child cgroup limited to `limit` bytes if one is given; its
+    figures, with the peak memory charged to the group, whether it was OOM-killed, and its wall time."""
     cmd = _cell_args(opts, policy, budget, prompt_tokens, gen_tokens, n_ctx, extra)
     t0 = time.perf_counter()
     timeout = timeout or opts.timeout or 1800
