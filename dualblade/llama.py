@@ -116,9 +116,9 @@ class Llama(llama_cpp.Llama):
         mapped = offloaded and kwargs.get("use_mmap", True) and not all_on_gpu
         try:
             self._kv = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
-                                               layout if offloaded else None, force=kv_force,
-                                               reserve_bytes=info.weights_working_set() if mapped else 0,
-                                               verify=kv_verify)
+                                       layout if offloaded else None, force=kv_force,
+                                       reserve_bytes=info.weights_working_set() if mapped else 0,
+                                       verify=kv_verify)
         except _native.SessionError as e:
             raise StoreError(str(e)) from None
         with self._kv.bound(), llama_log.errors() as load_log:
