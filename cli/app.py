@@ -100,7 +100,8 @@ def chat(
                                           "~/.cache/dualblade/sessions or a file path."),
 ):
     """Chat with a model; type /help for commands. Reads lines from a pipe too."""
-    from .chat import ChatOptions, run_chat
+    from .chat import run_chat
+    from .common import ChatOptions
 
     run_chat(ChatOptions(model=model, mem_budget=mem_budget, ctx_size=ctx_size, max_tokens=max_tokens,
                          temp=temp, seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir,
@@ -143,7 +144,7 @@ def serve(
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /v1/kv, /health); conversations resume from their KV saved on storage."""
-    from .chat import ChatOptions
+    from .common import ChatOptions
     from .serve import ServeOptions, run_serve
 
     chat_opts = ChatOptions(model=model, mem_budget=mem_budget, ctx_size=ctx_size, max_tokens=max_tokens, temp=0.0,
@@ -170,7 +171,7 @@ def sessions(
     from dualblade.errors import ConfigError
     from dualblade.sessions import remove, verify
 
-    from .chat import print_sessions
+    from .common import print_sessions
 
     action = action or "ls"
     if action == "ls":

@@ -1,23 +1,18 @@
 """`dualblade chat`: a streaming terminal chat, or a line-by-line responder on a pipe."""
 from __future__ import annotations
 
-import os
 import sys
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
 from rich.table import Table
 
-from dualblade.errors import ConfigError, DualbladeError, FlashAttentionWarning, KVIOError, ModelError
-from dualblade.gguf_header import GGML_TYPE_IDS
-from dualblade.models import chat_format_for
+from dualblade.errors import ConfigError, DualbladeError, KVIOError
 from dualblade.sizes import format_size
 
-from .common import check_ctx, resolve_model
+from .common import ChatOptions, load, print_sessions
 
 HELP = """commands:
   /stats         KV placement and counters
@@ -30,31 +25,6 @@ HELP = """commands:
 
 # tokens a chat format adds around one message (turn markers); an over-estimate keeps us in context
 _TURN_OVERHEAD = 8
-
-
-@dataclass
-class ChatOptions:
-    model: Optional[Path]
-    mem_budget: Optional[str]
-    ctx_size: int
-    max_tokens: int
-    temp: float
-    seed: int
-    threads: Optional[int]
-    policy: str
-    kv_dir: Optional[Path]
-    kv_device: Optional[Path]
-    force: bool
-    cache_type: str
-    flash_attn: Optional[bool]
-    system: Optional[str]
-    stats: Optional[bool]
-    verbose: bool
-    verify: bool = True
-    kv_wipe: bool = False
-    n_gpu_layers: int = 0
-    vram_budget: Optional[str] = None
-    session: Optional[str] = None
 
 
 class Chat:
@@ -308,103 +278,6 @@ class _PromptProgress:
             self._progress = None
 
 
-def load(opts: ChatOptions, err: Console, live: bool, cls=None):
-    """Validates every option, then loads the model (a dualblade.Llama, or cls); returns (llm, chat_format)."""
-    from dualblade import Llama
-
-    Llama = cls or Llama
-    from dualblade.config import KVConfig
-
-    if not os.environ.get("DUALBLADE_LLAMA_LOG"):
-        _quiet_llama_logs()
-
-    path, info = resolve_model(opts.model)
-    check_ctx(opts.ctx_size, info)
-    if opts.max_tokens <= 0:
-        raise ConfigError(f"--max-tokens {opts.max_tokens} is not positive; give 1 or more")
-    if opts.max_tokens >= opts.ctx_size:
-        raise ConfigError(f"--max-tokens {opts.max_tokens} leaves no room for the prompt in a {opts.ctx_size}-token "
-                          "context; lower --max-tokens or raise --ctx-size")
-    if opts.temp < 0:
-        raise ConfigError(f"--temp {opts.temp} is negative; give 0 (greedy) or more")
-    if opts.threads is not None and opts.threads <= 0:
-        raise ConfigError(f"--threads {opts.threads} is not positive; give 1 or more")
-    # validated here, before the weights are read, with the same rules the API applies
-    _check_flag_conflicts(opts)
-    KVConfig.from_args(opts.mem_budget, opts.policy, opts.kv_dir, opts.kv_device, opts.force)
-
-    chat_format, why = chat_format_for(info)
-    flash = opts.cache_type != "f16"
-    if opts.flash_attn is False and flash:
-        raise ConfigError(f"--cache-type {opts.cache_type} needs flash attention; drop --no-flash-attn or use f16")
-    if opts.verbose:
-        err.print(f"model: {path} ({info.arch}, {info.n_layer} layers)")
-        err.print(f"chat format: {chat_format or 'from the model'}: {why}")
-        if flash:
-            err.print(f"flash attention: on (the {opts.cache_type} V cache requires it)")
-    kwargs = dict(n_ctx=opts.ctx_size, n_threads=opts.threads or os.cpu_count() or 1,
-                  verbose=bool(os.environ.get("DUALBLADE_LLAMA_LOG")),
-                  chat_format=chat_format, type_k=GGML_TYPE_IDS[opts.cache_type],
-                  type_v=GGML_TYPE_IDS[opts.cache_type], mem_budget=opts.mem_budget, kv_policy=opts.policy,
-                  kv_dir=str(opts.kv_dir) if opts.kv_dir else None,
-                  kv_device=str(opts.kv_device) if opts.kv_device else None, kv_force=opts.force,
-                  kv_verify=opts.verify, kv_wipe=opts.kv_wipe, n_gpu_layers=opts.n_gpu_layers,
-                  vram_budget=opts.vram_budget)
-    if flash or opts.flash_attn is not None:
-        kwargs["flash_attn"] = flash or bool(opts.flash_attn)
-    if opts.seed >= 0:
-        kwargs["seed"] = opts.seed
-    if opts.flash_attn is None:
-        # the chat has no stock run to match: it says so in --verbose (below) rather than warn every start
-        warnings.filterwarnings("ignore", category=FlashAttentionWarning)
-    try:
-        if live:
-            with err.status(f"loading {path.name} …"):
-                llm = Llama(str(path), **kwargs)
-        else:
-            llm = Llama(str(path), **kwargs)
-    except DualbladeError:
-        raise
-    except ValueError as e:
-        raise ModelError(f"llama.cpp could not load {path} ({e}); check that the file is complete and its "
-                         "architecture is supported") from None
-    if opts.verbose:
-        st = llm.kv_stats()
-        where = f" on {st['store']['kind']} {st['store']['path']}" if st["store"] else ""
-        err.print(f"KV: {format_size(st['kv_bytes_total'])}, {format_size(st['resident_bytes'])} pinned, "
-                  f"{format_size(st['offloaded_bytes'])} offloaded{where} (policy {st['policy']})")
-        if st["offloaded_bytes"]:
-            err.print("flash attention: on (offloaded KV layers require it)")
-    return llm, chat_format
-
-
-def _check_flag_conflicts(opts: ChatOptions) -> None:
-    """Flags that would silently do nothing together are refused (the API, driven by programs that sweep
-    settings, accepts them and warns where it matters)."""
-    if opts.policy == "ram":
-        idle = [flag for flag, value in (("--mem-budget", opts.mem_budget), ("--kv-dir", opts.kv_dir),
-                                         ("--kv-device", opts.kv_device)) if value is not None]
-        if idle:
-            flags = " and ".join(idle)
-            raise ConfigError(f"--policy ram keeps every KV layer in RAM, so {flags} would do nothing; drop "
-                              f"{flags}, or choose --policy auto, mmap or direct")
-
-
-_quiet_cb = None
-
-
-def _quiet_llama_logs() -> None:
-    """llama.cpp logs some warnings whatever llama_cpp's verbose says; DUALBLADE_LLAMA_LOG=1 shows them."""
-    global _quiet_cb
-    import ctypes
-
-    import llama_cpp
-
-    if _quiet_cb is None:
-        _quiet_cb = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-    llama_cpp.llama_log_set(_quiet_cb, ctypes.c_void_p(0))
-
-
 def run_chat(opts: ChatOptions) -> None:
     interactive = sys.stdin.isatty()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -538,23 +411,3 @@ def _piped(chat: Chat, err: Console) -> None:
         except KVIOError as e:
             print(flush=True)  # end the answer that was cut short
             raise DualbladeError(f"{e.detail}; the answer was cut short there; {_KV_FIX}") from None
-
-
-def print_sessions(console: Console) -> None:
-    """The saved sessions under the sessions directory: name, model, tokens, size, last used."""
-    from dualblade.sessions import list_sessions
-
-    rows = list_sessions()
-    if not rows:
-        console.print("no saved sessions", markup=False)
-        return
-    t = Table(title="sessions")
-    for c in ("name", "model", "tokens", "size", "last used"):
-        t.add_column(c, justify="right" if c in ("tokens", "size") else "left")
-    for r in rows:
-        if "error" in r:
-            t.add_row(r["name"], f"({r['error']})", "", "", "")
-            continue
-        t.add_row(r["name"], str(r["model"]), str(r["tokens"]), format_size(r["size"]),
-                  time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])))
-    console.print(t)

@@ -8,7 +8,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from dualblade import vram
+from dualblade import placement, vram
 from dualblade.config import KVConfig, size_arg
 from dualblade.errors import BudgetError, ConfigError
 from dualblade.gguf_header import CACHE_TYPES
@@ -39,11 +39,11 @@ def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Opt
             raise BudgetError(str(e).replace("vram_budget='auto'", "--vram-budget auto")) from None
     kv = info.layer_kv_bytes(n_ctx, cache_type)
     # a plan for a GPU build (the header is all it needs, whether or not this machine has one)
-    gpu = vram.gpu_layers(len(info.layers), n_gpu_layers, True, True)
+    gpu = placement.gpu_layers(len(info.layers), n_gpu_layers, True, True)
     try:
-        placed = vram.place([(l.il, k, v) for l, (k, v) in zip(info.layers, kv)], cfg.policy, cfg.budget_bytes,
-                            gpu, vram_bytes, quantized=cache_type not in ("f16", "f32", "bf16"))
-    except vram.VramTooSmall as e:
+        placed = placement.place([(l.il, k, v) for l, (k, v) in zip(info.layers, kv)], cfg.policy,
+                                 cfg.budget_bytes, gpu, vram_bytes, quantized=cache_type not in ("f16", "f32", "bf16"))
+    except placement.VramTooSmall as e:
         raise BudgetError(f"--vram-budget {vram_budget} is below the minimum for this model at this context "
                           f"({format_size(e.args[0])}); give --vram-budget {-(-e.args[0] // 2**20)}M or more, or a "
                           "smaller --ctx-size") from None

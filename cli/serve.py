@@ -15,7 +15,7 @@ from rich.console import Console
 from dualblade.errors import ConfigError
 from dualblade.sizes import format_size
 
-from .chat import ChatOptions, load
+from .common import ChatOptions, load
 
 
 @dataclass

@@ -1,8 +1,6 @@
 """`dualblade.Llama`: llama_cpp.Llama with the KV cache under dualblade's residency module."""
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
 import os
 import time
@@ -12,14 +10,12 @@ from typing import Callable, Optional, Sequence
 import llama_cpp
 import numpy as np
 
-from . import _native
-from . import llama_log
+from . import _native, llama_log, placement, sessions, vram
 from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file, size_arg
 from .errors import KVIOError  # noqa: F401 (re-exported)
-from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, SessionError, StoreError
+from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
-from . import vram
 
 log = logging.getLogger("dualblade")
 
@@ -115,17 +111,17 @@ class Llama(llama_cpp.Llama):
         self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0}
         # the weights are mmap'ed (unless use_mmap=False): auto leaves their working set its page cache; with
         # every layer on a GPU they live in VRAM, and their file pages are read once, at load
-        all_on_gpu = info is not None and vram.all_weights_on_gpu(len(info.layers), kwargs.get("n_gpu_layers", 0),
-                                                                   bool(llama_cpp.llama_supports_gpu_offload()))
+        all_on_gpu = info is not None and placement.all_weights_on_gpu(
+            len(info.layers), kwargs.get("n_gpu_layers", 0), bool(llama_cpp.llama_supports_gpu_offload()))
         mapped = offloaded and kwargs.get("use_mmap", True) and not all_on_gpu
         try:
-            self._kv_session = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
-                                               layout if offloaded else None, force=kv_force,
-                                               reserve_bytes=info.weights_working_set() if mapped else 0,
-                                               verify=kv_verify)
+            self._kv = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
+                                       layout if offloaded else None, force=kv_force,
+                                       reserve_bytes=info.weights_working_set() if mapped else 0,
+                                       verify=kv_verify)
         except _native.SessionError as e:
             raise StoreError(str(e)) from None
-        with self._kv_session.bound(), llama_log.errors() as load_log:
+        with self._kv.bound(), llama_log.errors() as load_log:
             try:
                 super().__init__(model_path, *args, **kwargs)
             except ValueError as e:  # llama_cpp says only "Failed to load model"; llama.cpp's log says why
@@ -133,7 +129,7 @@ class Llama(llama_cpp.Llama):
         if mapped:
             # weights llama.cpp repacked at load live in anonymous memory (the monitor counts that); their
             # file pages are never read again
-            self._kv_session.set_reserve(info.weights_working_set(load_log.buffers.get("CPU_REPACK", 0)))
+            self._kv.set_reserve(info.weights_working_set(load_log.buffers.get("CPU_REPACK", 0)))
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -171,7 +167,7 @@ class Llama(llama_cpp.Llama):
             raise BudgetError(str(e)) from None
         if warning:
             warnings.warn(warning, stacklevel=3)
-        partial = vram.cpu_layers_warning(info.n_layer, kwargs.get("n_gpu_layers", 0))
+        partial = placement.cpu_layers_warning(info.n_layer, kwargs.get("n_gpu_layers", 0))
         if partial:
             warnings.warn(partial, stacklevel=3)
         if vram_budget == vram.AUTO:
@@ -195,16 +191,17 @@ class Llama(llama_cpp.Llama):
         swa_full = kwargs.get("swa_full")
         kv = info.layer_kv_bytes(n_ctx, types[0], types[1], swa_full=True if swa_full is None else swa_full,
                                  n_ubatch=kwargs.get("n_ubatch", 512))
-        gpu = vram.gpu_layers(len(info.layers), kwargs.get("n_gpu_layers", 0), kwargs.get("offload_kqv", True),
-                              bool(llama_cpp.llama_supports_gpu_offload()))
+        gpu = placement.gpu_layers(len(info.layers), kwargs.get("n_gpu_layers", 0), kwargs.get("offload_kqv", True),
+                                   bool(llama_cpp.llama_supports_gpu_offload()))
         try:
-            return vram.place([(l.il, k, v) for l, (k, v) in zip(info.layers, kv)], cfg.policy, cfg.budget_bytes,
-                              gpu, vram_bytes, quantized=any(t not in ("f16", "f32", "bf16") for t in types)).layout
-        except vram.VramTooSmall as e:
+            return placement.place([(l.il, k, v) for l, (k, v) in zip(info.layers, kv)], cfg.policy,
+                                   cfg.budget_bytes, gpu, vram_bytes,
+                                   quantized=any(t not in ("f16", "f32", "bf16") for t in types)).layout
+        except placement.VramTooSmall as e:
             minimum = e.args[0]
             raise BudgetError(f"vram_budget {format_size(vram_bytes)} is below the minimum for this model at "
-                              f"n_ctx={n_ctx} ({format_size(minimum)}: {vram.SLOTS} VRAM slots the streamed layers "
-                              f"take turns in, and the layers too large to share them); give "
+                              f"n_ctx={n_ctx} ({format_size(minimum)}: {placement.VRAM_SLOTS} VRAM slots the streamed "
+                              f"layers take turns in, and the layers too large to share them); give "
                               f"vram_budget='{-(-minimum // 2**20)}M' or more, or a smaller n_ctx") from None
         except ValueError as e:  # sizes no real model has
             raise ModelError(f"{model_path}: {e}; check the model file") from None
@@ -216,7 +213,7 @@ class Llama(llama_cpp.Llama):
 
     def kv_stats(self) -> dict:
         """Placement and I/O counters of the KV cache, as the C module reports them."""
-        st = self._kv_session.stats()
+        st = self._kv.stats()
         st["kv_dir"] = self._kv_config.kv_dir
         st["kv_device"] = self._kv_config.kv_device
         # switched on for offloaded layers although the caller did not ask for it (llama_cpp's default is off)
@@ -233,7 +230,7 @@ class Llama(llama_cpp.Llama):
         and gives the pages of its staging pool back to the system. The pool keeps them otherwise, so that
         staging a layer costs no page faults; the next layer staged faults fresh ones in, as on first use.
         The output does not change. Returns the bytes given back; raises KVIOError after an I/O error."""
-        n = self._kv_session.trim()
+        n = self._kv.trim()
         self._kv_check()
         return n
 
@@ -241,14 +238,14 @@ class Llama(llama_cpp.Llama):
         """Move offloaded layer `layer` to the page-cache ("mmap") or the direct path; it happens
         between graph computations and never changes the output. Under kv_policy="auto" the policy
         may move it again."""
-        self._kv_session.set_path(layer, path)
+        self._kv.set_path(layer, path)
 
     def counters(self) -> dict:
         """Tokens evaluated and sampled so far, and the time spent evaluating (for status lines)."""
         return dict(self._counters)
 
     def _kv_check(self) -> None:
-        err = self._kv_session.error()
+        err = self._kv.error()
         if err:
             self._requires_eval = True  # logits computed from the damaged cache are never sampled
             raise KVIOError(err, "nothing computed from it is returned: call reset() to go on from an empty KV "
@@ -256,10 +253,10 @@ class Llama(llama_cpp.Llama):
 
     def reset(self):
         super().reset()
-        session = getattr(self, "_kv_session", None)
-        if session is not None and session.error():
+        kv = getattr(self, "_kv", None)
+        if kv is not None and kv.error():
             self._ctx.kv_cache_clear()  # nothing read since the error is trusted: forget it all
-            session.clear_error()
+            kv.clear_error()
 
     def eval(self, tokens: Sequence[int]):
         self._kv_check()
@@ -282,13 +279,13 @@ class Llama(llama_cpp.Llama):
     def save_state(self):
         self._kv_check()
         state = super().save_state()
-        self._kv_session.flush()  # the copy is done: release the layers staged for it
+        self._kv.flush()  # the copy is done: release the layers staged for it
         self._kv_check()  # a state copied from a damaged cache is not handed out
         return state
 
     def load_state(self, state) -> None:
         super().load_state(state)
-        self._kv_session.flush()  # write the restored rows back and release them
+        self._kv.flush()  # write the restored rows back and release them
         self._kv_check()
 
     def save_session(self, path: str | os.PathLike, app: bytes | None = None) -> dict:
@@ -300,38 +297,7 @@ class Llama(llama_cpp.Llama):
         session is never replaced.
         `app`: bytes of the caller's own kept with the session (the CLI keeps its messages there).
         Returns the save's counters (KV bytes, strategy). Raises SessionError."""
-        from . import sessions
-
-        path = os.fspath(path)
-        self._kv_check()
-        self._kv_session.flush()  # every row in the store, tails too
-        self._kv_check()
-        ctx = self._ctx.ctx
-        try:
-            _native.session_state_mode(self._kv_session, _native.STATE_SAVE_META)
-        except _native.SessionFileError as e:
-            raise SessionError(str(e)) from None
-        try:
-            size = llama_cpp.llama_state_get_size(ctx)
-            blob = (ctypes.c_uint8 * int(size))()
-            n = llama_cpp.llama_state_get_data(ctx, blob, size)
-        finally:
-            _native.session_state_mode(self._kv_session, _native.STATE_STOCK)
-        if not 0 < int(n) <= int(size):
-            raise SessionError(f"saving {path}: llama.cpp gave no state")
-        desc = sessions.describe(self)
-        sections = {sessions.SEC_LLAMA: bytes(blob)[: int(n)], sessions.SEC_TOKENS: sessions.token_bytes(self),
-                    sessions.SEC_CONTEXT: json.dumps(desc).encode()}
-        if desc["logits_all"]:
-            sections[sessions.SEC_SCORES] = sessions.scores_bytes(self)
-        if app is not None:
-            sections[sessions.SEC_APP] = bytes(app)
-        try:
-            stats = _native.sessionfile_save(self._kv_session, path, sections)
-        except _native.SessionFileError as e:
-            raise SessionError(str(e)) from None
-        self._kv_check()
-        return stats
+        return sessions.save(self, path, app)
 
     def load_session(self, path: str | os.PathLike, verify: bool = False) -> dict:
         """Resume the context saved at `path` (one file, see save_session) on this Llama, which must have
@@ -343,69 +309,40 @@ class Llama(llama_cpp.Llama):
         pinned layers are read and checked now; verify=True reads and checks every block before anything
         changes (a damaged one then raises SessionError). Raises SessionError (the context is then empty).
         Returns the load's counters; the caller's `app` bytes are under "app"."""
-        from . import sessions
+        return sessions.load(self, path, verify)
 
-        path = os.fspath(path)
-        try:
-            f = _native.SessionFile(path)
-        except _native.SessionFileError as e:
-            raise SessionError(str(e)) from None
-        with f:
-            try:
-                saved = json.loads(f.section(sessions.SEC_CONTEXT) or b"")
-                if not isinstance(saved, dict) or not isinstance(saved.get("geometry"), dict):
-                    raise ValueError
-            except ValueError:
-                raise SessionError(f"{path} is damaged (no context description)") from None
-            sessions.check(path, saved, self)
-            if verify:
-                try:
-                    f.verify()
-                except _native.SessionFileError as e:
-                    raise SessionError(str(e)) from None
-            blob = f.section(sessions.SEC_LLAMA) or b""
-            raw = f.section(sessions.SEC_TOKENS) or b""
-            scores = f.section(sessions.SEC_SCORES)
-            tokens = np.frombuffer(raw[: len(raw) // 4 * 4], dtype=np.int32)
-            if (len(raw) % 4 or len(tokens) != saved.get("n_tokens") or len(tokens) > self.n_ctx() or not blob
-                    or (scores is not None and self._logits_all and len(scores) != len(tokens) * self.n_vocab() * 4)):
-                raise SessionError(f"{path} is damaged (token history)")
+    # --- what dualblade.sessions saves and restores besides llama_cpp's public attributes ------------------------
+
+    def _kv_handle(self, flush: bool = False) -> _native.Session:
+        """The KV module's handle (a session file's rows are copied from it and restored into it), once the store
+        is checked (KVIOError); flush: every row written to the store first, tails too."""
+        self._kv_check()
+        if flush:
+            self._kv.flush()
             self._kv_check()
-            ctx = self._ctx.ctx
-            buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-            try:
-                _native.session_state_mode(self._kv_session, _native.STATE_LOAD_META)
-            except _native.SessionFileError as e:
-                raise SessionError(str(e)) from None
-            try:
-                with llama_log.errors() as restore_log:
-                    rc = llama_cpp.llama_state_set_data(ctx, buf, len(blob))
-            finally:
-                _native.session_state_mode(self._kv_session, _native.STATE_STOCK)
-            try:
-                if rc != len(blob):
-                    why = "".join(restore_log).strip().splitlines()
-                    raise SessionError(f"{path} does not fit this context: llama.cpp refused its state"
-                                       f"{': ' + why[-1].strip() if why else ''}")
-                try:
-                    stats = f.restore(self._kv_session)
-                except _native.SessionFileError as e:
-                    raise SessionError(str(e)) from None
-            except SessionError:
-                self._ctx.kv_cache_clear()
-                self.n_tokens = 0
-                raise
-            app = f.section(sessions.SEC_APP)
+        return self._kv
+
+    def _saved_settings(self) -> dict:
+        """What a session keeps besides the geometry: the sampling seed, and whether every position's logits are
+        kept (a loader must keep them too)."""
+        return {"seed": self._seed, "logits_all": bool(self._logits_all)}
+
+    def _restore_history(self, tokens: np.ndarray, scores: np.ndarray | None, seed: int | None) -> None:
+        """The token history of a restored context (and its logits, with logits_all), and its seed; the logits of
+        the last token are not restored: it is evaluated again before the next sample."""
         n = len(tokens)
         self.input_ids[:n] = tokens
         self.n_tokens = n
-        if scores is not None and self._logits_all:
-            self.scores[:n, :] = np.frombuffer(scores, dtype=np.float32).reshape(n, -1)
-        if saved.get("seed") is not None:
-            self._seed = saved["seed"]
+        if scores is not None:
+            self.scores[:n, :] = scores
+        if seed is not None:
+            self._seed = seed
         self._requires_eval = True
-        stats["app"] = app
-        return stats
+
+    def _clear_context(self) -> None:
+        """No token and no KV cell: what a restore that failed half way leaves."""
+        self._ctx.kv_cache_clear()
+        self.n_tokens = 0
 
     def sample(self, *args, **kwargs):
         token = super().sample(*args, **kwargs)
@@ -413,18 +350,18 @@ class Llama(llama_cpp.Llama):
         return token
 
     def close(self) -> None:
-        session = getattr(self, "_kv_session", None)
-        live = session is not None and getattr(session, "_h", None)
+        kv = getattr(self, "_kv", None)
+        live = kv is not None and getattr(kv, "_h", None)
         if live:
-            session.flush()  # tails included: what the store holds is complete
+            kv.flush()  # tails included: what the store holds is complete
         if hasattr(self, "_stack"):  # __init__ may have stopped before the parent set up
             super().close()
         if live:
             # nothing of the conversation stays on a device: its written range is discarded (or zeroed)
-            rc = session.wipe(zero=getattr(self, "_kv_wipe", False))
+            rc = kv.wipe(zero=getattr(self, "_kv_wipe", False))
             if rc < 0 and self._kv_config.kv_device:
                 warnings.warn(f"KV device {self._kv_config.kv_device} could not discard what it held "
                               f"({os.strerror(-rc)}): the conversation stays on it until overwritten; pass "
                               "kv_wipe=True to overwrite it with zeros at close", stacklevel=2)
-        if session is not None:
-            session.release()
+        if kv is not None:
+            kv.release()

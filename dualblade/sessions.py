@@ -2,17 +2,23 @@
 
 The file (native/src/sessionfile.c) holds the KV rows of every layer, llama.cpp's metadata-only state
 (the cells at their indices, the head), the token history, and a description of the model and the KV
-geometry (CONTEXT, JSON) that a loader must match.
+geometry (CONTEXT, JSON) that a loader must match. save and load are Llama.save_session and load_session;
+they use a Llama's public attributes and the few internals it lends for it (Llama._kv_handle and its
+neighbours).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import time
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 
+from . import _native, llama_log
 from .errors import SessionError
 
 # section kinds of the embedding program (the module's own are below 16)
@@ -40,10 +46,96 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return sessions_dir() / (s + SUFFIX)
 
 
+def save(llm, path: str | os.PathLike, app: bytes | None = None) -> dict:
+    """Llama.save_session (its docstring says what the file holds and how it is written)."""
+    path = os.fspath(path)
+    kv = llm._kv_handle(flush=True)  # every row in the store, tails too
+    with _state_mode(kv, _native.STATE_SAVE_META):  # llama.cpp's state without the rows: they go by the store
+        size = llama_cpp.llama_state_get_size(llm.ctx)
+        blob = (ctypes.c_uint8 * int(size))()
+        n = llama_cpp.llama_state_get_data(llm.ctx, blob, size)
+    if not 0 < int(n) <= int(size):
+        raise SessionError(f"saving {path}: llama.cpp gave no state")
+    desc = describe(llm)
+    sections = {SEC_LLAMA: bytes(blob)[: int(n)], SEC_TOKENS: token_bytes(llm),
+                SEC_CONTEXT: json.dumps(desc).encode()}
+    if desc["logits_all"]:
+        sections[SEC_SCORES] = scores_bytes(llm)
+    if app is not None:
+        sections[SEC_APP] = bytes(app)
+    with _file_errors():
+        stats = _native.sessionfile_save(kv, path, sections)
+    llm._kv_check()
+    return stats
+
+
+def load(llm, path: str | os.PathLike, verify: bool = False) -> dict:
+    """Llama.load_session (its docstring says what must match and what is checked when)."""
+    path = os.fspath(path)
+    with _file_errors():
+        f = _native.SessionFile(path)
+    with f:
+        try:
+            saved = json.loads(f.section(SEC_CONTEXT) or b"")
+            if not isinstance(saved, dict) or not isinstance(saved.get("geometry"), dict):
+                raise ValueError
+        except ValueError:
+            raise SessionError(f"{path} is damaged (no context description)") from None
+        check(path, saved, llm)
+        if verify:
+            with _file_errors():
+                f.verify()
+        logits_all = llm._saved_settings()["logits_all"]
+        blob = f.section(SEC_LLAMA) or b""
+        raw = f.section(SEC_TOKENS) or b""
+        scores = f.section(SEC_SCORES)
+        tokens = np.frombuffer(raw[: len(raw) // 4 * 4], dtype=np.int32)
+        if (len(raw) % 4 or len(tokens) != saved.get("n_tokens") or len(tokens) > llm.n_ctx() or not blob
+                or (scores is not None and logits_all and len(scores) != len(tokens) * llm.n_vocab() * 4)):
+            raise SessionError(f"{path} is damaged (token history)")
+        kv = llm._kv_handle()
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        with _state_mode(kv, _native.STATE_LOAD_META), llama_log.errors() as restore_log:
+            rc = llama_cpp.llama_state_set_data(llm.ctx, buf, len(blob))
+        try:
+            if rc != len(blob):
+                why = "".join(restore_log).strip().splitlines()
+                raise SessionError(f"{path} does not fit this context: llama.cpp refused its state"
+                                   f"{': ' + why[-1].strip() if why else ''}")
+            with _file_errors():
+                stats = f.restore(kv)
+        except SessionError:
+            llm._clear_context()
+            raise
+        app = f.section(SEC_APP)
+    llm._restore_history(tokens, np.frombuffer(scores, dtype=np.float32).reshape(len(tokens), -1)
+                         if scores is not None and logits_all else None, saved.get("seed"))
+    stats["app"] = app
+    return stats
+
+
+@contextlib.contextmanager
+def _state_mode(kv, mode: int):
+    """llama.cpp's state calls in the block see the KV module in `mode` (_native.STATE_*), stock after."""
+    with _file_errors():
+        _native.session_state_mode(kv, mode)
+    try:
+        yield
+    finally:
+        _native.session_state_mode(kv, _native.STATE_STOCK)
+
+
+@contextlib.contextmanager
+def _file_errors():
+    """The C module's session file errors, as SessionError."""
+    try:
+        yield
+    except _native.SessionFileError as e:
+        raise SessionError(str(e)) from None
+
+
 def geometry(llm) -> dict:
     """What a saved KV depends on besides the model: the loader must have the same."""
-    import llama_cpp
-
     cp = llm.context_params
     return {
         "n_ctx": int(llm.n_ctx()),
@@ -67,6 +159,7 @@ def describe(llm) -> dict:
     from .gguf_header import header_digest, read_metadata
 
     name = read_metadata(llm.model_path).get("general.name")
+    settings = llm._saved_settings()
     return {
         "format": FORMAT,
         "model": header_digest(llm.model_path),
@@ -74,8 +167,8 @@ def describe(llm) -> dict:
         "model_file": Path(llm.model_path).name,
         "geometry": geometry(llm),
         "n_tokens": int(llm.n_tokens),
-        "seed": int(llm._seed) if llm._seed is not None else None,
-        "logits_all": bool(llm._logits_all),
+        "seed": int(settings["seed"]) if settings["seed"] is not None else None,
+        "logits_all": settings["logits_all"],
         "saved": time.time(),
     }
 
@@ -108,7 +201,7 @@ def check(path, saved: dict, llm) -> None:
             show = (lambda v: GGML_TYPE_NAMES.get(v, v)) if key in ("type_k", "type_v") else (lambda v: v)
             raise SessionError(f"{path} was saved with {label}={show(want)}, this Llama has {label}="
                                f"{show(have[key])}; create it with {label}={show(want)}")
-    if saved.get("logits_all") and not llm._logits_all:
+    if saved.get("logits_all") and not llm._saved_settings()["logits_all"]:
         raise SessionError(f"{path} was saved with logits_all=True; create the Llama with logits_all=True")
 
 
@@ -123,8 +216,6 @@ def scores_bytes(llm) -> bytes:
 def info(path) -> dict:
     """Name, model, tokens, size, last used of the session file at path (header and sections only);
     SessionError for a file that is not a usable session."""
-    from . import _native
-
     try:
         with _native.SessionFile(os.fspath(path)) as f:
             saved = json.loads(f.section(SEC_CONTEXT) or b"{}")
@@ -183,8 +274,6 @@ def remove(name_or_path, wipe: bool = False) -> Path:
 
 def verify(name_or_path) -> dict:
     """Reads every KV block of a saved session once and checks its CRC-32C; SessionError names a bad one."""
-    from . import _native
-
     path = resolve(name_or_path)
     try:
         with _native.SessionFile(os.fspath(path)) as f:

@@ -18,11 +18,12 @@ import subprocess
 import sys
 import time
 
-from dualblade import Llama, cgroup
+from dualblade import Llama
+from dualblade.bench import cgroup
 
 ALLOCATOR = r"""
 import mmap, sys
-from dualblade import cgroup
+from dualblade.bench import cgroup
 n = int(sys.argv[1])
 m = mmap.mmap(-1, n << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 chunk = b"\x5a" * (1 << 20)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from dualblade import cgroup
+from dualblade.bench import cgroup
 from conftest import assert_user_error, init_ext4, run_cli
 
 POLICIES = ["stock", "ram", "mmap", "direct", "direct-noverify", "auto"]  # every policy, plotted too

@@ -6,7 +6,7 @@ import llama_cpp
 import pytest
 from rich.console import Console
 
-from dualblade import bench, bench_cell
+from dualblade.bench import cell, gpu, matrix
 from conftest import assert_user_error, run_cli
 
 GiB = 1 << 30
@@ -36,15 +36,15 @@ def test_ngl_rule():
     # 4 layers of 100 MB weights, 50 MB KV each; output layer 30 MB
     blocks, kv = [100 * MiB] * 4, [50 * MiB] * 4
     # the whole KV fits: everything on the GPU (n_layer + 1)
-    assert bench.ngl_fit(blocks, kv, 30 * MiB, 200 * MiB) == 5
+    assert gpu.ngl_fit(blocks, kv, 30 * MiB, 200 * MiB) == 5
     # 25% of the KV (50 MB): 4 layers' KV does not fit; 3 layers cost 3 x 150 <= 400 + 50: n = 1 + 3
-    assert bench.ngl_fit(blocks, kv, 30 * MiB, 50 * MiB) == 4
+    assert gpu.ngl_fit(blocks, kv, 30 * MiB, 50 * MiB) == 4
     # no VRAM for KV at all: 2 layers on the GPU still fit (the other two's weights pay for their KV)
-    assert bench.ngl_fit(blocks, kv, 30 * MiB, 0) == 3
+    assert gpu.ngl_fit(blocks, kv, 30 * MiB, 0) == 3
     # KV far heavier than the weights: fewer layers
-    assert bench.ngl_fit([10 * MiB] * 4, [100 * MiB] * 4, 5 * MiB, 100 * MiB) == 2  # output + 1 layer
-    assert bench.ngl_fit([10 * MiB] * 4, [100 * MiB] * 4, 5 * MiB, 50 * MiB) == 1   # output only
-    assert bench.ngl_fit([], [], 0, 0) == 1
+    assert gpu.ngl_fit([10 * MiB] * 4, [100 * MiB] * 4, 5 * MiB, 100 * MiB) == 2  # output + 1 layer
+    assert gpu.ngl_fit([10 * MiB] * 4, [100 * MiB] * 4, 5 * MiB, 50 * MiB) == 1   # output only
+    assert gpu.ngl_fit([], [], 0, 0) == 1
 
 
 def test_ngl_from_the_gguf_table(tiny_path):
@@ -53,26 +53,26 @@ def test_ngl_from_the_gguf_table(tiny_path):
     info = model_info(tiny_path)
     kv_total = sum(info.layer_bytes(2048))
     n_layer = len(info.layers)
-    assert bench.ngl_for_budget(info, 2048, kv_total) == n_layer + 1
-    assert 1 <= bench.ngl_for_budget(info, 2048, kv_total // 4) <= n_layer
-    assert bench.host_weights(info, 10**12) == info.tensor_bytes["token_embd.weight"]
+    assert gpu.ngl_for_budget(info, 2048, kv_total) == n_layer + 1
+    assert 1 <= gpu.ngl_for_budget(info, 2048, kv_total // 4) <= n_layer
+    assert gpu.host_weights(info, 10**12) == info.tensor_bytes["token_embd.weight"]
 
 
 def test_host_limits():
     w, hw, kv, host, ov = 1300 * MiB, 280 * MiB, GiB, 256 * MiB, 900 * MiB
     for p in ("mmap", "direct", "auto"):
-        assert bench.gpu_cell_limit(p, w, hw, kv, host, ov) == hw + host + ov
+        assert gpu.gpu_cell_limit(p, w, hw, kv, host, ov) == hw + host + ov
     for p in ("vram", "nkvo", "nkvo-fa", "ngl", "ram"):
-        assert bench.gpu_cell_limit(p, w, hw, kv, host, ov) == w + kv + ov
+        assert gpu.gpu_cell_limit(p, w, hw, kv, host, ov) == w + kv + ov
 
 
 def test_policies_agree_between_the_bench_and_its_cells():
-    assert set(bench.GPU_STOCK) == set(bench_cell.GPU_STOCK)
-    assert set(bench.GPU_REFERENCE) <= set(bench.GPU_STOCK) <= set(bench.GPU_POLICIES)
+    assert set(matrix.GPU_STOCK) == set(cell.GPU_STOCK)
+    assert set(gpu.GPU_REFERENCE) <= set(matrix.GPU_STOCK) <= set(matrix.GPU_POLICIES)
 
 
 def _row(policy, budget, **kw):
-    r = {"policy": policy, "budget": budget, "budget_bytes": None if budget == bench.REF_LABEL else 256 * MiB,
+    r = {"policy": policy, "budget": budget, "budget_bytes": None if budget == gpu.REF_LABEL else 256 * MiB,
          "status": "ok", "ok_runs": 1, "runs": 1, "limit_bytes": None}
     r.update(kw)
     return r
@@ -94,7 +94,7 @@ ROWS = [
 
 
 def test_gpu_ratios():
-    (e,) = bench.gpu_ratios(ROWS, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    (e,) = gpu.gpu_ratios(ROWS, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
     assert e["auto_vs_mmap_decode"] == pytest.approx(3.0)
     assert e["auto_vs_mmap_prefill"] == pytest.approx(2.0)
     assert e["auto_io_bound_ms"] == pytest.approx(250.0)  # 0.25 GiB at 1 GiB/s
@@ -111,22 +111,22 @@ def test_gpu_ratios():
 def test_gpu_ratios_storage_bandwidth_is_the_best_seen():
     # a cell read at 2 GiB/s while decoding: a 1 GiB/s probe undershot, and the bound uses the 2 GiB/s
     rows = ROWS + [_row("direct", "25%", ttft_s=9.0, decode_ms=200.0, read_gib_s=2.0)]
-    (e,) = bench.gpu_ratios(rows, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    (e,) = gpu.gpu_ratios(rows, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
     assert e["storage_gib_s"] == 2.0 and e["storage_gib_s_from"] == "the fastest cell"
     assert e["auto_io_bound_ms"] == pytest.approx(125.0) and e["auto_vs_bound"] == pytest.approx(2.4)
     failed = [dict(r, status="timeout") if r["policy"] == "direct" else r for r in rows]
-    (e,) = bench.gpu_ratios(failed, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    (e,) = gpu.gpu_ratios(failed, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
     assert e["storage_gib_s"] == 1.0 and e["storage_gib_s_from"] == "probe"
 
 
 def test_gpu_ratios_without_copy_probe_or_cells():
-    (e,) = bench.gpu_ratios(ROWS, ["25%"], read_gib_s=1.0, h2d_gib_s=None, gen_tokens=GEN)
+    (e,) = gpu.gpu_ratios(ROWS, ["25%"], read_gib_s=1.0, h2d_gib_s=None, gen_tokens=GEN)
     assert e["auto_copy_bound_ms"] is None and not e["auto_bound_complete"]
     assert e["ram_bound_ms"] == pytest.approx(2.0) and not e["ram_bound_complete"]  # compute term only
     failed = [dict(r, status="OOM-killed") if r["policy"] == "mmap" else r for r in ROWS]
-    (e,) = bench.gpu_ratios(failed, ["25%"], 1.0, 50.0, GEN)
+    (e,) = gpu.gpu_ratios(failed, ["25%"], 1.0, 50.0, GEN)
     assert "auto_vs_mmap_decode" not in e and "auto_vs_bound" in e
-    (e,) = bench.gpu_ratios([], ["25%"], 1.0, 50.0, GEN)
+    (e,) = gpu.gpu_ratios([], ["25%"], 1.0, 50.0, GEN)
     assert e == {"budget": "25%", "vram_decode_ms": None, "vram_ttft_s": None}
 
 
@@ -147,7 +147,7 @@ def _gpu_result():
            "machine": {"gpu": {"name": "NVIDIA H200"}}, "host_budget": {"label": "25%", "bytes": 256 * MiB},
            "probe": {"read_gib_s": 1.5}, "copy_probe": {"h2d_gib_s": 50.0, "d2h_gib_s": 45.0},
            "location": {"path": "/tmp"}, "memory_enforced": True, "overhead_bytes": 900 * MiB,
-           "ratios": bench.gpu_ratios(ROWS, ["25%"], 1.5, 50.0, GEN)}
+           "ratios": gpu.gpu_ratios(ROWS, ["25%"], 1.5, 50.0, GEN)}
     res["rows"] = rows
     return res
 

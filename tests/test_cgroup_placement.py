@@ -1,8 +1,8 @@
-"""Where dualblade.cgroup makes its memory-limited children under cgroup v2 (a tree of real directories
+"""Where dualblade.bench.cgroup makes its memory-limited children under cgroup v2 (a tree of real directories
 standing in for /sys/fs/cgroup: the rule is about which group delegates "memory", not about the kernel)."""
 from __future__ import annotations
 
-from dualblade import cgroup
+from dualblade.bench import cgroup
 
 
 def _group(path, delegates: bool):

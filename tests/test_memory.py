@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dualblade import cgroup
+from dualblade.bench import cgroup
 from dualblade.gguf_header import model_info
 
 pytestmark = pytest.mark.skipif(cgroup.available() is not None, reason=f"no memory cgroup: {cgroup.available()}")

@@ -50,9 +50,9 @@ def test_kv_wipe_zeroes_the_file_before_it_goes(tiny_path, tmp_path):
     llm = tiny_direct(tiny_path, kv_dir=str(tmp_path), kv_wipe=True)
     try:
         llm.eval(llm.tokenize(TEXT))
-        llm._kv_session.flush()
+        llm._kv.flush()
         (fd,) = _kv_fds(tmp_path)
-        spy = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # outlives the session's descriptor
+        spy = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # outlives the KV store's descriptor
     finally:
         llm.close()
     try:
@@ -94,7 +94,7 @@ def test_device_holds_nothing_after_close(tiny_path, make_loop, wipe):
     llm = tiny_direct(tiny_path, kv_device=dev, kv_wipe=wipe)
     try:
         llm.eval(llm.tokenize(TEXT))
-        llm._kv_session.flush()
+        llm._kv.flush()
         assert _data_written(dev) > 0  # the conversation is on the device while it runs
     finally:
         llm.close()
@@ -108,7 +108,7 @@ def test_device_left_by_a_crash_is_cleared_when_next_opened(tiny_path, make_loop
     crash = ("import os, sys\nfrom dualblade import Llama\n"
              f"llm = Llama({str(tiny_path)!r}, n_ctx={TINY_DIRECT_CTX}, mem_budget={tiny_direct_budget(tiny_path)}, "
              f"kv_policy='direct', kv_device={dev!r}, verbose=False)\n"
-             f"llm.eval(llm.tokenize({TEXT!r}))\nllm._kv_session.flush()\nos._exit(0)  # no close: as a crash\n")
+             f"llm.eval(llm.tokenize({TEXT!r}))\nllm._kv.flush()\nos._exit(0)  # no close: as a crash\n")
     r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert _data_written(dev) > 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import device_header, dualblade_exe, min_budget, run_cli
-from dualblade import cgroup
+from dualblade.bench import cgroup
 from dualblade.gguf_header import model_info
 
 MiB = 1 << 20

@@ -209,14 +209,14 @@ def test_counters_match_the_layout(tiny_path, tmp_path):
         up = lambda x: -(-x // blk) * blk  # noqa: E731
 
         llm.eval(llm.tokenize(b"x " * 400)[:n])
-        llm._kv_session.flush()
+        llm._kv.flush()
         st = llm.kv_stats()
         assert st["bytes_read"] == 0  # nothing was on storage yet
         assert st["bytes_written"] == sum(up(n * rk) + up(n * rv) for rk, rv in rows)
         written0 = st["bytes_written"]
 
         llm.eval([42])  # one decode step
-        llm._kv_session.flush()
+        llm._kv.flush()
         st = llm.kv_stats()
         assert st["bytes_read"] == sum(up(n * rk) + up(n * rv) for rk, rv in rows)
         step_written = st["bytes_written"] - written0
@@ -230,7 +230,7 @@ def test_counters_match_the_layout(tiny_path, tmp_path):
         written1, m, steps = st["bytes_written"], n + 1, 24
         for t in range(steps):
             llm.eval([40 + t])
-        llm._kv_session.flush()
+        llm._kv.flush()
         st = llm.kv_stats()
         once = sum(up((m + steps) * r) - (m * r) // blk * blk for rk, rv in rows for r in (rk, rv))
         assert st["bytes_written"] - written1 == once
@@ -246,7 +246,7 @@ def test_clear_does_not_rewrite_storage(tiny_path, tmp_path):
         llm.eval(llm.tokenize(b"hello " * 300))
         # the pipeline at rest first: the worker may still be writing back the prompt's last rows, which are
         # not the clear's doing (seen: 72 KiB of them landing between the two snapshots, 2 runs in 12)
-        llm._kv_session.flush()
+        llm._kv.flush()
         before = llm.kv_stats()
         llm._ctx.kv_cache_clear()
         llm.reset()

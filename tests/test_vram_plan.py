@@ -1,47 +1,48 @@
-"""The VRAM tier's plan (dualblade/vram.py): which GPU layers stay in VRAM and which are streamed.
+"""The VRAM tier's plan (dualblade/placement.py): which GPU layers stay in VRAM and which are streamed; the
+VRAM a budget may take (dualblade/vram.py).
 
 Pure arithmetic, checked on every machine; the GPU itself is exercised by tests/test_gpu.py."""
 from __future__ import annotations
 
 import pytest
 
-from dualblade import vram
+from dualblade import placement, vram
 
 MiB = 1 << 20
 
 
 def test_gpu_layers_follow_llama_cpp():
     # llama_model::dev_layer: the last n_gpu_layers layers, the input layer counted (n_layer + 1)
-    assert vram.gpu_layers(8, -1, True, True) == set(range(8))
-    assert vram.gpu_layers(8, 99, True, True) == set(range(8))
-    assert vram.gpu_layers(8, 9, True, True) == set(range(8))
-    assert vram.gpu_layers(8, 4, True, True) == {5, 6, 7}
-    assert vram.gpu_layers(8, 1, True, True) == set()
-    assert vram.gpu_layers(8, 0, True, True) == set()
-    assert vram.gpu_layers(8, -1, False, True) == set()  # offload_kqv=False: the KV stays on the host
-    assert vram.gpu_layers(8, -1, True, False) == set()  # no GPU
+    assert placement.gpu_layers(8, -1, True, True) == set(range(8))
+    assert placement.gpu_layers(8, 99, True, True) == set(range(8))
+    assert placement.gpu_layers(8, 9, True, True) == set(range(8))
+    assert placement.gpu_layers(8, 4, True, True) == {5, 6, 7}
+    assert placement.gpu_layers(8, 1, True, True) == set()
+    assert placement.gpu_layers(8, 0, True, True) == set()
+    assert placement.gpu_layers(8, -1, False, True) == set()  # offload_kqv=False: the KV stays on the host
+    assert placement.gpu_layers(8, -1, True, False) == set()  # no GPU
 
 
 def test_layers_left_on_the_cpu_are_said():
-    assert vram.cpu_layers_warning(8, -1) is None
-    assert vram.cpu_layers_warning(8, 99) is None
-    assert vram.cpu_layers_warning(8, 9) is None  # 8 layers + the output layer
-    assert vram.cpu_layers_warning(8, 8).startswith("n_gpu_layers=8 leaves 1 of 8 layers on the CPU")
-    assert "leaves 5 of 8 layers" in vram.cpu_layers_warning(8, 4)  # the output layer and the last 3
-    assert "leaves 8 of 8 layers" in vram.cpu_layers_warning(8, 1)
+    assert placement.cpu_layers_warning(8, -1) is None
+    assert placement.cpu_layers_warning(8, 99) is None
+    assert placement.cpu_layers_warning(8, 9) is None  # 8 layers + the output layer
+    assert placement.cpu_layers_warning(8, 8).startswith("n_gpu_layers=8 leaves 1 of 8 layers on the CPU")
+    assert "leaves 5 of 8 layers" in placement.cpu_layers_warning(8, 4)  # the output layer and the last 3
+    assert "leaves 8 of 8 layers" in placement.cpu_layers_warning(8, 1)
 
 
 def test_no_budget_or_room_for_everything_is_stock():
     kv = {i: (8 * MiB, 8 * MiB) for i in range(8)}
     for budget in (None, 128 * MiB, 10**12):
-        p = vram.plan(kv, set(kv), budget)
+        p = placement.plan_vram(kv, set(kv), budget)
         assert p.resident == frozenset(kv) and not p.streamed and p.slots == 0 and p.vram_bytes == 128 * MiB
 
 
 def test_a_tight_budget_streams_and_holds():
     kv = {i: (8 * MiB, 8 * MiB) for i in range(8)}
     for budget in (32 * MiB, 48 * MiB, 64 * MiB, 100 * MiB, 127 * MiB):
-        p = vram.plan(kv, set(kv), budget)
+        p = placement.plan_vram(kv, set(kv), budget)
         assert p.vram_bytes <= budget, (budget, p)
         assert p.resident | p.streamed == frozenset(kv) and not p.resident & p.streamed
         assert p.slots == 2 and p.slot_bytes == 16 * MiB and p.minimum == 32 * MiB
@@ -52,19 +53,19 @@ def test_a_tight_budget_streams_and_holds():
 def test_largest_layers_stay_resident():
     # iSWA-like: two global layers of 64 MiB, six windowed layers of 4 MiB
     kv = {i: ((32 if i in (2, 5) else 2) * MiB,) * 2 for i in range(8)}
-    p = vram.plan(kv, set(kv), 136 * MiB)  # both global layers resident: the slots shrink to a small layer's
+    p = placement.plan_vram(kv, set(kv), 136 * MiB)  # both global layers resident: the slots shrink to a small layer's
     assert p.resident == {2, 5} and p.slot_bytes == 4 * MiB and p.vram_bytes == 136 * MiB
-    p = vram.plan(kv, set(kv), 140 * MiB)  # and one small layer more
+    p = placement.plan_vram(kv, set(kv), 140 * MiB)  # and one small layer more
     assert {2, 5} < p.resident and len(p.streamed) == 5 and p.vram_bytes == 140 * MiB
-    p = vram.plan(kv, set(kv), 130 * MiB)  # one global layer resident would need slots of the other's size
+    p = placement.plan_vram(kv, set(kv), 130 * MiB)  # one global layer resident would need slots of the other's size
     assert p.resident == set() and p.slot_bytes == 64 * MiB and p.vram_bytes == 128 * MiB
     assert p.minimum == 128 * MiB
-    assert vram.plan(kv, set(kv), 100 * MiB).vram_bytes > 100 * MiB  # below it: Llama raises BudgetError
+    assert placement.plan_vram(kv, set(kv), 100 * MiB).vram_bytes > 100 * MiB  # below it: Llama raises BudgetError
 
 
 def test_below_the_minimum_cannot_hold():
     kv = {i: (8 * MiB, 8 * MiB) for i in range(8)}
-    p = vram.plan(kv, set(kv), 31 * MiB)
+    p = placement.plan_vram(kv, set(kv), 31 * MiB)
     assert p.vram_bytes > 31 * MiB and p.minimum == 32 * MiB  # Llama raises BudgetError naming 32M
 
 
@@ -72,7 +73,7 @@ def test_below_the_minimum_cannot_hold():
 def test_slots_leave_room_for_padded_rows(quantized, span):
     # a GPU buffer pads quantized rows past the tensor's end: vram.c maps a granule more when exactly full
     kv = {i: (8 * MiB, 8 * MiB) for i in range(4)}
-    assert vram.plan(kv, set(kv), 40 * MiB, quantized=quantized).slot_bytes == span
+    assert placement.plan_vram(kv, set(kv), 40 * MiB, quantized=quantized).slot_bytes == span
 
 
 # --- the budget against the free VRAM (the GPUs are given: the arithmetic, on the real model's tensor table) ---

@@ -19,7 +19,7 @@ mkdir -p /tmp/site/dualblade/cli && cp -r build/cuda/install/. /tmp/site/ && cp 
 export PYTHONPATH=/tmp/site
 # memory limits for the benchmark's cells (cgroup v2): the command's group offers "memory" but holds our
 # processes, and a group with processes cannot delegate a controller ("no internal processes"); move every
-# process into a leaf, then delegate memory: dualblade.cgroup puts its children beside the leaf
+# process into a leaf, then delegate memory: dualblade.bench.cgroup puts its children beside the leaf
 cg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)
 if [ -w "$cg/cgroup.subtree_control" ] && ! grep -qw memory "$cg/cgroup.subtree_control"; then
     mkdir -p "$cg/leaf" && for p in $(cat "$cg/cgroup.procs"); do echo "$p" >"$cg/leaf/cgroup.procs" 2>/dev/null; done

@@ -1,0 +1,129 @@
+"""The placement plan across the tiers: VRAM (GPU builds), pinned RAM, page cache, direct.
+
+`place` is the one place it is made (dualblade.Llama and `dualblade info` ask it): the VRAM tier's plan
+(`plan_vram`) picks which GPU layers keep their KV in VRAM and which are streamed, then the C module's host
+plan (`_native.plan`) places every layer VRAM does not keep.
+
+A streamed layer's KV lives on its host path (pinned RAM, page cache or direct) and is copied into one
+of a few VRAM slots before the layer computes (native/src/vram.c). Slots cost what resident layers cost,
+and a resident layer costs no copy at all, so VRAM goes to residency first: the largest layers that fit
+the budget once the slots are reserved. How much VRAM a budget may take is dualblade/vram.py's question.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import _native
+
+GRANULARITY = 2 << 20  # CUDA VMM's allocation granularity on current GPUs (the C module asks the driver)
+VRAM_SLOTS = 2         # DBLADE_VRAM_SLOTS: a layer computes in one while the next one's copy waits
+
+
+def slots_wanted(n_streamed: int) -> int:
+    """Slots the plan reserves, as the C module counts them by default. (DUALBLADE_VRAM_SLOTS, a debug
+    setting the C module reads, may give the layers more, beyond the budget: 0 is one per layer, the
+    oracle for ordering bugs.)"""
+    return min(VRAM_SLOTS, n_streamed)
+
+
+DEVICE_PAD = 4096  # room for the padding a GPU buffer adds after quantized rows (vram.c)
+
+
+def _span(k: int, v: int, quantized: bool) -> int:
+    """VRAM of one slot for a layer of K and V bytes, as vram.c maps it."""
+    pad = DEVICE_PAD if quantized else 0
+    up = lambda x: -(-(x + pad) // GRANULARITY) * GRANULARITY  # noqa: E731
+    return up(k) + up(v)
+
+
+def gpu_layers(n_layer: int, n_gpu_layers: int, offload_kqv: bool, gpu_offload: bool) -> set[int]:
+    """The layers whose KV llama.cpp puts on the GPU: the last n_gpu_layers (llama_model::dev_layer)."""
+    if not gpu_offload or not offload_kqv or n_gpu_layers == 0:
+        return set()
+    ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    start = max(n_layer + 1 - ngl, 0)
+    return {il for il in range(n_layer) if il >= start}
+
+
+def all_weights_on_gpu(n_layer: int, n_gpu_layers: int, gpu_offload: bool) -> bool:
+    """Every layer and the output matrix on the GPU (n_gpu_layers counts the output layer too)."""
+    return gpu_offload and (n_gpu_layers < 0 or n_gpu_layers > n_layer)
+
+
+def cpu_layers_warning(n_layer: int, n_gpu_layers: int) -> str | None:
+    """With a vram_budget: what to say when n_gpu_layers leaves layers on the CPU (None when none is left)."""
+    on_gpu = n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
+    left = n_layer - max(on_gpu - 1, 0)  # n_gpu_layers counts the output layer first
+    if left <= 0:
+        return None
+    return (f"n_gpu_layers={n_gpu_layers} leaves {left} of {n_layer} layers on the CPU: vram_budget applies to the "
+            f"GPU's layers only, and those {left} keep their KV in the host tiers (mem_budget), their attention on "
+            "the CPU; pass n_gpu_layers=-1 to put every layer on the GPU")
+
+
+@dataclass(frozen=True)
+class VramPlan:
+    resident: frozenset   # layers in VRAM as stock
+    streamed: frozenset   # layers copied into a slot per pass
+    slots: int
+    slot_bytes: int
+    vram_bytes: int       # resident KV + slots: what the budget holds
+    minimum: int          # the smallest budget that runs (every GPU layer streamed)
+
+
+def plan_vram(kv: dict[int, tuple[int, int]], gpu: set[int], vram_budget: int | None,
+              quantized: bool = False) -> VramPlan:
+    """kv: {layer: (K bytes, V bytes)}; quantized: a block-quantized K or V type (q8_0, q4_0: GPU buffers
+    pad their rows). No budget: every GPU layer resident (stock)."""
+    layers = sorted(gpu, key=lambda il: (-(kv[il][0] + kv[il][1]), il))
+    spans = {il: _span(*kv[il], quantized) for il in layers}
+    size = {il: kv[il][0] + kv[il][1] for il in layers}
+    everything = sum(size.values())
+
+    def need(resident: list[int]) -> int:  # VRAM of a plan: resident layers and the others' slots
+        rest = [x for x in layers if x not in resident]
+        return sum(size[x] for x in resident) + slots_wanted(len(rest)) * max((spans[x] for x in rest), default=0)
+
+    # the k largest layers resident shrink the slots to the (k+1)-th's size: the smallest need is the minimum
+    needs = [need(layers[:k]) for k in range(len(layers) + 1)]
+    minimum = min(needs)
+    if vram_budget is None or everything <= vram_budget:
+        return VramPlan(frozenset(layers), frozenset(), 0, 0, everything, minimum)
+    # the most bytes resident among the prefixes that fit, then any smaller layer that still fits
+    fits = [k for k in range(len(layers)) if needs[k] <= vram_budget]
+    resident = list(layers[:max(fits, key=lambda k: (sum(size[x] for x in layers[:k]), -k))]) if fits else []
+    for il in layers[len(resident):]:
+        if fits and need(resident + [il]) <= vram_budget:
+            resident.append(il)
+    streamed = [x for x in layers if x not in resident]
+    n_slots = slots_wanted(len(streamed))
+    slot_bytes = max((spans[x] for x in streamed), default=0)
+    return VramPlan(frozenset(resident), frozenset(streamed), n_slots, slot_bytes, need(resident), minimum)
+
+
+class VramTooSmall(ValueError):
+    """vram_budget is below the minimum (args[0]) this model needs at this context."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    layout: list          # [(layer, path, K bytes, V bytes, streamed)]; path "vram": in VRAM as stock
+    vram: VramPlan
+    staging_bytes: int    # what the direct path stages (the host plan's)
+
+
+def place(kv: list[tuple[int, int, int]], policy: str, budget: int | None, gpu: set[int] = frozenset(),
+          vram_budget: int | None = None, quantized: bool = False) -> Placement:
+    """kv: [(layer, K bytes, V bytes)]; gpu: the layers llama.cpp puts on a GPU (gpu_layers).
+    Raises VramTooSmall(minimum), and MemoryError(minimum) / ValueError from the host plan (_native.plan)."""
+    by_il = {il: (k, v) for il, k, v in kv}
+    vplan = plan_vram(by_il, {il for il in gpu if il in by_il}, vram_budget, quantized)
+    if vram_budget is not None and vplan.vram_bytes > vram_budget:
+        raise VramTooSmall(vplan.minimum)
+    # the host plan places every layer VRAM does not keep: CPU layers and the streamed ones' host copies
+    host = [(il, k, v) for il, k, v in kv if il not in vplan.resident]
+    if budget is None:  # no host budget: every host copy pinned
+        policy = "ram"
+    paths, staging = _native.plan(policy, budget, [k + v for _, k, v in host])
+    where = {il: p for (il, _, _), p in zip(host, paths)}
+    return Placement([(il, where.get(il, "vram"), k, v, il in vplan.streamed) for il, k, v in kv], vplan, staging)
