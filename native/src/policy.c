@@ -47,6 +47,17 @@ uint64_t dblade_auto_capacity(const struct dblade_mem_sample * m, uint64_t reser
     return cap;
 }
 
+uint64_t dblade_auto_place(uint64_t room, const uint64_t * full, uint32_t n, uint32_t * paths) {
+    const uint64_t cap    = room == UINT64_MAX ? UINT64_MAX : room / 8 * 7;
+    uint64_t       placed = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const bool fits = cap == UINT64_MAX || (placed + full[i] >= placed && placed + full[i] <= cap);
+        paths[i]        = fits ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT;
+        placed += fits ? full[i] : 0;
+    }
+    return placed;
+}
+
 int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sample * m, uint64_t reserve,
                        struct dblade_auto_layer * layers, uint32_t n, char * why, size_t why_cap) {
     uint64_t need = 0, cached = 0;
@@ -255,32 +266,46 @@ int dblade_policy_open(struct dblade_auto ** out, struct dblade_path_env * env, 
     dblade_monitor_init(&p->monitor);
     dblade_monitor_sample(&p->monitor, &p->last_sample);
 
-    // the initial placement: the page cache when what is available can hold every offloaded layer
-    // whole next to the weights, else the direct path
-    uint64_t offloaded = 0;
+    // the initial placement: a stable resident set in the page cache (what memory holds of the offloaded
+    // layers with the context full, next to the weights), the rest on the direct path
+    uint64_t   offloaded = 0;
+    uint64_t * full      = calloc(p->n_layers ? p->n_layers : 1, sizeof(*full));
+    uint32_t * paths     = calloc(p->n_layers ? p->n_layers : 1, sizeof(*paths));
+    if (!full || !paths) {
+        free(full), free(paths), free(p->layers), free(p);
+        return -ENOMEM;
+    }
+    uint32_t n = 0;
     for (uint32_t i = 0; i < n_layout; i++) {
         if (dblade_path_offloaded(layout[i].path)) {
-            offloaded += layout[i].k_bytes + layout[i].v_bytes;
+            full[n] = dblade_align_up(layout[i].k_bytes, DBLADE_BLOCK) + dblade_align_up(layout[i].v_bytes, DBLADE_BLOCK);
+            offloaded += full[n++];
         }
     }
-    const uint64_t room = dblade_auto_capacity(&p->last_sample, reserve(p), 0);
-    const uint32_t path = room >= offloaded ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT;
+    const uint64_t room   = dblade_auto_capacity(&p->last_sample, reserve(p), 0);
+    const uint64_t cached = dblade_auto_place(room, full, n, paths);
+    uint32_t       n_mmap = 0;
+    n                     = 0;
     for (uint32_t i = 0; i < n_layout; i++) {
         if (dblade_path_offloaded(layout[i].path)) {
-            layout[i].path = path;
+            layout[i].path = paths[n++];
+            n_mmap += layout[i].path == DBLADE_PATH_MMAP;
         }
     }
-    env->populate_page_cache  = path == DBLADE_PATH_MMAP;
-    p->state.cap_bytes        = room;
-    p->state.last_switch_ns   = dblade_now_ns();
-    p->state.last_psi_us      = UINT64_MAX;
+    free(full), free(paths);
+    const uint32_t path = n_mmap == n ? DBLADE_PATH_MMAP : DBLADE_PATH_DIRECT;
+    env->populate_page_cache = n_mmap > 0; // the page-cache layers' pages are filled at load, as pinned ones are
+    p->state.cap_bytes       = room;
+    p->state.last_switch_ns  = dblade_now_ns();
+    p->state.last_psi_us     = UINT64_MAX;
     char why[100];
     if (room == UINT64_MAX) {
         snprintf(why, sizeof(why), "start: no memory limit known, %llu MiB offloaded",
                  (unsigned long long) (offloaded >> 20));
     } else {
-        snprintf(why, sizeof(why), "start: %llu MiB offloaded, page cache room %llu MiB",
-                 (unsigned long long) (offloaded >> 20), (unsigned long long) (room >> 20));
+        snprintf(why, sizeof(why), "start: %llu of %llu MiB offloaded in the page cache (room %llu MiB)",
+                 (unsigned long long) (cached >> 20), (unsigned long long) (offloaded >> 20),
+                 (unsigned long long) (room >> 20));
     }
     dblade_log_switch(env->events, -1, DBLADE_PATH_DIRECT, path, why);
     *out = p;

@@ -35,6 +35,12 @@ struct dblade_auto_layer {
 
 // bytes of page cache the offloaded layers may use; reserve = the weights' working set
 uint64_t dblade_auto_capacity(const struct dblade_mem_sample * m, uint64_t reserve, uint64_t page_cached);
+// The initial placement: a stable resident set in the page cache, the rest on the direct path. In layer order,
+// layers go on the page-cache path while their size with the context full (full[i]) fits 7/8 of room (the
+// page cache the offloaded layers may use, dblade_auto_capacity), so that the set does not outgrow the memory
+// as the context fills and is not cycled through by every token (a cyclic scan is LRU's worst case); paths[i]
+// gets DBLADE_PATH_MMAP or DBLADE_PATH_DIRECT. Returns the bytes placed in the page cache.
+uint64_t dblade_auto_place(uint64_t room, const uint64_t * full, uint32_t n, uint32_t * paths);
 // updates layers[].want; returns how many changed, with the reason in why
 int      dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sample * m, uint64_t reserve,
                             struct dblade_auto_layer * layers, uint32_t n, char * why, size_t why_cap);

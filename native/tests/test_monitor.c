@@ -32,6 +32,22 @@ int main(void) {
         CHECK(now.cg_anon > 0 && now.cg_anon != UINT64_MAX); // this very process has some
     }
 
+    // the initial placement: a resident set that fits 7/8 of the room with the context full, in layer order
+    {
+        const uint64_t full[5] = { 64 * MiB, 64 * MiB, 64 * MiB, 64 * MiB, 64 * MiB };
+        uint32_t       paths[5];
+        CHECK_EQ(dblade_auto_place(200 * MiB, full, 5, paths), 128 * MiB); // 175 MiB of room: two layers
+        CHECK(paths[0] == DBLADE_PATH_MMAP && paths[1] == DBLADE_PATH_MMAP && paths[2] == DBLADE_PATH_DIRECT &&
+              paths[4] == DBLADE_PATH_DIRECT);
+        CHECK_EQ(dblade_auto_place(UINT64_MAX, full, 5, paths), 320 * MiB); // no limit known: all of them
+        CHECK(paths[4] == DBLADE_PATH_MMAP);
+        CHECK_EQ(dblade_auto_place(0, full, 5, paths), 0); // no room: none
+        CHECK(paths[0] == DBLADE_PATH_DIRECT);
+        const uint64_t mixed[3] = { 150 * MiB, 10 * MiB, 10 * MiB }; // a smaller layer after one that does not fit
+        CHECK_EQ(dblade_auto_place(100 * MiB, mixed, 3, paths), 20 * MiB);
+        CHECK(paths[0] == DBLADE_PATH_DIRECT && paths[1] == DBLADE_PATH_MMAP && paths[2] == DBLADE_PATH_MMAP);
+    }
+
     // capacity: the cgroup's limit less anon, weights and a margin
     struct dblade_mem_sample m = sample(1, 1024 * MiB, 200 * MiB, 0);
     const uint64_t cap = dblade_auto_capacity(&m, 300 * MiB, 0);
