@@ -196,6 +196,7 @@ def lib() -> ctypes.CDLL:
         "dblade_kv_switches": (c_int, [c_void_p, POINTER(Switch), c_uint32]),
         "dblade_kv_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
         "dblade_kv_set_reserve": (c_int, [c_void_p, c_uint64]),
+        "dblade_kv_set_outputs_max": (c_int, [c_void_p, c_uint32]),
         "dblade_kv_state_mode": (c_int, [c_void_p, c_int]),
         "dblade_sessionfile_save": (c_int, [c_void_p, c_char_p, POINTER(Section), c_uint32,
                                             POINTER(SessionFileStats)]),
@@ -252,11 +253,11 @@ def store_check(policy: str, kv_dir: str | None, kv_device: str | None, force: b
     return (msg.value.decode(errors="replace") or f"error {rc}") if rc < 0 else None
 
 
-class SessionError(NativeError):
+class KVError(NativeError):
     """The C module refused a configuration; the message says why and what to do."""
 
 
-class Session:
+class KV:
     """One Llama object's residency state in the C module.
 
     layout: [(il, path, k_bytes, v_bytes)] for every KV layer the context will allocate, or None
@@ -282,12 +283,12 @@ class Session:
             import os
 
             msg = (self._lib.dblade_last_error() or b"").decode(errors="replace")
-            raise SessionError(msg or f"creating the KV session: {os.strerror(-rc)}")
+            raise KVError(msg or f"creating the KV object: {os.strerror(-rc)}")
         self._h = h
 
     @contextlib.contextmanager
     def bound(self):
-        """KV caches created by this thread inside the block belong to this session."""
+        """KV caches created by this thread inside the block belong to this KV object."""
         self._lib.dblade_kv_bind(self._h)
         try:
             yield self
@@ -295,7 +296,7 @@ class Session:
             self._lib.dblade_kv_bind(None)
 
     def error(self) -> str | None:
-        """The first I/O error of the session, in words, or None."""
+        """The first I/O error of the KV object, in words, or None."""
         if self._lib.dblade_kv_error(self._h, None, 0) == 0:  # the usual case: no text to copy
             return None
         buf = ctypes.create_string_buffer(512)
@@ -326,6 +327,10 @@ class Session:
     def set_reserve(self, reserve_bytes: int) -> None:
         """The page cache the model's weights keep (what auto leaves them), once the model is loaded."""
         _check(self._lib.dblade_kv_set_reserve(self._h, reserve_bytes), "setting the weights' reserve")
+
+    def set_outputs_max(self, n_outputs: int) -> None:
+        """The outputs a ubatch of the context created next asks for at most (its compute buffers hold that many)."""
+        _check(self._lib.dblade_kv_set_outputs_max(self._h, n_outputs), "setting the outputs a ubatch asks for")
 
     def switches(self) -> tuple[int, list[dict]]:
         """How many path switches there were, and the last ones (oldest first)."""
@@ -446,19 +451,19 @@ def _fail(what: str, rc: int):
     raise SessionFileError(msg or f"{what}: {os.strerror(-rc)}", rc)
 
 
-def session_state_mode(session: "Session", mode: int) -> None:
-    rc = lib().dblade_kv_state_mode(session._h, mode)
+def kv_state_mode(kv: "KV", mode: int) -> None:
+    rc = lib().dblade_kv_state_mode(kv._h, mode)
     if rc < 0:
         _fail("setting the state mode", rc)
 
 
-def sessionfile_save(session: "Session", path: str, sections: dict[int, bytes]) -> dict:
-    """Writes the session's KV and the sections {kind: bytes} to path (atomically); returns the counters."""
+def sessionfile_save(kv: "KV", path: str, sections: dict[int, bytes]) -> dict:
+    """Writes the KV object's KV and the sections {kind: bytes} to path (atomically); returns the counters."""
     keep = [(k, ctypes.create_string_buffer(v, len(v)) if v else None, len(v)) for k, v in sections.items()]
     arr = (Section * max(len(keep), 1))(*[Section(k, 0, ctypes.cast(b, c_void_p) if b is not None else None, n)
                                           for k, b, n in keep])
     st = SessionFileStats()
-    rc = lib().dblade_sessionfile_save(session._h, path.encode(), arr, len(keep), ctypes.byref(st))
+    rc = lib().dblade_sessionfile_save(kv._h, path.encode(), arr, len(keep), ctypes.byref(st))
     if rc < 0:
         _fail(f"saving {path}", rc)
     return st.as_dict()
@@ -480,9 +485,9 @@ class SessionFile:
             return None
         return ctypes.string_at(data, n.value) if n.value else b""
 
-    def restore(self, session: "Session") -> dict:
+    def restore(self, kv: "KV") -> dict:
         st = SessionFileStats()
-        rc = lib().dblade_sessionfile_restore(session._h, self._h, ctypes.byref(st))
+        rc = lib().dblade_sessionfile_restore(kv._h, self._h, ctypes.byref(st))
         if rc < 0:
             _fail("restoring the session", rc)
         return st.as_dict()

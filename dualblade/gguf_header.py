@@ -177,6 +177,7 @@ class ModelInfo:
     layers: list[KVLayer] = field(default_factory=list)
     tensor_bytes: dict[str, int] = field(default_factory=dict)
     n_vocab: int = 0  # tokens in the vocabulary (0: the file has none)
+    n_ff: int = 0  # the feed-forward width (the largest layer's; 0: the file does not say)
 
     def weights_working_set(self, repacked_bytes: int = 0) -> int:
         """Bytes of the mmap'ed weights every token reads, which must stay in the page cache: every tensor but
@@ -297,6 +298,7 @@ def model_info(path: str | os.PathLike, meta: dict | None = None) -> ModelInfo:
     n_head = per_layer("attention.head_count", n_head_raw, 0)
     n_head_kv = per_layer("attention.head_count_kv", get("attention.head_count_kv"), n_head)
     n_head0 = max(n_head) or 1
+    n_ff = max(per_layer("feed_forward_length", get("feed_forward_length"), 0))
     head_k = count("attention.key_length", get("attention.key_length", n_embd // n_head0))
     head_v = count("attention.value_length", get("attention.value_length", n_embd // n_head0))
     n_swa = count("attention.sliding_window", get("attention.sliding_window", 0))
@@ -322,7 +324,7 @@ def model_info(path: str | os.PathLike, meta: dict | None = None) -> ModelInfo:
                      file_bytes=path.stat().st_size, chat_template=template if isinstance(template, str) else None,
                      instruct=_is_instruct(meta),
                      layers=layers, tensor_bytes=meta.get("GGUF.tensor_bytes", {}),
-                     n_vocab=tokens if type(tokens := meta.get("tokenizer.ggml.tokens")) is int else 0)
+                     n_vocab=tokens if type(tokens := meta.get("tokenizer.ggml.tokens")) is int else 0, n_ff=n_ff)
 
 
 def _is_instruct(meta: dict) -> bool:

@@ -93,6 +93,14 @@ class Llama(llama_cpp.Llama):
         layout = self._plan_layout(model_path, cfg, kwargs, info, vram_bytes) if info is not None else []
         # layers the module places away from the stock placement: on the host's offloaded paths, or streamed
         offloaded = any(e[1] in ("mmap", "direct") or e[4] for e in layout)
+        # their rows are read once per ubatch: the prompt goes in large ubatches (unless the caller chose one),
+        # with llama.cpp's compute buffers reserved for the outputs a ubatch asks for
+        self._prefill_ubatch = None
+        if offloaded and "n_ubatch" not in kwargs and "n_batch" not in kwargs:
+            n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
+            self._prefill_ubatch = placement.prefill_ubatch(info, n_ctx, any(e[4] for e in layout))
+            kwargs["n_batch"] = kwargs["n_ubatch"] = self._prefill_ubatch
+            layout = self._plan_layout(model_path, cfg, kwargs, info, vram_bytes)  # an iSWA cache may grow
         self._flash_attn_forced = offloaded and self._flash_attn_arg is not True
         if self._flash_attn_forced:
             # llama_cpp's default is off; offloaded layers need V untransposed, which only flash attention
@@ -115,12 +123,14 @@ class Llama(llama_cpp.Llama):
             len(info.layers), kwargs.get("n_gpu_layers", 0), bool(llama_cpp.llama_supports_gpu_offload()))
         mapped = offloaded and kwargs.get("use_mmap", True) and not all_on_gpu
         try:
-            self._kv = _native.Session(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
+            self._kv = _native.KV(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
                                        layout if offloaded else None, force=kv_force,
                                        reserve_bytes=info.weights_working_set() if mapped else 0,
                                        verify=kv_verify)
-        except _native.SessionError as e:
+        except _native.KVError as e:
             raise StoreError(str(e)) from None
+        if self._prefill_ubatch and not kwargs.get("logits_all") and not kwargs.get("embedding"):
+            self._kv.set_outputs_max(placement.OUTPUTS_MAX)
         with self._kv.bound(), llama_log.errors() as load_log:
             try:
                 super().__init__(model_path, *args, **kwargs)
@@ -134,6 +144,9 @@ class Llama(llama_cpp.Llama):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(self._kv_args)
+        if self._prefill_ubatch:
+            state.pop("n_batch", None)  # chosen here, as the caller left them: chosen again
+            state.pop("n_ubatch", None)
         if self._flash_attn_arg is None:
             state.pop("flash_attn", None)  # as the caller left it: switched on again, and said so
         else:
@@ -313,7 +326,7 @@ class Llama(llama_cpp.Llama):
 
     # --- what dualblade.sessions saves and restores besides llama_cpp's public attributes ------------------------
 
-    def _kv_handle(self, flush: bool = False) -> _native.Session:
+    def _kv_handle(self, flush: bool = False) -> _native.KV:
         """The KV module's handle (a session file's rows are copied from it and restored into it), once the store
         is checked (KVIOError); flush: every row written to the store first, tails too."""
         self._kv_check()

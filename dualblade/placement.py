@@ -5,7 +5,7 @@
 plan (`_native.plan`) places every layer VRAM does not keep.
 
 A streamed layer's KV lives on its host path (pinned RAM, page cache or direct) and is copied into one
-of a few VRAM slots before the layer computes (native/src/vram.c). Slots cost what resident layers cost,
+of a few VRAM slots before the layer computes (native/src/vram/slots.c). Slots cost what resident layers cost,
 and a resident layer costs no copy at all, so VRAM goes to residency first: the largest layers that fit
 the budget once the slots are reserved. How much VRAM a budget may take is dualblade/vram.py's question.
 """
@@ -26,11 +26,11 @@ def slots_wanted(n_streamed: int) -> int:
     return min(VRAM_SLOTS, n_streamed)
 
 
-DEVICE_PAD = 4096  # room for the padding a GPU buffer adds after quantized rows (vram.c)
+DEVICE_PAD = 4096  # room for the padding a GPU buffer adds after quantized rows (vram/slots.c)
 
 
 def _span(k: int, v: int, quantized: bool) -> int:
-    """VRAM of one slot for a layer of K and V bytes, as vram.c maps it."""
+    """VRAM of one slot for a layer of K and V bytes, as vram/slots.c maps it."""
     pad = DEVICE_PAD if quantized else 0
     up = lambda x: -(-(x + pad) // GRANULARITY) * GRANULARITY  # noqa: E731
     return up(k) + up(v)
@@ -127,3 +127,29 @@ def place(kv: list[tuple[int, int, int]], policy: str, budget: int | None, gpu: 
     paths, staging = _native.plan(policy, budget, [k + v for _, k, v in host])
     where = {il: p for (il, _, _), p in zip(host, paths)}
     return Placement([(il, where.get(il, "vram"), k, v, il in vplan.streamed) for il, k, v in kv], vplan, staging)
+
+
+# What llama.cpp's compute buffers may take for a context's prompt ubatch (prefill_ubatch), fixed so that the same
+# model and n_ctx always get the same ubatch (a saved session resumes with the same n_ubatch).
+PREFILL_COMPUTE_HOST = 1 << 30
+PREFILL_COMPUTE_GPU = 4 << 30
+# The outputs a ubatch of such a context asks for at most (the prompt's last token, a verification batch's
+# drafts): llama.cpp reserves n_vocab floats of compute buffer for each (dblade_kv_set_outputs_max).
+OUTPUTS_MAX = 64
+
+
+def prefill_ubatch(info, n_ctx: int, gpu: bool) -> int:
+    """The ubatch a context whose KV lives partly off the GPU or RAM processes its prompt in. A streamed or
+    offloaded layer's rows below the ubatch are read (from storage, or copied into VRAM) once per ubatch, so a
+    P-token prompt in 512-token ubatches reads O(P^2/512) bytes; in ubatches of P/3 or more it reads each layer
+    about once. The ubatch is as large as a fixed allowance for llama.cpp's compute buffers holds: they grow
+    with it, by the attention mask (two bytes per context cell, per mask) and the activations (about 4 x (3 n_ff +
+    4 n_embd) bytes) of every token; the logits are capped to OUTPUTS_MAX. A power of two, 512 to n_ctx."""
+    masks = 2 if any(layer.swa for layer in info.layers) else 1
+    n_ff = info.n_ff or 4 * info.n_embd
+    per_token = 2 * masks * (-(-n_ctx // 256) * 256) + 4 * (3 * n_ff + 4 * info.n_embd)
+    allowance = PREFILL_COMPUTE_GPU if gpu else PREFILL_COMPUTE_HOST
+    ubatch = 512
+    while ubatch * 2 <= n_ctx and ubatch * 2 * per_token <= allowance:
+        ubatch *= 2
+    return ubatch

@@ -1,6 +1,6 @@
 """Persistent sessions: a context saved to one file in one process, resumed exactly in another.
 
-The file (native/src/sessionfile.c) holds the KV rows of every layer, llama.cpp's metadata-only state
+The file (native/src/sessionfile/) holds the KV rows of every layer, llama.cpp's metadata-only state
 (the cells at their indices, the head), the token history, and a description of the model and the KV
 geometry (CONTEXT, JSON) that a loader must match. save and load are Llama.save_session and load_session;
 they use a Llama's public attributes and the few internals it lends for it (Llama._kv_handle and its
@@ -118,11 +118,11 @@ def load(llm, path: str | os.PathLike, verify: bool = False) -> dict:
 def _state_mode(kv, mode: int):
     """llama.cpp's state calls in the block see the KV module in `mode` (_native.STATE_*), stock after."""
     with _file_errors():
-        _native.session_state_mode(kv, mode)
+        _native.kv_state_mode(kv, mode)
     try:
         yield
     finally:
-        _native.session_state_mode(kv, _native.STATE_STOCK)
+        _native.kv_state_mode(kv, _native.STATE_STOCK)
 
 
 @contextlib.contextmanager
@@ -180,6 +180,14 @@ _GEOMETRY_NAMES = {"n_ctx": "n_ctx", "type_k": "type_k", "type_v": "type_v", "fl
                    "yarn_ext_factor": "yarn_ext_factor", "lora": "lora_path:lora_scale"}
 
 
+def _ubatch_sizes_kv(llm, saved: dict) -> bool:
+    """Whether n_ubatch sizes the KV: an iSWA model's sliding-window cache holds n_swa + n_ubatch cells unless
+    it is full-size (swa_full)."""
+    from .gguf_header import model_info
+
+    return not saved.get("geometry", {}).get("swa_full", True) and model_info(llm.model_path).n_swa > 0
+
+
 def check(path, saved: dict, llm) -> None:
     """SessionError unless the session at path was saved with this model and KV geometry."""
     if saved.get("format", 0) > FORMAT:
@@ -197,6 +205,8 @@ def check(path, saved: dict, llm) -> None:
     have = geometry(llm)
     for key, label in _GEOMETRY_NAMES.items():
         want = saved.get("geometry", {}).get(key)
+        if key == "n_ubatch" and not _ubatch_sizes_kv(llm, saved):
+            continue  # the prompt's ubatch (which dualblade makes large for offloaded KV) changes no cell
         if want != have[key]:
             show = (lambda v: GGML_TYPE_NAMES.get(v, v)) if key in ("type_k", "type_v") else (lambda v: v)
             raise SessionError(f"{path} was saved with {label}={show(want)}, this Llama has {label}="

@@ -71,7 +71,7 @@ def test_below_the_minimum_cannot_hold():
 
 @pytest.mark.parametrize("quantized,span", [(False, 16 * MiB), (True, 20 * MiB)])
 def test_slots_leave_room_for_padded_rows(quantized, span):
-    # a GPU buffer pads quantized rows past the tensor's end: vram.c maps a granule more when exactly full
+    # a GPU buffer pads quantized rows past the tensor's end: vram/slots.c maps a granule more when exactly full
     kv = {i: (8 * MiB, 8 * MiB) for i in range(4)}
     assert placement.plan_vram(kv, set(kv), 40 * MiB, quantized=quantized).slot_bytes == span
 

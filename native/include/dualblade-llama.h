@@ -126,6 +126,9 @@ DBLADE_API void dblade_cache_ubatch(struct dblade_cache * c, const int64_t * row
  * dblade_kv_put(). */
 DBLADE_API struct dblade_kv * dblade_kv_current(void);
 DBLADE_API void               dblade_kv_put(struct dblade_kv * kv);
+/* The outputs a ubatch asks for at most, as the embedding program set it (dblade_kv_set_outputs_max), 0 for
+ * llama.cpp's default: the context caps its n_outputs_max with it before reserving its compute buffers. */
+DBLADE_API uint32_t dblade_kv_outputs_max(struct dblade_kv * kv);
 /* Whether the KV object streams any layer into VRAM (the context then installs the graph callback). */
 DBLADE_API int dblade_kv_streams(struct dblade_kv * kv);
 /*

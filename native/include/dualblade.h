@@ -166,6 +166,10 @@ DBLADE_API int  dblade_kv_create(const struct dblade_config * cfg, uint32_t n_la
 /* The memory the model's weights keep in the page cache (what the auto policy leaves them), once
  * it is known (after the model is loaded); replaces cfg->reserve_bytes. */
 DBLADE_API int  dblade_kv_set_reserve(struct dblade_kv * kv, uint64_t reserve_bytes);
+/* The outputs (logits rows) a ubatch of the context created while kv is bound asks for at most: llama.cpp then
+ * reserves its compute buffers for that many, not for every token of the largest ubatch (n_vocab floats a
+ * token: what makes a large prefill ubatch costly). 0: llama.cpp's default (n_batch). Before the context. */
+DBLADE_API int  dblade_kv_set_outputs_max(struct dblade_kv * kv, uint32_t n_outputs);
 /* Drops the caller's reference; caches still open keep the KV object alive until they close. */
 DBLADE_API void dblade_kv_release(struct dblade_kv * kv);
 /* Caches opened by this thread from now on belong to kv (NULL unbinds). */

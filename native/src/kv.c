@@ -301,6 +301,18 @@ int dblade_kv_streams(struct dblade_kv * kv) {
     return 0;
 }
 
+int dblade_kv_set_outputs_max(struct dblade_kv * kv, uint32_t n_outputs) {
+    if (!kv) {
+        return -EINVAL;
+    }
+    kv->outputs_max = n_outputs;
+    return 0;
+}
+
+uint32_t dblade_kv_outputs_max(struct dblade_kv * kv) {
+    return kv ? kv->outputs_max : 0;
+}
+
 int dblade_kv_graph_cut(struct dblade_kv * kv, const char * name, int ask) {
     return dblade_vram_cut(kv ? kv->vram : NULL, name, ask);
 }

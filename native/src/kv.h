@@ -46,6 +46,7 @@ struct dblade_kv {
     struct dblade_vram_env       vram_env;
     uint64_t                     ring_bytes; // the VRAM tier's share of the allowance
     int                          state_mode; // enum dblade_state_mode
+    uint32_t                     outputs_max; // what a context's ubatch asks for at most (0: llama.cpp's default)
 };
 
 // the KV object bound to the calling thread (caches opened now belong to it), or NULL
