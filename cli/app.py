@@ -245,14 +245,17 @@ def bench(
                              "--budgets are then VRAM budgets."),
     host_budget: Optional[str] = typer.Option(None, "--host-budget", help="With --gpu: the memory budget of the "
                                               "dualblade cells' host tier, % of the KV or a size (default: 25%)."),
+    ubatch: Optional[int] = typer.Option(None, "--ubatch", help="Every cell's prompt ubatch (n_batch = n_ubatch; "
+                                         "default: the one dualblade picks for a context with offloaded KV)."),
 ):
     """Measure policies x budgets, each in a fresh process under a memory limit, against stock llama.cpp."""
     from .bench import run_bench_cli
 
-    if reps < 1 or gen_tokens < 1 or prompt_tokens < 1:
-        raise click.exceptions.BadParameter("--reps, --gen-tokens and --prompt-tokens must be at least 1")
+    if reps < 1 or gen_tokens < 1 or prompt_tokens < 1 or (ubatch is not None and ubatch < 1):
+        raise click.exceptions.BadParameter("--reps, --gen-tokens, --prompt-tokens and --ubatch must be at least 1")
     run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
-                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout, force, gpu, host_budget)
+                  no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout, force, gpu, host_budget,
+                  ubatch)
 
 
 # The library's messages name its keyword arguments; a CLI user should read the flags instead.

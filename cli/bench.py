@@ -195,6 +195,14 @@ def render_gpu(res: dict, console: Console) -> None:
                          f"{_fmt(e['vram_decode_ms'], 'ms')}, storage {_fmt(e['auto_io_bound_ms'], 'ms')} at "
                          f"{e['storage_gib_s'] or 0:.2f} GiB/s ({e['storage_gib_s_from']}), copy "
                          f"{_fmt(e['auto_copy_bound_ms'], 'ms')})")
+        if "auto_vs_best_decode" in e:
+            parts.append(f"auto vs the faster of mmap and direct: decode {e['auto_vs_best_decode']:.2f}x, prefill "
+                         f"{e.get('auto_vs_best_prefill', 0):.2f}x")
+        if "mmap_vs_ram_decode" in e:
+            parts.append(f"mmap decode / ram {e['mmap_vs_ram_decode']:.2f}")
+        if e.get("prefill_read_vs_written"):
+            parts.append("prefill read/written " + ", ".join(f"{p} {x:.2f}" for p, x in
+                                                              e["prefill_read_vs_written"].items()))
         if "ram_vs_bound" in e:
             parts.append(f"ram decode / bound {e['ram_vs_bound']:.2f} (bound {e['ram_bound_ms']:.1f} ms: VRAM "
                          f"{_fmt(e['vram_decode_ms'], 'ms')}, copy {_fmt(e['ram_copy_bound_ms'], 'ms')})")
@@ -285,7 +293,7 @@ def plot(res: dict, path: Path):
 
 def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
                   no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None, force=False,
-                  gpu=False, host_budget=None) -> None:
+                  gpu=False, host_budget=None, ubatch=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dualblade.bench import GPU_POLICIES, BenchOptions, check_options, run_bench
@@ -313,7 +321,7 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
                         kv_dir=str(kv_dir) if kv_dir else None, kv_device=str(kv_device) if kv_device else None,
                         force=force, use_cgroup=not no_cgroup, overhead=parse_size(overhead) if overhead else None,
                         threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout,
-                        gpu=gpu, host_budget=host_budget)
+                        gpu=gpu, host_budget=host_budget, ubatch=ubatch)
     check_options(opts)  # before the progress bar, whose end would leave a line above the error
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:

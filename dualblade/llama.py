@@ -129,7 +129,9 @@ class Llama(llama_cpp.Llama):
                                        verify=kv_verify)
         except _native.KVError as e:
             raise StoreError(str(e)) from None
-        if self._prefill_ubatch and not kwargs.get("logits_all") and not kwargs.get("embedding"):
+        if not kwargs.get("logits_all") and not kwargs.get("embedding"):
+            # a ubatch asks for the logits of its last token (or of a verification batch's drafts): llama.cpp's
+            # compute buffers need not hold them for every token of the largest ubatch
             self._kv.set_outputs_max(placement.OUTPUTS_MAX)
         with self._kv.bound(), llama_log.errors() as load_log:
             try:

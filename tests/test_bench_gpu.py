@@ -106,6 +106,16 @@ def test_gpu_ratios():
     assert e["ram_vs_vram_prefill"] == pytest.approx(1.2)
     assert e["ram_vs_nkvo_decode"] == pytest.approx(40.0 / 6.0) and e["nkvo_fastest"] == "nkvo"
     assert e["ngl_n_gpu_layers"] == 9
+    # auto against the faster of mmap and direct (no direct cell here: mmap), the page cache against pinned RAM
+    assert e["auto_vs_best_decode"] == pytest.approx(3.0) and e["auto_vs_best_prefill"] == pytest.approx(2.0)
+    assert e["mmap_vs_ram_decode"] == pytest.approx(150.0)
+    assert "prefill_read_vs_written" not in e  # no cell counted its prefill's bytes
+    with_direct = ROWS + [_row("direct", "25%", ttft_s=3.0, decode_ms=250.0)]
+    (e,) = gpu.gpu_ratios(with_direct, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    assert e["auto_vs_best_decode"] == pytest.approx(250.0 / 300.0) and e["auto_vs_best_prefill"] == pytest.approx(0.75)
+    counted = [dict(r, prefill_read_vs_written=0.5) if r["policy"] == "auto" else r for r in ROWS]
+    (e,) = gpu.gpu_ratios(counted, ["25%"], read_gib_s=1.0, h2d_gib_s=50.0, gen_tokens=GEN)
+    assert e["prefill_read_vs_written"] == {"auto": 0.5}
 
 
 def test_gpu_ratios_storage_bandwidth_is_the_best_seen():

@@ -111,7 +111,8 @@ def _make_llm(a: dict, kw: dict):
 def run(a: dict) -> dict:
     vram = VramSampler() if a.get("gpu") else None  # the baseline before anything is loaded
     t_load = time.perf_counter()
-    kw = dict(n_ctx=a["n_ctx"], n_batch=512, n_ubatch=512, flash_attn=True, verbose=False, seed=1)
+    ubatch = a.get("ubatch") or 512
+    kw = dict(n_ctx=a["n_ctx"], n_batch=ubatch, n_ubatch=ubatch, flash_attn=True, verbose=False, seed=1)
     if a.get("threads"):
         kw["n_threads"] = a["threads"]
     llm = _make_llm(a, kw)
@@ -172,6 +173,9 @@ def run(a: dict) -> dict:
             "bytes_read": st["bytes_read"] - st0["bytes_read"],
             "bytes_written": st["bytes_written"] - st0["bytes_written"],
             "decode_bytes_read": st["bytes_read"] - st1["bytes_read"],
+            # the prefill: what it read back against what it wrote (each offloaded layer read about once)
+            "prefill_bytes_read": st1["bytes_read"] - st0["bytes_read"],
+            "prefill_bytes_written": st1["bytes_written"] - st0["bytes_written"],
             "io_wait_s": st["io_wait_s"] - st0["io_wait_s"],
             "decode_io_wait_s": st["io_wait_s"] - st1["io_wait_s"],
             "kv_bytes_total": st["kv_bytes_total"],
@@ -188,7 +192,7 @@ def run(a: dict) -> dict:
         if vram is not None:  # the VRAM tier's copies: the whole run and the decode alone
             v, v0, v1 = st["vram"], st0["vram"], st1["vram"]
             res["vram"] = v
-            for key in ("h2d_bytes", "h2d_pinned_bytes", "d2h_bytes", "copy_wait_s"):
+            for key in ("h2d_bytes", "h2d_pinned_bytes", "d2h_bytes", "copy_wait_s", "ring_read_bytes"):
                 res[key] = v[key] - v0[key]
                 res[f"decode_{key}"] = v[key] - v1[key]
     llm.close()

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from typing import Callable, Optional
 
 from .. import vram
-from .matrix import GPU_STOCK, BenchOptions, Cell, calibrate_overhead, check_options, host_budget, paired, prepare, \
+from .matrix import GPU_STOCK, BenchOptions, Cell, calibrate_overhead, cell_ubatch, check_options, host_budget, paired, prepare, \
     run_cell, summarize
 from .probes import GiB, describe_location, gpu_machine, machine, probe_copy_bandwidth
 
@@ -84,6 +84,18 @@ def gpu_ratios(rows: list[dict], labels: list[str], read_gib_s: Optional[float],
             e["auto_vs_mmap_decode"] = m["decode_ms"] / a["decode_ms"]
         if a and m and a.get("ttft_s") and m.get("ttft_s"):
             e["auto_vs_mmap_prefill"] = m["ttft_s"] / a["ttft_s"]
+        # auto never loses: against the faster of the page cache and the direct path (>= 0.95)
+        d = by.get("direct")
+        for key, name in (("decode_ms", "decode"), ("ttft_s", "prefill")):
+            others = [x[key] for x in (m, d) if x and x.get(key)]
+            if a and a.get(key) and others:
+                e[f"auto_vs_best_{name}"] = min(others) / a[key]
+        # the page-cache tier against the pinned one (decode with the KV in the page cache: <= 1.5)
+        if m and ram and m.get("decode_ms") and ram.get("decode_ms"):
+            e["mmap_vs_ram_decode"] = m["decode_ms"] / ram["decode_ms"]
+        prefill = {p: r["prefill_read_vs_written"] for p, r in by.items() if r.get("prefill_read_vs_written") is not None}
+        if prefill:
+            e["prefill_read_vs_written"] = prefill
         if a and a.get("decode_ms"):
             storage = max(a.get("decode_bytes_read") or 0, a.get("decode_proc_read_bytes") or 0) / gen_tokens
             h2d = (a.get("decode_h2d_bytes") or 0) / gen_tokens
@@ -195,6 +207,7 @@ def run_bench_gpu(opts: BenchOptions, on_progress: Optional[Callable[[str, int, 
                   "n_layer": len(info.layers), "weights_bytes": weights, "host_weights_bytes": host_w,
                   "kv_bytes_total": kv_total},
         "workload": {"n_ctx": opts.n_ctx, "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens,
+                     "ubatch": cell_ubatch(opts, opts.n_ctx),
                      "reps": opts.reps, "threads": opts.threads},
         "host_budget": {"label": host_label, "bytes": host_bytes},
         "ngl": ngl,

@@ -50,6 +50,8 @@ class BenchOptions:
     gpu: bool = False                  # GPU cells: budgets are VRAM budgets
     host_budget: Optional[str] = None  # --gpu: the dualblade cells' mem_budget (default HOST_BUDGET)
     copy_probe_bytes: int = 512 * MiB
+    ubatch: Optional[int] = None       # every cell's n_batch = n_ubatch (None: the prompt ubatch dualblade picks
+                                       # for a context with offloaded KV, placement.prefill_ubatch)
 
 
 @dataclass
@@ -157,10 +159,21 @@ def prepare(opts: BenchOptions, log: Callable[[str], None]) -> dict:
 
 def _cell_args(opts: BenchOptions, policy: str, budget: Optional[int], prompt_tokens: int, gen_tokens: int,
                n_ctx: int, extra: Optional[dict] = None) -> list[str]:
-    a = {"model": str(opts.model), "policy": policy, "budget": budget, "n_ctx": n_ctx,
+    a = {"model": str(opts.model), "policy": policy, "budget": budget, "n_ctx": n_ctx, "ubatch": cell_ubatch(opts, n_ctx),
          "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "kv_dir": opts.kv_dir,
          "kv_device": opts.kv_device, "kv_force": opts.force, "threads": opts.threads, **(extra or {})}
     return [sys.executable, "-m", "dualblade.bench.cell", json.dumps(a)]
+
+
+def cell_ubatch(opts: BenchOptions, n_ctx: int) -> int:
+    """The ubatch every cell processes its prompt in: the same for all, so that they compare at one ubatch (the one
+    dualblade picks for a context with offloaded KV, unless --ubatch says)."""
+    if opts.ubatch:
+        return opts.ubatch
+    from ..gguf_header import model_info
+    from ..placement import prefill_ubatch
+
+    return prefill_ubatch(model_info(opts.model), n_ctx, gpu=opts.gpu)
 
 
 def run_cell(opts: BenchOptions, policy: str, budget: Optional[int], limit: Optional[int], prompt_tokens: int,
@@ -238,8 +251,12 @@ def summarize(cells: list[Cell]) -> list[dict]:
                     "bytes_written", "decode_bytes_read", "user_s", "sys_s", "io_wait_s", "decode_io_wait_s",
                     "proc_read_bytes", "proc_write_bytes", "offloaded_bytes", "load_s", "decode_cpu_ms",
                     "decode_proc_read_bytes", "peak_vram_bytes", "h2d_bytes", "d2h_bytes", "copy_wait_s",
-                    "decode_h2d_bytes", "decode_d2h_bytes", "decode_copy_wait_s"):
+                    "decode_h2d_bytes", "decode_d2h_bytes", "decode_copy_wait_s", "prefill_bytes_read",
+                    "prefill_bytes_written", "decode_ring_read_bytes"):
             row[key] = median(c.runs, key)
+        if row.get("prefill_bytes_written"):
+            # a prefill reads each offloaded layer about once: read back / written (issue 21: <= 1.3)
+            row["prefill_read_vs_written"] = (row.get("prefill_bytes_read") or 0) / row["prefill_bytes_written"]
         row["decode_ms_range"] = _spread(c.runs, "decode_ms")
         row["ttft_s_range"] = _spread(c.runs, "ttft_s")
         if row["decode_ms"]:

@@ -53,33 +53,13 @@ def describe_location(kv_dir: Optional[str], kv_device: Optional[str]) -> dict:
     return desc
 
 
-def probe_read_bandwidth(kv_dir: Optional[str], kv_device: Optional[str], nbytes: int) -> dict:
-    """O_DIRECT sequential read bandwidth of the KV location: 8 MiB reads, 4 in flight (what the
-    direct path keeps in flight). A file is written first (O_DIRECT too) and deleted after."""
-    chunk, depth = 8 * MiB, 4
-    nbytes = max(chunk * depth, nbytes // chunk * chunk)
-    if kv_device:
-        fd = os.open(kv_device, os.O_RDONLY | os.O_DIRECT)
-        size = os.lseek(fd, 0, os.SEEK_END)
-        nbytes = min(nbytes, (size - MiB) // chunk * chunk)
-        base, write_gib_s, tmp = MiB, None, None
-    else:
-        fd, tmp = tempfile.mkstemp(dir=kv_dir, prefix=".dualblade-probe-")
-        os.close(fd)
-        fd = os.open(tmp, os.O_RDWR | os.O_DIRECT)
-        os.unlink(tmp)
-        buf = mmap.mmap(-1, chunk)
-        buf.write(os.urandom(1 << 16) * (chunk >> 16))
-        t0 = time.perf_counter()
-        for off in range(0, nbytes, chunk):
-            os.pwritev(fd, [buf], off)
-        os.fsync(fd)
-        write_gib_s = nbytes / (time.perf_counter() - t0) / GiB
-        base = 0
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
+# request size and requests in flight tried by the read probe: the best is the storage bandwidth a bound is set
+# against (what the device gives O_DIRECT at its best), the direct path's own (4 MiB, 16) among them
+READ_PROBE_SHAPES = ((1 * MiB, 4), (4 * MiB, 4), (4 * MiB, 16), (16 * MiB, 8))
+
+
+def _read_all(fd: int, base: int, nbytes: int, chunk: int, depth: int) -> float:
+    """Seconds to read [base, base + nbytes) with O_DIRECT, `chunk` bytes a request, `depth` in flight."""
     offsets = list(range(base, base + nbytes, chunk))
     lock = threading.Lock()
     errors: list[Exception] = []
@@ -103,12 +83,50 @@ def probe_read_bandwidth(kv_dir: Optional[str], kv_device: Optional[str], nbytes
         t.start()
     for t in threads:
         t.join()
-    dt = time.perf_counter() - t0
-    os.close(fd)
     if errors:
-        raise OSError(f"probing {kv_device or kv_dir} with O_DIRECT failed: {errors[0]}")
-    return {"read_gib_s": nbytes / dt / GiB, "write_gib_s": write_gib_s, "bytes": nbytes,
-            "request_bytes": chunk, "in_flight": depth}
+        raise errors[0]
+    return time.perf_counter() - t0
+
+
+def probe_read_bandwidth(kv_dir: Optional[str], kv_device: Optional[str], nbytes: int) -> dict:
+    """O_DIRECT sequential read bandwidth of the KV location, the best over READ_PROBE_SHAPES (each shape's figure
+    kept). A file is written first (O_DIRECT too) and deleted after."""
+    chunk = max(c for c, _ in READ_PROBE_SHAPES)
+    nbytes = max(chunk * 8, nbytes // chunk * chunk)
+    if kv_device:
+        fd = os.open(kv_device, os.O_RDONLY | os.O_DIRECT)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        nbytes = min(nbytes, (size - MiB) // chunk * chunk)
+        base, write_gib_s, tmp = MiB, None, None
+    else:
+        fd, tmp = tempfile.mkstemp(dir=kv_dir, prefix=".dualblade-probe-")
+        os.close(fd)
+        fd = os.open(tmp, os.O_RDWR | os.O_DIRECT)
+        os.unlink(tmp)
+        buf = mmap.mmap(-1, chunk)
+        buf.write(os.urandom(1 << 16) * (chunk >> 16))
+        t0 = time.perf_counter()
+        for off in range(0, nbytes, chunk):
+            os.pwritev(fd, [buf], off)
+        os.fsync(fd)
+        write_gib_s = nbytes / (time.perf_counter() - t0) / GiB
+        base = 0
+    shapes = {}
+    try:
+        for req, depth in READ_PROBE_SHAPES:
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            shapes[f"{req // MiB} MiB x{depth}"] = nbytes / _read_all(fd, base, nbytes, req, depth) / GiB
+    except OSError as e:
+        raise OSError(f"probing {kv_device or kv_dir} with O_DIRECT failed: {e}") from None
+    finally:
+        os.close(fd)
+    best = max(shapes, key=shapes.get)
+    req, depth = next((r, d) for r, d in READ_PROBE_SHAPES if f"{r // MiB} MiB x{d}" == best)
+    return {"read_gib_s": shapes[best], "write_gib_s": write_gib_s, "bytes": nbytes, "request_bytes": req,
+            "in_flight": depth, "shapes_gib_s": shapes}
 
 
 _COPY_PROBE = r"""

@@ -10,8 +10,8 @@ export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out} PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 tools/gpu/build.sh; rc=$?
-cp build/cuda/*.log "$OUT/" 2>/dev/null
-[ $rc -eq 0 ] || exit $rc
+# (a call brings back 8 files at most: the build's logs only when it failed)
+[ $rc -eq 0 ] || { cp build/cuda/*.log "$OUT/" 2>/dev/null; exit $rc; }
 # a ggml built here goes back for the next call (tools/gpu/ggml-cache.sh: copy the pieces into .gpu/ggml/)
 [ "$(cat build/cuda/ggml-prebuilt)" = 1 ] || tools/gpu/ggml-cache.sh pack build/cuda "$OUT"
 mkdir -p /tmp/site/dualblade/cli && cp -r build/cuda/install/. /tmp/site/ && cp -r dualblade/. /tmp/site/dualblade/ &&
@@ -26,5 +26,5 @@ if [ -w "$cg/cgroup.subtree_control" ] && ! grep -qw memory "$cg/cgroup.subtree_
     echo +memory >"$cg/cgroup.subtree_control" && echo "== cgroup: memory delegated under $cg" ||
         echo "== cgroup: cannot delegate memory under $cg (benchmarks need --no-cgroup)"
 fi
-(cd build/cuda && ctest --output-on-failure -j4 >"$OUT/ctest.log" 2>&1; echo "== ctest rc=$? $(tail -1 "$OUT/ctest.log")")
+(cd build/cuda && ctest --output-on-failure -j4 >/tmp/ctest.log 2>&1; echo "== ctest rc=$? $(tail -1 /tmp/ctest.log)")
 "$@"
