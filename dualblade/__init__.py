@@ -15,10 +15,11 @@ import os as _os
 _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from . import chat_formats  # noqa: E402,F401  (registers the formats)
-from .errors import BudgetError, ConfigError, DualbladeError, FlashAttentionWarning, ModelError, StoreError  # noqa: E402
+from .errors import (BudgetError, ConfigError, DualbladeError, FlashAttentionWarning, ModelError,  # noqa: E402
+                     PinnedMemoryWarning, StoreError)
 from .llama import KVIOError, Llama  # noqa: E402
 from .sizes import format_size, parse_size  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Llama", "KVIOError", "parse_size", "format_size", "DualbladeError", "ConfigError", "ModelError", "BudgetError",
-           "StoreError", "FlashAttentionWarning", "__version__"]
+           "StoreError", "FlashAttentionWarning", "PinnedMemoryWarning", "__version__"]

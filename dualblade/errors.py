@@ -43,3 +43,9 @@ class KVIOError(DualbladeError, OSError):
 class FlashAttentionWarning(UserWarning):
     """Flash attention was switched on because offloaded KV layers need it (V untransposed), though the caller
     did not ask for it (llama_cpp's default is off) or asked for it off. Pass flash_attn=True to silence it."""
+
+
+class PinnedMemoryWarning(UserWarning):
+    """The VRAM tier's host memory (its read-ahead ring, write-back buffer, pinned host copies) could not be
+    page-locked (RLIMIT_MEMLOCK, a container's limit): copies to the GPU run from pageable memory, through CUDA's
+    own staging, slower; the outputs are the same. kv_stats()["vram"]["pin_failed"] says why."""

@@ -13,7 +13,7 @@ import numpy as np
 from . import _native, llama_log, placement, sessions, vram
 from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file, size_arg
 from .errors import KVIOError  # noqa: F401 (re-exported)
-from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, StoreError
+from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, PinnedMemoryWarning, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
 
@@ -138,6 +138,11 @@ class Llama(llama_cpp.Llama):
                 super().__init__(model_path, *args, **kwargs)
             except ValueError as e:  # llama_cpp says only "Failed to load model"; llama.cpp's log says why
                 raise llama_log.load_error(e, model_path, load_log) from None
+        why = self._kv.stats()["vram"].get("pin_failed") if any(e[4] for e in layout or ()) else None
+        if why and why != "DUALBLADE_PIN=0":
+            warnings.warn(f"the VRAM tier's host memory could not be page-locked ({why}): its copies to the GPU run "
+                          "from pageable memory, slower; raise the locked-memory limit (ulimit -l, a container's "
+                          "memlock) to lock it", PinnedMemoryWarning, stacklevel=2)
         if mapped:
             # weights llama.cpp repacked at load live in anonymous memory (the monitor counts that); their
             # file pages are never read again

@@ -124,32 +124,62 @@ def place(kv: list[tuple[int, int, int]], policy: str, budget: int | None, gpu: 
     host = [(il, k, v) for il, k, v in kv if il not in vplan.resident]
     if budget is None:  # no host budget: every host copy pinned
         policy = "ram"
-    paths, staging = _native.plan(policy, budget, [k + v for _, k, v in host])
+    sizes = [k + v for _, k, v in host]
+    paths, staging = _native.plan(policy, budget, sizes)
+    if policy == "mmap" and any(il in vplan.streamed for il, _, _ in host):
+        # Streamed layers go through the page-locked ring the direct path's staging would take (ring_share in
+        # kv.c): planned as the direct path, the budget keeps that room and pins the layers that fit beside it.
+        # Below the direct path's minimum, the page-cache plan as it is (no ring: slower copies, same bytes).
+        try:
+            direct, staging = _native.plan("direct", budget, sizes)
+            paths = ["mmap" if p == "direct" else p for p in direct]
+        except MemoryError:
+            pass
     where = {il: p for (il, _, _), p in zip(host, paths)}
     return Placement([(il, where.get(il, "vram"), k, v, il in vplan.streamed) for il, k, v in kv], vplan, staging)
 
 
 # What llama.cpp's compute buffers may take for a context's prompt ubatch (prefill_ubatch), fixed so that the same
-# model and n_ctx always get the same ubatch (a saved session resumes with the same n_ubatch).
+# model and n_ctx always get the same ubatch (a saved session resumes with the same n_ubatch): the buffers of the
+# device that computes, and the attention masks, which stay in host memory on a GPU too (ggml's scheduler keeps
+# inputs there and copies them over).
 PREFILL_COMPUTE_HOST = 1 << 30
 PREFILL_COMPUTE_GPU = 4 << 30
+PREFILL_MASK_HOST = 1 << 30
 # The outputs a ubatch of such a context asks for at most (the prompt's last token, a verification batch's
 # drafts): llama.cpp reserves n_vocab floats of compute buffer for each (dblade_kv_set_outputs_max).
 OUTPUTS_MAX = 64
 
 
+def _per_token(info, n_ctx: int) -> tuple[int, int]:
+    """Compute-buffer bytes per token of a ubatch at n_ctx: the attention masks (two bytes a cell, one mask, two
+    with sliding-window layers), the activations (about 4 x (3 n_ff + 4 n_embd))."""
+    masks = 2 if any(layer.swa for layer in info.layers) else 1
+    n_ff = info.n_ff or 4 * info.n_embd
+    return 2 * masks * (-(-n_ctx // 256) * 256), 4 * (3 * n_ff + 4 * info.n_embd)
+
+
+def prefill_host_bytes(info, n_ctx: int, ubatch: int, gpu: bool) -> int:
+    """The host memory a ubatch's compute buffers take at n_ctx, the context full: masks and activations; on a
+    GPU the masks only."""
+    mask, activations = _per_token(info, n_ctx)
+    return ubatch * (mask + (0 if gpu else activations))
+
+
 def prefill_ubatch(info, n_ctx: int, gpu: bool) -> int:
     """The ubatch a context whose KV lives partly off the GPU or RAM processes its prompt in. A streamed or
     offloaded layer's rows below the ubatch are read (from storage, or copied into VRAM) once per ubatch, so a
-    P-token prompt in 512-token ubatches reads O(P^2/512) bytes; in ubatches of P/3 or more it reads each layer
-    about once. The ubatch is as large as a fixed allowance for llama.cpp's compute buffers holds: they grow
-    with it, by the attention mask (two bytes per context cell, per mask) and the activations (about 4 x (3 n_ff +
-    4 n_embd) bytes) of every token; the logits are capped to OUTPUTS_MAX. A power of two, 512 to n_ctx."""
-    masks = 2 if any(layer.swa for layer in info.layers) else 1
-    n_ff = info.n_ff or 4 * info.n_embd
-    per_token = 2 * masks * (-(-n_ctx // 256) * 256) + 4 * (3 * n_ff + 4 * info.n_embd)
-    allowance = PREFILL_COMPUTE_GPU if gpu else PREFILL_COMPUTE_HOST
-    ubatch = 512
-    while ubatch * 2 <= n_ctx and ubatch * 2 * per_token <= allowance:
-        ubatch *= 2
-    return ubatch
+    P-token prompt in 512-token ubatches reads O(P^2/512) bytes; in ubatches of n_ctx/3 a prompt that fills the
+    context reads each layer about once (0 + 1/3 + 2/3 of it), and larger ones would only cost memory. Whole
+    contexts of up to 2048 tokens go in one. Bounded by fixed allowances for llama.cpp's compute buffers, which
+    grow with the ubatch, by the attention mask (two bytes per context cell, per mask) and the activations (about
+    4 x (3 n_ff + 4 n_embd) bytes) of every token (the logits are capped to OUTPUTS_MAX). A multiple of 256, 512 to
+    n_ctx."""
+    mask, activations = _per_token(info, n_ctx)
+    if gpu:
+        bound = min(PREFILL_COMPUTE_GPU // (mask + activations), PREFILL_MASK_HOST // mask)
+    else:
+        bound = PREFILL_COMPUTE_HOST // (mask + activations)
+    want = n_ctx if n_ctx <= 2048 else -(-n_ctx // 3)
+    ubatch = min(-(-want // 256) * 256, bound // 256 * 256)
+    return max(512, min(ubatch, n_ctx))

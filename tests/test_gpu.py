@@ -6,6 +6,7 @@ on), whose tokens and logits the streamed runs must equal bit for bit.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import closing
 
 import numpy as np
@@ -78,10 +79,20 @@ def _streamed_budget(model, type_kv):
 
 
 @pytest.mark.parametrize("type_kv", [1, 8], ids=["f16", "q8_0"])
-@pytest.mark.parametrize("host", ["ram", "mmap", "direct", "device"])
-def test_streamed_layers_are_exact(model, reference, type_kv, host, tmp_path, request):
+@pytest.mark.parametrize("host", ["ram", "mmap", "mmap-ring", "direct", "device", "pageable"])
+def test_streamed_layers_are_exact(model, reference, type_kv, host, tmp_path, request, monkeypatch):
     kw = dict(type_k=type_kv, type_v=type_kv, vram_budget=_streamed_budget(model, type_kv))
-    if host == "device":
+    if host == "mmap-ring":
+        # the page cache with a budget that holds the direct path's staging: the ring takes it, and the page
+        # cache is copied into it by several threads (the run without: "mmap", 1M)
+        kw.update(kv_policy="mmap", kv_dir=str(tmp_path))
+        kw["mem_budget"] = _minimum(model, "mem_budget", **{**kw, "kv_policy": "direct"})
+    elif host == "pageable":
+        # DUALBLADE_PIN=0: nothing page-locked, as a failing lock leaves it (the direct path's ring too)
+        monkeypatch.setenv("DUALBLADE_PIN", "0")
+        kw.update(kv_policy="direct", kv_dir=str(tmp_path))
+        kw["mem_budget"] = _minimum(model, "mem_budget", **kw)
+    elif host == "device":
         # the direct path on a raw block device (a loop device: root only)
         kw.update(kv_policy="direct", kv_device=request.getfixturevalue("make_loop")(1 << 30))
         kw["mem_budget"] = _minimum(model, "mem_budget", **kw)
@@ -90,15 +101,26 @@ def test_streamed_layers_are_exact(model, reference, type_kv, host, tmp_path, re
         # cache needs no budget of its own, the direct path its staging
         kw.update(kv_policy=host, kv_dir=str(tmp_path))
         kw["mem_budget"] = "1M" if host == "mmap" else _minimum(model, "mem_budget", **kw)
-    with closing(_llm(model, **kw)) as llm:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dualblade.PinnedMemoryWarning)  # DUALBLADE_PIN=0 is asked for: no warning
+        llm = _llm(model, **kw)
+    with closing(llm):
         got = _run(llm)
         st = llm.kv_stats()
     assert st["vram"]["streamed_layers"] > 0, st["vram"]
     assert st["vram"]["h2d_bytes"] > 0 and st["vram"]["d2h_bytes"] > 0
-    if host != "ram":
-        assert st["layers_by_path"]["direct" if host == "device" else host] > 0, st["layers_by_path"]
-    else:
+    if host == "ram":
         assert st["vram"]["h2d_pinned_bytes"] == st["vram"]["h2d_bytes"]  # page-locked host copies
+    else:
+        path = {"device": "direct", "pageable": "direct", "mmap-ring": "mmap"}.get(host, host)
+        assert st["layers_by_path"][path] > 0, st["layers_by_path"]
+    if host in ("mmap-ring", "direct", "pageable"):
+        # read ahead into the ring, copied from there
+        assert st["vram"]["ring_bytes"] > 0 and st["vram"]["ring_read_bytes"] > 0, st["vram"]
+    if host == "pageable":
+        assert st["vram"]["pin_failed"] == "DUALBLADE_PIN=0" and st["vram"]["h2d_pinned_bytes"] == 0, st["vram"]
+    else:
+        assert st["vram"]["pin_failed"] is None, st["vram"]
     assert got[0] == reference[type_kv][0]
     assert got[1] == reference[type_kv][1], "logits differ from the all-in-VRAM run"
 

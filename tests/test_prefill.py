@@ -29,15 +29,16 @@ def test_a_prefill_reads_each_offloaded_layer_about_once(heavy_path, tmp_path):
               kv_dir=str(tmp_path), flash_attn=True, verbose=False)
     llm = Llama(str(heavy_path), **kw)
     try:
-        assert llm.n_batch == placement.prefill_ubatch(model_info(heavy_path), N_CTX, gpu=False) == N_CTX
+        assert llm.n_batch == placement.prefill_ubatch(model_info(heavy_path), N_CTX, gpu=False) == 1536  # n_ctx/3
         llm.eval(prompt_tokens(llm, PROMPT))
         read, written = _bytes(llm)
         assert written > PROMPT * 16 * 1024  # most of the prompt's rows are on storage (32 KiB a token)
-        assert read <= 1.3 * written, (read, written)
+        # ubatches of 1536, 1536, 528: the second reads 1536 rows, the third 3072 (1.28x the 3600 written)
+        assert read <= 1.35 * written, (read, written)
         # the next turn reads the layers once more, not once per 512 tokens
         llm.eval(prompt_tokens(llm, 400)[:300])
         read2, written2 = _bytes(llm)
-        assert read2 - read <= 1.3 * written + (written2 - written)
+        assert read2 - read <= 1.1 * written + (written2 - written)
     finally:
         llm.close()
 
@@ -55,8 +56,11 @@ def test_the_prefill_ubatch_follows_the_compute_allowance(heavy_path):
     info = model_info(heavy_path)
     # small contexts: the whole context in one ubatch
     assert placement.prefill_ubatch(info, 2048, gpu=False) == 2048
+    # longer ones: a third of the context (each layer read about once by a prompt that fills it), in 256s
+    assert placement.prefill_ubatch(info, 16384, gpu=False) == placement.prefill_ubatch(info, 16384, gpu=True) == 5632
     # long ones: as large as the allowance holds (the mask grows with the context), larger on a GPU
     host, gpu = placement.prefill_ubatch(info, 131072, gpu=False), placement.prefill_ubatch(info, 131072, gpu=True)
-    assert 512 <= host < gpu <= 131072
+    assert 512 <= host < gpu < 131072 // 3 and host % 256 == 0 and gpu % 256 == 0
     per_token = 2 * 131072 + 4 * (3 * info.n_ff + 4 * info.n_embd)
-    assert host * per_token <= placement.PREFILL_COMPUTE_HOST < 2 * host * per_token
+    assert host * per_token <= placement.PREFILL_COMPUTE_HOST < (host + 256) * per_token
+    assert gpu * 2 * 131072 <= placement.PREFILL_MASK_HOST  # the GPU's masks stay in host memory

@@ -152,3 +152,25 @@ def test_stats_line_for_the_vram_tier():
                                "d2h_bytes": 5 * MiB, "copy_wait_s": 0.25}})
     assert line == ("VRAM: 2 layers resident (128.0 MiB), 14 streamed through 2 slots of 128.0 MiB; copied host->VRAM "
                     "3.00 GiB (1.00 GiB page-locked), back 5.00 MiB, copy stall 0.250 s")
+
+
+def test_streamed_page_cache_layers_leave_room_for_the_ring():
+    # 8 GPU layers of 16 MiB, VRAM for 2 slots: every layer streamed from its host copy. Under "mmap" the host
+    # plan keeps the direct path's staging free (kv.c's ring_share gives it to the page-locked ring) and pins
+    # only what fits beside it; the rest is on the page cache, never on the direct path.
+    kv = [(i, 8 * MiB, 8 * MiB) for i in range(8)]
+    gpu = set(range(8))
+    budget = 64 * MiB
+    plain = placement.place(kv, "mmap", budget)  # no GPU: the page-cache plan pins what the budget holds
+    assert [e[1] for e in plain.layout].count("ram") == 4
+    p = placement.place(kv, "mmap", budget, gpu, vram_budget=32 * MiB)
+    paths = [e[1] for e in p.layout]
+    assert all(e[4] for e in p.layout) and set(paths) <= {"ram", "mmap"} and "mmap" in paths
+    assert paths.count("ram") < 4 and p.staging_bytes > 0
+    assert paths.count("ram") * 16 * MiB + p.staging_bytes <= budget
+    # the direct path's own plan is the same apart from the path's name
+    d = placement.place(kv, "direct", budget, gpu, vram_budget=32 * MiB)
+    assert [e[1] for e in d.layout] == ["direct" if x == "mmap" else x for x in paths]
+    # a budget below the direct path's minimum: the page-cache plan as it is
+    tiny = placement.place(kv, "mmap", 1 * MiB, gpu, vram_budget=32 * MiB)
+    assert {e[1] for e in tiny.layout} == {"mmap"}

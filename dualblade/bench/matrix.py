@@ -215,16 +215,20 @@ def run_cell(opts: BenchOptions, policy: str, budget: Optional[int], limit: Opti
 
 def calibrate_overhead(opts: BenchOptions, weights: int) -> int:
     """The memory a run needs besides weights and KV (interpreter, libraries, compute buffers; with --gpu the
-    CUDA runtime's host memory), from a small stock run, plus room for compute buffers that grow with the
-    context."""
+    CUDA runtime's host memory), from a small stock run, plus what the cells' compute buffers take in host memory
+    with their ubatch and the context full (placement.prefill_host_bytes: the masks grow with both)."""
+    from ..placement import prefill_host_bytes
+
     if opts.gpu:
         r = run_cell(opts, "vram", None, 8 * GiB, 64, 4, 512, extra={"gpu": True})
     else:
         r = run_cell(opts, "stock", None, 8 * GiB, 64, 4, 512)
     if not r.get("ok") or not r.get("peak_bytes"):
         raise RuntimeError(f"the calibration run failed: {r.get('error')}")
-    kv_small = sum(model_info(opts.model).layer_bytes(512))
-    return max(64 * MiB, r["peak_bytes"] - weights - kv_small) + 64 * MiB
+    info = model_info(opts.model)
+    kv_small = sum(info.layer_bytes(512))
+    compute = prefill_host_bytes(info, opts.n_ctx, cell_ubatch(opts, opts.n_ctx), opts.gpu)
+    return max(64 * MiB, r["peak_bytes"] - weights - kv_small) + compute + 64 * MiB
 
 
 # --------------------------------------------------------------------------- summary

@@ -58,11 +58,13 @@ struct dblade_path_ops {
     // The tensor's bytes [0, len) as they are now, into dst (page- and block-aligned, len a multiple of the
     // store's alignment), for a copy elsewhere (a VRAM slot): what only memory holds is copied at once; what
     // the store holds is described in reqs (at most cap), for the caller to run on an engine of the store:
-    // an O_DIRECT one, or a buffered one where *buffered (the page cache holds the newest bytes). Returns
-    // how many requests, or -errno. The tensor's bytes in the store do not change until the caller's
-    // requests are done if nobody takes rows of it meanwhile.
+    // an O_DIRECT one, or a buffered one where *buffered (the page cache holds the newest bytes). Or, where
+    // *copy_from is set (memory that holds all of [0, len) and stays mapped: the page cache, every page of it
+    // cached), the caller copies from there itself, without the lock and with as many threads as it likes.
+    // Returns how many requests, or -errno. The tensor's bytes do not change until the caller's requests or
+    // copy are done if nobody takes rows of it meanwhile.
     int (*snapshot)(struct dblade_tier * p, struct dblade_tensor * t, uint64_t len, uint8_t * dst,
-                    struct dblade_io_req * reqs, uint32_t cap, bool * buffered);
+                    struct dblade_io_req * reqs, uint32_t cap, bool * buffered, const uint8_t ** copy_from);
     // Rows [lo, hi) (bytes; t->hwm already counts them) were computed elsewhere (a VRAM slot) and are in src:
     // the tensor's byte x is at src[x - src_lo], for x in [src_lo, align_up(hi, page)), src_lo =
     // align_down(lo, page) (whole pages: the bytes around the rows are the tensor's current ones). The path

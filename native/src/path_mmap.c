@@ -111,10 +111,12 @@ static void mmap_store_from(struct dblade_tier * p, struct dblade_tensor * t, ui
     mmap_take_rows(p, t, lo, hi);
 }
 
-// a buffered read of the extent: the page cache has the newest bytes (the mapping's dirty pages too), and
-// several of them in flight copy it out faster than one thread walking the mapping
+// Every page cached: the caller copies from the mapping (several threads copy the page cache out at
+// memory speed; one buffered read runs at one thread's). Some missing: a buffered read of the extent, which
+// reads the missing pages in large requests where faults would bring them in a few pages at a time (the page
+// cache has the newest bytes either way, the mapping's dirty pages too).
 static int mmap_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint64_t len, uint8_t * dst,
-                         struct dblade_io_req * reqs, uint32_t cap, bool * buffered) {
+                         struct dblade_io_req * reqs, uint32_t cap, bool * buffered, const uint8_t ** copy_from) {
     if (len == 0) {
         return 0;
     }
@@ -126,6 +128,10 @@ static int mmap_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint6
     const uint64_t missing = pages_missing(t->addr, upto, t->page);
     atomic_fetch_add(&t->bytes_read, missing);
     t->cached = dblade_align_up(upto, t->page) - missing;
+    if (missing == 0 && len <= t->map_bytes) {
+        *copy_from = t->addr;
+        return 0;
+    }
     reqs[0]   = (struct dblade_io_req) { .buf = dst, .len = len, .off = t->store_off };
     *buffered = true;
     return 1;

@@ -46,9 +46,13 @@ static void ram_store_from(struct dblade_tier * p, struct dblade_tensor * t, uin
     memcpy(t->addr + lo, src + (lo - src_lo), hi - lo);
 }
 
+// the caller copies from RAM
 static int ram_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint64_t len, uint8_t * dst,
-                        struct dblade_io_req * reqs, uint32_t cap, bool * buffered) {
-    memcpy(dst, t->addr, len < t->map_bytes ? len : t->map_bytes);
+                        struct dblade_io_req * reqs, uint32_t cap, bool * buffered, const uint8_t ** copy_from) {
+    if (len > t->map_bytes) {
+        return -EINVAL;
+    }
+    *copy_from = t->addr;
     return 0;
 }
 

@@ -190,7 +190,8 @@ static void direct_host_end(struct dblade_tier * p, struct dblade_tensor * t, ui
 
 // memory first (the staged rows, the tail page), the store for the rest; nothing above what was written
 static int direct_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint64_t len, uint8_t * dst,
-                           struct dblade_io_req * reqs, uint32_t cap, bool * buffered) {
+                           struct dblade_io_req * reqs, uint32_t cap, bool * buffered,
+                           const uint8_t ** copy_from) {
     dblade_direct_settle(direct_of(p), t); // a retire running gives its memory back outside the lock
     const struct dblade_direct_tensor * x = t->direct;
     const uint64_t                      mem = x->valid < len ? x->valid : len;

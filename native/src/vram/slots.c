@@ -124,6 +124,14 @@ static int engines_open(struct dblade_vram * v) {
     return rc < 0 ? rc : dblade_io_open(&v->io_buffered, v->buffered_fd);
 }
 
+// half the CPUs copy the page cache into the ring (the GPU computes: the host's threads wait meanwhile), the
+// caller among them; at most 8 (memory bandwidth, not threads, bounds it from there)
+static int copiers_open(struct dblade_vram * v) {
+    const long     ncpu    = sysconf(_SC_NPROCESSORS_ONLN);
+    const uint32_t helpers = ncpu >= 4 ? (uint32_t) (ncpu / 2 < 8 ? ncpu / 2 : 8) - 1 : ncpu >= 2 ? 1 : 0;
+    return dblade_pcopy_open(&v->pcopy, helpers);
+}
+
 static int setup(struct dblade_vram * v, const char * device, bool quantized) {
     v->pad         = quantized ? DEVICE_PAD : 0;
     v->buffered_fd = -1;
@@ -236,6 +244,7 @@ static int setup(struct dblade_vram * v, const char * device, bool quantized) {
         v->ring = host_alloc(v, v->env.ring_bytes, &v->ring_pinned);
         v->ring_bytes = v->ring ? v->env.ring_bytes : 0;
         rc            = v->ring ? engines_open(v) : -ENOMEM;
+        rc            = rc < 0 ? rc : copiers_open(v);
     }
     v->cu.CtxPopCurrent(&popped);
     return rc;
@@ -247,6 +256,7 @@ void dblade_vram_destroy(struct dblade_vram * v) {
     }
     dblade_io_close(v->io_direct);
     dblade_io_close(v->io_buffered);
+    dblade_pcopy_close(v->pcopy);
     if (v->buffered_fd >= 0) {
         close(v->buffered_fd);
     }

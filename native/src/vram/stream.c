@@ -3,9 +3,10 @@
 // compute of three layers in flight at once.
 //
 //  - Reads ahead (the worker): the host paths' bytes of the next layers, in graph order, into the ring
-//    (page-locked): O_DIRECT reads of the direct path (checked against their CRC-32C as they arrive), buffered
-//    reads of the page cache, what only memory holds copied (path.h's snapshot). Layer i+2 is read while
-//    layer i+1 is copied and layer i computes.
+//    (page-locked): O_DIRECT reads of the direct path (checked against their CRC-32C as they arrive), the page
+//    cache copied out of its mapping by several threads (pcopy.c) or, where pages are missing, read buffered;
+//    what only memory holds copied (path.h's snapshot). Layer i+2 is read while layer i+1 is copied and layer
+//    i computes.
 //  - Copies (our stream): a layer's bytes from the ring (or from a pinned host copy) into its slot, queued as
 //    soon as the slot's last layer is done with it, with an event per slot: at the layer's cut the host waits
 //    for that event only.
@@ -127,15 +128,16 @@ static bool read_one(struct dblade_vram * v, int32_t x) {
         return false; // full: the cuts free it, and ask again
     }
     struct dblade_io_req reqs[MAX_REQS];
-    bool                 buffered[2] = { false, false };
-    int                  n[2]        = { 0, 0 };
+    bool                 buffered[2]  = { false, false };
+    const uint8_t *      copy_from[2] = { NULL, NULL };
+    int                  n[2]         = { 0, 0 };
     s->state                         = SL_READY; // on a failure too: the sticky error stops the graph at its cut
     for (int w = 0; w < 2; w++) {
         struct dblade_tensor * t = w ? vt : k;
         struct dblade_tier *   p = dblade_pipeline_path(v->env.pipeline, t->path);
         n[w] = p && p->ops->snapshot ? p->ops->snapshot(p, t, w ? s->v_len : s->k_len,
                                                         v->ring + s->off + (w ? s->k_len : 0), reqs + n[0],
-                                                        MAX_REQS / 2, &buffered[w])
+                                                        MAX_REQS / 2, &buffered[w], &copy_from[w])
                                      : -EOPNOTSUPP;
         if (n[w] < 0) {
             dblade_fail(v->env.events, n[w], "reading layer %d %c for VRAM: %s", t->il, "KV"[w], strerror(-n[w]));
@@ -146,6 +148,11 @@ static bool read_one(struct dblade_vram * v, int32_t x) {
     pthread_mutex_unlock(v->env.lock);
     int rc = 0;
     for (int w = 0; w < 2; w++) {
+        const uint64_t len = w ? s->v_len : s->k_len;
+        if (copy_from[w] && len > 0) { // memory: copied by several threads
+            dblade_pcopy_run(v->pcopy, v->ring + s->off + (w ? s->k_len : 0), copy_from[w], len);
+            atomic_fetch_add(&v->ring_read_bytes, len);
+        }
         struct dblade_io * io = buffered[w] ? v->io_buffered : v->io_direct;
         if (n[w] > 0 && rc == 0) {
             rc = io ? dblade_io_run(io, reqs + (w ? n[0] : 0), (uint32_t) n[w]) : -EBADF;

@@ -8,6 +8,7 @@
 
 #include "../base.h"
 #include "../engine.h"
+#include "../pcopy.h"
 #include "../worker.h"
 #include "cuda.h"
 
@@ -61,6 +62,7 @@ struct dblade_vram {
     // the engines that read the host paths' store: O_DIRECT (direct path), buffered (page cache)
     struct dblade_io * io_direct, * io_buffered;
     int                buffered_fd;
+    struct dblade_pcopy * pcopy; // the threads that copy the page cache into the ring
     struct dblade_work work; // reads ahead, on the worker
     // the graph: the streamed layer it computes next, and the one whose new rows are still in VRAM
     int32_t  next, pending;
