@@ -16,6 +16,7 @@ from .errors import KVIOError  # noqa: F401 (re-exported)
 from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, PinnedMemoryWarning, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
+from .speculative import Speculation
 
 log = logging.getLogger("dualblade")
 
@@ -143,6 +144,14 @@ class Llama(llama_cpp.Llama):
             warnings.warn(f"the VRAM tier's host memory could not be page-locked ({why}): its copies to the GPU run "
                           "from pageable memory, slower; raise the locked-memory limit (ulimit -l, a container's "
                           "memlock) to lock it", PinnedMemoryWarning, stacklevel=2)
+        # speculative decoding (draft_model=): drafts adapt to what is accepted; a verification batch asks
+        # llama.cpp for its positions' logits only (llama_cpp 0.3.36 copies every row into a scores matrix sized
+        # for one batch, and fails)
+        self._speculation = None
+        if self.draft_model is not None and not kwargs.get("logits_all"):
+            k_max = min(getattr(self.draft_model, "num_pred_tokens", 10), placement.OUTPUTS_MAX - 1, self.n_batch - 1)
+            self._speculation = Speculation(self.draft_model, k_max)
+            self.draft_model = self._speculation
         if mapped:
             # weights llama.cpp repacked at load live in anonymous memory (the monitor counts that); their
             # file pages are never read again
@@ -154,6 +163,8 @@ class Llama(llama_cpp.Llama):
         if self._prefill_ubatch:
             state.pop("n_batch", None)  # chosen here, as the caller left them: chosen again
             state.pop("n_ubatch", None)
+        if getattr(self, "_speculation", None) is not None:
+            state["draft_model"] = self._speculation.draft
         if self._flash_attn_arg is None:
             state.pop("flash_attn", None)  # as the caller left it: switched on again, and said so
         else:
@@ -243,6 +254,8 @@ class Llama(llama_cpp.Llama):
         resident = [e for e in self._kv_layout if e[1] == "vram"]
         st["vram"]["resident_layers"] = len(resident)
         st["vram"]["resident_bytes"] = sum(e[2] + e[3] for e in resident)
+        # speculative decoding (draft_model=): drafted, accepted, mean accepted length; None without
+        st["speculation"] = self._speculation.stats() if getattr(self, "_speculation", None) else None
         return st
 
     def kv_trim(self) -> int:
@@ -284,9 +297,15 @@ class Llama(llama_cpp.Llama):
         total = len(tokens)
         start = time.perf_counter()
         done = 0
+        if self._speculation is not None:
+            self._speculation.begin(self.n_tokens, total)
         while True:
             batch = tokens[done:done + self.n_batch]
-            super().eval(batch)
+            if self._speculation is not None:
+                # a verification batch (or a short prompt) gets every position's logits, a long prompt its last
+                self._decode(batch, len(batch) if total <= placement.OUTPUTS_MAX else 1)
+            else:
+                super().eval(batch)
             done += len(batch)
             self._kv_check()
             if self.eval_progress is not None and total > 1:
@@ -295,6 +314,19 @@ class Llama(llama_cpp.Llama):
                 break
         self._counters["eval_tokens"] += total
         self._counters["eval_s"] += time.perf_counter() - start
+
+    def _decode(self, batch: Sequence[int], n_outputs: int) -> None:
+        """llama_cpp's eval of one batch, with logits for its last n_outputs tokens, copied nowhere (sample() reads
+        them from the context)."""
+        self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)  # rows of rejected drafts: the cells go empty
+        n_past, n = self.n_tokens, len(batch)
+        self._batch.set_batch(batch=batch, n_past=n_past, logits_all=False)
+        for i in range(n - n_outputs, n):
+            self._batch.batch.logits[i] = True
+        self._ctx.decode(self._batch)
+        self.input_ids[n_past:n_past + n] = batch
+        self.n_tokens += n
+        self._requires_eval = False
 
     def save_state(self):
         self._kv_check()
