@@ -69,6 +69,10 @@ GpuLayersOpt = typer.Option(0, "--n-gpu-layers", "-ngl", help="GPU builds: layer
 VramBudgetOpt = typer.Option(None, "--vram-budget",
                              help="GPU builds: VRAM the KV may take, e.g. 2G, or auto (what the GPU has free); the "
                                   "other GPU layers' KV is streamed in from the host tiers.")
+DraftOpt = typer.Option(None, "--draft", help="Speculative decoding with drafts from the conversation itself: lookup "
+                        "or lookup:N (N drafted tokens at most, default 10); fewer where they fail.")
+DraftModelOpt = typer.Option(None, "--draft-model", help="Speculative decoding with drafts from a small model that "
+                             "shares the model's vocabulary (its KV stays in RAM, or VRAM with -ngl).")
 
 
 @app.command()
@@ -98,6 +102,8 @@ def chat(
     session: Optional[str] = typer.Option(None, "--session", help="Resume this saved session if it exists, "
                                           "and keep it saved (after each reply and at exit): a name under "
                                           "~/.cache/dualblade/sessions or a file path."),
+    draft: Optional[str] = DraftOpt,
+    draft_model: Optional[Path] = DraftModelOpt,
 ):
     """Chat with a model; type /help for commands. Reads lines from a pipe too."""
     from .chat import run_chat
@@ -107,7 +113,8 @@ def chat(
                          temp=temp, seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir,
                          kv_device=kv_device, force=force, verify=verify, kv_wipe=kv_wipe,
                          cache_type=cache_type.value, flash_attn=flash_attn, system=system, stats=stats,
-                         verbose=verbose, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget, session=session))
+                         verbose=verbose, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget, session=session,
+                         draft=draft, draft_model=draft_model))
 
 
 @app.command()
@@ -141,6 +148,8 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what was chosen and why; log requests."),
     n_gpu_layers: int = GpuLayersOpt,
     vram_budget: Optional[str] = VramBudgetOpt,
+    draft: Optional[str] = DraftOpt,
+    draft_model: Optional[Path] = DraftModelOpt,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /v1/kv, /health); conversations resume from their KV saved on storage."""
@@ -151,7 +160,7 @@ def serve(
                             seed=seed, threads=threads, policy=policy.value, kv_dir=kv_dir, kv_device=kv_device,
                             force=force, verify=verify, cache_type=cache_type.value, flash_attn=flash_attn,
                             system=None, stats=False, verbose=verbose, n_gpu_layers=n_gpu_layers,
-                            vram_budget=vram_budget)
+                            vram_budget=vram_budget, draft=draft, draft_model=draft_model)
     run_serve(ServeOptions(chat=chat_opts, host=host, port=port, api_key=api_key, session_disk=session_disk,
                            session_dir=session_dir, queue=queue, max_body=max_body))
 
@@ -247,6 +256,9 @@ def bench(
                                               "dualblade cells' host tier, % of the KV or a size (default: 25%)."),
     ubatch: Optional[int] = typer.Option(None, "--ubatch", help="Every cell's prompt ubatch (n_batch = n_ubatch; "
                                          "default: the one dualblade picks for a context with offloaded KV)."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding against plain: every policy x "
+                                        "budget on real text ('repeat': a document's passage quoted; 'fresh'), with "
+                                        "drafts lookup[:N] and without (needs a real model, e.g. the bundled one)."),
 ):
     """Measure policies x budgets, each in a fresh process under a memory limit, against stock llama.cpp."""
     from .bench import run_bench_cli
@@ -255,7 +267,7 @@ def bench(
         raise click.exceptions.BadParameter("--reps, --gen-tokens, --prompt-tokens and --ubatch must be at least 1")
     run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
                   no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout, force, gpu, host_budget,
-                  ubatch)
+                  ubatch, draft)
 
 
 # The library's messages name its keyword arguments; a CLI user should read the flags instead.

@@ -291,9 +291,34 @@ def plot(res: dict, path: Path):
     fig.savefig(path, dpi=110)
 
 
+def render_speculative(res: dict, console: Console) -> None:
+    m, w, p = res["model"], res["workload"], res["probe"]
+    t = _table(f"{m['label'] or m['path']}: speculative decoding ({w['draft']}) against plain, prompt "
+               f"{w['prompt_tokens']} of {w['n_ctx']}, {w['gen_tokens']} generated, {w['reps']} rep(s)",
+               [("workload", "left"), ("budget", "left"), ("policy", "left"), ("plain tok/s", "right"),
+                ("drafts tok/s", "right"), ("x", "right"), ("accepted len", "right"), ("plain io wait", "right"),
+                ("read/tok plain", "right"), ("read/tok drafts", "right"), ("differ", "right")])
+    for e in res["pairs"]:
+        t.add_row(e["workload"], e["budget"], e["policy"], _fmt(e["plain_tok_s"], "ms"), _fmt(e["draft_tok_s"], "ms"),
+                  _fmt(e.get("draft_vs_plain"), "s"), _fmt(e["mean_accepted_length"], "s"),
+                  _fmt(e["plain_io_wait_share"], "pct"), _fmt(e["plain_bytes_per_token"], "bytes"),
+                  _fmt(e["draft_bytes_per_token"], "bytes"), _fmt(e.get("tokens_differ_vs_plain"), "n"))
+    console.print(t)
+    bad = [r for r in res["rows"] if r.get("tokens_equal_ram") is False]
+    console.print("exact: every cell's tokens equal the all-in-RAM run's with the same drafts" if not bad else
+                  f"NOT EXACT: {', '.join(r['workload'] + '/' + r['policy'] for r in bad)}", markup=False)
+    failed = [r for r in res["rows"] if r["status"] != "ok"]
+    for r in failed:
+        console.print(f"{r['workload']} {r['draft'] or 'plain'} {r['policy']} @ {r['budget']}: {r['status']}",
+                      markup=False)
+    console.print(f"device probe ({res['location'].get('path')}): O_DIRECT read {p['read_gib_s']:.2f} GiB/s; "
+                  "'differ': tokens that differ between the plain and the speculative run (batched and single-token "
+                  "evaluation round differently)", markup=False)
+
+
 def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
                   no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None, force=False,
-                  gpu=False, host_budget=None, ubatch=None) -> None:
+                  gpu=False, host_budget=None, ubatch=None, draft=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dualblade.bench import GPU_POLICIES, BenchOptions, check_options, run_bench
@@ -323,6 +348,18 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
                         threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout,
                         gpu=gpu, host_budget=host_budget, ubatch=ubatch)
     check_options(opts)  # before the progress bar, whose end would leave a line above the error
+    if draft is not None:
+        from dualblade.speculative import lookup
+
+        if gpu:
+            raise ConfigError("--draft compares speculative decoding on the host tiers; on a GPU build run it "
+                              "without --gpu (the GPU cells do not take drafts yet)")
+        try:
+            lookup(draft)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if plot_path:
+            raise ConfigError("--plot has no plot for --draft; drop --plot (--json keeps every figure)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
         task = prog.add_task("bench", total=None)
@@ -330,8 +367,14 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
         def on_progress(what: str, done: int, total: int) -> None:
             prog.update(task, description=what, completed=done, total=total)
 
-        res = run_bench(opts, on_progress=on_progress, log=lambda s: prog.update(task, description=s))
-    (render_gpu if res.get("mode") == "gpu" else render)(res, console)
+        if draft is not None:
+            from dualblade.bench.speculative import run_bench_speculative
+
+            res = run_bench_speculative(opts, draft, on_progress=on_progress,
+                                        log=lambda s: prog.update(task, description=s))
+        else:
+            res = run_bench(opts, on_progress=on_progress, log=lambda s: prog.update(task, description=s))
+    {"gpu": render_gpu, "speculative": render_speculative}.get(res.get("mode"), render)(res, console)
     if json_path:
         json_path.write_text(json.dumps(res, indent=1) + "\n")
         err.print(f"raw figures: {json_path}", markup=False)

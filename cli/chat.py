@@ -182,7 +182,7 @@ class Chat:
     def _status(self, before: dict, t0: float, t_first: Optional[float]) -> None:
         after = self.llm.counters()
         generated = after["sampled"] - before["sampled"]
-        prompt = after["eval_tokens"] - before["eval_tokens"] - max(generated - 1, 0)
+        prompt = after["prompt_tokens"] - before["prompt_tokens"]
         t_end = time.perf_counter()
         rate = (generated - 1) / (t_end - t_first) if t_first and generated > 1 and t_end > t_first else 0.0
         first = f"first token {t_first - t0:.2f} s" if t_first else "no token"
@@ -192,9 +192,14 @@ class Chat:
         if st["offloaded_bytes"]:
             n = st["layers_by_path"]
             paths = f" ({n['mmap']} layers page cache, {n['direct']} direct)" if st["policy"] == "auto" else ""
+        spec = st.get("speculation")
+        drafts = ""
+        if spec and spec["passes"]:
+            drafts = (f", drafts {spec['accepted']}/{spec['drafted']} accepted "
+                      f"({spec['mean_accepted_length']:.2f} tok a pass)")
         self.err.print(f"{prompt} prompt tok, {generated} generated, {rate:.1f} tok/s, {first}, "
                        f"KV {format_size(st['resident_bytes'])} resident{cached} / "
-                       f"{format_size(st['offloaded_bytes'])} offloaded{paths}", style="dim", markup=False,
+                       f"{format_size(st['offloaded_bytes'])} offloaded{paths}{drafts}", style="dim", markup=False,
                        soft_wrap=True)
 
     def print_stats(self, console: Console) -> None:

@@ -42,6 +42,8 @@ class ChatOptions:
     n_gpu_layers: int = 0
     vram_budget: Optional[str] = None
     session: Optional[str] = None
+    draft: Optional[str] = None          # lookup[:N]: drafts from the context
+    draft_model: Optional[Path] = None   # a small GGUF sharing the model's vocabulary
 
 
 def resolve_model(model: Optional[Path]) -> tuple[Path, ModelInfo]:
@@ -107,6 +109,18 @@ def load(opts: ChatOptions, err: Console, live: bool, cls=None):
         kwargs["flash_attn"] = flash or bool(opts.flash_attn)
     if opts.seed >= 0:
         kwargs["seed"] = opts.seed
+    from dualblade.speculative import draft_from_args
+
+    try:
+        draft = draft_from_args(opts.draft, str(opts.draft_model) if opts.draft_model else None, info.n_vocab,
+                                opts.ctx_size, n_gpu_layers=opts.n_gpu_layers, n_threads=kwargs["n_threads"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if draft is not None:
+        kwargs["draft_model"] = draft
+        if opts.verbose:
+            err.print(f"speculative decoding: drafts from {opts.draft or opts.draft_model}, "
+                      f"{draft.num_pred_tokens} at most, fewer where they fail")
     if opts.flash_attn is None:
         # the chat has no stock run to match: it says so in --verbose (below) rather than warn every start
         warnings.filterwarnings("ignore", category=FlashAttentionWarning)

@@ -117,7 +117,9 @@ class Llama(llama_cpp.Llama):
         self._kv_layout = layout
         self._kv_wipe = bool(kv_wipe)
         self.eval_progress: Optional[Callable[[int, int], None]] = None
-        self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0}
+        # prompt_tokens: evaluated other than as a step of generation (a sampled token and its drafts)
+        self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0, "prompt_tokens": 0}
+        self._just_sampled = False
         # the weights are mmap'ed (unless use_mmap=False): auto leaves their working set its page cache; with
         # every layer on a GPU they live in VRAM, and their file pages are read once, at load
         all_on_gpu = info is not None and placement.all_weights_on_gpu(
@@ -148,6 +150,7 @@ class Llama(llama_cpp.Llama):
         # llama.cpp for its positions' logits only (llama_cpp 0.3.36 copies every row into a scores matrix sized
         # for one batch, and fails)
         self._speculation = None
+        self._step = None
         if self.draft_model is not None and not kwargs.get("logits_all"):
             k_max = min(getattr(self.draft_model, "num_pred_tokens", 10), placement.OUTPUTS_MAX - 1, self.n_batch - 1)
             self._speculation = Speculation(self.draft_model, k_max)
@@ -299,6 +302,10 @@ class Llama(llama_cpp.Llama):
         done = 0
         if self._speculation is not None:
             self._speculation.begin(self.n_tokens, total)
+            # a step of generation, timed from its evaluation to the next one's: its samples and drafts included
+            last, self._step = self._step, (start, total) if self._just_sampled else None
+            if last is not None and self._just_sampled:
+                self._speculation.timed(last[1], start - last[0])
         while True:
             batch = tokens[done:done + self.n_batch]
             if self._speculation is not None:
@@ -313,6 +320,9 @@ class Llama(llama_cpp.Llama):
             if done >= total:
                 break
         self._counters["eval_tokens"] += total
+        if not self._just_sampled:
+            self._counters["prompt_tokens"] += total
+        self._just_sampled = False
         self._counters["eval_s"] += time.perf_counter() - start
 
     def _decode(self, batch: Sequence[int], n_outputs: int) -> None:
@@ -399,7 +409,12 @@ class Llama(llama_cpp.Llama):
     def sample(self, *args, **kwargs):
         token = super().sample(*args, **kwargs)
         self._counters["sampled"] += 1
+        self._just_sampled = True
         return token
+
+    def generate(self, tokens, *args, **kwargs):
+        self._just_sampled = False  # its first evaluation is the prompt's
+        return super().generate(tokens, *args, **kwargs)
 
     def close(self) -> None:
         kv = getattr(self, "_kv", None)

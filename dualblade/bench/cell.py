@@ -108,6 +108,46 @@ def _make_llm(a: dict, kw: dict):
                  kv_verify=variant != "noverify", **kw)
 
 
+def run_generate(a: dict, llm, load_s: float) -> dict:
+    """A workload cell (bench --draft): real text (speculative.workload_tokens), greedy tokens through
+    llm.generate as a user's completion runs them, with the draft model or without; tokens per second of the
+    decode, and what it read from storage per generated token."""
+    from dualblade.speculative import workload_tokens
+
+    toks = workload_tokens(llm, a["workload"], a["prompt_tokens"])
+    io0 = _proc_io()
+    st0 = llm.kv_stats()
+    t0 = time.perf_counter()
+    out, t_first, st1, io1 = [], None, None, None
+    for t in llm.generate(toks, temp=0.0, top_k=1):
+        out.append(t)
+        if t_first is None:
+            t_first, st1, io1 = time.perf_counter(), llm.kv_stats(), _proc_io()
+        if len(out) > a["gen_tokens"]:
+            break
+    t_end = time.perf_counter()
+    st, io2 = llm.kv_stats(), _proc_io()
+    n = len(out) - 1  # generated after the first token (its time is the prefill's)
+    decode_s = t_end - t_first
+    res = {
+        "ok": True, "load_s": load_s, "ttft_s": t_first - t0, "prefill_tok_s": len(toks) / (t_first - t0),
+        "decode_ms": decode_s / n * 1e3, "decode_tok_s": n / decode_s, "tokens": out,
+        "workload": a["workload"], "draft": a.get("draft"), "speculation": st.get("speculation"),
+        "decode_bytes_read": st["bytes_read"] - st1["bytes_read"],
+        "decode_bytes_read_per_token": (st["bytes_read"] - st1["bytes_read"]) / n,
+        "decode_proc_read_bytes": io2.get("read_bytes", 0) - io1.get("read_bytes", 0),
+        "decode_io_wait_s": st["io_wait_s"] - st1["io_wait_s"],
+        # how storage-bound the decode is: the share of its time the graph waited for the disk
+        "decode_io_wait_share": (st["io_wait_s"] - st1["io_wait_s"]) / decode_s,
+        "prefill_bytes_read": st1["bytes_read"] - st0["bytes_read"],
+        "proc_read_bytes": io2.get("read_bytes", 0) - io0.get("read_bytes", 0),
+        "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "offloaded_bytes": st["offloaded_bytes"], "layers_by_path": st["layers_by_path"],
+    }
+    llm.close()
+    return res
+
+
 def run(a: dict) -> dict:
     vram = VramSampler() if a.get("gpu") else None  # the baseline before anything is loaded
     t_load = time.perf_counter()
@@ -115,7 +155,13 @@ def run(a: dict) -> dict:
     kw = dict(n_ctx=a["n_ctx"], n_batch=ubatch, n_ubatch=ubatch, flash_attn=True, verbose=False, seed=1)
     if a.get("threads"):
         kw["n_threads"] = a["threads"]
+    if a.get("draft"):
+        from dualblade.speculative import lookup
+
+        kw["draft_model"] = lookup(a["draft"])
     llm = _make_llm(a, kw)
+    if a.get("workload"):
+        return run_generate(a, llm, time.perf_counter() - t_load)
     toks = llm.tokenize(TEXT)
     while len(toks) < a["prompt_tokens"]:
         toks += llm.tokenize(TEXT, add_bos=False)

@@ -249,7 +249,7 @@ class Engine:
     def _usage(self, job: Job, before: dict) -> dict:
         after = self.llm.counters()
         generated = after["sampled"] - before["sampled"]
-        evaluated = max(after["eval_tokens"] - before["eval_tokens"] - max(generated - 1, 0), 0)
+        evaluated = after["prompt_tokens"] - before["prompt_tokens"]
         prompt = job.info.get("prompt_tokens", evaluated)
         c = self.counters
         c["prompt_tokens"] += prompt
