@@ -335,3 +335,37 @@ def test_serve_with_lookup_drafts(tmp_path, gemma_path):
     finally:
         log = s.stop()
     assert "Traceback" not in log, log
+
+
+def test_bench_with_drafts(tmp_path):
+    """bench --draft: both workloads, with and without drafts, per policy; exact against the all-in-RAM run."""
+    import json
+
+    from conftest import no_traceback, run_cli
+
+    out = tmp_path / "spec.json"
+    p = run_cli("bench", "--draft", "lookup:6", "-c", "2048", "-p", "1200", "-n", "12", "-r", "1", "--budgets",
+                "50%", "--policies", "ram,direct", "--kv-dir", str(tmp_path), "--no-cgroup", "--json", str(out),
+                timeout=900)
+    no_traceback(p)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    assert res["mode"] == "speculative" and res["workload"]["draft"] == "lookup:6"
+    assert {(e["workload"], e["policy"]) for e in res["pairs"]} == {(w, q) for w in ("repeat", "fresh")
+                                                                     for q in ("ram", "direct")}
+    for e in res["pairs"]:
+        assert e["plain_tok_s"] > 0 and e["draft_tok_s"] > 0 and e["mean_accepted_length"] >= 1, e
+    direct = [r for r in res["rows"] if r["policy"] == "direct"]
+    assert direct and all(r["tokens_equal_ram"] for r in direct), direct
+    assert all(r["decode_bytes_read_per_token"] > 0 for r in direct)
+    assert "tokens a pass" not in p.stdout and "accepted len" in p.stdout
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--draft", "lookup:0"], "lookup:N"),
+    (["--draft", "lookup", "--gpu"], "--gpu"),
+])
+def test_bench_bad_draft_options(args, word):
+    from conftest import assert_user_error, run_cli
+
+    assert_user_error(run_cli("bench", *args, "--no-cgroup", timeout=120), word)
