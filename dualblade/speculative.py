@@ -45,7 +45,7 @@ class Speculation(LlamaDraftModel):
         self.dt: Optional[float] = None  # seconds a draft adds to a step, running
         self.last_k: Optional[int] = None  # drafts handed out for the batch about to be evaluated
         self.pending: Optional[tuple[int, int]] = None  # (position of the token before them, how many)
-        self.passes = self.drafted = self.accepted = self.plain = 0
+        self.passes = self.drafted = self.accepted = 0
 
     def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
         # generate asks for the next drafts as soon as it knows how far the last batch held: the context up to
@@ -56,22 +56,18 @@ class Speculation(LlamaDraftModel):
             if self.wait > 0:
                 self.last_k = None
                 return np.array([], dtype=np.intc)
-            self.k = 2  # a probe
+            self.k = min(2, self.k_max)  # a probe
         drafts = np.asarray(self.draft(input_ids, **kwargs), dtype=np.intc)[:self.k]
         self.last_k = len(drafts) or None
         return drafts
 
-    def begin(self, n_past: int, n_tokens: int) -> bool:
+    def begin(self, n_past: int, n_tokens: int) -> None:
         """An evaluation of n_tokens at n_past starts: settles the last verification batch (how far generate kept
-        it: n_past is where it goes on from), and notes whether this one is one (returned)."""
+        it: n_past is where it goes on from), and notes whether this one is one."""
         self._settle_at(n_past)
-        verification = self.last_k is not None and n_tokens == self.last_k + 1
-        if verification:
+        if self.last_k is not None and n_tokens == self.last_k + 1:
             self.pending = (n_past, self.last_k)
-        elif n_tokens == 1:
-            self.plain += 1
         self.last_k = None
-        return verification
 
     def timed(self, n_tokens: int, seconds: float) -> None:
         """A generation step of n_tokens (1: plain; more: the sampled token and its drafts) took seconds."""

@@ -8,8 +8,8 @@ from dataclasses import asdict
 from typing import Callable, Optional
 
 from .. import vram
-from .matrix import GPU_STOCK, BenchOptions, Cell, calibrate_overhead, cell_ubatch, check_options, host_budget, paired, prepare, \
-    run_cell, summarize
+from .matrix import GPU_STOCK, BenchOptions, Cell, cell_ubatch, check_options, host_budget, memory_overhead, paired, \
+    prepare, run_cell, summarize
 from .probes import GiB, describe_location, gpu_machine, machine, probe_copy_bandwidth
 
 GPU_REFERENCE = ("vram", "nkvo-fa", "nkvo")  # independent of the budgets: run once per repetition
@@ -145,10 +145,7 @@ def run_bench_gpu(opts: BenchOptions, on_progress: Optional[Callable[[str, int, 
     probe = prepare(opts, log)
     log("probing the host-to-device copy bandwidth ...")
     copy = probe_copy_bandwidth(opts.copy_probe_bytes)
-    overhead = opts.overhead
-    if opts.use_cgroup and overhead is None:
-        log("calibrating the memory overhead (a small all-in-VRAM run) ...")
-        overhead = calibrate_overhead(opts, weights)
+    overhead = memory_overhead(opts, weights, log)
 
     def limit(policy: str) -> Optional[int]:
         return gpu_cell_limit(policy, weights, host_w, kv_total, host_bytes, overhead) if opts.use_cgroup else None

@@ -8,8 +8,8 @@ import sys
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from .matrix import BenchOptions, Cell, c_runs, calibrate_overhead, cell_ubatch, check_options, median, paired, prepare, \
-    run_cell, summarize
+from .matrix import BenchOptions, Cell, c_runs, cell_ubatch, check_options, host_cell_limit, median, memory_overhead, \
+    paired, prepare, run_cell, summarize
 from .probes import GiB, describe_location, machine
 
 
@@ -25,12 +25,8 @@ def run_bench_host(opts: BenchOptions, on_progress: Optional[Callable[[str, int,
     kv_total = sum(info.layer_bytes(opts.n_ctx))
     weights = os.path.getsize(opts.model)
     probe = prepare(opts, log)
-    overhead = opts.overhead
-    if opts.use_cgroup and overhead is None:
-        log("calibrating the memory overhead ...")
-        overhead = calibrate_overhead(opts, weights)
-
-    cells = [Cell(p, label, b, weights + b + overhead if opts.use_cgroup else None)
+    overhead = memory_overhead(opts, weights, log)
+    cells = [Cell(p, label, b, host_cell_limit(opts, weights, b, overhead))
              for label, b in budgets for p in opts.policies]
     # the compute bound: all KV in RAM, no limit (once per repetition)
     ram_ref = Cell("ram", "unlimited", None, None)

@@ -231,6 +231,19 @@ def calibrate_overhead(opts: BenchOptions, weights: int) -> int:
     return max(64 * MiB, r["peak_bytes"] - weights - kv_small) + compute + 64 * MiB
 
 
+def memory_overhead(opts: BenchOptions, weights: int, log: Callable[[str], None]) -> Optional[int]:
+    """The overhead in every cell's limit: --overhead, else calibrated (None without a cgroup: no limit)."""
+    if opts.overhead is not None or not opts.use_cgroup:
+        return opts.overhead
+    log("calibrating the memory overhead ...")
+    return calibrate_overhead(opts, weights)
+
+
+def host_cell_limit(opts: BenchOptions, weights: int, budget: int, overhead: Optional[int]) -> Optional[int]:
+    """A host cell's memory limit: weights + budget + overhead (None without a cgroup)."""
+    return weights + budget + overhead if opts.use_cgroup else None
+
+
 # --------------------------------------------------------------------------- summary
 
 

@@ -15,7 +15,8 @@ from dataclasses import asdict
 from typing import Callable, Optional
 
 from ..speculative import WORKLOADS
-from .matrix import BenchOptions, Cell, calibrate_overhead, check_options, median, prepare, run_cell, summarize
+from .matrix import BenchOptions, Cell, check_options, host_cell_limit, median, memory_overhead, prepare, run_cell, \
+    summarize
 from .probes import describe_location, machine
 
 
@@ -25,10 +26,7 @@ def run_bench_speculative(opts: BenchOptions, draft: str,
     info, budgets = check_options(opts)
     weights = os.path.getsize(opts.model)
     probe = prepare(opts, log)
-    overhead = opts.overhead
-    if opts.use_cgroup and overhead is None:
-        log("calibrating the memory overhead ...")
-        overhead = calibrate_overhead(opts, weights)
+    overhead = memory_overhead(opts, weights, log)
     policies = [p for p in opts.policies if p != "stock"]  # stock llama_cpp 0.3.36 cannot run draft_model=
     cells: list[tuple[str, Optional[str], Cell]] = []
     for w in WORKLOADS:
@@ -37,7 +35,7 @@ def run_bench_speculative(opts: BenchOptions, draft: str,
             for label, b in budgets:
                 for p in policies:
                     if p != "ram":
-                        cells.append((w, d, Cell(p, label, b, weights + b + overhead if opts.use_cgroup else None)))
+                        cells.append((w, d, Cell(p, label, b, host_cell_limit(opts, weights, b, overhead))))
     total, done = opts.reps * len(cells), 0
     for rep in range(opts.reps):
         for w, d, c in cells:
