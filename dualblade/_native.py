@@ -145,11 +145,17 @@ class SessionFileStats(ctypes.Structure):
         ("checked_bytes", c_uint64),
         ("file_bytes", c_uint64),
         ("strategy", ctypes.c_char * 32),
+        ("written_bytes", c_uint64),
+        ("appended", c_uint32),
+        ("n_patches", c_uint32),
+        ("whole_why", ctypes.c_char * 96),
     ]
 
     def as_dict(self) -> dict:
         d = {name: getattr(self, name) for name, _ in self._fields_}
         d["strategy"] = self.strategy.decode(errors="replace")
+        d["appended"] = bool(self.appended)
+        d["whole_why"] = self.whole_why.decode(errors="replace")
         return d
 
 
@@ -198,8 +204,8 @@ def lib() -> ctypes.CDLL:
         "dblade_kv_set_reserve": (c_int, [c_void_p, c_uint64]),
         "dblade_kv_set_outputs_max": (c_int, [c_void_p, c_uint32]),
         "dblade_kv_state_mode": (c_int, [c_void_p, c_int]),
-        "dblade_sessionfile_save": (c_int, [c_void_p, c_char_p, POINTER(Section), c_uint32,
-                                            POINTER(SessionFileStats)]),
+        "dblade_sessionfile_save_flags": (c_int, [c_void_p, c_char_p, POINTER(Section), c_uint32, c_uint32,
+                                                  POINTER(SessionFileStats)]),
         "dblade_sessionfile_open": (c_int, [c_char_p, POINTER(c_void_p)]),
         "dblade_sessionfile_close": (None, [c_void_p]),
         "dblade_sessionfile_section": (c_int, [c_void_p, c_uint32, POINTER(c_void_p), POINTER(c_uint64)]),
@@ -457,13 +463,22 @@ def kv_state_mode(kv: "KV", mode: int) -> None:
         _fail("setting the state mode", rc)
 
 
-def sessionfile_save(kv: "KV", path: str, sections: dict[int, bytes]) -> dict:
-    """Writes the KV object's KV and the sections {kind: bytes} to path (atomically); returns the counters."""
+SAVE_WHOLE = 1
+
+
+def sessionfile_save(kv: "KV", path: str, sections: dict[int, bytes], room: dict[int, int] | None = None,
+                     whole: bool = False) -> dict:
+    """Saves the KV object's KV and the sections {kind: bytes} to path: appended to the file's last commit when
+    the KV last matched it, else written whole (atomically either way); room {kind: bytes}: space in the file for a
+    section to grow into. Returns the counters."""
+    room = room or {}
     keep = [(k, ctypes.create_string_buffer(v, len(v)) if v else None, len(v)) for k, v in sections.items()]
-    arr = (Section * max(len(keep), 1))(*[Section(k, 0, ctypes.cast(b, c_void_p) if b is not None else None, n)
+    arr = (Section * max(len(keep), 1))(*[Section(k, min(room.get(k, 0), 2**32 - 1),
+                                                  ctypes.cast(b, c_void_p) if b is not None else None, n)
                                           for k, b, n in keep])
     st = SessionFileStats()
-    rc = lib().dblade_sessionfile_save(kv._h, path.encode(), arr, len(keep), ctypes.byref(st))
+    rc = lib().dblade_sessionfile_save_flags(kv._h, path.encode(), arr, len(keep), SAVE_WHOLE if whole else 0,
+                                             ctypes.byref(st))
     if rc < 0:
         _fail(f"saving {path}", rc)
     return st.as_dict()

@@ -350,16 +350,22 @@ class Llama(llama_cpp.Llama):
         self._kv.flush()  # write the restored rows back and release them
         self._kv_check()
 
-    def save_session(self, path: str | os.PathLike, app: bytes | None = None) -> dict:
+    def save_session(self, path: str | os.PathLike, app: bytes | None = None, compact: bool = False) -> dict:
         """Persist this context to `path`, one file: the KV of every layer, the token history and what the
         next eval needs. The KV is not copied through this process's memory: offloaded layers go from the
         KV store into the file by reflink, else an O_DIRECT copy through 4 MiB buffers, else in-kernel
-        copy_file_range; pinned layers are written from their memory. The file is replaced atomically (a
-        crash leaves the old one or the new one), created 0600; a symlink at `path` or a file that is not a
-        session is never replaced.
+        copy_file_range; pinned layers are written from their memory.
+        If `path` holds what this context last saved there or loaded from it, the save appends: it writes
+        only the KV blocks changed since (the new rows, a block or two per layer around them, rows that
+        were rewritten), their checksums and the metadata, and commits with one header write once all of
+        it is durable; nothing the previous save holds is overwritten, so a crash at any instant leaves
+        that save loadable. Otherwise (or with compact=True) the file is written whole into a new file
+        renamed over `path` (a crash leaves the old one or the new one). Created 0600; a symlink at `path`
+        or a file that is not a session is never replaced.
         `app`: bytes of the caller's own kept with the session (the CLI keeps its messages there).
-        Returns the save's counters (KV bytes, strategy). Raises SessionError."""
-        return sessions.save(self, path, app)
+        Returns the save's counters: KV bytes, written_bytes, appended (and whole_why when not), strategy.
+        Raises SessionError."""
+        return sessions.save(self, path, app, whole=compact)
 
     def load_session(self, path: str | os.PathLike, verify: bool = False) -> dict:
         """Resume the context saved at `path` (one file, see save_session) on this Llama, which must have

@@ -46,7 +46,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return sessions_dir() / (s + SUFFIX)
 
 
-def save(llm, path: str | os.PathLike, app: bytes | None = None) -> dict:
+def save(llm, path: str | os.PathLike, app: bytes | None = None, whole: bool = False) -> dict:
     """Llama.save_session (its docstring says what the file holds and how it is written)."""
     path = os.fspath(path)
     kv = llm._kv_handle(flush=True)  # every row in the store, tails too
@@ -64,7 +64,8 @@ def save(llm, path: str | os.PathLike, app: bytes | None = None) -> dict:
     if app is not None:
         sections[SEC_APP] = bytes(app)
     with _file_errors():
-        stats = _native.sessionfile_save(kv, path, sections)
+        # the token history grows in place: room for a full context
+        stats = _native.sessionfile_save(kv, path, sections, room={SEC_TOKENS: 4 * llm.n_ctx()}, whole=whole)
     llm._kv_check()
     return stats
 

@@ -236,7 +236,7 @@ def test_verify_finds_a_damaged_kv_block_before_anything_changes(tiny_path, tiny
     from dualblade import sessions
 
     assert sessions.verify(tiny_session)["checked_bytes"] > 0
-    bad = damaged(tiny_session, tmp_path / "v.dbkv", at=KV_OFFSET + 3 * 4096 + 7)
+    bad = damaged(tiny_session, tmp_path / "v.dbkv", at=KV_OFFSET + 7)
     with pytest.raises(SessionError, match="KV block .* failed its checksum"):
         sessions.verify(bad)
     kw = {"n_ctx": N_CTX, "kv_policy": "ram", "verbose": False}
@@ -301,7 +301,7 @@ def test_other_rope_base(tiny_path, tiny_session):
 
 def test_newer_format(tiny_path, tiny_session, tmp_path):
     b = bytearray(tiny_session.read_bytes())
-    struct.pack_into("<I", b, 16, 2)  # the format version
+    struct.pack_into("<I", b, 16, 3)  # the format version
     struct.pack_into("<I", b, 4092, crc32c(bytes(b[:4092])))
     p = tmp_path / "newer.dbkv"
     p.write_bytes(bytes(b))
@@ -334,35 +334,57 @@ def test_refuses_to_overwrite_a_file_that_is_not_a_session(tiny_path, tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == ["thesis.txt"]  # no temporary left behind
 
 
-def test_full_disk_keeps_the_old_session(tiny_path, tmp_path, monkeypatch):
-    path = tmp_path / "s.dbkv"
-    with closing(Llama(str(tiny_path), n_ctx=N_CTX, kv_policy="ram", verbose=False)) as llm:
-        llm.eval(prompt_tokens(llm, 32))
-        llm.save_session(path)
-        old = path.read_bytes()
-        llm.eval(prompt_tokens(llm, 48)[32:])
-        monkeypatch.setenv("DUALBLADE_FAULT", "write:1+:enospc")
-        with pytest.raises(SessionError, match="no space"):
-            llm.save_session(path)
-        monkeypatch.delenv("DUALBLADE_FAULT")
-    assert path.read_bytes() == old
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["s.dbkv"]
-
-
-def test_save_replaces_a_session_atomically_and_0600(tiny_path, tmp_path):
+@pytest.mark.parametrize("compact", [False, True])
+def test_full_disk_keeps_the_old_session(tiny_path, tmp_path, monkeypatch, compact):
+    """A save that runs out of space fails with one line and leaves the last save: byte for byte when it wrote a new
+    file, and as the commit that loads (and verifies) when it appended (its new rows went where nothing points)."""
     path = tmp_path / "s.dbkv"
     with closing(Llama(str(tiny_path), n_ctx=N_CTX, kv_policy="ram", verbose=False)) as llm:
         toks = prompt_tokens(llm, 48)
         llm.eval(toks[:32])
         llm.save_session(path)
+        old = path.read_bytes()
+        llm.eval(toks[32:])
+        monkeypatch.setenv("DUALBLADE_FAULT", "write:1+:enospc")
+        with pytest.raises(SessionError, match="no space"):
+            llm.save_session(path, compact=compact)
+        monkeypatch.delenv("DUALBLADE_FAULT")
+    if compact:
+        assert path.read_bytes() == old
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["s.dbkv"]
+    from dualblade import sessions
+
+    sessions.verify(path)
+    with closing(Llama(str(tiny_path), n_ctx=N_CTX, kv_policy="ram", verbose=False)) as llm:
+        llm.load_session(path)
+        assert llm.n_tokens == 32 and list(llm.input_ids[:32]) == toks[:32]
+
+
+def test_save_replaces_a_session_atomically_and_0600(tiny_path, tmp_path):
+    """A save to a file this context did not write or load is a new file renamed over it; one to its own last save
+    appends to it in place; compact=True writes it anew."""
+    path = tmp_path / "s.dbkv"
+    with closing(Llama(str(tiny_path), n_ctx=N_CTX, kv_policy="ram", verbose=False)) as llm:
+        toks = prompt_tokens(llm, 64)
+        llm.eval(toks[:32])
+        assert llm.save_session(path)["appended"] is False
         ino = path.stat().st_ino
         llm.eval(toks[32:48])
-        llm.save_session(path)
-        assert path.stat().st_ino != ino  # a new file renamed over the old one, never rewritten in place
+        st = llm.save_session(path)
+        assert st["appended"] is True and path.stat().st_ino == ino
+        st = llm.save_session(path, compact=True)
+        assert st["appended"] is False and st["whole_why"] == "asked to write it whole"
+        assert path.stat().st_ino != ino  # a new file renamed over the old one
         assert path.stat().st_mode & 0o777 == 0o600
     with closing(Llama(str(tiny_path), n_ctx=N_CTX, kv_policy="ram", verbose=False)) as llm:
         llm.load_session(path)
-        assert llm.n_tokens == 48 and list(llm.input_ids[:48]) == toks
+        assert llm.n_tokens == 48 and list(llm.input_ids[:48]) == toks[:48]
+        llm.eval(toks[48:])
+        assert llm.save_session(path)["appended"] is True  # loaded from it: appends
+    with closing(Llama(str(tiny_path), n_ctx=N_CTX, kv_policy="ram", verbose=False)) as llm:
+        llm.eval(toks[:8])
+        st = llm.save_session(path)  # another context's file: written whole
+        assert st["appended"] is False and "has not saved to or loaded from it" in st["whole_why"]
 
 
 @pytest.mark.parametrize("phase", ["kv", "linked"])
@@ -411,7 +433,7 @@ def test_mutated_session_files_fail_cleanly(tiny_path, tiny_session, tmp_path):
 
     rng = random.Random(13)
     good = tiny_session.read_bytes()
-    kv_end = struct.unpack_from("<Q", good, 48)[0] + struct.unpack_from("<Q", good, 56)[0]
+    kv_end = struct.unpack_from("<Q", good, 856)[0]  # the tail: every byte there is named by the header
     p = tmp_path / "m.dbkv"
     refused = 0
     for i in range(300):

@@ -242,7 +242,7 @@ DBLADE_API int dblade_kv_state_mode(struct dblade_kv * kv, int mode);
 /* A metadata section of a session file: an opaque blob of the embedding program, by kind. */
 struct dblade_section {
     uint32_t     kind;
-    uint32_t     reserved;
+    uint32_t     reserved; /* a save: bytes of room for it to grow into (0: none) */
     const void * data;
     uint64_t     bytes;
 };
@@ -257,17 +257,32 @@ struct dblade_sessionfile_stats {
     uint64_t checked_bytes; /* read back once to compute or check CRC-32C */
     uint64_t file_bytes;    /* size of the session file */
     char     strategy[32];  /* "clone", "copy_file_range", "direct" or a mix */
+    uint64_t written_bytes; /* a save: bytes it wrote into the file (KV, checksums, metadata, header) */
+    uint32_t appended;      /* a save: 1 if it appended to the file's last commit, 0 if it wrote the file whole */
+    uint32_t n_patches;     /* the file's blocks held outside their home (format.h) */
+    char     whole_why[96]; /* a save written whole: why it did not append */
 };
 
 /*
- * Writes the KV of every layer (offloaded ones from the store, pinned ones from memory) and the
- * sections into one file at path, atomically: an unnamed file in path's directory, fsync, linked
- * under a temporary name, renamed over path, the directory fsynced. Must follow a llama_state save in
- * DBLADE_STATE_SAVE_META mode (the rows per cache) and dblade_kv_flush(). The file is 0600; a
- * symlink at path (-ELOOP) or a file that is not a session file (-EEXIST) is never replaced.
+ * Saves the KV of every layer (offloaded ones from the store, pinned ones from memory) and the
+ * sections into one file at path. Must follow a llama_state save in DBLADE_STATE_SAVE_META mode (the
+ * rows per cache) and dblade_kv_flush(). A section whose `reserved` is not 0 gets that many bytes of
+ * room in the file to grow into (the token history).
+ *  - If path holds the commit this KV last saved or restored, the save appends: only the blocks
+ *    changed since, their checksums and the tail's metadata are written, the commit made by one
+ *    header write after everything it names is durable. Nothing the last commit names is overwritten:
+ *    a crash at any instant leaves it whole.
+ *  - Else (or with DBLADE_SAVE_WHOLE) the file is written whole and atomically: an unnamed file in
+ *    path's directory, fsync, linked under a temporary name, renamed over path, the directory fsynced.
+ * The file is 0600; a symlink at path (-ELOOP) or a file that is not a session file (-EEXIST) is never
+ * replaced.
  */
+enum { DBLADE_SAVE_WHOLE = 1 };
 DBLADE_API int dblade_sessionfile_save(struct dblade_kv * kv, const char * path, const struct dblade_section * sections,
                                        uint32_t n_sections, struct dblade_sessionfile_stats * stats);
+DBLADE_API int dblade_sessionfile_save_flags(struct dblade_kv * kv, const char * path,
+                                             const struct dblade_section * sections, uint32_t n_sections,
+                                             uint32_t flags, struct dblade_sessionfile_stats * stats);
 
 struct dblade_sessionfile;
 /* Opens and checks a session file (header, sections: CRC-32C, size, format version); reads no KV. */

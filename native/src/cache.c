@@ -63,7 +63,8 @@ static void tensor_unmap(struct dblade_kv * kv, struct dblade_tensor * t) {
         t->addr = NULL;
     }
     free(t->sums);
-    t->sums = NULL;
+    free(t->changed);
+    t->sums = NULL, t->changed = NULL;
 }
 
 // The tensor's address range, for its whole life: anonymous memory to start with, which its path
@@ -97,6 +98,14 @@ static int tensor_map(struct dblade_kv * kv, struct dblade_tensor * t) {
         // the store's integrity record of the extent: any offloaded tensor may go direct
         t->sums = calloc(t->map_bytes / DBLADE_BLOCK, sizeof(*t->sums));
         if (!t->sums) {
+            tensor_unmap(kv, t);
+            return -ENOMEM;
+        }
+    }
+    if (t->path != DBLADE_PATH_RAM) {
+        // what a session append writes (pinned tensors are compared with the file's checksums instead)
+        t->changed = calloc((t->map_bytes / DBLADE_BLOCK + 63) / 64, sizeof(*t->changed));
+        if (!t->changed) {
             tensor_unmap(kv, t);
             return -ENOMEM;
         }

@@ -47,6 +47,12 @@ struct dblade_kv {
     uint64_t                     ring_bytes; // the VRAM tier's share of the allowance
     int                          state_mode; // enum dblade_state_mode
     uint32_t                     outputs_max; // what a context's ubatch asks for at most (0: llama.cpp's default)
+    // the session file whose last commit this KV matched when it was saved or restored (sessionfile/):
+    // a save to it writes only what changed since (the offloaded tensors' changed bits, pinned ones' sums)
+    struct {
+        bool     valid;
+        uint64_t dev, ino, gen, lineage;
+    } session;
 };
 
 // the KV object bound to the calling thread (caches opened now belong to it), or NULL

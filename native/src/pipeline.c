@@ -127,6 +127,7 @@ void dblade_pipeline_take_rows(struct dblade_pipeline * pl, struct dblade_tensor
         p->ops->take_rows(p, t, lo, hi);
     }
     t->hwm = hi > t->hwm ? hi : t->hwm;
+    dblade_tensor_changed(t, lo, hi);
     // what a wipe covers
     dblade_store_touch(pl->env->store, t->store_off + dblade_align_up(hi, pl->env->store->align));
     dblade_gate_unblock(&pl->env->events->gate);
@@ -144,6 +145,7 @@ void dblade_pipeline_make_resident(struct dblade_pipeline * pl, struct dblade_te
 void dblade_pipeline_store_rows(struct dblade_pipeline * pl, struct dblade_tensor * t, uint64_t lo, uint64_t hi,
                                 const uint8_t * src, uint64_t src_lo) {
     t->hwm = hi > t->hwm ? hi : t->hwm;
+    dblade_tensor_changed(t, lo, hi);
     dblade_store_touch(pl->env->store, t->store_off + dblade_align_up(hi, pl->env->store->align));
     struct dblade_tier * p = path_of(pl, t);
     if (p && p->ops->store_from) {

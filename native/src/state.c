@@ -57,6 +57,7 @@ void dblade_cache_state_end(struct dblade_cache * c, uint64_t rows_written) {
         DBLADE_KV_PATH_CALL(kv, t, settle);
         DBLADE_KV_PATH_CALL(kv, t, host_end, hi);
         t->hwm = hi > t->hwm ? hi : t->hwm;
+        dblade_tensor_changed(t, 0, hi);
         dblade_store_touch(&kv->store, t->store_off + dblade_align_up(hi, kv->store.align));
     }
     // not released here: llama.cpp copies the tensor data when its io object is destroyed, after

@@ -4,6 +4,7 @@
 #ifndef DUALBLADE_TENSOR_H
 #define DUALBLADE_TENSOR_H
 
+#include "base.h"
 #include "dualblade.h"
 
 #include <stdatomic.h>
@@ -30,6 +31,7 @@ struct dblade_tensor {
     uint64_t               hwm;          // rows below this were written since the last clear
     uint64_t               cached;       // page cache: of [0, hwm), what the last read fence found cached
     uint32_t *             sums;         // offloaded: CRC-32C per block as last written by the direct path
+    uint64_t *             changed;      // offloaded: a bit per block written since the session file last matched
     _Atomic uint64_t       bytes_read, bytes_written, io_wait_ns;
     struct dblade_direct_tensor * direct; // while on the direct path
     // the pipeline (K tensor): the layer the graph entered after this one in the last pass
@@ -63,6 +65,18 @@ struct dblade_cache {
     uint32_t type_k, type_v, v_trans;
     uint32_t state_rows;
 };
+
+// the blocks of [lo, hi) (bytes) of an offloaded tensor hold new rows: a session append writes them
+static inline void dblade_tensor_changed(struct dblade_tensor * t, uint64_t lo, uint64_t hi) {
+    if (!t->changed || hi <= lo) {
+        return;
+    }
+    const uint64_t n = t->map_bytes / DBLADE_BLOCK;
+    hi               = (hi + DBLADE_BLOCK - 1) / DBLADE_BLOCK;
+    for (uint64_t b = lo / DBLADE_BLOCK; b < hi && b < n; b++) {
+        t->changed[b / 64] |= 1ull << (b % 64);
+    }
+}
 
 // a path on which a layer lives in host memory or storage under the module's care
 static inline bool dblade_path_offloaded(uint32_t path) {

@@ -153,7 +153,8 @@ int main(void) {
     CHECK_EQ(stat(path, &sb), 0);
     CHECK_EQ(sb.st_mode & 0777, 0600);
     CHECK_EQ((uint64_t) sb.st_size, st.file_bytes);
-    CHECK_EQ(dblade_sessionfile_save(s, path, &sec, 1, NULL), 0); // a session is replaced
+    CHECK_EQ(dblade_sessionfile_save(s, path, &sec, 1, &st), 0); // appended to: this KV saved it
+    CHECK_EQ(st.appended, 1u);
 
     // never through a symlink, never over a file that is not a session
     snprintf(other, sizeof(other), "%s/link.dbkv", dir);
@@ -198,15 +199,21 @@ int main(void) {
     copy_file(path, other, (long) st.file_bytes - 1, -1);
     CHECK_EQ(dblade_sessionfile_open(other, &f), -EIO);
     CHECK(strstr(dblade_last_error(), "truncated"));
+    // the second save appended: its commit is in header slot 1, slot 0 holds the first (a damaged older slot
+    // is not the file's content)
     copy_file(path, other, -1, 100);
+    CHECK_EQ(dblade_sessionfile_open(other, &f), 0);
+    dblade_sessionfile_close(f);
+    copy_file(path, other, -1, 4096 + 100);
     CHECK_EQ(dblade_sessionfile_open(other, &f), -EBADMSG);
     copy_file(path, other, -1, (long) st.file_bytes - 2); // in the last section
     CHECK_EQ(dblade_sessionfile_open(other, &f), -EBADMSG);
-    copy_file(path, other, -1, 16); // the version's low byte: 1 -> 0xfe
+    copy_file(path, other, -1, 4096 + 16); // the version's low byte: 2 -> 0xfd
     CHECK_EQ(dblade_sessionfile_open(other, &f), -EPROTONOSUPPORT);
 
-    // a damaged KV block of layer 1 K (the file's third tensor): found when the direct path reads it
-    copy_file(path, other, -1, KV_AT + 2 * 8192 + 5);
+    // a damaged KV block of layer 1 K (the file's third tensor, each at home at its full size): found when the
+    // direct path reads it
+    copy_file(path, other, -1, KV_AT + 2 * ROWS * ROW + 5);
     CHECK_EQ(dblade_sessionfile_open(other, &f), 0); // opens: the sections are intact
     CHECK_EQ(dblade_sessionfile_verify(f, NULL), -EBADMSG); // a full read finds it up front
     CHECK(strstr(dblade_last_error(), "KV block 0 of layer 1 K"));

@@ -54,21 +54,26 @@ static int copy_cfr(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len
     return 0;
 }
 
-int dblade_read_pieces(int fd, uint64_t off, uint64_t len, dblade_piece_fn fn, void * arg) {
-    void * buf = NULL;
-    if (posix_memalign(&buf, DBLADE_BLOCK, DBLADE_COPY_BUF) != 0) {
+int dblade_read_pieces_at(int fd, uint64_t off, uint64_t len, uint64_t base, dblade_piece_fn fn, void * arg) {
+    void *         buf = NULL;
+    const uint64_t cap = len < DBLADE_COPY_BUF ? dblade_align_up(len ? len : 1, DBLADE_BLOCK) : DBLADE_COPY_BUF;
+    if (posix_memalign(&buf, DBLADE_BLOCK, cap) != 0) {
         return -ENOMEM;
     }
     int rc = 0;
-    for (uint64_t done = 0; done < len && rc == 0; done += DBLADE_COPY_BUF) {
-        const uint64_t n = len - done < DBLADE_COPY_BUF ? len - done : DBLADE_COPY_BUF;
+    for (uint64_t done = 0; done < len && rc == 0; done += cap) {
+        const uint64_t n = len - done < cap ? len - done : cap;
         rc               = dblade_io_read(fd, buf, n, off + done);
         if (rc == 0) {
-            rc = fn(buf, n, done, arg);
+            rc = fn(buf, n, base + done, arg);
         }
     }
     free(buf);
     return rc;
+}
+
+int dblade_read_pieces(int fd, uint64_t off, uint64_t len, dblade_piece_fn fn, void * arg) {
+    return dblade_read_pieces_at(fd, off, len, 0, fn, arg);
 }
 
 struct copy_to {

@@ -28,6 +28,8 @@ int  dblade_copy_set_direct(int fd, bool on);
 // with done its offset in the range; the first error ends it (a read's -errno, or fn's)
 typedef int (*dblade_piece_fn)(const void * buf, uint64_t n, uint64_t done, void * arg);
 int  dblade_read_pieces(int fd, uint64_t off, uint64_t len, dblade_piece_fn fn, void * arg);
+// the same, each piece's done counted from base
+int  dblade_read_pieces_at(int fd, uint64_t off, uint64_t len, uint64_t base, dblade_piece_fn fn, void * arg);
 // the recorded sum (dblade_block_sum) of each block of [off, off + len) of fd / of memory
 int  dblade_sums_of_file(int fd, uint64_t off, uint64_t len, uint32_t * out);
 void dblade_sums_of_memory(const void * p, uint64_t len, uint32_t * out);

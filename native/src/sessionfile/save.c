@@ -1,12 +1,13 @@
-// Saving a session file (format.h has the layout): atomically, and without carrying the KV through
-// this process's memory beyond a bounded buffer. An offloaded tensor's extent goes from the store into
-// the file by the copy engine (copy.c: a reflink, else O_DIRECT, else copy_file_range); a pinned tensor
-// is written from its memory. The steps, in order: the target (what may be replaced), an unnamed file
-// beside it, the layout of the file, room for all of it, the KV, the sections and the header, then
+// Saving a session file (format.h has the layout), without carrying the KV through this process's
+// memory beyond a bounded buffer. An offloaded tensor's extent goes from the store into the file by
+// the copy engine (copy.c: a reflink, else O_DIRECT, else copy_file_range); a pinned tensor is
+// written from its memory. The target (what may be replaced) first; then, where the file holds the
+// commit the KV last matched, an append (append.c); else the file written whole: an unnamed file
+// beside it, the layout, room for what it holds, the KV, the checksums, the tail and the header, then
 // the name (a link under a temporary name, renamed over the target, the directory synced).
 
 #define _GNU_SOURCE
-#include "format.h"
+#include "save.h"
 
 #include "../base.h"
 #include "../crc32c.h"
@@ -16,38 +17,19 @@
 #include "copy.h"
 
 #include <dirent.h>
+#include <stddef.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
-
-// one save in progress
-struct save {
-    struct dblade_kv *              kv;
-    const char *                    path;
-    char                            dir[512];
-    const char *                    name; // in dir
-    bool                            in_dir; // path names a directory part
-    int                             dirfd, fd;
-    char                            tmpname[600]; // the temporary name, while it exists
-    struct dblade_fault             fault_rules;
-    struct dblade_fault *           fault;
-    struct sf_header                h;
-    struct sf_layer *               layers;
-    uint32_t                        n_layers;
-    uint32_t *                      sums;
-    uint64_t                        n_sums;
-    struct dblade_section           secs[SF_MAX_SECTIONS];
-    uint32_t                        n_secs;
-    int                             how; // DBLADE_COPY_*
-    struct dblade_sessionfile_stats st;
-};
 
 static const char * format_bytes(uint64_t b, char * buf, size_t cap) {
     const char * unit[] = { "B", "KiB", "MiB", "GiB", "TiB" };
@@ -65,10 +47,14 @@ static bool is_session_file(int dirfd, const char * name) {
     if (fd < 0) {
         return false;
     }
-    char          magic[16];
-    const ssize_t n = pread(fd, magic, sizeof(magic), 0);
+    bool ok = false;
+    for (uint32_t slot = 0; slot < SF_SLOTS && !ok; slot++) {
+        char          magic[16];
+        const ssize_t n = pread(fd, magic, sizeof(magic), (off_t) slot * DBLADE_HEADER_BYTES);
+        ok              = n == (ssize_t) sizeof(magic) && memcmp(magic, SF_MAGIC, sizeof(magic)) == 0;
+    }
     close(fd);
-    return n == (ssize_t) sizeof(magic) && memcmp(magic, SF_MAGIC, sizeof(magic)) == 0;
+    return ok;
 }
 
 // temporary names of saves whose process is gone: ".<name>.tmp.<pid>.<n>"
@@ -95,14 +81,6 @@ static void remove_stale_temps(int dirfd, const char * name) {
         }
     }
     closedir(d);
-}
-
-// DUALBLADE_TEST_PAUSE=save:<phase>: the saver stops itself there (SIGSTOP), for crash tests
-static void test_pause(const char * phase) {
-    const char * e = getenv("DUALBLADE_TEST_PAUSE");
-    if (e && !strncmp(e, "save:", 5) && !strcmp(e + 5, phase)) {
-        raise(SIGSTOP);
-    }
 }
 
 // The directory and the name in it; what is there may be replaced only if it is a session file.
@@ -167,9 +145,10 @@ static int create(struct save * sv) {
     return 0;
 }
 
-// The file's layout, the KV object's lock held: every tensor of every cache back to back from
-// SF_KV_OFFSET, then the sections (the module's and the caller's), each to its end.
-static int lay_out(struct save * sv, const struct dblade_section * sections, uint32_t n_sections) {
+// The whole file's layout, the KV object's lock held: every tensor of every cache at home at its
+// full size from SF_KV_OFFSET, their checksum slots, the homes of the sections with room; the tail
+// (LAYERS, PATCHES, the other sections) after them.
+static int lay_out(struct save * sv) {
     uint32_t cap = 0;
     for (struct dblade_cache * c = sv->kv->caches; c; c = c->next) {
         cap += c->n_tensors;
@@ -181,144 +160,113 @@ static int lay_out(struct save * sv, const struct dblade_section * sections, uin
     uint64_t off = SF_KV_OFFSET;
     for (struct dblade_cache * c = sv->kv->caches; c; c = c->next) {
         for (uint32_t i = 0; i < c->n_tensors; i++) {
-            const struct dblade_tensor * t = &c->tensors[i];
-            struct sf_layer *            l = &sv->layers[sv->n_layers++];
-            memcpy(l->name, c->name, strnlen(c->name, sizeof(l->name) - 1));
-            l->il         = t->il;
-            l->which      = t->which;
-            l->type       = t->which ? c->type_v : c->type_k;
-            l->v_trans    = c->v_trans;
-            l->row_bytes  = t->row_bytes;
-            l->bytes      = t->bytes;
-            uint64_t used = t->which && c->v_trans ? t->bytes : (uint64_t) c->state_rows * t->row_bytes;
-            used          = used < t->bytes ? used : t->bytes;
-            if (t->path != DBLADE_PATH_RAM) {
-                used = used < t->hwm ? used : t->hwm; // the store holds nothing above hwm
-            }
-            l->used     = used;
-            l->saved    = dblade_align_up(used, DBLADE_BLOCK);
-            l->saved    = l->saved < t->map_bytes ? l->saved : t->map_bytes;
+            struct sf_layer * l = &sv->layers[sv->n_layers++];
+            sf_plan_layer(sv->kv, &c->tensors[i], l);
             l->file_off = off;
             l->sums_at  = sv->n_sums;
-            off += l->saved;
-            sv->n_sums += l->saved / DBLADE_BLOCK;
+            off += l->capacity;
+            sv->n_sums += l->capacity / DBLADE_BLOCK;
         }
     }
     sv->sums = calloc(sv->n_sums ? sv->n_sums : 1, sizeof(*sv->sums));
     if (!sv->sums) {
         return -ENOMEM;
     }
-    sv->h.kv_offset         = SF_KV_OFFSET;
-    sv->h.kv_bytes          = off - SF_KV_OFFSET;
-    sv->secs[sv->n_secs++]  = (struct dblade_section) { SEC_LAYERS, 0, sv->layers,
-                                                        (uint64_t) sv->n_layers * sizeof(*sv->layers) };
-    sv->secs[sv->n_secs++]  = (struct dblade_section) { SEC_SUMS, 0, sv->sums, sv->n_sums * sizeof(*sv->sums) };
-    for (uint32_t i = 0; i < n_sections; i++) {
-        sv->secs[sv->n_secs++] = sections[i];
+    sv->h.kv_offset   = SF_KV_OFFSET;
+    sv->h.sections[0] = (struct sf_section) { SEC_SUMS, 0, off, sv->n_sums * 4 };
+    sv->h.n_sections  = 1;
+    off               = dblade_align_up(off + sv->n_sums * 4, DBLADE_BLOCK);
+    uint32_t n_rooms  = 0;
+    for (uint32_t i = 0; i < sv->n_in; i++) {
+        const struct dblade_section * s = &sv->in[i];
+        if (s->reserved && s->reserved >= s->bytes && n_rooms < SF_MAX_ROOMS) {
+            sv->h.rooms[n_rooms++] = (struct sf_room) { s->kind, 0, off, dblade_align_up(s->reserved, DBLADE_BLOCK) };
+            off += sv->h.rooms[n_rooms - 1].bytes;
+        } else {
+            sv->secs[sv->n_secs++] = *s;
+        }
     }
-    uint64_t end = off;
-    for (uint32_t i = 0; i < sv->n_secs; i++) {
-        end              = dblade_align_up(end, 8);
-        sv->h.sections[i] = (struct sf_section) { sv->secs[i].kind, 0, end, sv->secs[i].bytes };
-        end += sv->secs[i].bytes; // the file ends with the last section: every byte after the KV is checked
-    }
-    sv->h.n_sections = sv->n_secs;
-    sv->h.file_bytes = end;
+    sv->h.home_end = off;
+    sv->h.tail_off = off;
     return 0;
 }
 
-// room for all of it first: a full disk fails here, before anything is named
-static int reserve(struct save * sv) {
-    if (fallocate(sv->fd, 0, 0, (off_t) sv->h.file_bytes) == 0 || errno == EOPNOTSUPP) {
+// room first for what the file will hold: a full disk fails here, before anything is named
+static int reserve_range(struct save * sv, uint64_t off, uint64_t len) {
+    if (len == 0 || fallocate(sv->fd, 0, (off_t) off, (off_t) len) == 0 || errno == EOPNOTSUPP) {
         return 0;
     }
     const int      e = errno;
     struct statvfs vfs;
     char           a[32], b[32];
+    uint64_t       need = sv->h.tail_off - SF_KV_OFFSET; // at most the home, a fair figure to name
     if (e == ENOSPC && fstatvfs(sv->fd, &vfs) == 0) {
+        need = 0;
+        for (uint32_t i = 0; i < sv->n_layers; i++) {
+            need += sv->layers[i].saved;
+        }
         dblade_set_error("no space for the session: %s has %s free, the session needs %s", sv->in_dir ? sv->dir : ".",
                          format_bytes((uint64_t) vfs.f_bavail * vfs.f_frsize, a, sizeof(a)),
-                         format_bytes(sv->h.file_bytes, b, sizeof(b)));
+                         format_bytes(need, b, sizeof(b)));
     } else {
-        dblade_set_error("cannot reserve %llu bytes for the session %s: %s", (unsigned long long) sv->h.file_bytes,
-                         sv->path, strerror(e));
+        dblade_set_error("cannot reserve %llu bytes for the session %s: %s", (unsigned long long) len, sv->path,
+                         strerror(e));
     }
     return -e;
 }
 
-// One tensor's rows and their sums, the KV object's lock held: a pinned tensor from memory, an
-// offloaded one from the store (flushed by the caller). Its blocks' sums are the direct path's record
-// where it has one for every block, else from the page cache's mapping, else read back once.
-static int save_tensor(struct save * sv, const struct dblade_tensor * t, const struct sf_layer * l) {
-    uint32_t *     out  = sv->sums + l->sums_at;
-    const uint64_t nblk = l->saved / DBLADE_BLOCK;
-    if (l->saved == 0) {
-        return 0;
+static int reserve(struct save * sv) {
+    int rc = 0;
+    for (uint32_t i = 0; i < sv->n_layers && rc == 0; i++) {
+        rc = reserve_range(sv, sv->layers[i].file_off, sv->layers[i].saved);
     }
-    if (t->path == DBLADE_PATH_RAM) {
-        const int rc = dblade_io_rw(sv->fd, 1, t->addr, l->saved, l->file_off, sv->fault);
-        dblade_sums_of_memory(t->addr, l->saved, out);
-        sv->st.memory_bytes += l->saved;
-        return rc;
-    }
-    int rc = dblade_copy_range(sv->kv->store.fd, t->store_off, sv->fd, l->file_off, l->saved, sv->fault, &sv->how);
-    if (rc < 0) {
-        return rc;
-    }
-    bool known = t->path == DBLADE_PATH_DIRECT && t->sums;
-    for (uint64_t b = 0; known && b < nblk; b++) {
-        known = t->sums[b] != 0;
-    }
-    if (known) {
-        memcpy(out, t->sums, nblk * sizeof(*out));
-    } else if (t->path == DBLADE_PATH_MMAP) {
-        dblade_sums_of_memory(t->addr, l->saved, out);
-        sv->st.checked_bytes += l->saved;
-    } else {
-        rc = dblade_sums_of_file(sv->fd, l->file_off, l->saved, out);
-        sv->st.checked_bytes += l->saved;
-    }
-    return rc;
+    return rc ? rc : reserve_range(sv, sv->h.sections[0].off, sv->n_sums * 4);
 }
 
+// every tensor's rows and their checksums, the KV object's lock held (the store flushed by the caller)
 static int save_kv(struct save * sv) {
     int      rc = 0;
     uint32_t li = 0;
     for (struct dblade_cache * c = sv->kv->caches; c && rc == 0; c = c->next) {
         for (uint32_t i = 0; i < c->n_tensors && rc == 0; i++, li++) {
-            rc = save_tensor(sv, &c->tensors[i], &sv->layers[li]);
+            const struct sf_layer * l = &sv->layers[li];
+            rc = sf_put_blocks(sv, &c->tensors[i], 0, l->saved / DBLADE_BLOCK, l->file_off, sv->sums + l->sums_at);
         }
     }
     return rc;
 }
 
-// the sections, with their checksums, then the header, and all of it durable
+// the checksums, the sections at home and in the tail, the header in slot 0: the first commit
 static int save_meta(struct save * sv) {
     int rc = 0;
-    for (uint32_t i = 0; i < sv->n_secs && rc == 0; i++) {
-        sv->h.sections[i].crc = dblade_crc32c(sv->secs[i].data, sv->secs[i].bytes);
-        rc = dblade_io_rw(sv->fd, 1, (void *) sv->secs[i].data, sv->secs[i].bytes, sv->h.sections[i].off, sv->fault);
+    for (uint32_t i = 0; i < sv->n_layers && rc == 0; i++) {
+        rc = sf_put_sums(sv, i, 0, sv->layers[i].saved / DBLADE_BLOCK);
     }
-    memcpy(sv->h.magic, SF_MAGIC, sizeof(sv->h.magic));
-    sv->h.version      = SF_VERSION;
-    sv->h.header_bytes = DBLADE_HEADER_BYTES;
-    sv->h.created      = (uint64_t) time(NULL);
-    uint8_t * blk      = rc == 0 ? malloc(DBLADE_HEADER_BYTES) : NULL;
-    if (rc == 0 && !blk) {
-        rc = -ENOMEM;
+    uint64_t end = sv->h.tail_off;
+    rc           = rc ? rc : sf_put_tail(sv, sv->h.tail_off, &end);
+    for (uint32_t i = 0; i < sv->n_in && rc == 0; i++) {
+        for (uint32_t r = 0; r < SF_MAX_ROOMS; r++) {
+            if (sv->h.rooms[r].kind == sv->in[i].kind && sv->h.rooms[r].bytes) {
+                const struct dblade_section * s = &sv->in[i];
+                sv->h.sections[sv->h.n_sections++] =
+                    (struct sf_section) { s->kind, dblade_crc32c(s->data, s->bytes), sv->h.rooms[r].off, s->bytes };
+                rc = sf_put(sv, s->data, s->bytes, sv->h.rooms[r].off);
+                break;
+            }
+        }
     }
-    if (rc == 0) {
-        memset(blk, 0, DBLADE_HEADER_BYTES);
-        memcpy(blk, &sv->h, sizeof(sv->h));
-        const uint32_t crc = dblade_crc32c(blk, SF_CRC_AT);
-        memcpy(blk + SF_CRC_AT, &crc, 4);
-        rc = dblade_io_rw(sv->fd, 1, blk, DBLADE_HEADER_BYTES, 0, sv->fault);
+    sv->h.tail_bytes = end - sv->h.tail_off;
+    sv->h.file_bytes = end;
+    sv->h.gen        = 1;
+    if (getrandom(&sv->h.lineage, sizeof(sv->h.lineage), 0) != sizeof(sv->h.lineage)) {
+        sv->h.lineage = (uint64_t) time(NULL) * 2654435761u ^ (uint64_t) getpid();
     }
-    free(blk);
-    if (rc == 0 && fsync(sv->fd) < 0) {
-        rc = -errno;
+    uint64_t kv_bytes = 0;
+    for (uint32_t i = 0; i < sv->n_layers; i++) {
+        kv_bytes += sv->layers[i].saved;
     }
-    return rc;
+    sv->h.kv_bytes = kv_bytes;
+    return rc ? rc : sf_commit(sv, 0);
 }
 
 // named: linked under a temporary name, renamed over the old one, the directory synced
@@ -344,7 +292,7 @@ static int name(struct save * sv) {
             return -e;
         }
     }
-    test_pause("linked");
+    sf_test_pause("linked");
     if (renameat(sv->dirfd, sv->tmpname, sv->dirfd, sv->name) < 0) {
         const int e = errno;
         dblade_set_error("cannot name the session %s: %s", sv->path, strerror(e));
@@ -361,9 +309,92 @@ static int write_failed(struct save * sv, int rc) {
     return rc;
 }
 
-int dblade_sessionfile_save(struct dblade_kv * kv, const char * path, const struct dblade_section * sections,
-                            uint32_t n_sections, struct dblade_sessionfile_stats * stats) {
-    if (!kv || !path || !*path || (n_sections && !sections) || n_sections + 2 > SF_MAX_SECTIONS) {
+// the file written whole under a new name
+static int save_whole(struct save * sv) {
+    struct dblade_kv * kv = sv->kv;
+    int                rc = create(sv);
+    if (rc < 0) {
+        return rc;
+    }
+    pthread_mutex_lock(&kv->lock);
+    kv->session.valid = false;
+    rc                = lay_out(sv);
+    rc                = rc ? rc : reserve(sv);
+    if (rc == 0) {
+        const bool direct = dblade_copy_set_direct(sv->fd, true) == 0;
+        rc                = save_kv(sv);
+        if (rc < 0) {
+            write_failed(sv, rc);
+        } else {
+            sf_test_pause("kv");
+            if (direct) {
+                dblade_copy_set_direct(sv->fd, false);
+            }
+            rc = save_meta(sv);
+            rc = rc ? write_failed(sv, rc) : 0;
+        }
+    }
+    if (rc == 0) {
+        dblade_sessionfile_matched(kv, 0, 0, sv->h.gen, sv->h.lineage); // its identity once it is named
+    }
+    pthread_mutex_unlock(&kv->lock);
+    rc = rc ? rc : name(sv);
+    struct stat st;
+    if (rc == 0 && fstat(sv->fd, &st) == 0) {
+        pthread_mutex_lock(&kv->lock);
+        kv->session.valid = true, kv->session.dev = (uint64_t) st.st_dev, kv->session.ino = (uint64_t) st.st_ino;
+        pthread_mutex_unlock(&kv->lock);
+    }
+    return rc;
+}
+
+// The file at the target, if it holds the commit this KV last matched: opened for the append and
+// locked against other savers (a loader holds a shared lock while it reads). Else why not.
+static void open_last(struct save * sv) {
+    struct dblade_kv * kv = sv->kv;
+    pthread_mutex_lock(&kv->lock);
+    const bool valid = kv->session.valid;
+    pthread_mutex_unlock(&kv->lock);
+    if (!valid) {
+        snprintf(sv->why_whole, sizeof(sv->why_whole), "this context has not saved to or loaded from it");
+        return;
+    }
+    const int fd = openat(sv->dirfd, sv->name, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(sv->why_whole, sizeof(sv->why_whole), "new file");
+        return;
+    }
+    // a process reading it (a shared lock) for a while: written whole beside it instead
+    int locked = -1;
+    for (int i = 0; i < 200 && (locked = flock(fd, LOCK_EX | LOCK_NB)) < 0 && errno == EWOULDBLOCK; i++) {
+        usleep(10000);
+    }
+    struct dblade_sessionfile * f = NULL;
+    if (locked < 0) {
+        close(fd);
+        snprintf(sv->why_whole, sizeof(sv->why_whole), "another process holds the file");
+        return;
+    }
+    if (dblade_sessionfile_read(fd, sv->path, &f) < 0) {
+        snprintf(sv->why_whole, sizeof(sv->why_whole), "the file does not read back");
+        return;
+    }
+    pthread_mutex_lock(&kv->lock);
+    const bool same = kv->session.valid && f->h.version >= 2 && f->dev == kv->session.dev &&
+                      f->ino == kv->session.ino && f->h.gen == kv->session.gen && f->h.lineage == kv->session.lineage;
+    pthread_mutex_unlock(&kv->lock);
+    if (!same) {
+        snprintf(sv->why_whole, sizeof(sv->why_whole), f->h.version < 2 ? "an older session format" :
+                                                                           "the file changed since this context matched it");
+        dblade_sessionfile_close(f);
+        return;
+    }
+    sv->old = f;
+}
+
+int dblade_sessionfile_save_flags(struct dblade_kv * kv, const char * path, const struct dblade_section * sections,
+                                  uint32_t n_sections, uint32_t flags, struct dblade_sessionfile_stats * stats) {
+    if (!kv || !path || !*path || (n_sections && !sections) || n_sections + 3 > SF_MAX_SECTIONS) {
         dblade_set_error("invalid arguments");
         return -EINVAL;
     }
@@ -371,33 +402,34 @@ int dblade_sessionfile_save(struct dblade_kv * kv, const char * path, const stru
     if (!sv) {
         return -ENOMEM;
     }
-    sv->kv = kv, sv->path = path, sv->dirfd = -1, sv->fd = -1;
+    sv->kv = kv, sv->path = path, sv->dirfd = -1, sv->fd = -1, sv->in = sections, sv->n_in = n_sections;
     int rc = target(sv);
-    if (rc == 0) {
-        rc = create(sv);
+    if (rc == 0 && (flags & DBLADE_SAVE_WHOLE)) {
+        snprintf(sv->why_whole, sizeof(sv->why_whole), "asked to write it whole");
+    } else if (rc == 0) {
+        open_last(sv);
     }
-    if (rc == 0) {
-        pthread_mutex_lock(&kv->lock);
-        rc = lay_out(sv, sections, n_sections);
-        rc = rc ? rc : reserve(sv);
-        if (rc == 0) {
-            const bool direct = dblade_copy_set_direct(sv->fd, true) == 0;
-            rc                = save_kv(sv);
-            if (rc < 0) {
-                write_failed(sv, rc);
-            } else {
-                test_pause("kv");
-                if (direct) {
-                    dblade_copy_set_direct(sv->fd, false);
-                }
-                rc = save_meta(sv);
-                rc = rc ? write_failed(sv, rc) : 0;
-            }
+    if (rc == 0 && sv->old) {
+        sv->fd = sv->old->fd;
+        rc     = sf_append(sv);
+        if (rc < 0) {
+            write_failed(sv, rc);
         }
-        pthread_mutex_unlock(&kv->lock);
+        if (rc == 1) { // not this time: whole, beside it
+            free(sv->layers), free(sv->sums), free(sv->patches);
+            struct dblade_sessionfile * old = sv->old;
+            char                        why[96];
+            memcpy(why, sv->why_whole, sizeof(why));
+            memset((char *) sv + offsetof(struct save, h), 0, sizeof(*sv) - offsetof(struct save, h));
+            memcpy(sv->why_whole, why, sizeof(why));
+            sv->in = sections, sv->n_in = n_sections;
+            sv->fd = -1;
+            dblade_sessionfile_close(old);
+            rc = 0;
+        }
     }
-    if (rc == 0) {
-        rc = name(sv);
+    if (rc == 0 && !sv->old) {
+        rc = save_whole(sv);
     }
     if (rc < 0 && *sv->tmpname) {
         unlinkat(sv->dirfd, sv->tmpname, 0);
@@ -405,21 +437,27 @@ int dblade_sessionfile_save(struct dblade_kv * kv, const char * path, const stru
     if (rc == 0 && stats) {
         // bytes by strategy: only one is used per save in practice; report them all under the mix
         struct dblade_sessionfile_stats * st = &sv->st;
-        const uint64_t moved                 = sv->h.kv_bytes - st->memory_bytes;
         st->kv_bytes                         = sv->h.kv_bytes;
         st->file_bytes                       = sv->h.file_bytes;
-        st->cloned_bytes                     = sv->how == DBLADE_COPY_CLONE ? moved : 0;
-        st->copied_bytes                     = sv->how == DBLADE_COPY_CFR ? moved : 0;
-        st->direct_bytes                     = sv->how == DBLADE_COPY_DIRECT ? moved : 0;
+        const uint64_t moved = sv->moved;
+        st->cloned_bytes     = sv->how == DBLADE_COPY_CLONE ? moved : 0;
+        st->copied_bytes     = sv->how == DBLADE_COPY_CFR ? moved : 0;
+        st->direct_bytes     = sv->how == DBLADE_COPY_DIRECT ? moved : 0;
         dblade_copy_how_name(sv->how, st->strategy, sizeof(st->strategy));
         if (!sv->how) {
             snprintf(st->strategy, sizeof(st->strategy), "memory");
         }
+        st->appended  = sv->old != NULL;
+        st->n_patches = sv->n_patches;
+        snprintf(st->whole_why, sizeof(st->whole_why), "%s", sv->old ? "" : sv->why_whole);
         *stats = *st;
     }
     free(sv->sums);
     free(sv->layers);
-    if (sv->fd >= 0) {
+    free(sv->patches);
+    if (sv->old) {
+        dblade_sessionfile_close(sv->old); // closes fd (and drops the lock)
+    } else if (sv->fd >= 0) {
         close(sv->fd);
     }
     if (sv->dirfd >= 0) {
@@ -427,4 +465,9 @@ int dblade_sessionfile_save(struct dblade_kv * kv, const char * path, const stru
     }
     free(sv);
     return rc;
+}
+
+int dblade_sessionfile_save(struct dblade_kv * kv, const char * path, const struct dblade_section * sections,
+                            uint32_t n_sections, struct dblade_sessionfile_stats * stats) {
+    return dblade_sessionfile_save_flags(kv, path, sections, n_sections, 0, stats);
 }
