@@ -259,6 +259,10 @@ def bench(
     draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding against plain: every policy x "
                                         "budget on real text ('repeat': a document's passage quoted; 'fresh'), with "
                                         "drafts lookup[:N] and without (needs a real model, e.g. the bundled one)."),
+    sessions: Optional[int] = typer.Option(None, "--sessions", help="Session saves: a --prompt-tokens prompt saved, "
+                                           "then N replies of --gen-tokens tokens each saved (appended); bytes per "
+                                           "save against the new rows, and the grown file's load against a fresh "
+                                           "one (first of --policies, default direct, at the first of --budgets)."),
 ):
     """Measure policies x budgets, each in a fresh process under a memory limit, against stock llama.cpp."""
     from .bench import run_bench_cli
@@ -267,7 +271,7 @@ def bench(
         raise click.exceptions.BadParameter("--reps, --gen-tokens, --prompt-tokens and --ubatch must be at least 1")
     run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
                   no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout, force, gpu, host_budget,
-                  ubatch, draft)
+                  ubatch, draft, sessions)
 
 
 # The library's messages name its keyword arguments; a CLI user should read the flags instead.

@@ -316,9 +316,34 @@ def render_speculative(res: dict, console: Console) -> None:
                   "evaluation round differently)", markup=False)
 
 
+def render_sessions(res: dict, console: Console) -> None:
+    mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+    console.print(f"{res['model_label'] or res['model']}: {res['policy']}"
+                  f"{' @ ' + res['budget'] if res['budget'] else ''}, n_ctx {res['n_ctx']}: a {res['prompt_tokens']}-"
+                  f"token prompt saved, then {res['appends']} replies of {res['reply_tokens']} tokens, each saved "
+                  f"({'all appended' if res['appended_all'] else 'NOT all appended'})", markup=False)
+    t = _table("session saves", [("save", "left"), ("writes (own count)", "right"), ("writes (/proc write_bytes)", "right"),
+                                 ("seconds", "right")])
+    fs, ws = res["first_save"], res["whole_save"]
+    t.add_row(f"first ({fs['tokens']} tokens, whole)", mib(fs["written_bytes"]), mib(fs["process_write_bytes"]),
+              f"{fs['seconds']:.3f}")
+    t.add_row(f"after a reply (median of {res['appends']})", mib(res["median_written_bytes"]),
+              mib(res["median_process_write_bytes"]), f"{res['median_save_s']:.3f}")
+    t.add_row("after a reply (largest)", mib(res["max_written_bytes"]), mib(res["max_process_write_bytes"]), "")
+    t.add_row(f"whole ({ws['tokens']} tokens, compact)", mib(ws["written_bytes"]), mib(ws["process_write_bytes"]),
+              f"{ws['seconds']:.3f}")
+    console.print(t)
+    console.print(f"a reply's new KV rows: {mib(res['new_rows_bytes'])} ({res['reply_tokens']} x "
+                  f"{res['kv_bytes_per_token']} bytes); target 2x that + 1 MiB = {mib(res['bound_bytes'])}; "
+                  f"largest save / target {res['worst_vs_bound']:.2f}", markup=False)
+    console.print(f"load after {res['appends']} appends {res['load_s']['grown']:.3f} s, fresh whole save "
+                  f"{res['load_s']['fresh']:.3f} s: grown / fresh {res['load_grown_vs_fresh']:.2f}; on disk "
+                  f"{mib(res['disk_bytes']['grown'])} vs {mib(res['disk_bytes']['fresh'])}", markup=False)
+
+
 def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
                   no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None, force=False,
-                  gpu=False, host_budget=None, ubatch=None, draft=None) -> None:
+                  gpu=False, host_budget=None, ubatch=None, draft=None, sessions=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dualblade.bench import GPU_POLICIES, BenchOptions, check_options, run_bench
@@ -330,6 +355,19 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
     if force and kv_device is None:
         raise ConfigError("--force takes over a --kv-device, and no --kv-device was given; give --kv-device, or "
                           "drop --force")
+    if sessions is not None:
+        if gpu or draft is not None or plot_path:
+            raise ConfigError("--sessions measures session saves on its own; drop --gpu, --draft and --plot")
+        if sessions < 1:
+            raise ConfigError(f"--sessions {sessions}: give the number of replies (each then saved), 1 or more")
+        policies = policies or "direct"
+        if policies.split(",")[0].strip() == "stock":
+            raise ConfigError("--sessions needs a dualblade policy (ram, mmap, direct or auto) first in --policies")
+        budgets = budgets or "256M"
+        if prompt_tokens + sessions * gen_tokens > ctx_size:
+            raise ConfigError(f"--prompt-tokens {prompt_tokens} + --sessions {sessions} replies x --gen-tokens "
+                              f"{gen_tokens} is {prompt_tokens + sessions * gen_tokens} tokens, more than --ctx-size "
+                              f"{ctx_size}; give a larger --ctx-size or fewer tokens")
     if policies is None:
         policies = ",".join(GPU_POLICIES) if gpu else "stock,ram,mmap,direct,auto"
     if budgets is None:
@@ -367,14 +405,20 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
         def on_progress(what: str, done: int, total: int) -> None:
             prog.update(task, description=what, completed=done, total=total)
 
-        if draft is not None:
+        if sessions is not None:
+            from dualblade.bench.sessions import run_bench_sessions
+
+            res = run_bench_sessions(opts, sessions, on_progress=on_progress,
+                                     log=lambda s: prog.update(task, description=s))
+        elif draft is not None:
             from dualblade.bench.speculative import run_bench_speculative
 
             res = run_bench_speculative(opts, draft, on_progress=on_progress,
                                         log=lambda s: prog.update(task, description=s))
         else:
             res = run_bench(opts, on_progress=on_progress, log=lambda s: prog.update(task, description=s))
-    {"gpu": render_gpu, "speculative": render_speculative}.get(res.get("mode"), render)(res, console)
+    {"gpu": render_gpu, "speculative": render_speculative, "sessions": render_sessions}.get(res.get("mode"),
+                                                                                             render)(res, console)
     if json_path:
         json_path.write_text(json.dumps(res, indent=1) + "\n")
         err.print(f"raw figures: {json_path}", markup=False)

@@ -107,6 +107,16 @@ def load(opts: ChatOptions, err: Console, live: bool, cls=None):
                   vram_budget=opts.vram_budget)
     if flash or opts.flash_attn is not None:
         kwargs["flash_attn"] = flash or bool(opts.flash_attn)
+    elif opts.session:
+        # a session grows by appending when V is kept by cell (flash attention): a new one gets it, a saved one
+        # keeps what it was saved with (its KV geometry must match)
+        from dualblade.sessions import resolve, saved_flash_attn
+
+        saved = saved_flash_attn(resolve(opts.session))
+        kwargs["flash_attn"] = True if saved is None else saved
+        if opts.verbose:
+            err.print(f"flash attention: {'on' if kwargs['flash_attn'] else 'off'} "
+                      f"({'the new session' if saved is None else 'as the session was saved'})")
     if opts.seed >= 0:
         kwargs["seed"] = opts.seed
     from dualblade.speculative import draft_from_args

@@ -244,6 +244,17 @@ def info(path) -> dict:
     }
 
 
+def saved_flash_attn(path) -> bool | None:
+    """Whether the session at path was saved with flash attention; None where there is no readable session."""
+    try:
+        with _native.SessionFile(os.fspath(path)) as f:
+            geometry = json.loads(f.section(SEC_CONTEXT) or b"{}").get("geometry") or {}
+    except (_native.SessionFileError, ValueError, OSError):
+        return None
+    fa = geometry.get("flash_attn")
+    return fa if isinstance(fa, bool) else None
+
+
 def list_sessions(directory: str | os.PathLike | None = None) -> list[dict]:
     """info() of every session file in directory (default sessions_dir()), by name; a file that is not a usable
     session is listed with its error."""

@@ -192,3 +192,123 @@ def test_verify_checks_the_blocks_the_commit_names(g3_path, tmp_path):  # noqa: 
     bad.write_bytes(bytes(b))
     with pytest.raises(SessionError, match="failed its checksum"):
         sessions.verify(bad)
+
+
+def test_bench_sessions(tmp_path):
+    """bench --sessions: every reply's save appends and stays under its target; the grown file loads."""
+    from conftest import no_traceback, run_cli
+
+    out = tmp_path / "s.json"
+    p = run_cli("bench", "--sessions", "6", "-c", "2048", "-p", "600", "-n", "40", "--kv-dir", str(tmp_path),
+                "--json", str(out), timeout=600)
+    no_traceback(p)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    assert res["mode"] == "sessions" and res["appended_all"] and len(res["saves"]) == 6
+    assert 0 < res["worst_vs_bound"] <= 1, res["worst_vs_bound"]
+    assert res["first_save"]["written_bytes"] >= res["first_save"]["kv_bytes"] > 10 * res["max_written_bytes"] / 2
+    assert res["load_s"]["grown"] > 0 and res["load_s"]["fresh"] > 0
+    assert "largest save / target" in p.stdout and "grown / fresh" in p.stdout
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--sessions", "0"], "--sessions"),
+    (["--sessions", "2", "--gpu"], "--gpu"),
+    (["--sessions", "999", "-c", "512", "-p", "100", "-n", "8"], "--ctx-size"),
+])
+def test_bench_bad_sessions_options(args, word):
+    from conftest import assert_user_error, run_cli
+
+    assert_user_error(run_cli("bench", *args, timeout=120), word)
+
+
+def test_chat_session_flash_attention(tmp_path, monkeypatch):
+    """chat --session: a new session gets flash attention (V kept by cell, so saves append a reply's rows), a saved
+    one keeps what it was saved with."""
+    from conftest import run_cli
+
+    from dualblade.sessions import saved_flash_attn
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    new = tmp_path / "new.dbkv"
+    p = run_cli("chat", "--session", str(new), "-n", "4", "--verbose", input="Hello\n", timeout=300,
+                env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr
+    assert saved_flash_attn(new) is True and "flash attention: on (the new session)" in p.stderr
+    old = tmp_path / "old.dbkv"
+    p = run_cli("chat", "--session", str(old), "--no-flash-attn", "-n", "4", input="Hello\n", timeout=300,
+                env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr
+    assert saved_flash_attn(old) is False
+    p = run_cli("chat", "--session", str(old), "-n", "4", "--verbose", input="Again\n", timeout=300,
+                env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr
+    assert "as the session was saved" in p.stderr and "resumed session" in p.stderr
+
+
+def to_format_1(src: Path, dst: Path) -> None:
+    """The session at src (format 2, written whole: no patches) in format 1's layout, as dualblade before issue 23
+    wrote it: one header, the extents back to back from 1 MiB, LAYERS (72-byte entries), SUMS and the rest as
+    sections, each with its CRC-32C."""
+    from conftest import crc32c
+
+    b = src.read_bytes()
+    n_sections = struct.unpack_from("<I", b, 28)[0]
+    secs = [struct.unpack_from("<IIQQ", b, 64 + 24 * i) for i in range(n_sections)]
+    by_kind = {k: (off, n) for k, _, off, n in secs}
+    assert 3 not in by_kind or by_kind[3][1] == 0, "a whole save has no patches"
+    sums_off = by_kind[2][0]
+    off, nbytes = by_kind[1]
+    kv, sums, layers = bytearray(), bytearray(), bytearray()
+    for i in range(nbytes // 88):
+        e = bytearray(b[off + 88 * i: off + 88 * i + 72])
+        saved, file_off, sums_at = struct.unpack_from("<QQQ", e, 48)
+        struct.pack_into("<QQ", e, 56, (1 << 20) + len(kv), len(sums) // 4)
+        kv += b[file_off: file_off + saved]
+        sums += b[sums_off + 4 * sums_at: sums_off + 4 * (sums_at + saved // 4096)]
+        layers += e
+    body = [(1, bytes(layers)), (2, bytes(sums))] + [(k, b[o: o + n]) for k, _, o, n in secs if k >= 16]
+    out = bytearray(1 << 20) + kv
+    table = []
+    for k, data in body:
+        out += bytes(-len(out) % 8)
+        table.append((k, crc32c(data), len(out), len(data)))
+        out += data
+    h = bytearray(4096)
+    h[:16] = b[:16]
+    struct.pack_into("<IIII", h, 16, 1, 4096, 0, len(table))
+    struct.pack_into("<QQQQ", h, 32, len(out), 0, 1 << 20, len(kv))
+    for i, t in enumerate(table):
+        struct.pack_into("<IIQQ", h, 64 + 24 * i, *t)
+    struct.pack_into("<I", h, 4092, crc32c(bytes(h[:4092])))
+    out[:4096] = h
+    dst.write_bytes(bytes(out))
+
+
+@pytest.mark.parametrize("policy", ["ram", "direct"])
+def test_format_1_sessions_still_load(tiny_path, tmp_path, policy):
+    """A session in the format dualblade wrote before sessions could grow loads, verifies and resumes exactly as
+    the same session in format 2; saving to it writes it anew (format 2), and then saves append."""
+    from conftest import last_logits
+
+    kw = {**kv_args(tiny_path, policy, "f16", tmp_path), "verbose": False}
+    new, old = tmp_path / "new.dbkv", tmp_path / "old.dbkv"
+    with closing(Llama(str(tiny_path), **kw)) as llm:
+        toks = prompt_tokens(llm, 120)
+        llm.eval(toks[:100])
+        llm.save_session(new)
+    to_format_1(new, old)
+    assert struct.unpack_from("<I", old.read_bytes(), 16)[0] == 1
+    sessions.verify(old)
+    logits = []
+    for path in (new, old):
+        with closing(Llama(str(tiny_path), **kw)) as llm:
+            llm.load_session(path)
+            llm.eval(toks[100:110])
+            logits.append(last_logits(llm).tobytes())
+            if path == old:
+                st = llm.save_session(old)
+                assert not st["appended"] and struct.unpack_from("<I", old.read_bytes(), 16)[0] == 2
+                llm.eval(toks[110:115])
+                assert llm.save_session(old)["appended"]
+    assert logits[0] == logits[1]
