@@ -2,6 +2,8 @@
 dualblade.server's app until Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
+import dataclasses
+
 import ipaddress
 import signal
 import socket
@@ -101,6 +103,10 @@ def run_serve(opts: ServeOptions) -> None:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     sock = _bind(opts.host, opts.port)
     try:
+        if quota > 0 and opts.chat.flash_attn is None:
+            # conversations are saved after every reply: with flash attention V is kept by cell, so a save
+            # appends the reply's rows (off, V is transposed and a reply touches a piece of every row)
+            opts.chat = dataclasses.replace(opts.chat, flash_attn=True)
         llm, _ = load(opts.chat, err, live=False, cls=ServedLlama)
         try:
             store = None
