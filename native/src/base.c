@@ -7,6 +7,8 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 static _Thread_local char tls_error[512];
@@ -30,4 +32,9 @@ uint64_t dblade_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t) ts.tv_sec * 1000000000ull + (uint64_t) ts.tv_nsec;
+}
+
+bool dblade_env_off(const char * name) {
+    const char * e = getenv(name);
+    return e && !strcmp(e, "0");
 }

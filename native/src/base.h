@@ -1,5 +1,5 @@
-// What every file of the module may use: block and page sizes, alignment, the clock, and the calling
-// thread's error text. It calls nothing of the module.
+// What every file of the module may use: block and page sizes, alignment, the clock, the calling
+// thread's error text, and the environment's off switches. It calls nothing of the module.
 #ifndef DUALBLADE_BASE_H
 #define DUALBLADE_BASE_H
 
@@ -15,6 +15,9 @@ static inline uint64_t dblade_align_down(uint64_t x, uint64_t a) { return x / a 
 
 // CLOCK_MONOTONIC in nanoseconds
 uint64_t dblade_now_ns(void);
+
+// Whether the environment variable is set to "0" (a switch for bisections, read once by each caller)
+bool dblade_env_off(const char * name);
 
 // The last failure of this thread, in words (functions return -errno; this says why).
 void         dblade_set_error(const char * fmt, ...) __attribute__((format(printf, 1, 2)));

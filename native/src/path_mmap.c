@@ -111,6 +111,15 @@ static void mmap_store_from(struct dblade_tier * p, struct dblade_tensor * t, ui
     mmap_take_rows(p, t, lo, hi);
 }
 
+// DUALBLADE_PCOPY=0: the mapping is never handed out (every snapshot a buffered read), for a bisection
+static bool copy_from_mapping(void) {
+    static int off = -1;
+    if (off < 0) {
+        off = dblade_env_off("DUALBLADE_PCOPY");
+    }
+    return !off;
+}
+
 // Every page cached: the caller copies from the mapping (several threads copy the page cache out at
 // memory speed; one buffered read runs at one thread's). Some missing: a buffered read of the extent, which
 // reads the missing pages in large requests where faults would bring them in a few pages at a time (the page
@@ -128,7 +137,7 @@ static int mmap_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint6
     const uint64_t missing = pages_missing(t->addr, upto, t->page);
     atomic_fetch_add(&t->bytes_read, missing);
     t->cached = dblade_align_up(upto, t->page) - missing;
-    if (missing == 0 && len <= t->map_bytes) {
+    if (missing == 0 && len <= t->map_bytes && copy_from_mapping()) {
         *copy_from = t->addr;
         return 0;
     }

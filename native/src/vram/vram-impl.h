@@ -67,6 +67,9 @@ struct dblade_vram {
     // the graph: the streamed layer it computes next, and the one whose new rows are still in VRAM
     int32_t  next, pending;
     uint64_t pending_lo, pending_hi; // rows it stored
+    // no layer is read ahead while a ubatch of more than VRAM_AHEAD_MAX_ROWS tokens computes (a prompt's):
+    // GPU runs 2 and 3 of issue 21 found tokens that differed from all-in-VRAM only there (docs/gpu.md)
+    bool     ahead_held;
     // counters, read by stats without the lock
     _Atomic uint64_t h2d_bytes, h2d_pinned_bytes, d2h_bytes, copy_wait_ns, ring_read_bytes;
 };
