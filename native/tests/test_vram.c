@@ -228,6 +228,56 @@ static void storage_fault(void) {
     printf("storage fault: \"%s\"\n", msg);
 }
 
+static uint64_t ring_read(void) {
+    struct dblade_stats st;
+    CHECK_EQ(dblade_kv_stats(s, &st), 0);
+    return st.vram_ring_read_bytes;
+}
+
+// A ubatch larger than DUALBLADE_AHEAD_MAX_ROWS reads no layer ahead (each is read at its cut); a smaller one
+// reads ahead while the graph starts; the rows stay exact either way.
+static void held_reads(void) {
+    setenv("DUALBLADE_VRAM_SLOTS", "2", 1);
+    setenv("DUALBLADE_AHEAD_MAX_ROWS", "8", 1);
+    char dir[512];
+    test_mkdtemp(dir, sizeof(dir), "vram-held");
+    open_all(dir, 1 << 20);
+    unsetenv("DUALBLADE_AHEAD_MAX_ROWS");
+    graph(0, 0, 20);
+    for (int pass = 1; pass <= 2; pass++) {
+        const int lo = pass == 1 ? 20 : 40, hi = pass == 1 ? 40 : 41; // 20 rows: held; 1 row: read ahead
+        int64_t   rows[ROWS];
+        for (int r = lo; r < hi; r++) {
+            rows[r - lo] = r;
+        }
+        const uint64_t before = ring_read();
+        dblade_cache_ubatch(c, rows, hi - lo, N_KV);
+        uint64_t after = ring_read();
+        for (int i = 0; i < 200 && after == before; i++) {
+            usleep(10000);
+            after = ring_read();
+        }
+        CHECK(pass == 1 ? after == before : after > before);
+        for (int il = 0; il < LAYERS; il++) {
+            cut_layer(il);
+            for (int w = 0; w < 2; w++) {
+                CHECK(!memcmp(dev[il][w], shadow[il][w], (size_t) hwm * ROW));
+                for (int r = lo; r < hi; r++) {
+                    memset(dev[il][w] + r * ROW, mark(il, w, pass, r), ROW);
+                    memset(shadow[il][w] + r * ROW, mark(il, w, pass, r), ROW);
+                }
+            }
+        }
+        cut("result_norm", 1);
+        hwm = hi;
+    }
+    check_rows();
+    CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
+    close_all();
+    rmdir(dir);
+    printf("reads ahead held through a large ubatch, resumed after it\n");
+}
+
 int main(void) {
     const char * lib = getenv("DUALBLADE_CUDA_LIB");
     if (!lib) {
@@ -248,6 +298,7 @@ int main(void) {
     run("2", 2, 1 << 20, "pageable");
     unsetenv("DUALBLADE_PIN");
     storage_fault();
+    held_reads();
     // without the driver: a clear error, no KV object
     setenv("DUALBLADE_CUDA_LIB", "/nonexistent/libcuda.so.1", 1);
     struct dblade_layout_layer lay = { 0, DBLADE_PATH_RAM, BYTES, BYTES, DBLADE_LAYOUT_STREAMED, 0 };

@@ -184,8 +184,6 @@ static void read_ahead(struct dblade_work * w) {
     }
 }
 
-#define VRAM_AHEAD_MAX_ROWS 512 // llama.cpp's default ubatch: read ahead through every one of these (GPU runs 2, 3)
-
 // DUALBLADE_READ_AHEAD=0: no layer is read before the graph needs it, for a bisection
 static bool read_ahead_on(const struct dblade_vram * v) {
     static int off = -1;
@@ -578,7 +576,7 @@ void dblade_vram_ubatch(struct dblade_vram * v, struct dblade_cache * c, const i
     // there, the GPU runs found tokens unequal to all-in-VRAM after a prompt of 11008-token ubatches (never
     // with 512-token ones, nor with no read ahead). Not understood yet; the reads of a large ubatch take a
     // small share of its compute, so holding them costs little (docs/gpu.md, run 3).
-    v->ahead_held = n > VRAM_AHEAD_MAX_ROWS;
+    v->ahead_held = n > (int64_t) v->ahead_max_rows;
     if (v->pending < 0) {
         v->next = 0;
         load_ahead(v, 0);

@@ -29,6 +29,8 @@ struct dblade_streamed {
     uint64_t               k_len, v_len; // bytes [0, len) of K and V it holds there (or copies from its host path)
 };
 
+#define VRAM_AHEAD_MAX_ROWS 512 // llama.cpp's default ubatch: reads ahead through every one of these
+
 struct dblade_vram {
     struct dblade_cuda     cu;
     struct dblade_vram_env env;
@@ -67,8 +69,9 @@ struct dblade_vram {
     // the graph: the streamed layer it computes next, and the one whose new rows are still in VRAM
     int32_t  next, pending;
     uint64_t pending_lo, pending_hi; // rows it stored
-    // no layer is read ahead while a ubatch of more than VRAM_AHEAD_MAX_ROWS tokens computes (a prompt's):
-    // GPU runs 2 and 3 of issue 21 found tokens that differed from all-in-VRAM only there (docs/gpu.md)
+    // no layer is read ahead while a ubatch of more than ahead_max_rows tokens computes (a prompt's): GPU
+    // runs 2 and 3 of issue 21 found tokens that differed from all-in-VRAM only there (docs/gpu.md)
+    uint32_t ahead_max_rows;
     bool     ahead_held;
     // counters, read by stats without the lock
     _Atomic uint64_t h2d_bytes, h2d_pinned_bytes, d2h_bytes, copy_wait_ns, ring_read_bytes;
