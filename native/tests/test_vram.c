@@ -278,6 +278,37 @@ static void held_reads(void) {
     printf("reads ahead held through a large ubatch, resumed after it\n");
 }
 
+// Reads ahead through every ubatch, large or small, many prompts over: each layer's rows in its slot at its cut,
+// every time. (The ring once kept the block a layer without rows took: its FIFO then lost count, a later read
+// overwrote a layer still waiting in the ring, and a slot got another layer's rows, as on the GPU in issue 21's
+// runs 2 and 3 after a prompt of large ubatches.)
+static void ring_stress(void) {
+    setenv("DUALBLADE_VRAM_SLOTS", "2", 1);
+    setenv("DUALBLADE_AHEAD_MAX_ROWS", "1000000", 1);
+    char dir[512];
+    test_mkdtemp(dir, sizeof(dir), "vram-stress");
+    open_all(dir, 1 << 20);
+    unsetenv("DUALBLADE_AHEAD_MAX_ROWS");
+    for (int round = 0; round < 40; round++) {
+        const int big = 8 + (round * 7) % 40; // prompt ubatches of 8 to 47 rows, then decode
+        int       lo  = 0;
+        hwm           = 0;
+        for (; lo + big < ROWS - 8; lo += big) {
+            graph(round * 100 + lo, lo, lo + big);
+        }
+        for (int k = 0; k < 6 && lo < ROWS; k++, lo++) {
+            graph(round * 100 + 90 + k, lo, lo + 1);
+        }
+        check_rows();
+        dblade_cache_clear(c);
+        memset(shadow, 0, sizeof(shadow));
+    }
+    CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
+    close_all();
+    rmdir(dir);
+    printf("ring: 40 prompts of large ubatches read ahead, every slot exact\n");
+}
+
 int main(void) {
     const char * lib = getenv("DUALBLADE_CUDA_LIB");
     if (!lib) {
@@ -299,6 +330,7 @@ int main(void) {
     unsetenv("DUALBLADE_PIN");
     storage_fault();
     held_reads();
+    ring_stress();
     // without the driver: a clear error, no KV object
     setenv("DUALBLADE_CUDA_LIB", "/nonexistent/libcuda.so.1", 1);
     struct dblade_layout_layer lay = { 0, DBLADE_PATH_RAM, BYTES, BYTES, DBLADE_LAYOUT_STREAMED, 0 };

@@ -323,8 +323,8 @@ static int load(struct dblade_vram * v, int32_t x) {
         return err;
     }
     pthread_mutex_lock(v->env.lock);
-    if (!from_host_copy(s) && s->bytes > 0) {
-        ring_free(v, s);
+    if (!from_host_copy(s)) {
+        ring_free(v, s); // a layer with no rows yet holds a block of the ring too (ring_alloc)
     }
     s->state = SL_LOADED;
     kick(v); // room in the ring
