@@ -113,11 +113,27 @@ class ConversationStore:
         tokens = np.asarray(llm.input_ids[: llm.n_tokens], dtype=np.int32).copy()
         key = token_key(tokens)
         path = self.path(key)
-        llm.save_session(path, app=json.dumps({"prompt_tokens": int(prompt_len)}).encode())
-        size = path.stat().st_blocks * 512
         with self.lock:
             old = [k for k, e in self.entries.items()
                    if k != key and e.prompt_len <= prompt_len and common_prefix(e.tokens, tokens) >= e.prompt_len]
+        # The file of the conversation this one continues becomes this one's (the same inode under the new name):
+        # where the context last saved or loaded it, the save appends the reply's rows instead of writing it all.
+        moved = None
+        for k in old if not path.exists() else ():
+            try:
+                os.rename(self.path(k), path)
+                moved = k
+                break
+            except OSError:
+                continue
+        try:
+            llm.save_session(path, app=json.dumps({"prompt_tokens": int(prompt_len)}).encode())
+        except BaseException:
+            if moved is not None:  # a failed save leaves the last commit: the conversation it was, under its name
+                os.replace(path, self.path(moved))
+            raise
+        size = path.stat().st_blocks * 512
+        with self.lock:
             self.entries[key] = Saved(key, tokens, int(prompt_len), size, time.time())
         for k in old:
             self.forget(k)

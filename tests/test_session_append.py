@@ -312,3 +312,28 @@ def test_format_1_sessions_still_load(tiny_path, tmp_path, policy):
                 llm.eval(toks[110:115])
                 assert llm.save_session(old)["appended"]
     assert logits[0] == logits[1]
+
+
+def test_server_conversations_append_under_their_new_name(tiny_path, tmp_path):
+    """serve's store names a conversation by its tokens: the reply's save takes over the file of the conversation
+    it continues (renamed, the same inode), so it appends; the superseded name is gone, and the result resumes."""
+    from dualblade.conversations import ConversationStore
+
+    kw = {"n_ctx": N_CTX, "flash_attn": True, "seed": 1, "verbose": False, "kv_policy": "ram"}
+    store = ConversationStore(tmp_path / "conv", 1 << 30)
+    with closing(Llama(str(tiny_path), **kw)) as llm:
+        toks = prompt_tokens(llm, 200)
+        llm.eval(toks[:120])
+        k1 = store.save(llm, 100)
+        ino = store.path(k1).stat().st_ino
+        llm.eval(toks[120:140])
+        k2 = store.save(llm, 100)
+    assert k2 != k1 and not store.path(k1).exists()
+    p2 = store.path(k2)
+    assert p2.stat().st_ino == ino
+    b = p2.read_bytes()
+    assert struct.unpack_from("<I", b, 4096 + 16)[0] == 2 and struct.unpack_from("<Q", b, 4096 + 832)[0] == 2  # gen 2
+    sessions.verify(p2)
+    with closing(Llama(str(tiny_path), **kw)) as llm:
+        llm.load_session(p2)
+        assert llm.n_tokens == 140 and list(llm.input_ids[:140]) == toks[:140]
