@@ -227,11 +227,7 @@ def scores_bytes(llm) -> bytes:
 def info(path) -> dict:
     """Name, model, tokens, size, last used of the session file at path (header and sections only);
     SessionError for a file that is not a usable session."""
-    try:
-        with _native.SessionFile(os.fspath(path)) as f:
-            saved = json.loads(f.section(SEC_CONTEXT) or b"{}")
-    except _native.SessionFileError as e:
-        raise SessionError(str(e)) from None
+    saved = _saved_context(path)
     st = os.stat(path)
     return {
         "name": Path(path).name[: -len(SUFFIX)] if str(path).endswith(SUFFIX) else Path(path).name,
@@ -244,14 +240,26 @@ def info(path) -> dict:
     }
 
 
+def _saved_context(path) -> dict:
+    """The CONTEXT section of the session file at path (header and sections only); SessionError where it is not a
+    usable session."""
+    try:
+        with _native.SessionFile(os.fspath(path)) as f:
+            saved = json.loads(f.section(SEC_CONTEXT) or b"{}")
+    except _native.SessionFileError as e:
+        raise SessionError(str(e)) from None
+    except ValueError:
+        raise SessionError(f"{path} is damaged (no context description)") from None
+    return saved if isinstance(saved, dict) else {}
+
+
 def saved_flash_attn(path) -> bool | None:
     """Whether the session at path was saved with flash attention; None where there is no readable session."""
     try:
-        with _native.SessionFile(os.fspath(path)) as f:
-            geometry = json.loads(f.section(SEC_CONTEXT) or b"{}").get("geometry") or {}
-    except (_native.SessionFileError, ValueError, OSError):
+        geometry = _saved_context(path).get("geometry") or {}
+    except SessionError:
         return None
-    fa = geometry.get("flash_attn")
+    fa = geometry.get("flash_attn") if isinstance(geometry, dict) else None
     return fa if isinstance(fa, bool) else None
 
 

@@ -19,18 +19,11 @@ import pytest
 
 from conftest import min_budget, prompt_tokens
 from dualblade import Llama, sessions
+from dualblade.bench.sessions import process_write_bytes
 from dualblade.errors import SessionError
 from test_sessions import N_CTX, PREFIX, g3_path, kv_args, worker  # noqa: F401 (g3_path: a fixture)
 
 APPEND_WORKER = str(Path(__file__).parent / "append_worker.py")
-
-
-def process_write_bytes() -> int:
-    """Bytes this process caused to be written to storage (/proc/self/io write_bytes)."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("write_bytes:"):
-            return int(line.split()[1])
-    raise AssertionError("no write_bytes in /proc/self/io")
 
 
 def since_last_save(log: list) -> list:

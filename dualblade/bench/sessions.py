@@ -18,10 +18,11 @@ from typing import Callable, Optional
 
 from ..gguf_header import model_info, row_bytes
 from ..speculative import workload_tokens
-from .matrix import BenchOptions
+from .matrix import BenchOptions, check_options
 
 
 def process_write_bytes() -> int:
+    """Bytes this process caused to be written to storage (/proc/self/io write_bytes)."""
     with open("/proc/self/io") as f:
         for line in f:
             if line.startswith("write_bytes:"):
@@ -45,8 +46,8 @@ def row_bytes_per_token(model: str, type_k: str = "f16", type_v: str = "f16") ->
 def run_bench_sessions(opts: BenchOptions, appends: int, on_progress: Optional[Callable[[str, int, int], None]] = None,
                        log: Callable[[str], None] = lambda s: None) -> dict:
     from .. import Llama
-    from ..sizes import parse_size
 
+    _, budgets = check_options(opts)  # the bench's own reading of --budgets (a % of the KV, or a size)
     policy = opts.policies[0]
     reply = opts.gen_tokens
     need = opts.prompt_tokens + appends * reply
@@ -58,7 +59,7 @@ def run_bench_sessions(opts: BenchOptions, appends: int, on_progress: Optional[C
     kw = {"n_ctx": opts.n_ctx, "verbose": False, "seed": 1, "kv_policy": policy, "flash_attn": True}
     if policy != "ram":
         kw["kv_dir"] = opts.kv_dir or tempfile.gettempdir()
-        kw["mem_budget"] = parse_size(opts.budgets[0]) if not opts.budgets[0].endswith("%") else opts.budgets[0]
+        kw["mem_budget"] = budgets[0][1]
     if opts.threads:
         kw["n_threads"] = opts.threads
     work = tempfile.mkdtemp(prefix="dualblade-bench-sessions-", dir=kw.get("kv_dir"))

@@ -85,16 +85,19 @@ static uint8_t mark(int il, int w, int pass, int r) {
     return (uint8_t) (1 + ((pass * 7 + il * 13 + w * 29 + r * 3) % 251));
 }
 
-// One graph storing rows [lo, hi): at every layer's cut its slot holds what was written below the high-water
-// mark, then "the GPU" stores the new rows there. The slots' contents are checked before the cut returns'
-// next copy can run (the stand-in runs copies only when waited for).
-static void graph(int pass, int lo, int hi) {
+// One graph storing rows [lo, hi): its ubatch announced (graph_begin), then at every layer's cut its slot holds
+// what was written below the high-water mark and "the GPU" stores the new rows there (graph_end). The slots'
+// contents are checked before the cut returns' next copy can run (the stand-in runs copies only when waited for).
+static void graph_begin(int lo, int hi) {
     int64_t rows[ROWS];
     for (int r = lo; r < hi; r++) {
         rows[r - lo] = r;
     }
     dblade_cache_ubatch(c, rows, hi - lo, N_KV);
     CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
+}
+
+static void graph_end(int pass, int lo, int hi) {
     for (int il = 0; il < LAYERS; il++) {
         cut_layer(il);
         for (int w = 0; w < 2; w++) {
@@ -111,6 +114,11 @@ static void graph(int pass, int lo, int hi) {
     }
     cut("result_norm", 1);
     hwm = hi > hwm ? hi : hwm;
+}
+
+static void graph(int pass, int lo, int hi) {
+    graph_begin(lo, hi);
+    graph_end(pass, lo, hi);
 }
 
 // every host copy staged (the direct ones from storage) and compared with what was written
@@ -234,42 +242,32 @@ static uint64_t ring_read(void) {
     return st.vram_ring_read_bytes;
 }
 
+// 2 slots, a ring, the largest ubatch that reads ahead `ahead` rows; dir gets the store's directory
+static void open_ahead(char * dir, size_t cap, const char * name, const char * ahead) {
+    setenv("DUALBLADE_VRAM_SLOTS", "2", 1);
+    setenv("DUALBLADE_AHEAD_MAX_ROWS", ahead, 1);
+    test_mkdtemp(dir, cap, name);
+    open_all(dir, 1 << 20);
+    unsetenv("DUALBLADE_AHEAD_MAX_ROWS");
+}
+
 // A ubatch larger than DUALBLADE_AHEAD_MAX_ROWS reads no layer ahead (each is read at its cut); a smaller one
 // reads ahead while the graph starts; the rows stay exact either way.
 static void held_reads(void) {
-    setenv("DUALBLADE_VRAM_SLOTS", "2", 1);
-    setenv("DUALBLADE_AHEAD_MAX_ROWS", "8", 1);
     char dir[512];
-    test_mkdtemp(dir, sizeof(dir), "vram-held");
-    open_all(dir, 1 << 20);
-    unsetenv("DUALBLADE_AHEAD_MAX_ROWS");
+    open_ahead(dir, sizeof(dir), "vram-held", "8");
     graph(0, 0, 20);
     for (int pass = 1; pass <= 2; pass++) {
-        const int lo = pass == 1 ? 20 : 40, hi = pass == 1 ? 40 : 41; // 20 rows: held; 1 row: read ahead
-        int64_t   rows[ROWS];
-        for (int r = lo; r < hi; r++) {
-            rows[r - lo] = r;
-        }
+        const int      lo = pass == 1 ? 20 : 40, hi = pass == 1 ? 40 : 41; // 20 rows: held; 1 row: read ahead
         const uint64_t before = ring_read();
-        dblade_cache_ubatch(c, rows, hi - lo, N_KV);
+        graph_begin(lo, hi);
         uint64_t after = ring_read();
         for (int i = 0; i < 200 && after == before; i++) {
             usleep(10000);
             after = ring_read();
         }
         CHECK(pass == 1 ? after == before : after > before);
-        for (int il = 0; il < LAYERS; il++) {
-            cut_layer(il);
-            for (int w = 0; w < 2; w++) {
-                CHECK(!memcmp(dev[il][w], shadow[il][w], (size_t) hwm * ROW));
-                for (int r = lo; r < hi; r++) {
-                    memset(dev[il][w] + r * ROW, mark(il, w, pass, r), ROW);
-                    memset(shadow[il][w] + r * ROW, mark(il, w, pass, r), ROW);
-                }
-            }
-        }
-        cut("result_norm", 1);
-        hwm = hi;
+        graph_end(pass, lo, hi);
     }
     check_rows();
     CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
@@ -283,12 +281,8 @@ static void held_reads(void) {
 // overwrote a layer still waiting in the ring, and a slot got another layer's rows, as on the GPU in issue 21's
 // runs 2 and 3 after a prompt of large ubatches.)
 static void ring_stress(void) {
-    setenv("DUALBLADE_VRAM_SLOTS", "2", 1);
-    setenv("DUALBLADE_AHEAD_MAX_ROWS", "1000000", 1);
     char dir[512];
-    test_mkdtemp(dir, sizeof(dir), "vram-stress");
-    open_all(dir, 1 << 20);
-    unsetenv("DUALBLADE_AHEAD_MAX_ROWS");
+    open_ahead(dir, sizeof(dir), "vram-stress", "1000000");
     for (int round = 0; round < 40; round++) {
         const int big = 8 + (round * 7) % 40; // prompt ubatches of 8 to 47 rows, then decode
         int       lo  = 0;

@@ -8,14 +8,8 @@
 # Results under $OUT: bench-*.json, pytest-gpu.log, numpy-first.log.
 set -uo pipefail
 R=$PWD
-DEADLINE=${DEADLINE:-560}
 export XDG_CACHE_HOME=$R/build/xdg
-left() { echo $((DEADLINE - SECONDS)); }
-step() { # step SECONDS NAME CMD...: runs CMD if that much time is left, at most what is left
-    local need=$1 name=$2; shift 2
-    if [ "$(left)" -lt "$need" ]; then echo "== $name: skipped ($(left) s left)"; return; fi
-    echo "== $name ($(left) s left)"; timeout "$(left)" "$@"; echo "== $name: rc=$? at ${SECONDS}s"
-}
+. "$R/tools/gpu/deadline.sh"
 cd /tmp
 step 60 weights python3 -c 'from dualblade.synthetic import cached_model; print(cached_model("llama-1b"))'
 B="python3 -m dualblade.cli.app bench --gpu --synthetic llama-1b -n 16 -r 1 --timeout 120 --policies vram,ram,mmap,direct,auto"

@@ -61,7 +61,7 @@ static int plan_layers(struct save * sv, struct layer_plan * plans) {
             }
             const struct sf_layer * was = &f->layers[li];
             struct sf_layer *       l   = &sv->layers[li];
-            sf_plan_layer(sv->kv, t, l);
+            sf_plan_layer(t, l);
             if (strncmp(l->name, was->name, sizeof(l->name)) || l->il != was->il || l->which != was->which ||
                 l->type != was->type || l->v_trans != was->v_trans || l->row_bytes != was->row_bytes ||
                 l->bytes != was->bytes || l->capacity != was->capacity || (t->path != DBLADE_PATH_RAM && l->v_trans)) {
@@ -234,6 +234,11 @@ int sf_append(struct save * sv) {
         free(pl[li].now);
     }
     free(pl);
+    if (rc == 1) { // nothing written: the save as it was, for the whole one
+        free(sv->layers), free(sv->sums), free(sv->patches);
+        sv->layers = NULL, sv->sums = NULL, sv->patches = NULL;
+        sv->n_layers = 0, sv->n_sums = 0, sv->n_patches = 0;
+    }
     if (rc == 0) {
         // the last commit's tail is named by nothing now: cut off, or a hole
         const uint64_t old_end = dblade_align_up(f->h.tail_off + f->h.tail_bytes, DBLADE_BLOCK);

@@ -18,8 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
-void sf_plan_layer(const struct dblade_kv * kv, const struct dblade_tensor * t, struct sf_layer * l) {
-    (void) kv;
+void sf_plan_layer(const struct dblade_tensor * t, struct sf_layer * l) {
     const struct dblade_cache * c = t->cache;
     memset(l->name, 0, sizeof(l->name));
     memcpy(l->name, c->name, strnlen(c->name, sizeof(l->name) - 1));

@@ -113,6 +113,17 @@ static int read_sums(struct dblade_sessionfile * f, const struct sf_section * se
             return rc;
         }
     }
+    // each layer's patches: as many as its entry says (they are sorted by layer)
+    for (uint32_t i = 0, at = 0; i < f->n_layers; i++) {
+        const uint32_t n = f->layers[i].n_patches;
+        if (n > f->n_patches - at || (n && f->patches[at].layer != i) || (n && f->patches[at + n - 1].layer != i)) {
+            return damaged(f->path, "block table");
+        }
+        at += n;
+        if (i + 1 == f->n_layers && at != f->n_patches) {
+            return damaged(f->path, "block table");
+        }
+    }
     for (uint32_t i = 0; i < f->n_patches; i++) {
         const struct sf_patch * p = &f->patches[i];
         if (p->layer >= f->n_layers || p->block >= f->layers[p->layer].saved / DBLADE_BLOCK || p->file_off % DBLADE_BLOCK ||

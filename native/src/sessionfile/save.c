@@ -161,7 +161,7 @@ static int lay_out(struct save * sv) {
     for (struct dblade_cache * c = sv->kv->caches; c; c = c->next) {
         for (uint32_t i = 0; i < c->n_tensors; i++) {
             struct sf_layer * l = &sv->layers[sv->n_layers++];
-            sf_plan_layer(sv->kv, &c->tensors[i], l);
+            sf_plan_layer(&c->tensors[i], l);
             l->file_off = off;
             l->sums_at  = sv->n_sums;
             off += l->capacity;
@@ -199,9 +199,8 @@ static int reserve_range(struct save * sv, uint64_t off, uint64_t len) {
     const int      e = errno;
     struct statvfs vfs;
     char           a[32], b[32];
-    uint64_t       need = sv->h.tail_off - SF_KV_OFFSET; // at most the home, a fair figure to name
     if (e == ENOSPC && fstatvfs(sv->fd, &vfs) == 0) {
-        need = 0;
+        uint64_t need = 0; // the rows it holds
         for (uint32_t i = 0; i < sv->n_layers; i++) {
             need += sv->layers[i].saved;
         }
@@ -416,16 +415,8 @@ int dblade_sessionfile_save_flags(struct dblade_kv * kv, const char * path, cons
             write_failed(sv, rc);
         }
         if (rc == 1) { // not this time: whole, beside it
-            free(sv->layers), free(sv->sums), free(sv->patches);
-            struct dblade_sessionfile * old = sv->old;
-            char                        why[96];
-            memcpy(why, sv->why_whole, sizeof(why));
-            memset((char *) sv + offsetof(struct save, h), 0, sizeof(*sv) - offsetof(struct save, h));
-            memcpy(sv->why_whole, why, sizeof(why));
-            sv->in = sections, sv->n_in = n_sections;
-            sv->fd = -1;
-            dblade_sessionfile_close(old);
-            rc = 0;
+            dblade_sessionfile_close(sv->old);
+            sv->old = NULL, sv->fd = -1, rc = 0;
         }
     }
     if (rc == 0 && !sv->old) {

@@ -43,8 +43,8 @@ struct save {
     char                            why_whole[96];
 };
 
-// the bytes [used, saved) of every tensor of the KV object as this save takes them (lock held)
-void sf_plan_layer(const struct dblade_kv * kv, const struct dblade_tensor * t, struct sf_layer * l);
+// a tensor's entry as this save takes it: its rows [0, used), saved up to a whole block (lock held)
+void sf_plan_layer(const struct dblade_tensor * t, struct sf_layer * l);
 // blocks [b0, b0 + n) of the tensor to file offset at, their checksums into out (lock held)
 int  sf_put_blocks(struct save * sv, const struct dblade_tensor * t, uint64_t b0, uint64_t n, uint64_t at,
                    uint32_t * out);
@@ -61,8 +61,8 @@ int  sf_put(struct save * sv, const void * data, uint64_t bytes, uint64_t off);
 // DUALBLADE_TEST_PAUSE=save:<phase>: the saver stops itself there (SIGSTOP), for crash tests
 void sf_test_pause(const char * phase);
 
-// append.c: 0 appended and committed; 1 not appendable (sv->why_whole says why, nothing written);
-// < 0 failed (the last commit still whole)
+// append.c: 0 appended and committed; 1 not appendable (sv->why_whole says why; nothing written, sv as it
+// was); < 0 failed (the last commit still whole)
 int  sf_append(struct save * sv);
 // the tail bytes (patches not counted) LAYERS, PATCHES and these sections take
 uint64_t sf_tail_meta_bytes(const struct save * sv);

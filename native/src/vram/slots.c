@@ -134,9 +134,14 @@ static int copiers_open(struct dblade_vram * v) {
 
 static int setup(struct dblade_vram * v, const char * device, bool quantized) {
     v->pad         = quantized ? DEVICE_PAD : 0;
-    // DUALBLADE_AHEAD_MAX_ROWS: the largest ubatch that reads ahead (tests; stream.c says why 512)
+    // DUALBLADE_AHEAD_MAX_ROWS: the largest ubatch that reads ahead (tests; stream.c says why 512);
+    // DUALBLADE_READ_AHEAD=0: none does (a bisection's switch)
     const char * ahead = getenv("DUALBLADE_AHEAD_MAX_ROWS");
     v->ahead_max_rows  = ahead && atoi(ahead) > 0 ? (uint32_t) atoi(ahead) : VRAM_AHEAD_MAX_ROWS;
+    if (dblade_env_off("DUALBLADE_READ_AHEAD")) {
+        v->ahead_max_rows = 0;
+    }
+    v->ahead_held = v->ahead_max_rows == 0;
     v->buffered_fd = -1;
     v->pending     = -1;
     int rc         = dblade_cuda_load(&v->cu);

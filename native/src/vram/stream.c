@@ -184,18 +184,9 @@ static void read_ahead(struct dblade_work * w) {
     }
 }
 
-// DUALBLADE_READ_AHEAD=0: no layer is read before the graph needs it, for a bisection
-static bool read_ahead_on(const struct dblade_vram * v) {
-    static int off = -1;
-    if (off < 0) {
-        off = dblade_env_off("DUALBLADE_READ_AHEAD");
-    }
-    return !off && !v->ahead_held;
-}
-
 // more to read ahead: the worker is asked (the lock held)
 static void kick(struct dblade_vram * v) {
-    if (v->ring && read_ahead_on(v) && next_to_read(v) >= 0) {
+    if (v->ring && !v->ahead_held && next_to_read(v) >= 0) {
         v->work.run = read_ahead;
         dblade_worker_queue(v->env.worker, &v->work, true);
     }
