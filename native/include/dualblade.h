@@ -213,12 +213,21 @@ DBLADE_API int64_t dblade_kv_trim(struct dblade_kv * kv);
 struct dblade_store_info {
     uint32_t kind;        /* 0 none, 1 file, 2 device */
     uint32_t align;       /* O_DIRECT alignment in use */
-    uint32_t n_extents;   /* file extents of the reservation (1 = contiguous; 0 = unknown) */
-    uint32_t reserved;
-    uint64_t data_bytes;  /* bytes reserved */
-    char     path[512];
+    uint32_t n_extents;   /* file extents of the reservation (1 = contiguous; 0 = unknown; the most of any member) */
+    uint32_t n_members;   /* members the KV is striped over (1: not striped) */
+    uint64_t data_bytes;  /* bytes reserved (a member: its share) */
+    char     path[512];   /* the member, or all of them joined by ", " */
+    uint64_t stripe_unit; /* bytes of one stripe (0: not striped) */
+    uint64_t read_bps;    /* a member: its probed O_DIRECT read bandwidth, bytes/s (0: not probed) */
+    uint32_t share;       /* a member: its stripes per pattern */
+    uint32_t n_pattern;   /* stripes of one pattern */
 };
+/* The store: kv_dir and kv_device of struct dblade_config may each name several members, one per line
+ * ("a\nb"): the KV is then striped over them, each member's share following its probed read bandwidth
+ * (DUALBLADE_STRIPE_SHARES=a,b,... sets the shares, DUALBLADE_STRIPE_UNIT the stripe's bytes). */
 DBLADE_API int dblade_kv_store(struct dblade_kv * kv, struct dblade_store_info * out);
+/* Member m of the store (0 <= m < n_members). */
+DBLADE_API int dblade_kv_store_member(struct dblade_kv * kv, uint32_t m, struct dblade_store_info * out);
 
 /* Whether the store for this layout (its offloaded layers) can be opened under cfg, writing nothing;
  * on failure msg says why. */

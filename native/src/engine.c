@@ -23,6 +23,7 @@
 #include "crc32c.h"
 #include "fault.h"
 #include "io.h"
+#include "stripe.h"
 #include "uring.h"
 
 #include <errno.h>
@@ -40,10 +41,12 @@ struct chunk {
     uint64_t pos; // from the request's start (moves on after a short transfer)
     uint64_t len;
     uint64_t start, total; // the whole chunk, for its checksums
+    uint32_t member;       // where the whole chunk lives (it never crosses a stripe)
+    uint64_t phys;
 };
 
 struct dblade_io {
-    int             fd;
+    struct dblade_stripe map;
     int             kind;
     int             broken;   // io_uring: a submission failed, the ring cannot be trusted
     struct dblade_fault fault; // DUALBLADE_FAULT, for tests
@@ -85,8 +88,11 @@ static bool next_chunk(struct dblade_io * io, struct chunk * c) {
             c->pos = io->cur_pos;
             // the last bytes of a batch go in smaller chunks: whoever waits for the batch waits for
             // the last chunk to arrive and be checked, and a smaller one is checked sooner
-            const uint64_t cap = io->left <= DBLADE_IO_CHUNK ? DBLADE_IO_TAIL_CHUNK : DBLADE_IO_CHUNK;
-            c->len             = r->len - io->cur_pos < cap ? r->len - io->cur_pos : cap;
+            uint64_t cap = io->left <= DBLADE_IO_CHUNK ? DBLADE_IO_TAIL_CHUNK : DBLADE_IO_CHUNK;
+            // ... and a chunk ends where its stripe does
+            const uint64_t piece = dblade_stripe_at(&io->map, r->off + io->cur_pos, &c->member, &c->phys);
+            cap                  = piece < cap ? piece : cap;
+            c->len               = r->len - io->cur_pos < cap ? r->len - io->cur_pos : cap;
             io->cur_pos += c->len;
             io->left -= c->len;
             c->start = c->pos, c->total = c->len;
@@ -164,7 +170,8 @@ static void * pool_main(void * arg) {
         if (r.write) {
             sums_record(&r, c.pos, c.len);
         }
-        int rc = dblade_io_rw(io->fd, r.write, (uint8_t *) r.buf + c.pos, c.len, r.off + c.pos, &io->fault);
+        int rc = dblade_io_rw_member(io->map.fd[c.member], c.member, r.write, (uint8_t *) r.buf + c.pos, c.len,
+                                     c.phys, &io->fault);
         if (rc == 0 && !r.write) {
             rc = sums_check(&r, c.pos, c.len);
         }
@@ -252,8 +259,8 @@ static int uring_start(struct dblade_io * io) {
 
 static void uring_prep(struct dblade_io * io, struct chunk * c, uint32_t slot) {
     const struct dblade_io_req * r = &io->reqs[c->req];
-    dblade_ring_prep_rw(dblade_ring_sqe(&io->ring), r->write, io->fd, (uint8_t *) r->buf + c->pos, (uint32_t) c->len,
-                        r->off + c->pos, slot);
+    dblade_ring_prep_rw(dblade_ring_sqe(&io->ring), r->write, io->map.fd[c->member], (uint8_t *) r->buf + c->pos,
+                        (uint32_t) c->len, c->phys + (c->pos - c->start), slot);
 }
 
 static int uring_run(struct dblade_io * io) {
@@ -318,7 +325,8 @@ static int uring_run(struct dblade_io * io) {
         const uint32_t slot = (uint32_t) cqe->user_data;
         struct chunk * c    = &slots[slot];
         const struct dblade_io_req * r = &io->reqs[c->req];
-        const int res = (int) dblade_fault_apply(&io->fault, r->write, r->off + c->pos, c->len, cqe->res);
+        const int res = (int) dblade_fault_apply(&io->fault, r->write, c->member, c->phys + (c->pos - c->start),
+                                                 c->len, cqe->res);
         dblade_ring_seen(&io->ring);
         in_flight--;
         if (!fatal && (res == -EINTR || res == -EAGAIN)) {
@@ -346,11 +354,17 @@ static int uring_run(struct dblade_io * io) {
 // --- the engine ---
 
 int dblade_io_open(struct dblade_io ** out, int fd) {
+    struct dblade_stripe map;
+    dblade_stripe_single(&map, fd);
+    return dblade_io_open_map(out, &map);
+}
+
+int dblade_io_open_map(struct dblade_io ** out, const struct dblade_stripe * map) {
     struct dblade_io * io = calloc(1, sizeof(*io));
     if (!io) {
         return -ENOMEM;
     }
-    io->fd = fd;
+    io->map = *map;
     if (dblade_fault_init(&io->fault, getenv("DUALBLADE_FAULT")) < 0) {
         free(io);
         return -EINVAL;

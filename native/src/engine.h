@@ -23,7 +23,11 @@ struct dblade_io_req {
 };
 
 struct dblade_io;
-// picks io_uring where it works, else the thread pool (DUALBLADE_IO_ENGINE forces one)
+struct dblade_stripe;
+// picks io_uring where it works, else the thread pool (DUALBLADE_IO_ENGINE forces one); requests' offsets
+// are the map's logical ones, and a striped map's members all have transfers in flight at once
+int          dblade_io_open_map(struct dblade_io ** out, const struct dblade_stripe * map);
+// one file, at its own offsets
 int          dblade_io_open(struct dblade_io ** out, int fd);
 void         dblade_io_close(struct dblade_io * io);
 int          dblade_io_kind(const struct dblade_io * io);

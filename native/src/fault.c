@@ -1,11 +1,13 @@
 // Fault injection for the direct path's I/O, so that tests can prove what happens when storage
 // fails: DUALBLADE_FAULT names transfers whose result is replaced.
 //
-//   DUALBLADE_FAULT=rule[,rule...]    rule = (read|write):N[+]:(eio|enospc|short)
+//   DUALBLADE_FAULT=rule[,rule...]    rule = (read|write):N[+]:(eio|enospc|short)[@M]
 //
 // N counts the engine's transfers of that direction from 1 (each at most DBLADE_IO_CHUNK bytes);
 // "N+" means the N-th and every later one. eio/enospc: the transfer reports that error. short:
-// it reports half its bytes (whole blocks), and the retry of the rest finds the end of the store.
+// it reports half its bytes (whole blocks), and the retry of the rest finds the end of the store. @M: only
+// transfers to member M (from 0) of a striped store fail, as when one of several drives does (N still
+// counts every member's transfers).
 // The transfer itself still happens: a write reported failed may have reached the store, as a
 // real one may.
 //
@@ -36,6 +38,17 @@ static int parse_rule(const char * s, size_t len, struct dblade_fault_rule * r) 
     }
     *count++ = 0;
     *kind++  = 0;
+    r->member = -1;
+    char * at = strchr(kind, '@');
+    if (at) {
+        *at++            = 0;
+        char *      mend = NULL;
+        const long  m    = strtol(at, &mend, 10);
+        if (mend == at || *mend || m < 0 || m > 255) {
+            return -EINVAL;
+        }
+        r->member = (int) m;
+    }
     if (!strcmp(dir, "read")) {
         r->write = 0;
     } else if (!strcmp(dir, "write")) {
@@ -75,8 +88,8 @@ int dblade_fault_init(struct dblade_fault * f, const char * spec) {
         const char * comma = strchr(p, ',');
         const size_t len   = comma ? (size_t) (comma - p) : strlen(p);
         if (f->n_rules == DBLADE_FAULT_RULES || parse_rule(p, len, &f->rules[f->n_rules]) < 0) {
-            dblade_set_error("DUALBLADE_FAULT=%s is not a fault list: use rules like read:3:eio, write:1+:enospc "
-                             "or read:2:short, separated by commas (at most %u)", spec, DBLADE_FAULT_RULES);
+            dblade_set_error("DUALBLADE_FAULT=%s is not a fault list: use rules like read:3:eio, write:1+:enospc, "
+                             "read:2:short or read:5+:eio@1 (member 1 only), separated by commas (at most %u)", spec, DBLADE_FAULT_RULES);
             f->n_rules = 0;
             return -EINVAL;
         }
@@ -86,7 +99,8 @@ int dblade_fault_init(struct dblade_fault * f, const char * spec) {
     return 0;
 }
 
-int64_t dblade_fault_apply(struct dblade_fault * f, int write, uint64_t off, uint64_t len, int64_t res) {
+int64_t dblade_fault_apply(struct dblade_fault * f, int write, uint32_t member, uint64_t off, uint64_t len,
+                           int64_t res) {
     if (f->n_rules == 0) {
         return res;
     }
@@ -97,7 +111,8 @@ int64_t dblade_fault_apply(struct dblade_fault * f, int write, uint64_t off, uin
     const uint64_t n = atomic_fetch_add(&f->count[write ? 1 : 0], 1) + 1;
     for (uint32_t i = 0; i < f->n_rules; i++) {
         const struct dblade_fault_rule * r = &f->rules[i];
-        if (r->write != (write ? 1 : 0) || !(n == r->n || (r->onward && n > r->n))) {
+        if (r->write != (write ? 1 : 0) || !(n == r->n || (r->onward && n > r->n)) ||
+            (r->member >= 0 && (uint32_t) r->member != member)) {
             continue;
         }
         switch (r->kind) {

@@ -13,6 +13,7 @@ struct dblade_fault_rule {
     int      kind;
     uint64_t n;      // the n-th transfer of its direction, from 1
     bool     onward; // and every later one
+    int      member; // only transfers to this member of a striped store (-1: any)
 };
 
 struct dblade_fault {
@@ -25,6 +26,8 @@ struct dblade_fault {
 // parses a fault list (NULL or "": none); -EINVAL with dblade_get_error() set
 int     dblade_fault_init(struct dblade_fault * f, const char * spec);
 // a transfer of len bytes at off completed with res (bytes, or -errno): what it reports instead
-int64_t dblade_fault_apply(struct dblade_fault * f, int write, uint64_t off, uint64_t len, int64_t res);
+// (member: which member of a striped store; 0 for a single store)
+int64_t dblade_fault_apply(struct dblade_fault * f, int write, uint32_t member, uint64_t off, uint64_t len,
+                           int64_t res);
 
 #endif

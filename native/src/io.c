@@ -14,6 +14,11 @@
 #define IO_CHUNK (8u << 20)
 
 int dblade_io_rw(int fd, int write, void * buf, uint64_t len, uint64_t off, struct dblade_fault * fault) {
+    return dblade_io_rw_member(fd, 0, write, buf, len, off, fault);
+}
+
+int dblade_io_rw_member(int fd, uint32_t m, int write, void * buf, uint64_t len, uint64_t off,
+                        struct dblade_fault * fault) {
     uint8_t * p = buf;
     while (len > 0) {
         const size_t  n = len < IO_CHUNK ? (size_t) len : IO_CHUNK;
@@ -23,7 +28,7 @@ int dblade_io_rw(int fd, int write, void * buf, uint64_t len, uint64_t off, stru
         }
         int64_t res = r < 0 ? -errno : (int64_t) r;
         if (fault) {
-            res = dblade_fault_apply(fault, write, off, n, res);
+            res = dblade_fault_apply(fault, write, m, off, n, res);
         }
         if (res < 0) {
             return (int) res;

@@ -96,7 +96,7 @@ int dblade_store_check(const struct dblade_config * cfg, uint32_t n_layers, cons
         struct dblade_extent e;
         data = dblade_path_offloaded(layers[i].path) ? extent(&layers[i], &e, data) : data;
     }
-    struct dblade_store st = { .fd = -1 };
+    struct dblade_store st = { .n = 0 };
     const int rc = dblade_store_open(&st, cfg, data, dblade_layout_geometry(n_layers, layers), true);
     if (rc == 0) {
         dblade_store_close(&st);
@@ -183,7 +183,6 @@ int dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers, const 
     if (!kv) {
         return -ENOMEM;
     }
-    kv->store.fd  = -1;
     kv->config    = *cfg;
     kv->kv_dir    = cfg->kv_dir ? strdup(cfg->kv_dir) : NULL;
     kv->kv_device = cfg->kv_device ? strdup(cfg->kv_device) : NULL;
@@ -258,7 +257,7 @@ int dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers, const 
                                               .caches     = &kv->caches,
                                               .layout     = kv->layout,
                                               .n_layout   = kv->n_layout,
-                                              .store_fd   = kv->store.fd,
+                                              .store      = kv->store.n > 0 ? &kv->store : NULL,
                                               .ring_bytes = kv->ring_bytes };
     *out = kv;
     return 0;
@@ -401,13 +400,40 @@ int dblade_kv_store(struct dblade_kv * kv, struct dblade_store_info * out) {
         return -EINVAL;
     }
     memset(out, 0, sizeof(*out));
-    if (kv->store.fd >= 0) {
-        out->kind       = (uint32_t) kv->store.kind;
-        out->align      = kv->store.align;
-        out->n_extents  = kv->store.n_extents;
-        out->data_bytes = kv->store.data_bytes;
-        snprintf(out->path, sizeof(out->path), "%s", kv->store.path);
+    const struct dblade_store * st = &kv->store;
+    if (st->n == 0) {
+        return 0;
     }
+    out->kind        = (uint32_t) st->members[0].kind;
+    out->align       = st->align;
+    out->n_members   = st->n;
+    out->data_bytes  = st->data_bytes;
+    out->stripe_unit = st->n > 1 ? st->map.unit : 0;
+    out->n_extents   = 0;
+    for (uint32_t m = 0; m < st->n; m++) {
+        out->n_extents = st->members[m].n_extents > out->n_extents ? st->members[m].n_extents : out->n_extents;
+    }
+    snprintf(out->path, sizeof(out->path), "%s", st->path);
+    return 0;
+}
+
+int dblade_kv_store_member(struct dblade_kv * kv, uint32_t m, struct dblade_store_info * out) {
+    if (!kv || !out || m >= kv->store.n) {
+        return -EINVAL;
+    }
+    const struct dblade_store *        st = &kv->store;
+    const struct dblade_store_member * sm = &st->members[m];
+    memset(out, 0, sizeof(*out));
+    out->kind        = (uint32_t) sm->kind;
+    out->align       = sm->align;
+    out->n_extents   = sm->n_extents;
+    out->n_members   = st->n;
+    out->data_bytes  = sm->data_bytes;
+    out->stripe_unit = st->n > 1 ? st->map.unit : 0;
+    out->read_bps    = (uint64_t) sm->read_bps;
+    out->share       = st->n > 1 ? st->map.share[m] : 1;
+    out->n_pattern   = st->n > 1 ? st->map.n_pattern : 1;
+    snprintf(out->path, sizeof(out->path), "%s", sm->path);
     return 0;
 }
 

@@ -40,11 +40,13 @@ static uint64_t pages_missing(const uint8_t * addr, uint64_t len, uint64_t pg) {
 static int mmap_attach(struct dblade_tier * p, struct dblade_tensor * t) {
     const struct dblade_store * st = p->env->store;
     // same address, now the extent of the store: the page cache holds it
-    if (mmap(t->addr, t->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, st->fd,
-             (off_t) t->store_off) == MAP_FAILED) {
-        const int e = errno;
-        dblade_set_error("cannot map layer %d of %s: %s", t->il, st->path, strerror(e));
-        return -e;
+    const int rc = dblade_store_mmap(st, t->addr, t->store_off, t->map_bytes);
+    if (rc < 0) {
+        dblade_set_error("cannot map layer %d of %s: %s", t->il, st->path, strerror(-rc));
+        // the address keeps its reservation: what was mapped of the store becomes anonymous again
+        mmap(t->addr, t->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+             -1, 0);
+        return rc;
     }
     if (p->env->thp) {
         // a file's large folios mapped whole: attention walks these pages as fast as a pinned layer's
@@ -83,7 +85,7 @@ static int mmap_detach(struct dblade_tier * p, struct dblade_tensor * t) {
         dblade_set_error("cannot remap layer %d: %s", t->il, strerror(e));
         return -e;
     }
-    posix_fadvise(st->fd, (off_t) t->store_off, (off_t) t->map_bytes, POSIX_FADV_DONTNEED);
+    dblade_store_dontneed(st, t->store_off, t->map_bytes);
     return 0;
 }
 

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
@@ -63,7 +64,7 @@ static void fmt_bytes(char * buf, size_t cap, uint64_t n) {
     }
 }
 
-static int open_file_store(struct dblade_store * st, const char * dir, uint64_t bytes, bool dry) {
+static int open_file_member(struct dblade_store_member * st, const char * dir, uint64_t bytes, bool dry) {
     struct statfs sfs;
     if (statfs(dir, &sfs) != 0) {
         int e = errno;
@@ -154,8 +155,8 @@ static int open_file_store(struct dblade_store * st, const char * dir, uint64_t 
     return 0;
 }
 
-static int open_device_store(struct dblade_store * st, const char * dev, uint64_t bytes, uint64_t geometry,
-                             bool force, bool dry) {
+static int open_device_member(struct dblade_store_member * st, const char * dev, uint64_t bytes, uint64_t geometry,
+                              bool force, bool dry) {
     // O_EXCL on a block device: refused while it is mounted or opened exclusively by anyone else
     int fd = open(dev, O_RDWR | O_DIRECT | O_EXCL | O_CLOEXEC);
     if (fd < 0) {
@@ -280,36 +281,235 @@ static int open_device_store(struct dblade_store * st, const char * dev, uint64_
     return 0;
 }
 
+// --- several members ---
+
+// the next line of a member list ("a\nb"); false at its end
+static bool next_member(const char ** list, char * out, size_t cap) {
+    const char * p = *list;
+    if (!p || !*p) {
+        return false;
+    }
+    const char * nl  = strchr(p, '\n');
+    const size_t len = nl ? (size_t) (nl - p) : strlen(p);
+    snprintf(out, cap, "%.*s", (int) (len < cap ? len : cap - 1), p);
+    *list = nl ? nl + 1 : p + len;
+    return true;
+}
+
+static uint64_t env_bytes(const char * name, uint64_t dflt) {
+    const char * v = getenv(name);
+    return v && strtoull(v, NULL, 10) > 0 ? strtoull(v, NULL, 10) : dflt;
+}
+
+// the member's O_DIRECT read bandwidth: a probe region written, then read back in DBLADE_PROBE_IO requests
+// (bytes/s; 0 where the member is too small to probe). It writes only inside the member's reservation.
+#define DBLADE_PROBE_BYTES (16u << 20)
+static double probe_read_bps(struct dblade_store_member * m) {
+    const uint64_t bytes = m->data_bytes < DBLADE_PROBE_BYTES ? 0 : DBLADE_PROBE_BYTES;
+    void *         buf   = NULL;
+    if (bytes == 0 || posix_memalign(&buf, m->mem_align > 4096 ? m->mem_align : 4096, bytes) != 0) {
+        return 0;
+    }
+    memset(buf, 0x5a, bytes); // written: a file's unwritten extents would read as zeros without any I/O
+    double bps = 0;
+    if (dblade_io_write(m->fd, buf, bytes, m->data_offset) == 0 && fdatasync(m->fd) == 0) {
+        const uint64_t t0 = dblade_now_ns();
+        if (dblade_io_read(m->fd, buf, bytes, m->data_offset) == 0) {
+            const uint64_t dt = dblade_now_ns() - t0;
+            bps               = dt ? bytes * 1e9 / (double) dt : 0;
+        }
+    }
+    free(buf);
+    return bps;
+}
+
+// the member holds need bytes from now on (a larger share than the even split it was opened with)
+static int grow_member(struct dblade_store_member * m, uint64_t need) {
+    if (need <= m->data_bytes) {
+        return 0;
+    }
+    char need_s[32];
+    fmt_bytes(need_s, sizeof(need_s), need);
+    if (m->kind == DBLADE_STORE_FILE) {
+        if (fallocate(m->fd, 0, 0, (off_t) need) != 0) {
+            const int e = errno;
+            dblade_set_error("cannot preallocate %s for the KV file in %s (its share of the stripes): %s", need_s,
+                             m->path, strerror(e));
+            return -e;
+        }
+    } else {
+        uint64_t size = 0;
+        if (ioctl(m->fd, BLKGETSIZE64, &size) != 0 || size < DBLADE_DEVICE_DATA_OFFSET + need) {
+            dblade_set_error("KV device %s is too small for its share of the stripes (%s); give a larger device, "
+                             "or DUALBLADE_STRIPE_SHARES to share them evenly", m->path, need_s);
+            return -ENOSPC;
+        }
+        uint8_t * buf = NULL;
+        if (posix_memalign((void **) &buf, 4096, DBLADE_HEADER_BYTES) != 0) {
+            return -ENOMEM;
+        }
+        struct dblade_header h;
+        int rc = dblade_io_read(m->fd, buf, DBLADE_HEADER_BYTES, 0);
+        if (rc == 0 && (rc = dblade_header_decode(buf, &h)) == 0) {
+            h.data_bytes = need;
+            dblade_header_encode(&h, buf);
+            rc = dblade_io_write(m->fd, buf, DBLADE_HEADER_BYTES, 0);
+            rc = rc == 0 && fdatasync(m->fd) != 0 ? -errno : rc;
+        }
+        free(buf);
+        if (rc < 0) {
+            dblade_set_error("cannot write the header of KV device %s: %s", m->path, strerror(-rc));
+            return rc;
+        }
+    }
+    m->data_bytes = need;
+    return 0;
+}
+
+// each member's share of the stripes: DUALBLADE_STRIPE_SHARES=a,b,... as given, else from probed bandwidths
+static int member_shares(struct dblade_store * st, bool dry, uint32_t * share) {
+    const char * env = getenv("DUALBLADE_STRIPE_SHARES");
+    if (env && *env) {
+        const char * p = env;
+        for (uint32_t m = 0; m < st->n; m++) {
+            char *              end = NULL;
+            const unsigned long v   = strtoul(p, &end, 10);
+            if (end == p || v == 0 || v > 8 || (m + 1 < st->n ? *end != ',' : *end != 0)) {
+                dblade_set_error("DUALBLADE_STRIPE_SHARES=%s is not a share per member: give %u numbers from 1 to 8, "
+                                 "separated by commas", env, st->n);
+                return -EINVAL;
+            }
+            share[m] = (uint32_t) v;
+            p        = end + 1;
+        }
+        return 0;
+    }
+    double bps[DBLADE_STRIPE_MEMBERS] = { 0 };
+    for (uint32_t m = 0; m < st->n && !dry; m++) {
+        bps[m] = st->members[m].read_bps = probe_read_bps(&st->members[m]);
+    }
+    dblade_stripe_shares(st->n, bps, share);
+    return 0;
+}
+
+static int open_member(struct dblade_store_member * m, const struct dblade_config * cfg, const char * path,
+                       uint64_t bytes, uint64_t geometry, bool dry) {
+    memset(m, 0, sizeof(*m));
+    m->fd = -1;
+    if (cfg->kv_device) {
+        return open_device_member(m, path, bytes, geometry, (cfg->flags & DBLADE_CONFIG_FORCE) != 0, dry);
+    }
+    return open_file_member(m, path, bytes, dry);
+}
+
 int dblade_store_open(struct dblade_store * st, const struct dblade_config * cfg, uint64_t data_bytes,
                       uint64_t geometry, bool dry) {
     memset(st, 0, sizeof(*st));
-    st->fd = -1;
-    if (cfg->kv_device) {
-        return open_device_store(st, cfg->kv_device, data_bytes, geometry, (cfg->flags & DBLADE_CONFIG_FORCE) != 0, dry);
-    }
-    if (!cfg->kv_dir) {
+    const char * list = cfg->kv_device ? cfg->kv_device : cfg->kv_dir;
+    if (!list) {
         dblade_set_error("offloaded KV layers need a kv_dir or a kv_device");
         return -EINVAL;
     }
-    return open_file_store(st, cfg->kv_dir, data_bytes, dry);
+    char     paths[DBLADE_STRIPE_MEMBERS][512];
+    uint32_t n = 0;
+    for (char one[512]; next_member(&list, one, sizeof(one));) {
+        if (n == DBLADE_STRIPE_MEMBERS) {
+            dblade_set_error("the KV is striped over at most %u members; give fewer", DBLADE_STRIPE_MEMBERS);
+            return -E2BIG;
+        }
+        for (uint32_t i = 0; i < n; i++) {
+            if (!strcmp(paths[i], one)) {
+                dblade_set_error("%s is given twice as a KV member; give each once", one);
+                return -EINVAL;
+            }
+        }
+        snprintf(paths[n++], sizeof(paths[0]), "%s", one);
+    }
+    if (n == 0) {
+        dblade_set_error("offloaded KV layers need a kv_dir or a kv_device");
+        return -EINVAL;
+    }
+
+    // opened with an even split (the probe needs them open); a faster member's larger share is reserved after
+    const uint64_t unit = dblade_align_up(env_bytes("DUALBLADE_STRIPE_UNIT", DBLADE_STRIPE_UNIT), DBLADE_BLOCK);
+    uint32_t       share[DBLADE_STRIPE_MEMBERS];
+    for (uint32_t m = 0; m < n; m++) {
+        share[m] = 1;
+    }
+    if (n > 1 && dblade_stripe_init(&st->map, n, share, unit) < 0) {
+        dblade_set_error("DUALBLADE_STRIPE_UNIT must be a positive multiple of 4096");
+        return -EINVAL;
+    }
+    int rc = 0;
+    for (uint32_t m = 0; m < n && rc == 0; m++) {
+        const uint64_t even = n > 1 ? dblade_stripe_member_bytes(&st->map, m, data_bytes) : data_bytes;
+        rc                  = open_member(&st->members[m], cfg, paths[m], even, geometry, dry);
+        st->n               = m + 1;
+    }
+    if (rc < 0 || dry) {
+        dblade_store_close(st);
+        return rc;
+    }
+
+    st->align     = 0;
+    st->mem_align = 0;
+    for (uint32_t m = 0; m < n; m++) {
+        st->align     = st->members[m].align > st->align ? st->members[m].align : st->align;
+        st->mem_align = st->members[m].mem_align > st->mem_align ? st->members[m].mem_align : st->mem_align;
+    }
+    st->data_bytes = data_bytes;
+    if (n == 1) {
+        dblade_stripe_single(&st->map, st->members[0].fd);
+        st->data_offset = st->members[0].data_offset;
+        snprintf(st->path, sizeof(st->path), "%s", st->members[0].path);
+        return 0;
+    }
+    if (unit % st->align) {
+        dblade_set_error("DUALBLADE_STRIPE_UNIT=%llu is not a multiple of the members' O_DIRECT alignment %u",
+                         (unsigned long long) unit, st->align);
+        dblade_store_close(st);
+        return -EINVAL;
+    }
+    rc = member_shares(st, dry, share);
+    if (rc == 0) {
+        rc = dblade_stripe_init(&st->map, n, share, unit);
+    }
+    for (uint32_t m = 0; m < n && rc == 0; m++) {
+        rc = grow_member(&st->members[m], dblade_stripe_member_bytes(&st->map, m, data_bytes));
+        st->map.fd[m]   = st->members[m].fd;
+        st->map.base[m] = st->members[m].data_offset;
+    }
+    if (rc < 0) {
+        dblade_store_close(st);
+        return rc;
+    }
+    st->data_offset = 0;
+    size_t at = 0;
+    for (uint32_t m = 0; m < n && at < sizeof(st->path); m++) {
+        at += (size_t) snprintf(st->path + at, sizeof(st->path) - at, "%s%s", m ? ", " : "", st->members[m].path);
+    }
+    return 0;
 }
 
 void dblade_store_close(struct dblade_store * st) {
-    if (st->fd >= 0) {
-        close(st->fd);
-        st->fd = -1;
+    for (uint32_t m = 0; m < st->n; m++) {
+        if (st->members[m].fd >= 0) {
+            close(st->members[m].fd);
+            st->members[m].fd = -1;
+        }
     }
+    st->n = 0;
 }
 
-static int wipe_below(struct dblade_store * st, uint64_t end, bool zero) {
-    if (st->fd < 0 || end <= st->data_offset) {
+static int wipe_member(struct dblade_store_member * m, uint64_t len, bool zero) {
+    if (m->fd < 0 || len == 0) {
         return 0;
     }
-    const uint64_t off = st->data_offset;
-    const uint64_t len = dblade_align_up(end - off, st->align);
-    if (st->kind == DBLADE_STORE_DEVICE) {
+    const uint64_t off = m->data_offset;
+    len                = dblade_align_up(len, m->align);
+    if (m->kind == DBLADE_STORE_DEVICE) {
         const uint64_t range[2] = { off, len };
-        return ioctl(st->fd, zero ? BLKZEROOUT : BLKDISCARD, range) == 0 ? 0 : -errno;
+        return ioctl(m->fd, zero ? BLKZEROOUT : BLKDISCARD, range) == 0 ? 0 : -errno;
     }
     if (!zero) {
         return 0; // an unnamed file's blocks are freed when it closes: a hole first changes nothing
@@ -317,22 +517,92 @@ static int wipe_below(struct dblade_store * st, uint64_t end, bool zero) {
     // a file system may keep the old blocks behind a hole or an unwritten extent: write zeros over them
     const uint64_t chunk = 4u << 20;
     void *         zeros = NULL;
-    if (posix_memalign(&zeros, st->mem_align > 4096 ? st->mem_align : 4096, chunk) != 0) {
+    if (posix_memalign(&zeros, m->mem_align > 4096 ? m->mem_align : 4096, chunk) != 0) {
         return -ENOMEM;
     }
     memset(zeros, 0, chunk);
     int rc = 0;
     for (uint64_t p = 0; p < len && rc == 0; p += chunk) {
-        rc = dblade_io_write(st->fd, zeros, len - p < chunk ? len - p : chunk, off + p);
+        rc = dblade_io_write(m->fd, zeros, len - p < chunk ? len - p : chunk, off + p);
     }
     free(zeros);
-    return rc == 0 && fdatasync(st->fd) != 0 ? -errno : rc;
+    return rc == 0 && fdatasync(m->fd) != 0 ? -errno : rc;
 }
 
 int dblade_store_wipe(struct dblade_store * st, bool zero) {
-    const int rc = wipe_below(st, st->touched_end, zero);
+    if (st->touched_end <= st->data_offset) {
+        return 0;
+    }
+    const uint64_t logical = st->touched_end - st->data_offset;
+    int            rc      = 0;
+    for (uint32_t m = 0; m < st->n && rc == 0; m++) {
+        // a striped member also held its bandwidth probe, at the start of its share
+        uint64_t len = dblade_stripe_member_bytes(&st->map, m, logical);
+        if (st->n > 1 && st->members[m].read_bps > 0) {
+            len = len > DBLADE_PROBE_BYTES ? len : DBLADE_PROBE_BYTES;
+        }
+        rc = wipe_member(&st->members[m], len, zero);
+    }
     if (rc == 0) {
         st->touched_end = 0;
     }
     return rc;
+}
+
+// --- the paths' views of the members ---
+
+int dblade_store_mmap(const struct dblade_store * st, void * addr, uint64_t off, uint64_t len) {
+    for (uint64_t done = 0; done < len;) {
+        uint32_t       m;
+        uint64_t       phys;
+        const uint64_t piece = dblade_stripe_at(&st->map, off + done, &m, &phys);
+        const uint64_t n     = len - done < piece ? len - done : piece;
+        if (mmap((uint8_t *) addr + done, n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, st->map.fd[m],
+                 (off_t) phys) == MAP_FAILED) {
+            return -errno;
+        }
+        done += n;
+    }
+    return 0;
+}
+
+void dblade_store_dontneed(const struct dblade_store * st, uint64_t off, uint64_t len) {
+    for (uint64_t done = 0; done < len;) {
+        uint32_t       m;
+        uint64_t       phys;
+        const uint64_t piece = dblade_stripe_at(&st->map, off + done, &m, &phys);
+        const uint64_t n     = len - done < piece ? len - done : piece;
+        posix_fadvise(st->map.fd[m], (off_t) phys, (off_t) n, POSIX_FADV_DONTNEED);
+        done += n;
+    }
+}
+
+int dblade_store_open_buffered(const struct dblade_store * st, struct dblade_stripe * out) {
+    *out = st->map;
+    for (uint32_t m = 0; m < out->n; m++) {
+        out->fd[m] = -1;
+    }
+    for (uint32_t m = 0; m < st->map.n; m++) {
+        char proc[64];
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%d", st->map.fd[m]);
+        // a device already held O_EXCL by us: this open is not exclusive, and the kernel allows it
+        out->fd[m] = open(proc, O_RDWR | O_CLOEXEC);
+        if (out->fd[m] < 0) {
+            const int e = errno;
+            dblade_set_error("cannot open the KV store %s again for buffered reads: %s", st->members[m].path,
+                             strerror(e));
+            dblade_store_close_buffered(out);
+            return -e;
+        }
+    }
+    return 0;
+}
+
+void dblade_store_close_buffered(struct dblade_stripe * map) {
+    for (uint32_t m = 0; m < map->n; m++) {
+        if (map->fd[m] >= 0) {
+            close(map->fd[m]);
+            map->fd[m] = -1;
+        }
+    }
 }

@@ -30,7 +30,7 @@ static void parse(void) {
     }
     // no rules: results pass through untouched
     CHECK_EQ(dblade_fault_init(&f, ""), 0);
-    CHECK_EQ(dblade_fault_apply(&f, 0, 0, 4096, 4096), 4096);
+    CHECK_EQ(dblade_fault_apply(&f, 0, 0, 0, 4096, 4096), 4096);
 }
 
 static int open_store(void) {

@@ -30,18 +30,20 @@ int main(void) {
     struct dblade_config cfg = { .policy = DBLADE_POLICY_DIRECT, .budget_bytes = 1 << 20, .kv_dir = dir };
     struct dblade_store  st;
     CHECK_EQ(dblade_store_open(&st, &cfg, 8 << 20, 1, false), 0);
-    CHECK(st.fd >= 0 && st.kind == DBLADE_STORE_FILE);
+    CHECK(st.n == 1 && st.members[0].fd >= 0 && st.members[0].kind == DBLADE_STORE_FILE);
+    CHECK(st.map.n == 1 && st.map.fd[0] == st.members[0].fd);
     CHECK(st.align >= 4096 && (st.align & (st.align - 1)) == 0);
-    CHECK(st.n_extents >= 1);
+    CHECK(st.members[0].n_extents >= 1);
     CHECK_EQ(count_entries(dir), 0); // unnamed: nothing to leave behind
-    CHECK_EQ(fcntl(st.fd, F_GETFL) & O_DIRECT, O_DIRECT);
+    const int fd = st.members[0].fd;
+    CHECK_EQ(fcntl(fd, F_GETFL) & O_DIRECT, O_DIRECT);
 
     // aligned O_DIRECT round trip
     void * a = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     void * b = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     for (int i = 0; i < (1 << 20); i++) ((unsigned char *) a)[i] = (unsigned char) (i * 7 + 3);
-    CHECK_EQ(dblade_io_write(st.fd, a, 1 << 20, 4 << 20), 0);
-    CHECK_EQ(dblade_io_read(st.fd, b, 1 << 20, 4 << 20), 0);
+    CHECK_EQ(dblade_io_write(fd, a, 1 << 20, 4 << 20), 0);
+    CHECK_EQ(dblade_io_read(fd, b, 1 << 20, 4 << 20), 0);
     CHECK(memcmp(a, b, 1 << 20) == 0);
     dblade_store_close(&st);
 

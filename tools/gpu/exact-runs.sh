@@ -6,6 +6,7 @@
 #                                    stock 512-token prompt ubatch; the direct path under a limit likewise
 #   tools/gpu/exact-runs.sh check    every policy with the defaults, no limit and under the limit (the check of a fix;
 #                                    DUALBLADE_AHEAD_MAX_ROWS=1000000 in the environment: without the prompt's guard)
+#   tools/gpu/exact-runs.sh check noguard   the check, then the same cells without the guard
 set -uo pipefail
 R=$PWD
 export XDG_CACHE_HOME=$R/build/xdg
@@ -18,6 +19,12 @@ S="-c 32768 -p 16384"
 if [ "${1:-}" = check ]; then
     step 40 free $B $S --policies vram,ram,mmap,direct,auto --no-cgroup --json $OUT/check-free.json
     step 40 cgroup $B $S --policies vram,mmap,direct,auto --json $OUT/check-cgroup.json
+    # "check noguard": again without the prompt's guard (reads ahead during large ubatches too)
+    [ "${2:-}" = noguard ] || exit 0
+    step 40 free-noguard env DUALBLADE_AHEAD_MAX_ROWS=1000000 $B $S --policies vram,mmap,direct,auto --no-cgroup \
+        --json $OUT/check-free-noguard.json
+    step 40 cgroup-noguard env DUALBLADE_AHEAD_MAX_ROWS=1000000 $B $S --policies vram,mmap,direct,auto \
+        --json $OUT/check-cgroup-noguard.json
     exit 0
 fi
 step 40 free-default $B $S --policies vram,mmap,direct,auto --no-cgroup --json $OUT/free-default.json

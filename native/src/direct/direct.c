@@ -66,10 +66,10 @@ int dblade_direct_open(struct dblade_tier ** out, struct dblade_path_env * env, 
     if (rc < 0) {
         dblade_set_error("cannot reserve the staging memory: %s", strerror(-rc));
     }
-    if (rc == 0 && env->store->fd >= 0) {
-        rc = dblade_io_open(&d->io, env->store->fd);
+    if (rc == 0 && env->store->n > 0) {
+        rc = dblade_io_open_map(&d->io, &env->store->map);
         if (rc == 0) {
-            rc = dblade_io_open(&d->io_now, env->store->fd);
+            rc = dblade_io_open_map(&d->io_now, &env->store->map);
         }
     }
     if (rc < 0) {

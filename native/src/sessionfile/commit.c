@@ -52,7 +52,7 @@ int sf_put_blocks(struct save * sv, const struct dblade_tensor * t, uint64_t b0,
         sv->st.memory_bytes += len;
         return rc;
     }
-    int rc = dblade_copy_range(sv->kv->store.fd, t->store_off + lo, sv->fd, at, len, sv->fault, &sv->how);
+    int rc = dblade_copy_store(&sv->kv->store.map, t->store_off + lo, sv->fd, at, len, false, sv->fault, &sv->how);
     sv->moved += len;
     if (rc < 0) {
         return rc;

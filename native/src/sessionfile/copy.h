@@ -19,6 +19,11 @@ enum { DBLADE_COPY_CLONE = 1, DBLADE_COPY_CFR = 2, DBLADE_COPY_DIRECT = 4 };
 // it. fault (NULL: none) forces the O_DIRECT copy and may fail its writes (tests).
 int  dblade_copy_range(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, struct dblade_fault * fault,
                        int * how);
+// the same between [off, off + len) of a (striped) store and [foff, ...) of fd, stripe piece by stripe piece;
+// to_store: from fd into the store
+struct dblade_stripe;
+int  dblade_copy_store(const struct dblade_stripe * map, uint64_t off, int fd, uint64_t foff, uint64_t len,
+                       bool to_store, struct dblade_fault * fault, int * how);
 // "clone", "copy_file_range", "direct" or a mix ("clone+direct")
 void dblade_copy_how_name(int how, char * out, size_t cap);
 // O_DIRECT on or off for an open file; -errno where the file system refuses it

@@ -388,7 +388,7 @@ int dblade_sessionfile_restore(struct dblade_kv * kv, struct dblade_sessionfile 
                 rc = dblade_io_read(f->dfd, t->addr, l->saved, l->file_off);
                 st.memory_bytes += l->saved;
             } else {
-                rc = dblade_copy_range(f->dfd, l->file_off, kv->store.fd, t->store_off, l->saved, NULL, &how);
+                rc = dblade_copy_store(&kv->store.map, t->store_off, f->dfd, l->file_off, l->saved, true, NULL, &how);
                 dblade_store_touch(&kv->store, t->store_off + l->saved);
             }
             // the blocks this commit holds outside home, over the home copies
@@ -398,8 +398,8 @@ int dblade_sessionfile_restore(struct dblade_kv * kv, struct dblade_sessionfile 
                 if (t->path == DBLADE_PATH_RAM) {
                     rc = dblade_io_read(f->dfd, t->addr + pa->block * DBLADE_BLOCK, DBLADE_BLOCK, pa->file_off);
                 } else {
-                    rc = dblade_copy_range(f->dfd, pa->file_off, kv->store.fd, t->store_off + pa->block * DBLADE_BLOCK,
-                                           DBLADE_BLOCK, NULL, &how);
+                    rc = dblade_copy_store(&kv->store.map, t->store_off + pa->block * DBLADE_BLOCK, f->dfd,
+                                           pa->file_off, DBLADE_BLOCK, true, NULL, &how);
                 }
             }
             if (rc < 0) {

@@ -12,6 +12,7 @@
 #include "vram-impl.h"
 
 #include "../events.h"
+#include "../store.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -109,19 +110,16 @@ int dblade_vram_wb_reserve(struct dblade_vram * v, uint64_t bytes) {
 // the engines reading the store for the ring: O_DIRECT (the direct path), and buffered (the page cache: the
 // same file, opened again without O_DIRECT)
 static int engines_open(struct dblade_vram * v) {
-    if (v->env.store_fd < 0) {
+    if (!v->env.store) {
         return 0;
     }
-    char proc[64];
-    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", v->env.store_fd);
-    v->buffered_fd = open(proc, O_RDWR | O_CLOEXEC);
-    if (v->buffered_fd < 0) {
-        const int e = errno;
-        dblade_set_error("cannot open the KV store again for buffered reads: %s", strerror(e));
-        return -e;
+    int rc = dblade_store_open_buffered(v->env.store, &v->buffered);
+    if (rc < 0) {
+        return rc;
     }
-    int rc = dblade_io_open(&v->io_direct, v->env.store_fd);
-    return rc < 0 ? rc : dblade_io_open(&v->io_buffered, v->buffered_fd);
+    v->has_buffered = true;
+    rc              = dblade_io_open_map(&v->io_direct, &v->env.store->map);
+    return rc < 0 ? rc : dblade_io_open_map(&v->io_buffered, &v->buffered);
 }
 
 // half the CPUs copy the page cache into the ring (the GPU computes: the host's threads wait meanwhile), the
@@ -142,7 +140,6 @@ static int setup(struct dblade_vram * v, const char * device, bool quantized) {
         v->ahead_max_rows = 0;
     }
     v->ahead_held = v->ahead_max_rows == 0;
-    v->buffered_fd = -1;
     v->pending     = -1;
     int rc         = dblade_cuda_load(&v->cu);
     if (rc < 0) {
@@ -265,8 +262,8 @@ void dblade_vram_destroy(struct dblade_vram * v) {
     dblade_io_close(v->io_direct);
     dblade_io_close(v->io_buffered);
     dblade_pcopy_close(v->pcopy);
-    if (v->buffered_fd >= 0) {
-        close(v->buffered_fd);
+    if (v->has_buffered) {
+        dblade_store_close_buffered(&v->buffered);
     }
     if (v->ctx) {
         CUcontext popped;

@@ -9,6 +9,7 @@
 #include "../base.h"
 #include "../engine.h"
 #include "../pcopy.h"
+#include "../stripe.h"
 #include "../worker.h"
 #include "cuda.h"
 
@@ -63,7 +64,8 @@ struct dblade_vram {
     char      pin_why[96]; // why host memory is not page-locked (a limit), for the stats
     // the engines that read the host paths' store: O_DIRECT (direct path), buffered (page cache)
     struct dblade_io * io_direct, * io_buffered;
-    int                buffered_fd;
+    struct dblade_stripe buffered; // the store's members opened again without O_DIRECT
+    bool                 has_buffered;
     struct dblade_pcopy * pcopy; // the threads that copy the page cache into the ring
     struct dblade_work work; // reads ahead, on the worker
     // the graph: the streamed layer it computes next, and the one whose new rows are still in VRAM

@@ -5,6 +5,8 @@
 
 #include "../tensor.h"
 
+struct dblade_store;
+
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -24,7 +26,7 @@ struct dblade_vram_env {
     struct dblade_cache **             caches;
     const struct dblade_layout_layer * layout;   // the plan: which layers are streamed
     uint32_t                           n_layout;
-    int                                store_fd; // the store (O_DIRECT), -1 for none
+    const struct dblade_store *        store; // the store (O_DIRECT), NULL for none
     uint64_t                           ring_bytes; // page-locked memory to read host paths ahead into (0: none)
 };
 
