@@ -132,7 +132,7 @@ static int copiers_open(struct dblade_vram * v) {
 
 static int setup(struct dblade_vram * v, const char * device, bool quantized) {
     v->pad         = quantized ? DEVICE_PAD : 0;
-    // DUALBLADE_AHEAD_MAX_ROWS: the largest ubatch that reads ahead (tests; stream.c says why 512);
+    // DUALBLADE_AHEAD_MAX_ROWS: the largest ubatch that reads ahead (tests, bisections; default: all);
     // DUALBLADE_READ_AHEAD=0: none does (a bisection's switch)
     const char * ahead = getenv("DUALBLADE_AHEAD_MAX_ROWS");
     v->ahead_max_rows  = ahead && atoi(ahead) > 0 ? (uint32_t) atoi(ahead) : VRAM_AHEAD_MAX_ROWS;

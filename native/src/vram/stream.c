@@ -563,10 +563,8 @@ void dblade_vram_ubatch(struct dblade_vram * v, struct dblade_cache * c, const i
     CUcontext popped;
     v->cu.CtxPushCurrent(v->ctx);
     pthread_mutex_lock(v->env.lock);
-    // Each layer is read when the graph needs it while a prompt's large ubatch computes: with reads ahead
-    // there, the GPU runs found tokens unequal to all-in-VRAM after a prompt of 11008-token ubatches (never
-    // with 512-token ones, nor with no read ahead). Not understood yet; the reads of a large ubatch take a
-    // small share of its compute, so holding them costs little (docs/gpu.md, run 3).
+    // DUALBLADE_AHEAD_MAX_ROWS: a ubatch larger than this reads each layer at its cut, none ahead (a bisection's
+    // knob; the inexact tokens it once isolated were the ring's lost block, fixed in ring_free's caller)
     v->ahead_held = n > (int64_t) v->ahead_max_rows;
     if (v->pending < 0) {
         v->next = 0;

@@ -30,7 +30,7 @@ struct dblade_streamed {
     uint64_t               k_len, v_len; // bytes [0, len) of K and V it holds there (or copies from its host path)
 };
 
-#define VRAM_AHEAD_MAX_ROWS 512 // llama.cpp's default ubatch: reads ahead through every one of these
+#define VRAM_AHEAD_MAX_ROWS UINT32_MAX // every ubatch reads ahead (DUALBLADE_AHEAD_MAX_ROWS bounds it, a bisection's knob)
 
 struct dblade_vram {
     struct dblade_cuda     cu;
