@@ -14,6 +14,27 @@ import os as _os
 # import, below); a value the user set wins.
 _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+
+def _one_cxx_runtime() -> None:
+    """The system's libstdc++ in the global symbol scope before llama_cpp loads ggml (issue 21, item 6).
+
+    A CUDA build whose ggml libraries link libstdc++ statically (the GPU image's: libggml-cuda.so exports about
+    6,900 std:: symbols and needs no libstdc++.so.6) lends that private copy to libllama's references to
+    libstdc++ whenever ggml reaches the global scope first. That is what happens after `import numpy`, which
+    loads libstdc++ privately (for its OpenBLAS): llama_model::print_info then writes through the copy's
+    never-initialized locale and the process dies with SIGSEGV (docs/gpu-runs/storage-pipeline-run5/
+    numpy-first.log). With libstdc++ global first, every library binds to the one runtime."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+    except OSError:  # no shared libstdc++ at all: nothing can interpose
+        pass
+
+
+_one_cxx_runtime()
+
 from . import chat_formats  # noqa: E402,F401  (registers the formats)
 from .errors import (BudgetError, ConfigError, DualbladeError, FlashAttentionWarning, ModelError,  # noqa: E402
                      PinnedMemoryWarning, StoreError)

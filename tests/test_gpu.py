@@ -242,3 +242,16 @@ def test_vram_budget_errors(model):
         _llm(model, n_gpu_layers=0, vram_budget="1G")
     with pytest.raises(dualblade.ConfigError, match="offload_kqv=False"):
         _llm(model, offload_kqv=False, vram_budget="1G")
+
+
+def test_numpy_imported_first(model, tmp_path):
+    """`import numpy` before dualblade, then a model: the GPU image's numpy loads libstdc++ privately and ggml's
+    static copy of it used to take libllama's references (SIGSEGV in llama_model::print_info, issue 21)."""
+    import subprocess
+    import sys
+
+    code = ("import numpy; import dualblade; from contextlib import closing; "
+            f"llm = dualblade.Llama({str(model)!r}, n_ctx=512, n_gpu_layers=-1, verbose=False); "
+            "print(llm.tokenize(b'hello')); llm.close(); print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), (p.returncode, p.stderr[-2000:])
