@@ -56,10 +56,12 @@ ModelArg = typer.Argument(None, help="GGUF model file (default: the bundled Gemm
 MemBudgetOpt = typer.Option(None, "--mem-budget", "-m", help="Memory for pinned KV + staging, e.g. 2G, 512MiB.")
 CtxSizeOpt = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens.")
 PolicyOpt = typer.Option(Policy.auto, "--policy", help="Where KV that exceeds the budget goes.")
-KvDirOpt = typer.Option(None, "--kv-dir", help="Directory for the KV file.")
+KvDirOpt = typer.Option(None, "--kv-dir", help="Directory for the KV file; several, comma-separated (A,B): the KV "
+                                               "striped over a file in each (at most 8).")
 VerifyOpt = typer.Option(True, "--verify/--no-verify", help="Check a CRC-32C of every block read back from the direct path.")
 CacheTypeOpt = typer.Option(CacheType.f16, "--cache-type", help="KV cache element type.")
-KvDeviceOpt = typer.Option(None, "--kv-device", help="Raw block device for the KV.")
+KvDeviceOpt = typer.Option(None, "--kv-device", help="Raw block device for the KV; several, comma-separated "
+                                                     "(A,B): the KV striped over them (at most 8).")
 ForceOpt = typer.Option(False, "--force", help="Take over a --kv-device that holds something else (destroys what is "
                                                "there).")
 FlashAttnOpt = typer.Option(None, "--flash-attn/--no-flash-attn",
@@ -85,8 +87,8 @@ def chat(
     seed: int = typer.Option(-1, "--seed", help="RNG seed (-1 = random)."),
     threads: Optional[int] = ThreadsOpt,
     policy: Policy = PolicyOpt,
-    kv_dir: Optional[Path] = KvDirOpt,
-    kv_device: Optional[Path] = KvDeviceOpt,
+    kv_dir: Optional[str] = KvDirOpt,
+    kv_device: Optional[str] = KvDeviceOpt,
     force: bool = ForceOpt,
     verify: bool = VerifyOpt,
     kv_wipe: bool = typer.Option(False, "--kv-wipe", help="At exit, overwrite what the KV store held with zeros "
@@ -131,8 +133,8 @@ def serve(
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens a request may generate (and its "
                                                                     "default)."),
     policy: Policy = PolicyOpt,
-    kv_dir: Optional[Path] = KvDirOpt,
-    kv_device: Optional[Path] = KvDeviceOpt,
+    kv_dir: Optional[str] = KvDirOpt,
+    kv_device: Optional[str] = KvDeviceOpt,
     force: bool = ForceOpt,
     verify: bool = VerifyOpt,
     cache_type: CacheType = CacheTypeOpt,
@@ -214,11 +216,21 @@ def info(
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Plan for a GPU build with this many "
                                                                          "layers on the GPU (-1 or 99: all)."),
     vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help="Plan for this much VRAM for the KV (auto: this machine's free VRAM)."),
+    kv_dir: Optional[str] = typer.Option(None, "--kv-dir", help="Check the store the plan needs in this directory "
+                                         "(several, comma-separated: striped), writing nothing, and list its members."),
+    kv_device: Optional[str] = typer.Option(None, "--kv-device", help="Check the store the plan needs on this device "
+                                            "(several, comma-separated: striped), writing nothing."),
+    force: bool = ForceOpt,
+    probe: bool = typer.Option(False, "--probe", help="With --kv-dir: open the store as a run does (an unnamed file "
+                               "in each directory, gone at exit) to probe each member's O_DIRECT read bandwidth and "
+                               "show its share of the stripes."),
 ):
-    """Read a GGUF header (no weights) and show KV geometry, sizes and the placement plan."""
+    """Read a GGUF header (no weights) and show KV geometry, sizes and the placement plan; with --kv-dir or
+    --kv-device, the store's members."""
     from .info import run_info
 
-    run_info(model, ctx_size, mem_budget, policy.value, cache_type.value, as_json, n_gpu_layers, vram_budget)
+    run_info(model, ctx_size, mem_budget, policy.value, cache_type.value, as_json, n_gpu_layers, vram_budget,
+             kv_dir=kv_dir, kv_device=kv_device, force=force, probe=probe)
 
 
 @app.command()
@@ -237,8 +249,9 @@ def bench(
     prompt_tokens: int = typer.Option(4096, "--prompt-tokens", "-p", help="Prompt length (prefill)."),
     gen_tokens: int = typer.Option(32, "--gen-tokens", "-n", help="Tokens generated greedily (decode)."),
     reps: int = typer.Option(3, "--reps", "-r", help="Repetitions of the whole matrix (median [min, max])."),
-    kv_dir: Optional[Path] = typer.Option(None, "--kv-dir", help="Directory for the KV file (and the probe)."),
-    kv_device: Optional[Path] = KvDeviceOpt,
+    kv_dir: Optional[str] = typer.Option(None, "--kv-dir", help="Directory for the KV file (and the probe); several, "
+                                         "comma-separated: the KV striped over them."),
+    kv_device: Optional[str] = KvDeviceOpt,
     force: bool = ForceOpt,
     no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Run without a memory limit (numbers are then not "
                                    "memory-enforced)."),

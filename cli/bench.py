@@ -113,6 +113,7 @@ def render(res: dict, console: Console) -> None:
     console.print(f"device probe ({res['location'].get('path')}): O_DIRECT read {p['read_gib_s']:.2f} GiB/s "
                   f"({p['in_flight']} x {p['request_bytes'] >> 20} MiB in flight)"
                   + (f", write {p['write_gib_s']:.2f} GiB/s" if p.get("write_gib_s") else ""), markup=False)
+    _probe_members(p, console)
     console.print(f"all KV in RAM, no limit: TTFT {_fmt(ref['ttft_s'], 's')} s, decode {_fmt(ref['decode_ms'], 'ms')} "
                   f"ms/token, CPU {_fmt(ref.get('decode_cpu_ms'), 'ms')} ms/token", markup=False)
     engines = {f"{r['io_engine']} ({r.get('io_engine_reason')})" for r in res["rows"] if r.get("io_engine")}
@@ -177,6 +178,7 @@ def render_gpu(res: dict, console: Console) -> None:
                   + (f"host-to-device copy (pinned, torch) {cp['h2d_gib_s']:.1f} GiB/s, back "
                      f"{cp.get('d2h_gib_s', 0):.1f} GiB/s" if cp.get("h2d_gib_s")
                      else f"no copy probe ({cp.get('why')}): the bounds lack their copy term"), markup=False)
+    _probe_members(p, console)
     if res["memory_enforced"]:
         console.print(f"host memory limit per cell: mmap/direct/auto: host weights "
                       f"{format_size(m['host_weights_bytes'])} + host budget + overhead "
@@ -314,6 +316,7 @@ def render_speculative(res: dict, console: Console) -> None:
     console.print(f"device probe ({res['location'].get('path')}): O_DIRECT read {p['read_gib_s']:.2f} GiB/s; "
                   "'differ': tokens that differ between the plain and the speculative run (batched and single-token "
                   "evaluation round differently)", markup=False)
+    _probe_members(p, console)
 
 
 def render_sessions(res: dict, console: Console) -> None:
@@ -339,6 +342,13 @@ def render_sessions(res: dict, console: Console) -> None:
     console.print(f"load after {res['appends']} appends {res['load_s']['grown']:.3f} s, fresh whole save "
                   f"{res['load_s']['fresh']:.3f} s: grown / fresh {res['load_grown_vs_fresh']:.2f}; on disk "
                   f"{mib(res['disk_bytes']['grown'])} vs {mib(res['disk_bytes']['fresh'])}", markup=False)
+
+
+def _probe_members(p: dict, console: Console) -> None:
+    """A striped store's probe: each member's reads while all of them read at once."""
+    if p.get("members"):
+        console.print("  all members read at once: " + "; ".join(
+            f"{m['path']} {m['read_gib_s']:.2f} GiB/s" for m in p["members"]), markup=False)
 
 
 def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
@@ -381,7 +391,7 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
     opts = BenchOptions(model=path, policies=[p.strip() for p in policies.split(",") if p.strip()],
                         budgets=[b for b in budgets.split(",") if b.strip()], n_ctx=ctx_size,
                         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps,
-                        kv_dir=str(kv_dir) if kv_dir else None, kv_device=str(kv_device) if kv_device else None,
+                        kv_dir=kv_dir, kv_device=kv_device,
                         force=force, use_cgroup=not no_cgroup, overhead=parse_size(overhead) if overhead else None,
                         threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout,
                         gpu=gpu, host_budget=host_budget, ubatch=ubatch)

@@ -29,8 +29,8 @@ class ChatOptions:
     seed: int
     threads: Optional[int]
     policy: str
-    kv_dir: Optional[Path]
-    kv_device: Optional[Path]
+    kv_dir: Optional[str]     # one path, or several separated by commas (KVConfig reads them)
+    kv_device: Optional[str]
     force: bool
     cache_type: str
     flash_attn: Optional[bool]
@@ -101,8 +101,7 @@ def load(opts: ChatOptions, err: Console, live: bool, cls=None):
                   verbose=bool(os.environ.get("DUALBLADE_LLAMA_LOG")),
                   chat_format=chat_format, type_k=GGML_TYPE_IDS[opts.cache_type],
                   type_v=GGML_TYPE_IDS[opts.cache_type], mem_budget=opts.mem_budget, kv_policy=opts.policy,
-                  kv_dir=str(opts.kv_dir) if opts.kv_dir else None,
-                  kv_device=str(opts.kv_device) if opts.kv_device else None, kv_force=opts.force,
+                  kv_dir=opts.kv_dir, kv_device=opts.kv_device, kv_force=opts.force,
                   kv_verify=opts.verify, kv_wipe=opts.kv_wipe, n_gpu_layers=opts.n_gpu_layers,
                   vram_budget=opts.vram_budget)
     if flash or opts.flash_attn is not None:
@@ -150,9 +149,19 @@ def load(opts: ChatOptions, err: Console, live: bool, cls=None):
         where = f" on {st['store']['kind']} {st['store']['path']}" if st["store"] else ""
         err.print(f"KV: {format_size(st['kv_bytes_total'])}, {format_size(st['resident_bytes'])} pinned, "
                   f"{format_size(st['offloaded_bytes'])} offloaded{where} (policy {st['policy']})")
+        if len(st["store_members"]) > 1:
+            err.print(f"KV striped in {format_size(st['store']['stripe_unit'])} stripes: "
+                      + "; ".join(describe_member(m) for m in st["store_members"]))
         if st["offloaded_bytes"]:
             err.print("flash attention: on (offloaded KV layers require it)")
     return llm, chat_format
+
+
+def describe_member(m: dict) -> str:
+    """A store member in words: its path, its share of the stripes and its probed read bandwidth."""
+    bw = f"{m['read_bps'] / 1e9:.2f} GB/s read" if m.get("read_bps") else "read bandwidth not probed"
+    share = f"{m['share']}/{m['n_pattern']} of the stripes" if m.get("share") else "share set when opened"
+    return f"{m['path']} ({share}, {bw})"
 
 
 def _check_flag_conflicts(opts: ChatOptions) -> None:

@@ -10,19 +10,26 @@ from rich.table import Table
 
 from dualblade import placement, vram
 from dualblade.config import KVConfig, size_arg
-from dualblade.errors import BudgetError, ConfigError
+from dualblade.errors import BudgetError, ConfigError, StoreError
 from dualblade.gguf_header import CACHE_TYPES
 from dualblade.sizes import format_size
 
-from .common import check_ctx, resolve_model
+from .common import check_ctx, describe_member, resolve_model
 
 
 def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Optional[str], policy: str,
-                 cache_type: str, n_gpu_layers: int = 0, vram_budget: Optional[str] = None) -> dict:
+                 cache_type: str, n_gpu_layers: int = 0, vram_budget: Optional[str] = None,
+                 kv_dir: Optional[str] = None, kv_device: Optional[str] = None, force: bool = False,
+                 probe: bool = False) -> dict:
     path, info = resolve_model(model)
     n_ctx = ctx_size if ctx_size is not None else (info.n_ctx_train or 4096)
     check_ctx(n_ctx, info)
-    cfg = KVConfig.from_args(mem_budget, policy)
+    cfg = KVConfig.from_args(mem_budget, policy, kv_dir, kv_device, force)
+    if probe and not cfg.kv_dir:
+        raise ConfigError("--probe opens the store in a --kv-dir to probe its members; give --kv-dir" if not
+                          cfg.kv_device else "--probe would write this plan's header on the --kv-device (a run with "
+                          "another context would then need --force); give --kv-dir, or see a device's members with "
+                          "'dualblade chat --verbose --kv-device ...'")
     auto = vram_budget is not None and vram_budget.strip().lower() == vram.AUTO
     vram_bytes = None if vram_budget is None or auto else size_arg(vram_budget, "--vram-budget")
     if vram_budget is not None and not n_gpu_layers:
@@ -56,6 +63,7 @@ def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Opt
     streamed = [e[4] for e in placed.layout]
     staging = placed.staging_bytes
     resident = sum(b for b, p in zip(layer_bytes, paths) if p == "ram")
+    store = store_report(cfg, placed.layout, force, probe) if cfg.members else None
     return {
         "model": str(path),
         "name": info.name,
@@ -94,11 +102,45 @@ def build_report(model: Optional[Path], ctx_size: Optional[int], mem_budget: Opt
             "layers": [{"layer": l.il, "swa": l.swa, "bytes": b, "path": p, "streamed": st}
                        for l, b, p, st in zip(info.layers, layer_bytes, paths, streamed)],
         },
+        "store": store,
     }
 
 
-def run_info(model, ctx_size, mem_budget, policy, cache_type, as_json, n_gpu_layers=0, vram_budget=None) -> None:
-    r = build_report(model, ctx_size, mem_budget, policy, cache_type, n_gpu_layers, vram_budget)
+def store_report(cfg: KVConfig, layout: list, force: bool, probe: bool) -> dict:
+    """The store the plan's offloaded layers need (every layer, where the plan offloads none) in cfg's members,
+    checked as a run opens it, writing nothing (StoreError: why not); probe: opened (a KV file, unnamed, goes at
+    close), each member's read bandwidth probed and its share of the stripes given."""
+    from dualblade import _native
+
+    offloaded = [e for e in layout if e[1] in ("mmap", "direct")]
+    if not offloaded:  # checked for what the smallest budget of the direct path would put there
+        layout = [(e[0], "direct", *e[2:]) for e in layout]
+    policy = cfg.policy if offloaded else "direct"
+    why = _native.store_check(policy, cfg.kv_dir, cfg.kv_device, force, layout)
+    if why:
+        raise StoreError(why)
+    kind = "device" if cfg.kv_device else "file"
+    out = {"kind": kind, "sized_for": "offloaded layers" if offloaded else "every layer", "probed": probe,
+           "stripe_unit": None,
+           "members": [{"path": p, "kind": kind, "bytes": None, "read_bps": None, "share": None, "n_pattern": None}
+                       for p in cfg.members]}
+    if probe:
+        try:
+            kv = _native.KV(policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device, layout, force=force)
+        except _native.KVError as e:
+            raise StoreError(str(e)) from None
+        try:
+            out["members"] = kv.store_members()
+            out["stripe_unit"] = kv.store()["stripe_unit"] or None
+        finally:
+            kv.release()
+    return out
+
+
+def run_info(model, ctx_size, mem_budget, policy, cache_type, as_json, n_gpu_layers=0, vram_budget=None,
+             kv_dir=None, kv_device=None, force=False, probe=False) -> None:
+    r = build_report(model, ctx_size, mem_budget, policy, cache_type, n_gpu_layers, vram_budget, kv_dir, kv_device,
+                     force, probe)
     if as_json:
         print(json.dumps(r, indent=1))
         return
@@ -144,3 +186,18 @@ def run_info(model, ctx_size, mem_budget, policy, cache_type, as_json, n_gpu_lay
     if p["policy"] == "auto" and p["offloaded_bytes"]:
         con.print("auto: the offloaded layers go to the page cache or the direct path (shown) as the memory "
                   "available at run time allows, and move when it changes", markup=False)
+    s = r["store"]
+    if s is not None:
+        what = "the plan's offloaded layers" if s["sized_for"] == "offloaded layers" else \
+            "every layer (the plan offloads none)"
+        striped = f", striped in {format_size(s['stripe_unit'])} stripes" if s["stripe_unit"] else ""
+        n = len(s["members"])
+        con.print(f"KV store: {n} {s['kind']} member{'s' if n > 1 else ''} for {what}{striped}", markup=False,
+                  soft_wrap=True)
+        for m in s["members"]:
+            size = f", {format_size(m['bytes'])}" if m["bytes"] is not None else ""
+            con.print(f"  {describe_member(m)}{size}", markup=False, soft_wrap=True)
+        con.print("checked as a run opens it: it can take the KV" + (
+            "; opened to probe each member's O_DIRECT reads, which set its share of the stripes" if s["probed"]
+            else " (nothing written; --probe measures each member's reads and gives its share)"),
+            markup=False, soft_wrap=True)

@@ -46,15 +46,35 @@ def _layout_array(layout):
     return (LayoutLayer * max(len(rows), 1))(*rows)
 
 
+STRIPE_MEMBERS_MAX = 8  # members a store is striped over at most (the C module's DBLADE_STRIPE_MEMBERS)
+MEMBER_PATH_MAX = 511   # bytes of a member's path the C module keeps (char[512])
+STORE_KINDS = {1: "file", 2: "device"}
+
+
 class StoreInfo(ctypes.Structure):
     _fields_ = [
         ("kind", c_uint32),
         ("align", c_uint32),
         ("n_extents", c_uint32),
-        ("reserved", c_uint32),
+        ("n_members", c_uint32),
         ("data_bytes", c_uint64),
         ("path", ctypes.c_char * 512),
+        ("stripe_unit", c_uint64),
+        ("read_bps", c_uint64),
+        ("share", c_uint32),
+        ("n_pattern", c_uint32),
     ]
+
+
+def _members_arg(paths) -> bytes | None:
+    """A store's members (a tuple of paths, as KVConfig keeps them) as the C module takes them: one per line."""
+    if not paths:
+        return None
+    if isinstance(paths, (str, bytes)):  # one representation: KVConfig's tuple (a str would split into letters)
+        raise TypeError(f"the store's members must be a tuple of paths, not {type(paths).__name__}")
+    import os
+
+    return b"\n".join(os.fsencode(p) for p in paths)
 
 
 class LayerStats(ctypes.Structure):
@@ -192,6 +212,7 @@ def lib() -> ctypes.CDLL:
         "dblade_kv_clear_error": (c_int, [c_void_p]),
         "dblade_kv_wipe": (c_int, [c_void_p, c_int]),
         "dblade_kv_store": (c_int, [c_void_p, POINTER(StoreInfo)]),
+        "dblade_kv_store_member": (c_int, [c_void_p, c_uint32, POINTER(StoreInfo)]),
         "dblade_store_check": (c_int, [POINTER(Config), c_uint32, POINTER(LayoutLayer), ctypes.c_char_p,
                                        ctypes.c_size_t]),
         "dblade_layout_geometry": (c_uint64, [c_uint32, POINTER(LayoutLayer)]),
@@ -246,13 +267,13 @@ def plan(policy: str, budget_bytes: int | None, layer_bytes: list[int]) -> tuple
     return [PATHS[paths[i]] for i in range(n)], staging.value
 
 
-def store_check(policy: str, kv_dir: str | None, kv_device: str | None, force: bool,
+def store_check(policy: str, kv_dir: tuple[str, ...] | None, kv_device: tuple[str, ...] | None, force: bool,
                 layout: list[tuple[int, str, int, int]]) -> str | None:
     """Whether the store for this layout can be opened, writing nothing: None, or why not in the C module's
     words (a missing or read-only directory, tmpfs, no room, a device that is mounted, too small or holds
-    something else)."""
+    something else). kv_dir, kv_device: the members (several: the KV striped over them)."""
     cfg = Config(POLICIES.index(policy), CONFIG_FORCE if force else 0, BUDGET_UNLIMITED,
-                 kv_dir.encode() if kv_dir else None, kv_device.encode() if kv_device else None, 0)
+                 _members_arg(kv_dir), _members_arg(kv_device), 0)
     arr = _layout_array(layout)
     msg = ctypes.create_string_buffer(512)
     rc = lib().dblade_store_check(ctypes.byref(cfg), len(layout), arr, msg, len(msg))
@@ -270,11 +291,11 @@ class KV:
     (every layer pinned in RAM). The store for the offloaded ones is opened here.
     """
 
-    def __init__(self, policy: str, budget_bytes: int | None, kv_dir: str | None, kv_device: str | None,
-                 layout: list[tuple[int, str, int, int]] | None = None, force: bool = False,
-                 reserve_bytes: int = 0, verify: bool = True):
-        self._kv_dir = kv_dir.encode() if kv_dir else None
-        self._kv_device = kv_device.encode() if kv_device else None
+    def __init__(self, policy: str, budget_bytes: int | None, kv_dir: tuple[str, ...] | None,
+                 kv_device: tuple[str, ...] | None, layout: list[tuple[int, str, int, int]] | None = None,
+                 force: bool = False, reserve_bytes: int = 0, verify: bool = True):
+        self._kv_dir = _members_arg(kv_dir)  # kept: the C module reads them while it opens the store
+        self._kv_device = _members_arg(kv_device)
         self._verify = verify
         flags = (CONFIG_FORCE if force else 0) | (0 if verify else CONFIG_NO_VERIFY)
         cfg = Config(POLICIES.index(policy), flags,
@@ -325,6 +346,46 @@ class KV:
         """Discard (or overwrite with zeros) what the store holds; 0 or -errno."""
         return self._lib.dblade_kv_wipe(self._h, 1 if zero else 0)
 
+    def store(self) -> dict | None:
+        """The whole store (None: no layer offloaded): kind, the members' paths joined by ", ", alignment, bytes,
+        file extents (the most of any member), members, stripe_unit (0: one member)."""
+        si = StoreInfo()
+        _check(self._lib.dblade_kv_store(self._h, ctypes.byref(si)), "reading the KV store")
+        if si.kind == 0:
+            return None
+        return {
+            "kind": STORE_KINDS[si.kind],
+            "path": si.path.decode(errors="replace"),
+            "align": si.align,
+            "bytes": si.data_bytes,
+            "extents": si.n_extents,
+            "members": si.n_members,
+            "stripe_unit": si.stripe_unit,
+        }
+
+    def store_members(self) -> list[dict]:
+        """Each member of the store, in the order given: its path, kind, O_DIRECT alignment, bytes reserved on it
+        (its share of the stripes), file extents, probed O_DIRECT read bandwidth in bytes/s (None: not probed, as
+        with one member or DUALBLADE_STRIPE_SHARES), share (its stripes of every pattern of n_pattern). Empty when
+        no layer is offloaded."""
+        si = StoreInfo()
+        _check(self._lib.dblade_kv_store(self._h, ctypes.byref(si)), "reading the KV store")
+        out = []
+        for m in range(si.n_members if si.kind else 0):
+            mi = StoreInfo()
+            _check(self._lib.dblade_kv_store_member(self._h, m, ctypes.byref(mi)), f"reading KV store member {m}")
+            out.append({
+                "path": mi.path.decode(errors="replace"),
+                "kind": STORE_KINDS[mi.kind],
+                "align": mi.align,
+                "bytes": mi.data_bytes,
+                "extents": mi.n_extents,
+                "read_bps": mi.read_bps or None,
+                "share": mi.share,
+                "n_pattern": mi.n_pattern,
+            })
+        return out
+
     def set_path(self, il: int, path: str) -> None:
         """Move an offloaded layer to the page-cache ("mmap") or the direct path when next used."""
         if path not in ("mmap", "direct") or self._lib.dblade_kv_set_path(self._h, il, PATHS.index(path)) < 0:
@@ -359,8 +420,6 @@ class KV:
         layers = (LayerStats * max(n, 1))()
         # the totals and the layers of one moment (the worker stages and writes back meanwhile)
         n = min(n, _check(self._lib.dblade_kv_snapshot(self._h, ctypes.byref(st), layers, n), "reading KV stats"))
-        si = StoreInfo()
-        _check(self._lib.dblade_kv_store(self._h, ctypes.byref(si)), "reading the KV store")
         n_switches, switches = self.switches()
         return {
             "policy": POLICIES[st.policy],
@@ -411,13 +470,9 @@ class KV:
                 "pin_failed": st.vram_pin_why.decode(errors="replace") or None,
                 "why": st.vram_why.decode(errors="replace"),
             },
-            "store": None if si.kind == 0 else {
-                "kind": {1: "file", 2: "device"}[si.kind],
-                "path": si.path.decode(errors="replace"),
-                "align": si.align,
-                "bytes": si.data_bytes,
-                "extents": si.n_extents,
-            },
+            "store": self.store(),
+            # the members the KV is striped over (one: not striped), each with its share and probed bandwidth
+            "store_members": self.store_members(),
             "layers": [
                 {
                     "layer": layers[i].il,

@@ -5,17 +5,24 @@ import os
 import stat
 from dataclasses import dataclass
 
-from ._native import POLICIES
+from ._native import MEMBER_PATH_MAX, POLICIES, STRIPE_MEMBERS_MAX
 from .errors import ConfigError, ModelError, StoreError
 from .sizes import format_size, parse_size
 
 
 @dataclass(frozen=True)
 class KVConfig:
+    """The checked KV options. kv_dir and kv_device hold the store's members, a tuple of paths (one, or several that
+    the KV is striped over), or None; at most one of them is set."""
     policy: str
     budget_bytes: int | None
-    kv_dir: str | None
-    kv_device: str | None
+    kv_dir: tuple[str, ...] | None
+    kv_device: tuple[str, ...] | None
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The store's members, whichever kind they are (empty: none given)."""
+        return self.kv_device or self.kv_dir or ()
 
     @classmethod
     def from_args(cls, mem_budget=None, kv_policy="ram", kv_dir=None, kv_device=None,
@@ -40,28 +47,85 @@ class KVConfig:
         if not isinstance(kv_force, bool):
             raise ConfigError(f"kv_force must be True or False, not {type(kv_force).__name__}; pass kv_force=True to "
                               "take over a kv_device that holds something else")
-        kv_dir = _path_arg(kv_dir, "kv_dir")
-        kv_device = _path_arg(kv_device, "kv_device")
+        kv_dir = members_arg(kv_dir, "kv_dir")
+        kv_device = members_arg(kv_device, "kv_device")
         if kv_dir is not None and kv_device is not None:
             raise ConfigError("kv_dir and kv_device were both given; the KV lives in one place, give only one")
         if kv_force and kv_device is None:
             raise ConfigError("kv_force takes over a kv_device, and no kv_device was given; give kv_device, or "
                               "drop kv_force")
-        if kv_dir is not None:
-            _check_kv_dir(kv_dir)
-        if kv_device is not None:
-            try:
-                st = os.stat(kv_device)
-            except FileNotFoundError:
-                raise StoreError(f"KV device {kv_device} does not exist; give a block device such as "
-                                 "/dev/nvme0n1p3 for kv_device") from None
-            except OSError as e:
-                raise StoreError(f"cannot look at KV device {kv_device}: {e.strerror}; give another "
-                                 "kv_device") from None
-            if not stat.S_ISBLK(st.st_mode):
-                raise StoreError(f"KV device {kv_device} is not a block device; give a raw device or partition "
-                                 "for kv_device (or a directory as kv_dir for a file)")
+        for d in kv_dir or ():
+            _check_kv_dir(d)
+        for d in kv_device or ():
+            _check_kv_device(d)
+        _check_distinct(kv_dir or kv_device or ())
         return cls(policy, budget, kv_dir, kv_device)
+
+
+def members_arg(value, name: str) -> tuple[str, ...] | None:
+    """kv_dir or kv_device as the store's members: a path (str, bytes or os.PathLike), a list or tuple of them, or
+    one string of several separated by commas (split only when the whole string is no existing path). ConfigError
+    naming `name` for a value that is no path, an empty one, more members than a store takes, or one given twice."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(f"{name} is an empty list; give one path or several, or leave it out")
+        items = [_one_path(v, f"{name}[{i}]", name) for i, v in enumerate(value)]
+    else:
+        one = _one_path(value, name, name)
+        if "," in one and not os.path.exists(one):
+            items = [p.strip() for p in one.split(",")]
+            if not all(items):
+                raise ConfigError(f"{name} {one!r} has an empty entry between its commas; give paths separated by "
+                                  "commas, e.g. '/mnt/a/kv,/mnt/b/kv'")
+            items = [os.path.expanduser(p) for p in items]
+        else:
+            items = [one]
+    if len(items) > STRIPE_MEMBERS_MAX:
+        raise ConfigError(f"{name} names {len(items)} paths; the KV is striped over at most {STRIPE_MEMBERS_MAX} "
+                          "members, give fewer")
+    for p in items:
+        if "\n" in p:
+            raise ConfigError(f"{name} {p!r} contains a line break, which no KV member's path may; give several paths "
+                              f"as a list or separated by commas")
+        if len(os.fsencode(p)) > MEMBER_PATH_MAX:
+            raise ConfigError(f"{name} {p[:40]}... is longer than {MEMBER_PATH_MAX} bytes; give a shorter path "
+                              "(a symlink to it)")
+    seen = {}
+    for p in items:
+        key = os.path.normpath(os.path.abspath(p))
+        if key in seen:
+            also = "" if seen[key] == p else f" (as {seen[key]} and as {p})"
+            raise ConfigError(f"{key} is given twice as a KV member{also}; give each once")
+        seen[key] = p
+    return tuple(items)
+
+
+def _one_path(value, what: str, name: str) -> str:
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{what} must be a path (str or os.PathLike), not {type(value).__name__}; give e.g. "
+                          f"{name}='/mnt/nvme/kv', or several: {name}=['/mnt/a/kv', '/mnt/b/kv']")
+    value = os.fspath(value)
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not value:
+        raise ConfigError(f"{what} is empty; give a path, or leave it out")
+    return os.path.expanduser(value)
+
+
+def _check_distinct(members: tuple[str, ...]) -> None:
+    """The same directory or device under two names (a symlink, /dev/disk/by-id) is still given twice."""
+    seen = {}
+    for p in members:
+        st = os.stat(p)
+        key = ("dev", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("dir", st.st_dev, st.st_ino)
+        if key in seen:
+            raise ConfigError(f"{p} and {seen[key]} are the same {'device' if key[0] == 'dev' else 'directory'}, "
+                              "given twice as KV members; give each once")
+        seen[key] = p
 
 
 def size_arg(value, name: str) -> int:
@@ -70,20 +134,6 @@ def size_arg(value, name: str) -> int:
         return parse_size(value, name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def _path_arg(value, name: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = os.fsdecode(value)
-    if not isinstance(value, (str, os.PathLike)):
-        raise ConfigError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}; give e.g. "
-                          f"{name}='/mnt/nvme/kv'")
-    value = os.fspath(value)
-    if not value:
-        raise ConfigError(f"{name} is empty; give a path, or leave it out")
-    return os.path.expanduser(value)
 
 
 def _check_kv_dir(kv_dir: str) -> None:
@@ -100,6 +150,20 @@ def _check_kv_dir(kv_dir: str) -> None:
     if not os.access(kv_dir, os.W_OK | os.X_OK):
         raise StoreError(f"KV directory {kv_dir} is not writable by this user; give a writable kv_dir "
                          "(or change its permissions)")
+
+
+def _check_kv_device(kv_device: str) -> None:
+    try:
+        st = os.stat(kv_device)
+    except FileNotFoundError:
+        raise StoreError(f"KV device {kv_device} does not exist; give a block device such as "
+                         "/dev/nvme0n1p3 for kv_device") from None
+    except OSError as e:
+        raise StoreError(f"cannot look at KV device {kv_device}: {e.strerror}; give another "
+                         "kv_device") from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise StoreError(f"KV device {kv_device} is not a block device; give a raw device or partition "
+                         "for kv_device (or a directory as kv_dir for a file)")
 
 
 def mem_total() -> int | None:

@@ -57,9 +57,11 @@ class Llama(llama_cpp.Llama):
         MemAvailable, memory pressure) holds them next to the model's weights, and moves them to the
         direct path (O_DIRECT) when it does not, and back when memory recovers; kv_stats() shows
         each layer's path and the switches with their reasons.
-    kv_dir: directory for the (unnamed, preallocated) KV file; default ~/.cache/dualblade/kv.
-    kv_device: a raw block device or partition instead of a file; kv_force: take over a device that
-        holds something else (destroys it).
+    kv_dir: directory for the (unnamed, preallocated) KV file; default ~/.cache/dualblade/kv. Several
+        (a list, or one string of paths separated by commas): the KV is striped over a file in each, each
+        directory's share following its probed read bandwidth (kv_stats()["store_members"]); at most 8.
+    kv_device: a raw block device or partition instead of a file, or several (as kv_dir); kv_force: take
+        over a device that holds something else (destroys it).
     kv_verify: check a CRC-32C of every block the direct path reads back (default on).
     kv_wipe: at close, overwrite what the KV store held with zeros (a device's written range is
         discarded either way; a KV file is unnamed and freed).
@@ -72,7 +74,8 @@ class Llama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str, *args, mem_budget: int | str | None = None, kv_policy: str = "auto",
-                 kv_dir: Optional[str] = None, kv_device: Optional[str] = None, kv_force: bool = False,
+                 kv_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                 kv_device: str | os.PathLike | Sequence[str | os.PathLike] | None = None, kv_force: bool = False,
                  kv_verify: bool = True, kv_wipe: bool = False, vram_budget: int | str | None = None, **kwargs):
         # what the caller asked for, as given: pickling restores exactly this (defaults resolved again)
         self._kv_args = dict(mem_budget=mem_budget, kv_policy=kv_policy, kv_dir=kv_dir, kv_device=kv_device,
@@ -112,7 +115,7 @@ class Llama(llama_cpp.Llama):
         if offloaded:
             kwargs["flash_attn"] = True
             if cfg.kv_dir is None and cfg.kv_device is None:
-                cfg = KVConfig(cfg.policy, cfg.budget_bytes, default_kv_dir(), None)
+                cfg = KVConfig(cfg.policy, cfg.budget_bytes, (default_kv_dir(),), None)
         self._kv_config = cfg
         self._kv_layout = layout
         self._kv_wipe = bool(kv_wipe)
@@ -125,6 +128,12 @@ class Llama(llama_cpp.Llama):
         all_on_gpu = info is not None and placement.all_weights_on_gpu(
             len(info.layers), kwargs.get("n_gpu_layers", 0), bool(llama_cpp.llama_supports_gpu_offload()))
         mapped = offloaded and kwargs.get("use_mmap", True) and not all_on_gpu
+        if offloaded and len(cfg.members) > 1:
+            # every member checked first, writing nothing: the module opens them in turn, and a device opened
+            # before one that is refused would keep the header it got
+            why = _native.store_check(cfg.policy, cfg.kv_dir, cfg.kv_device, kv_force, layout)
+            if why:
+                raise StoreError(why)
         try:
             self._kv = _native.KV(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
                                        layout if offloaded else None, force=kv_force,
@@ -247,9 +256,10 @@ class Llama(llama_cpp.Llama):
 
     def kv_stats(self) -> dict:
         """Placement and I/O counters of the KV cache, as the C module reports them."""
-        st = self._kv.stats()
-        st["kv_dir"] = self._kv_config.kv_dir
-        st["kv_device"] = self._kv_config.kv_device
+        st = self._kv.stats()  # with the store's members (store_members), each with its share and bandwidth
+        # the members given (or the default directory), as lists
+        st["kv_dir"] = list(self._kv_config.kv_dir) if self._kv_config.kv_dir else None
+        st["kv_device"] = list(self._kv_config.kv_device) if self._kv_config.kv_device else None
         # switched on for offloaded layers although the caller did not ask for it (llama_cpp's default is off)
         st["flash_attn"] = self.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         st["flash_attn_forced"] = self._flash_attn_forced
@@ -432,9 +442,11 @@ class Llama(llama_cpp.Llama):
         if live:
             # nothing of the conversation stays on a device: its written range is discarded (or zeroed)
             rc = kv.wipe(zero=getattr(self, "_kv_wipe", False))
-            if rc < 0 and self._kv_config.kv_device:
-                warnings.warn(f"KV device {self._kv_config.kv_device} could not discard what it held "
-                              f"({os.strerror(-rc)}): the conversation stays on it until overwritten; pass "
+            devices = self._kv_config.kv_device
+            if rc < 0 and devices:
+                which = (f"KV device {devices[0]} could not discard what it held" if len(devices) == 1 else
+                         f"a KV device of {', '.join(devices)} could not discard what it held")
+                warnings.warn(f"{which} ({os.strerror(-rc)}): the conversation stays on it until overwritten; pass "
                               "kv_wipe=True to overwrite it with zeros at close", stacklevel=2)
         if kv is not None:
             kv.release()

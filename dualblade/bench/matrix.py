@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..config import KVConfig
 from ..errors import ConfigError, StoreError
@@ -38,8 +38,8 @@ class BenchOptions:
     prompt_tokens: int
     gen_tokens: int
     reps: int = 1
-    kv_dir: Optional[str] = None
-    kv_device: Optional[str] = None
+    kv_dir: Any = None     # a path, several (a list, or comma-separated); check_options makes it KVConfig's tuple
+    kv_device: Any = None
     force: bool = False  # take over a kv_device that holds something else
     use_cgroup: bool = True
     overhead: Optional[int] = None
@@ -126,13 +126,14 @@ def check_options(opts: BenchOptions):
                               "CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install ., or leave --gpu out")
     # where the KV goes, checked as Llama checks it (and the store as the C module would open it, every layer
     # offloaded, writing nothing): a bad --kv-dir or --kv-device stops here, not in the first cell
-    KVConfig.from_args(None, "direct", opts.kv_dir, opts.kv_device, opts.force)
+    cfg = KVConfig.from_args(None, "direct", opts.kv_dir, opts.kv_device, opts.force)
+    opts.kv_dir, opts.kv_device = cfg.kv_dir, cfg.kv_device  # the members, as a tuple, from here on
     if any(p not in ("stock", "ram", *GPU_STOCK) for p in opts.policies):
         from .. import _native
         from ..llama import default_kv_dir
 
         layout = [(l.il, "direct", k, v) for l, (k, v) in zip(info.layers, info.layer_kv_bytes(opts.n_ctx))]
-        why = _native.store_check("direct", None if opts.kv_device else opts.kv_dir or default_kv_dir(),
+        why = _native.store_check("direct", None if opts.kv_device else opts.kv_dir or (default_kv_dir(),),
                                   opts.kv_device, opts.force, layout)
         if why:
             raise StoreError(why)
@@ -145,12 +146,12 @@ def prepare(opts: BenchOptions, log: Callable[[str], None]) -> dict:
     if opts.kv_dir is None and opts.kv_device is None:
         from ..llama import default_kv_dir
 
-        opts.kv_dir = default_kv_dir()
+        opts.kv_dir = (default_kv_dir(),)
     reason = cgroup.available() if opts.use_cgroup else None
     if opts.use_cgroup and reason:
         raise ConfigError(f"cannot make a memory-limited cgroup here ({reason}); run as root on a machine with "
                           "cgroup v1 or v2, or pass --no-cgroup (numbers then are not memory-enforced)")
-    log(f"probing {opts.kv_device or opts.kv_dir} with O_DIRECT ...")
+    log(f"probing {', '.join(opts.kv_device or opts.kv_dir)} with O_DIRECT ...")
     return probe_read_bandwidth(opts.kv_dir, opts.kv_device, opts.probe_bytes)
 
 

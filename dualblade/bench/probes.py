@@ -31,17 +31,26 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def describe_location(kv_dir: Optional[str], kv_device: Optional[str]) -> dict:
-    path = kv_device or kv_dir
-    desc = {"path": path, "kind": "device" if kv_device else "file"}
+def describe_location(kv_dir: Optional[tuple[str, ...]], kv_device: Optional[tuple[str, ...]]) -> dict:
+    """The KV location: a member's path, kind, file system and device; several members: their paths joined and each
+    one's description under "members"."""
+    members = kv_device or kv_dir
+    descs = [_describe_member(p, bool(kv_device)) for p in members]
+    if len(descs) == 1:
+        return descs[0]
+    return {"path": ", ".join(members), "kind": descs[0]["kind"], "members": descs}
+
+
+def _describe_member(path: str, device: bool) -> dict:
+    desc = {"path": path, "kind": "device" if device else "file"}
     try:
         out = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "--target", path], capture_output=True,
                              text=True, timeout=5).stdout.split()
-        if out and not kv_device:
+        if out and not device:
             desc["device"], desc["fs"] = out[0], out[1] if len(out) > 1 else "?"
     except (OSError, subprocess.SubprocessError):
         pass
-    dev = kv_device or desc.get("device")
+    dev = path if device else desc.get("device")
     if dev and dev.startswith("/dev/"):
         name = os.path.basename(os.path.realpath(dev))
         base = name.rstrip("0123456789") if not name.startswith("nvme") else name.split("p")[0]
@@ -88,45 +97,86 @@ def _read_all(fd: int, base: int, nbytes: int, chunk: int, depth: int) -> float:
     return time.perf_counter() - t0
 
 
-def probe_read_bandwidth(kv_dir: Optional[str], kv_device: Optional[str], nbytes: int) -> dict:
+def _read_members(targets: list[tuple[int, int, int]], chunk: int, depth: int) -> tuple[float, list[float]]:
+    """Seconds to read every (fd, base, nbytes) target at once (as a striped store reads its members), and each
+    target's own seconds."""
+    times: list[Optional[float]] = [None] * len(targets)
+    errors: list[Exception] = []
+
+    def one(i: int) -> None:
+        fd, base, nbytes = targets[i]
+        try:
+            times[i] = _read_all(fd, base, nbytes, chunk, depth)
+        except OSError as e:
+            errors.append(e)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(targets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t0, times
+
+
+def probe_read_bandwidth(kv_dir: Optional[tuple[str, ...]], kv_device: Optional[tuple[str, ...]],
+                         nbytes: int) -> dict:
     """O_DIRECT sequential read bandwidth of the KV location, the best over READ_PROBE_SHAPES (each shape's figure
-    kept). A file is written first (O_DIRECT too) and deleted after."""
+    kept). A file is written first (O_DIRECT too) and deleted after. Several members (a striped store): all read at
+    once, each its nbytes; read_gib_s is what they give together, "members" each one's figure in that run."""
+    members = kv_device or kv_dir
     chunk = max(c for c, _ in READ_PROBE_SHAPES)
     nbytes = max(chunk * 8, nbytes // chunk * chunk)
-    if kv_device:
-        fd = os.open(kv_device, os.O_RDONLY | os.O_DIRECT)
-        size = os.lseek(fd, 0, os.SEEK_END)
-        nbytes = min(nbytes, (size - MiB) // chunk * chunk)
-        base, write_gib_s, tmp = MiB, None, None
-    else:
-        fd, tmp = tempfile.mkstemp(dir=kv_dir, prefix=".dualblade-probe-")
-        os.close(fd)
-        fd = os.open(tmp, os.O_RDWR | os.O_DIRECT)
-        os.unlink(tmp)
-        buf = mmap.mmap(-1, chunk)
-        buf.write(os.urandom(1 << 16) * (chunk >> 16))
-        t0 = time.perf_counter()
-        for off in range(0, nbytes, chunk):
-            os.pwritev(fd, [buf], off)
-        os.fsync(fd)
-        write_gib_s = nbytes / (time.perf_counter() - t0) / GiB
-        base = 0
-    shapes = {}
+    targets, writes, fds = [], [], []
     try:
+        for path in members:
+            if kv_device:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                fds.append(fd)
+                size = os.lseek(fd, 0, os.SEEK_END)
+                targets.append((fd, MiB, min(nbytes, (size - MiB) // chunk * chunk)))
+                writes.append(None)
+            else:
+                fd, tmp = tempfile.mkstemp(dir=path, prefix=".dualblade-probe-")
+                os.close(fd)
+                fd = os.open(tmp, os.O_RDWR | os.O_DIRECT)
+                fds.append(fd)
+                os.unlink(tmp)
+                buf = mmap.mmap(-1, chunk)
+                buf.write(os.urandom(1 << 16) * (chunk >> 16))
+                t0 = time.perf_counter()
+                for off in range(0, nbytes, chunk):
+                    os.pwritev(fd, [buf], off)
+                os.fsync(fd)
+                writes.append(nbytes / (time.perf_counter() - t0) / GiB)
+                targets.append((fd, 0, nbytes))
+        shapes, each = {}, {}
         for req, depth in READ_PROBE_SHAPES:
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
-            shapes[f"{req // MiB} MiB x{depth}"] = nbytes / _read_all(fd, base, nbytes, req, depth) / GiB
+            for fd in fds:
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    pass
+            name = f"{req // MiB} MiB x{depth}"
+            wall, times = _read_members(targets, req, depth)
+            shapes[name] = sum(t[2] for t in targets) / wall / GiB
+            each[name] = [t[2] / s / GiB for t, s in zip(targets, times)]
     except OSError as e:
-        raise OSError(f"probing {kv_device or kv_dir} with O_DIRECT failed: {e}") from None
+        raise OSError(f"probing {', '.join(members)} with O_DIRECT failed: {e}") from None
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
     best = max(shapes, key=shapes.get)
     req, depth = next((r, d) for r, d in READ_PROBE_SHAPES if f"{r // MiB} MiB x{d}" == best)
-    return {"read_gib_s": shapes[best], "write_gib_s": write_gib_s, "bytes": nbytes, "request_bytes": req,
-            "in_flight": depth, "shapes_gib_s": shapes}
+    out = {"read_gib_s": shapes[best], "write_gib_s": writes[0] if len(members) == 1 else None,
+           "bytes": targets[0][2] if len(members) == 1 else sum(t[2] for t in targets), "request_bytes": req,
+           "in_flight": depth, "shapes_gib_s": shapes}
+    if len(members) > 1:
+        out["members"] = [{"path": p, "read_gib_s": r, "write_gib_s": w, "bytes": t[2]}
+                          for p, r, w, t in zip(members, each[best], writes, targets)]
+    return out
 
 
 _COPY_PROBE = r"""

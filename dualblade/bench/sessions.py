@@ -58,11 +58,12 @@ def run_bench_sessions(opts: BenchOptions, appends: int, on_progress: Optional[C
     # flash attention keeps V by cell, as chat --session has it: a reply's rows are contiguous in every tensor
     kw = {"n_ctx": opts.n_ctx, "verbose": False, "seed": 1, "kv_policy": policy, "flash_attn": True}
     if policy != "ram":
-        kw["kv_dir"] = opts.kv_dir or tempfile.gettempdir()
+        kw["kv_dir"] = opts.kv_dir or (tempfile.gettempdir(),)
         kw["mem_budget"] = budgets[0][1]
     if opts.threads:
         kw["n_threads"] = opts.threads
-    work = tempfile.mkdtemp(prefix="dualblade-bench-sessions-", dir=kw.get("kv_dir"))
+    # the session files go to the (first) KV directory
+    work = tempfile.mkdtemp(prefix="dualblade-bench-sessions-", dir=kw["kv_dir"][0] if "kv_dir" in kw else None)
     grown, fresh = os.path.join(work, "grown.dbkv"), os.path.join(work, "fresh.dbkv")
     saves = []
     try:
