@@ -344,6 +344,28 @@ def render_sessions(res: dict, console: Console) -> None:
                   f"{mib(res['disk_bytes']['grown'])} vs {mib(res['disk_bytes']['fresh'])}", markup=False)
 
 
+def render_stripes(res: dict, console: Console) -> None:
+    w, m = res["workload"], res["model"]
+    t = _table(f"{m['label'] or m['path']}: decode with the KV striped over 1..{len(res['members'])} devices, "
+               f"{w['policy']} @ {w['budget']}, prompt {w['prompt_tokens']}, {w['gen_tokens']} generated, "
+               f"{w['reps']} rep(s)",
+               [("devices", "right"), ("status", "left"), ("TTFT s", "right"), ("decode ms/tok", "right"),
+                ("tok/s", "right"), ("x one", "right"), ("target", "right"), ("read/tok", "right"),
+                ("io wait", "right"), ("shares", "left"), ("exact", "left")])
+    for r in res["rows"]:
+        shares = ",".join(str(x.get("share")) for x in r.get("store_members") or []) or "-"
+        t.add_row(str(r["members"]), r["status"], _fmt(r.get("ttft_s"), "s"), _fmt(r.get("decode_ms"), "ms"),
+                  _fmt(r.get("decode_tok_s"), "ms"), _fmt(r.get("vs_one"), "s"), f"{r['target']:.2f}",
+                  _fmt(r.get("decode_bytes_read_per_token"), "bytes"),
+                  f"{r['decode_io_wait_share']:.0%}" if r.get("decode_io_wait_share") is not None else "-", shares,
+                  {True: "yes", False: "NO", None: "-"}[r.get("tokens_equal_ram")])
+    console.print(t)
+    met = [r for r in res["rows"][1:] if r.get("met") is not None]
+    console.print("target (decode tok/s >= 0.85 x N the one-device run): " +
+                  ("-" if not met else "met" if all(r["met"] for r in met) else "NOT met") +
+                  f"; all in RAM decodes at {_fmt(res.get('ram_decode_tok_s'), 'ms')} tok/s", markup=False)
+
+
 def _probe_members(p: dict, console: Console) -> None:
     """A striped store's probe: each member's reads while all of them read at once."""
     if p.get("members"):
@@ -353,7 +375,7 @@ def _probe_members(p: dict, console: Console) -> None:
 
 def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
                   no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None, force=False,
-                  gpu=False, host_budget=None, ubatch=None, draft=None, sessions=None) -> None:
+                  gpu=False, host_budget=None, ubatch=None, draft=None, sessions=None, stripes=False) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dualblade.bench import GPU_POLICIES, BenchOptions, check_options, run_bench
@@ -378,6 +400,11 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
             raise ConfigError(f"--prompt-tokens {prompt_tokens} + --sessions {sessions} replies x --gen-tokens "
                               f"{gen_tokens} is {prompt_tokens + sessions * gen_tokens} tokens, more than --ctx-size "
                               f"{ctx_size}; give a larger --ctx-size or fewer tokens")
+    if stripes:
+        if gpu or draft is not None or sessions is not None or plot_path:
+            raise ConfigError("--stripes measures striping on its own; drop --gpu, --draft, --sessions and --plot")
+        policies = policies or "direct"
+        budgets = budgets or "25%"
     if policies is None:
         policies = ",".join(GPU_POLICIES) if gpu else "stock,ram,mmap,direct,auto"
     if budgets is None:
@@ -415,7 +442,11 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
         def on_progress(what: str, done: int, total: int) -> None:
             prog.update(task, description=what, completed=done, total=total)
 
-        if sessions is not None:
+        if stripes:
+            from dualblade.bench.stripes import run_bench_stripes
+
+            res = run_bench_stripes(opts, on_progress=on_progress, log=lambda s: prog.update(task, description=s))
+        elif sessions is not None:
             from dualblade.bench.sessions import run_bench_sessions
 
             res = run_bench_sessions(opts, sessions, on_progress=on_progress,
@@ -427,8 +458,8 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
                                         log=lambda s: prog.update(task, description=s))
         else:
             res = run_bench(opts, on_progress=on_progress, log=lambda s: prog.update(task, description=s))
-    {"gpu": render_gpu, "speculative": render_speculative, "sessions": render_sessions}.get(res.get("mode"),
-                                                                                             render)(res, console)
+    {"gpu": render_gpu, "speculative": render_speculative, "sessions": render_sessions,
+     "stripes": render_stripes}.get(res.get("mode"), render)(res, console)
     if json_path:
         json_path.write_text(json.dumps(res, indent=1) + "\n")
         err.print(f"raw figures: {json_path}", markup=False)

@@ -143,6 +143,7 @@ def run_generate(a: dict, llm, load_s: float) -> dict:
         "proc_read_bytes": io2.get("read_bytes", 0) - io0.get("read_bytes", 0),
         "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "offloaded_bytes": st["offloaded_bytes"], "layers_by_path": st["layers_by_path"],
+        "store_members": st.get("store_members"),
     }
     llm.close()
     return res
@@ -234,7 +235,12 @@ def run(a: dict) -> dict:
             "staging": st["staging"],
             "pipeline_depth": st["pipeline_depth"],
             "staged_peak_bytes": st["staged_peak_bytes"],
+            "store_members": st.get("store_members"),
         })
+        if steps:
+            res["decode_bytes_read_per_token"] = res["decode_bytes_read"] / len(steps)
+            # how storage-bound the decode is: the share of its time the graph waited for the disk
+            res["decode_io_wait_share"] = res["decode_io_wait_s"] / sum(steps)
         if vram is not None:  # the VRAM tier's copies: the whole run and the decode alone
             v, v0, v1 = st["vram"], st0["vram"], st1["vram"]
             res["vram"] = v

@@ -431,7 +431,11 @@ int dblade_store_open(struct dblade_store * st, const struct dblade_config * cfg
     }
 
     // opened with an even split (the probe needs them open); a faster member's larger share is reserved after
-    const uint64_t unit = dblade_align_up(env_bytes("DUALBLADE_STRIPE_UNIT", DBLADE_STRIPE_UNIT), DBLADE_BLOCK);
+    uint64_t dflt = DBLADE_STRIPE_UNIT;
+    while (data_bytes / dflt > DBLADE_STRIPE_MAX) {
+        dflt *= 2;
+    }
+    const uint64_t unit = dblade_align_up(env_bytes("DUALBLADE_STRIPE_UNIT", dflt), DBLADE_BLOCK);
     uint32_t       share[DBLADE_STRIPE_MEMBERS];
     for (uint32_t m = 0; m < n; m++) {
         share[m] = 1;

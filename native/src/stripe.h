@@ -9,7 +9,11 @@
 
 #define DBLADE_STRIPE_MEMBERS 8u  // members of one store at most
 #define DBLADE_STRIPE_PATTERN 64u // stripes of one pattern at most
-#define DBLADE_STRIPE_UNIT    (2u << 20) // default unit: a huge page, so a mapping of a stripe keeps its large folios
+// the default unit: small enough that one layer's read (a few MiB) spans every member, as RAID's chunks are; a
+// store of more than DBLADE_STRIPE_MAX stripes gets larger ones (the page-cache path maps one piece per stripe,
+// and the kernel allows a process 65,530 mappings)
+#define DBLADE_STRIPE_UNIT (512u << 10)
+#define DBLADE_STRIPE_MAX  16384u
 
 struct dblade_stripe {
     uint32_t n;                              // members; 1: the identity (no unit, no pattern)

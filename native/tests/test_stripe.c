@@ -262,6 +262,9 @@ static void test_store(const char * root) {
     CHECK(st.members[0].read_bps > 0 && st.members[1].read_bps > 0);
     CHECK(st.map.unit == DBLADE_STRIPE_UNIT && st.map.share[0] >= 1 && st.map.share[1] >= 1);
     dblade_store_close(&st);
+    // a large store gets larger stripes: at most DBLADE_STRIPE_MAX of them (a dry open: nothing reserved)
+    CHECK_EQ(dblade_store_open(&st, &cfg, 16ull << 30, 1, true), 0);
+    CHECK_EQ(st.map.unit, 1u << 20);
     CHECK_EQ(dblade_store_open(&st, &cfg, 64 << 20, 1, true), 0);
     for (int i = 0; i < 3; i++) {
         rmdir(dirs[i]);
