@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -46,6 +47,13 @@ def _open_kv_files() -> dict[str, int]:
             d = os.path.dirname(target)
             found[d] = found.get(d, 0) + 1
     return found
+
+
+@pytest.fixture
+def small_stripes(monkeypatch):
+    """16 KiB stripes: the tiny model's tensors (each on a 2 MiB boundary, a few hundred tokens of rows in their first
+    tens of KiB) reach every member; with the default unit, larger than those rows, they would all sit on member 0."""
+    monkeypatch.setenv("DUALBLADE_STRIPE_UNIT", "16384")
 
 
 def _budget(path) -> int:
@@ -209,7 +217,7 @@ def _continue(llm, tokens: list[int]) -> list[str]:
     return out
 
 
-def test_session_moves_between_striped_and_single_stores(tiny_path, tmp_path):
+def test_session_moves_between_striped_and_single_stores(tiny_path, tmp_path, small_stripes):
     striped, single = _dirs(tmp_path, 2), str(tmp_path / "single")
     os.mkdir(single)
     kw = {"n_ctx": TINY_DIRECT_CTX, "flash_attn": True, "seed": 1, "verbose": False, "kv_policy": "direct",
@@ -254,23 +262,39 @@ def tiny_ram_text(tiny_path):
 
 
 @pytest_loop
-def test_two_devices_equal_ram(tiny_path, make_loop, tiny_ram_text):
+def test_two_devices_equal_ram(tiny_path, make_loop, tiny_ram_text, small_stripes):
     a, b = make_loop(64 << 20), make_loop(64 << 20)
     with closing(tiny_direct(tiny_path, kv_device=[a, b])) as llm:
         st = llm.kv_stats()
         assert all(l["path"] == "direct" for l in st["layers"])
         assert st["store"]["kind"] == "device" and st["store"]["members"] == 2
+        assert st["store"]["stripe_unit"] == 16384
         assert st["kv_device"] == [a, b]
         assert [m["path"] for m in st["store_members"]] == [a, b]
         assert all(m["kind"] == "device" and m["read_bps"] > 0 for m in st["store_members"])
         assert _complete(llm) == tiny_ram_text
         assert llm.kv_stats()["bytes_read"] > 0
+        llm.save_state()  # every row on the devices, tails too
+        # both hold rows: the start of each member's data range is neither blank nor the bandwidth probe's pattern
+        for dev in (a, b):
+            head = _read_direct(dev, device_header(dev)["data_offset"], 64 << 10)
+            assert head.strip(b"\x00") and head.strip(b"\x5a"), dev
     ha, hb = device_header(a), device_header(b)  # each member its own ownership header
     assert ha["uuid"] != hb["uuid"] and ha["geometry"] == hb["geometry"]
     assert ha["data_bytes"] + hb["data_bytes"] >= st["store"]["bytes"]
     # ours, same layout: taken again without force, in either order
     with closing(tiny_direct(tiny_path, kv_device=f"{b},{a}")) as llm:
         assert _complete(llm) == tiny_ram_text
+
+
+def _read_direct(dev: str, off: int, n: int) -> bytes:
+    buf = mmap.mmap(-1, n)
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], off) == n
+    finally:
+        os.close(fd)
+    return bytes(buf)
 
 
 @pytest_loop
@@ -316,7 +340,8 @@ def _fault(monkeypatch, spec: str) -> None:
     monkeypatch.delenv("DUALBLADE_IO_ENGINE", raising=False)
 
 
-def test_member_failing_mid_decode_is_a_clean_kv_io_error(tiny_path, tmp_path, monkeypatch, tiny_ram_text):
+def test_member_failing_mid_decode_is_a_clean_kv_io_error(tiny_path, tmp_path, monkeypatch, tiny_ram_text,
+                                                          small_stripes):
     dirs = _dirs(tmp_path, 2)
     _fault(monkeypatch, "read:3+:eio@1")  # every read of member 1 from the third transfer on
     llm = tiny_direct(tiny_path, kv_dir=dirs)
@@ -340,7 +365,7 @@ def test_member_failing_mid_decode_is_a_clean_kv_io_error(tiny_path, tmp_path, m
         assert _complete(llm) == tiny_ram_text
 
 
-def test_fault_of_another_member_touches_nothing(tiny_path, tmp_path, monkeypatch, tiny_ram_text):
+def test_fault_of_another_member_touches_nothing(tiny_path, tmp_path, monkeypatch, tiny_ram_text, small_stripes):
     """@M selects the member: a rule for a member the store does not have never fires, so the rule above failed
     member 1's transfers and no other's."""
     _fault(monkeypatch, "read:1+:eio@2,write:1+:eio@2")
@@ -428,7 +453,9 @@ def test_chat_with_two_dirs_answers_as_ram(tiny_path, tmp_path):
     no_traceback(got)
     assert got.returncode == 0, got.stderr
     assert got.stdout == ram.stdout and got.stdout.strip()
-    assert f"on file {a}, {b}" in got.stderr and "KV striped in 2.00 MiB stripes" in got.stderr, got.stderr
+    assert f"on file {a}, {b}" in got.stderr, got.stderr
+    assert re.search(rf"KV striped in \d+\.\d+ [KM]iB stripes: {re.escape(a)} \(\d+/\d+ of the stripes, \d+\.\d\d GB/s "
+                     rf"read\); {re.escape(b)} \(", got.stderr), got.stderr
 
 
 def test_bench_probes_every_member_and_runs_striped(tmp_path):
