@@ -13,4 +13,4 @@ P="llama_cpp.Llama('/tmp/g3.gguf', n_ctx=512, verbose=False); print('ok')"
 python3 -c "import numpy, llama_cpp; $P" 2>&1 | tail -1; echo "== stock, numpy first: rc ${PIPESTATUS[0]}"
 python3 -c "import numpy, dualblade, llama_cpp; $P" 2>&1 | tail -1; echo "== numpy, dualblade, stock Llama: rc ${PIPESTATUS[0]}"
 python3 -c "import numpy, dualblade; dualblade.Llama('/tmp/g3.gguf', n_ctx=512, verbose=False); print('ok')" 2>&1 | tail -1; echo "== numpy, dualblade.Llama: rc ${PIPESTATUS[0]}"
-timeout 200 python3 -m pytest -q -rs -p no:cacheprovider --rootdir=$R $R/tests/test_gpu.py >$OUT/pytest-gpu.log 2>&1; tail -3 $OUT/pytest-gpu.log
+timeout 120 python3 -m pytest -q -rs -p no:cacheprovider --rootdir=$R "$R/tests/test_gpu.py${PYTEST_K:-}" >$OUT/pytest-gpu.log 2>&1; tail -3 $OUT/pytest-gpu.log
