@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 
 PATHS = ("ram", "mmap", "direct", "vram")  # "vram": in VRAM as stock (GPU builds)
 POLICIES = ("ram", "mmap", "direct", "auto")

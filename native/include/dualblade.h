@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout or a function its meaning; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 10
+#define DBLADE_ABI_VERSION 11
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */

@@ -1,7 +1,11 @@
 // The stripe map: logical offset -> (member, offset there). A logical stripe k = off / unit falls in pattern
-// k / n_pattern at position j = k % n_pattern; the member of position j holds share[m] stripes of every pattern,
-// so its stripe is (k / n_pattern) * share[m] + rank[j], placed consecutively after its base. Reading a range
-// in logical order therefore visits every member once per pattern: one layer's read keeps them all busy.
+// p = k / n_pattern at position j = (k + rot(p)) % n_pattern; the member of position j holds share[m] stripes of
+// every pattern, so its stripe is p * share[m] + rank[j], placed consecutively after its base. Reading a range in
+// logical order therefore visits every member once per pattern: one layer's read keeps them all busy.
+//
+// rot(p) turns each pattern by a pseudo-random amount (still a bijection within it): the KV's tensors start on
+// huge-page boundaries and are often a whole number of patterns long, so without it every tensor would begin on
+// the same member, and the first rows of every layer (a short conversation's whole KV) would be read from it alone.
 //
 // It owns only this arithmetic; the store (store.c) fills the map, the engine and the paths ask it.
 #include "stripe.h"
@@ -79,11 +83,12 @@ uint64_t dblade_stripe_at(const struct dblade_stripe * s, uint64_t off, uint32_t
         *phys   = s->base[0] + off;
         return UINT64_MAX;
     }
-    const uint64_t k = off / s->unit, within = off % s->unit;
-    const uint32_t j = (uint32_t) (k % s->n_pattern);
+    const uint64_t k = off / s->unit, within = off % s->unit, p = k / s->n_pattern;
+    const uint32_t rot = (uint32_t) (((p + 1) * 0x9E3779B97F4A7C15ull) >> 40) % s->n_pattern; // Fibonacci hashing
+    const uint32_t j   = (uint32_t) ((k % s->n_pattern + rot) % s->n_pattern);
     const uint32_t m = s->member[j];
     *member          = m;
-    *phys            = s->base[m] + ((k / s->n_pattern) * s->share[m] + s->rank[j]) * s->unit + within;
+    *phys            = s->base[m] + (p * s->share[m] + s->rank[j]) * s->unit + within;
     return s->unit - within;
 }
 
