@@ -276,6 +276,8 @@ def bench(
                                            "then N replies of --gen-tokens tokens each saved (appended); bytes per "
                                            "save against the new rows, and the grown file's load against a fresh "
                                            "one (first of --policies, default direct, at the first of --budgets)."),
+    draft_model: Optional[Path] = typer.Option(None, "--draft-model", help="As --draft, with drafts from a small "
+                                               "model sharing the model's vocabulary (its own KV stays in RAM)."),
     stripes: bool = typer.Option(False, "--stripes", help="Striping: decode with the KV over the first 1, 2, 4, ... "
                                  "of --kv-device (or --kv-dir) A,B,..., each against one device (first storage "
                                  "policy of --policies, default direct, at the first of --budgets, default 25%)."),
@@ -287,7 +289,7 @@ def bench(
         raise click.exceptions.BadParameter("--reps, --gen-tokens, --prompt-tokens and --ubatch must be at least 1")
     run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
                   no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout, force, gpu, host_budget,
-                  ubatch, draft, sessions, stripes)
+                  ubatch, draft, sessions, stripes, draft_model)
 
 
 # The library's messages name its keyword arguments; a CLI user should read the flags instead.

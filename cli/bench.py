@@ -375,7 +375,8 @@ def _probe_members(p: dict, console: Console) -> None:
 
 def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, gen_tokens, reps, kv_dir, kv_device,
                   no_cgroup, overhead, threads, json_path, plot_path, probe_size, timeout=None, force=False,
-                  gpu=False, host_budget=None, ubatch=None, draft=None, sessions=None, stripes=False) -> None:
+                  gpu=False, host_budget=None, ubatch=None, draft=None, sessions=None, stripes=False,
+                  draft_model=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dualblade.bench import GPU_POLICIES, BenchOptions, check_options, run_bench
@@ -423,14 +424,22 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
                         threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout,
                         gpu=gpu, host_budget=host_budget, ubatch=ubatch)
     check_options(opts)  # before the progress bar, whose end would leave a line above the error
-    if draft is not None:
-        from dualblade.speculative import lookup
+    if draft is not None or draft_model is not None:
+        from dualblade.gguf_header import model_info
+        from dualblade.speculative import check_draft_model, lookup
 
         if gpu:
             raise ConfigError("--draft compares speculative decoding on the host tiers; on a GPU build run it "
                               "without --gpu (the GPU cells do not take drafts yet)")
         try:
-            lookup(draft)
+            if draft_model is not None:
+                if draft is not None:
+                    raise ValueError("--draft and --draft-model both choose where drafts come from; give one of them")
+                # the file and its vocabulary checked here, before any cell; each cell loads it itself
+                check_draft_model(str(draft_model), model_info(path).n_vocab)
+                draft = f"model:{os.path.abspath(draft_model)}"
+            else:
+                lookup(draft)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if plot_path:

@@ -191,6 +191,13 @@ def draft_from_args(draft: Optional[str], draft_model: Optional[str], target_voc
         return lookup(draft)
     if draft_model is None:
         return None
+    check_draft_model(draft_model, target_vocab)
+    return ModelDraft(str(draft_model), n_ctx=n_ctx, **kwargs)
+
+
+def check_draft_model(draft_model: str, target_vocab: int) -> None:
+    """A draft model's file, read no further than its header: a GGUF whose vocabulary is the target's (0: not
+    checked). ValueError naming the fix."""
     from .config import check_model_file
     from .gguf_header import model_info
 
@@ -200,7 +207,6 @@ def draft_from_args(draft: Optional[str], draft_model: Optional[str], target_voc
         raise ValueError(f"--draft-model {draft_model} has a vocabulary of {n_vocab} tokens, the model "
                          f"{target_vocab}: a draft model must share the model's tokenizer (a smaller model of the "
                          "same family)")
-    return ModelDraft(str(draft_model), n_ctx=n_ctx, **kwargs)
 
 
 def lookup(spec: str) -> PromptLookup:

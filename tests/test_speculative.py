@@ -361,11 +361,39 @@ def test_bench_with_drafts(tmp_path):
     assert "tokens a pass" not in p.stdout and "accepted len" in p.stdout
 
 
+def test_bench_with_a_draft_model(gemma_path, tmp_path):
+    """bench --draft-model: the model drafting for itself, a cell per workload with and without; exact, and its
+    drafts mostly accepted (the same model)."""
+    import json
+
+    from conftest import no_traceback, run_cli
+
+    out = tmp_path / "spec.json"
+    p = run_cli("bench", "--draft-model", str(gemma_path), "-c", "2048", "-p", "1200", "-n", "12", "-r", "1",
+                "--budgets", "50%", "--policies", "direct", "--kv-dir", str(tmp_path), "--no-cgroup", "--json",
+                str(out), timeout=900)
+    no_traceback(p)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    assert res["workload"]["draft"] == f"model:{gemma_path}"
+    direct = [r for r in res["rows"] if r["policy"] == "direct" and r["draft"]]
+    assert direct and all(r["tokens_equal_ram"] for r in direct), direct
+    assert all(r["mean_accepted_length"] > 2 for r in direct), direct
+
+
 @pytest.mark.parametrize("args, word", [
     (["--draft", "lookup:0"], "lookup:N"),
     (["--draft", "lookup", "--gpu"], "--gpu"),
+    (["--draft", "lookup", "--draft-model", "x.gguf"], "give one of them"),
+    (["--draft-model", "/nonexistent/draft.gguf"], "draft.gguf"),
 ])
 def test_bench_bad_draft_options(args, word):
     from conftest import assert_user_error, run_cli
 
     assert_user_error(run_cli("bench", *args, "--no-cgroup", timeout=120), word)
+
+
+def test_bench_draft_model_of_another_vocabulary(tiny_path):
+    from conftest import assert_user_error, run_cli
+
+    assert_user_error(run_cli("bench", "--draft-model", str(tiny_path), "--no-cgroup", timeout=120), "vocabulary")

@@ -157,9 +157,11 @@ def run(a: dict) -> dict:
     if a.get("threads"):
         kw["n_threads"] = a["threads"]
     if a.get("draft"):
-        from dualblade.speculative import lookup
+        from dualblade.speculative import draft_from_args
 
-        kw["draft_model"] = lookup(a["draft"])
+        # "lookup[:N]", or "model:PATH" (a draft model, its own small KV in RAM)
+        path = a["draft"][len("model:"):] if a["draft"].startswith("model:") else None
+        kw["draft_model"] = draft_from_args(None if path else a["draft"], path, 0, a["n_ctx"])
     llm = _make_llm(a, kw)
     if a.get("workload"):
         return run_generate(a, llm, time.perf_counter() - t_load)
