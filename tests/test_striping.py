@@ -365,6 +365,50 @@ def test_member_failing_mid_decode_is_a_clean_kv_io_error(tiny_path, tmp_path, m
         assert _complete(llm) == tiny_ram_text
 
 
+@pytest_loop
+def test_a_member_that_vanishes_mid_decode_is_a_clean_kv_io_error(tiny_path, make_loop, small_stripes):
+    """A real device going away: member 1's loop device shrinks to nothing between decode steps (its image
+    truncated, `losetup -c`), so its reads end at once. The next step raises the clean KVIOError, sticky until
+    reset; member 0 is written nowhere outside the range its header gives us."""
+    import subprocess
+
+    a, b = make_loop(64 << 20), make_loop(64 << 20)
+    end = 64 << 20
+    tail = os.urandom(1 << 20)  # member 0's last MiB: the user's, beyond our reservation
+    fd = os.open(a, os.O_WRONLY)
+    try:
+        os.pwrite(fd, tail, end - len(tail))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    llm = tiny_direct(tiny_path, kv_device=[a, b])
+    try:
+        assert device_header(a)["data_offset"] + device_header(a)["data_bytes"] <= end - len(tail)
+        toks = prompt_tokens(llm, 300)
+        llm.eval(toks)
+        llm.eval([int(np.argmax(last_logits(llm)))])
+        img = subprocess.run(["losetup", "-nO", "BACK-FILE", b], capture_output=True, text=True).stdout.strip()
+        os.truncate(img, 0)
+        subprocess.run(["losetup", "-c", b], check=True)
+        with pytest.raises(KVIOError) as e:
+            for _ in range(4):
+                llm.eval([int(np.argmax(last_logits(llm)))])
+        assert "reset()" in str(e.value) and "reading layer" in e.value.detail, e.value.detail
+        with pytest.raises(KVIOError):  # sticky
+            llm.eval([1])
+    finally:
+        import warnings
+
+        with warnings.catch_warnings():  # the vanished member cannot discard what it held: said, and expected
+            warnings.simplefilter("ignore")
+            llm.close()
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        assert os.pread(fd, len(tail), end - len(tail)) == tail
+    finally:
+        os.close(fd)
+
+
 def test_fault_of_another_member_touches_nothing(tiny_path, tmp_path, monkeypatch, tiny_ram_text, small_stripes):
     """@M selects the member: a rule for a member the store does not have never fires, so the rule above failed
     member 1's transfers and no other's."""
