@@ -424,6 +424,10 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
                         threads=threads, probe_bytes=parse_size(probe_size), model_label=label, timeout=timeout,
                         gpu=gpu, host_budget=host_budget, ubatch=ubatch)
     check_options(opts)  # before the progress bar, whose end would leave a line above the error
+    if stripes:
+        from dualblade.bench.stripes import check_stripes
+
+        check_stripes(opts)
     if draft is not None or draft_model is not None:
         from dualblade.gguf_header import model_info
         from dualblade.speculative import check_draft_model, lookup

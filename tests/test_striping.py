@@ -519,3 +519,33 @@ def test_bench_probes_every_member_and_runs_striped(tmp_path):
     direct = next(r for r in res["rows"] if r["policy"] == "direct")
     assert direct["status"] == "ok" and direct["tokens_equal_ram"] is True, (direct, res["ram_reference"], p.stderr)
     assert not os.listdir(a) and not os.listdir(b)
+
+
+def test_bench_stripes_compares_one_two_and_three_members(tmp_path):
+    """bench --stripes: the first 1, 2 and all 3 members, each against one, exact against all in RAM (here on
+    one disk, unthrottled: the figures mean nothing, the shape and the exactness do)."""
+    dirs = _dirs(tmp_path, 3)
+    out = tmp_path / "stripes.json"
+    p = run_cli("bench", "--stripes", "--synthetic", "tiny", "-c", "1024", "-p", "200", "-n", "4", "-r", "1",
+                "--budgets", "40%", "--kv-dir", ",".join(dirs), "--no-cgroup", "--json", str(out), timeout=600,
+                env={"DUALBLADE_STRIPE_UNIT": "16384"})
+    no_traceback(p)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["mode"] == "stripes" and res["members"] == dirs and res["workload"]["policy"] == "direct"
+    assert [r["members"] for r in res["rows"]] == [1, 2, 3]
+    for r in res["rows"]:
+        assert r["status"] == "ok" and r["tokens_equal_ram"] is True, r
+        assert len(r["store_members"]) == r["members"] and r["decode_bytes_read_per_token"] > 0
+        assert r["target"] == pytest.approx(0.85 * r["members"])
+    assert res["rows"][0]["vs_one"] == 1.0 and "x one" in p.stdout
+    assert not any(os.listdir(d) for d in dirs)
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--kv-dir", "/tmp"], "two or more"),
+    (["--kv-dir", "/tmp,/var/tmp", "--policies", "ram"], "storage policy"),
+    (["--kv-dir", "/tmp,/var/tmp", "--gpu"], "--stripes measures striping on its own"),
+])
+def test_bench_stripes_bad_options(args, word):
+    assert_user_error(run_cli("bench", "--stripes", "--synthetic", "tiny", "--no-cgroup", *args, timeout=120), word)

@@ -86,8 +86,13 @@ def _read_all(fd: int, base: int, nbytes: int, chunk: int, depth: int) -> float:
                 errors.append(e)
                 return
 
+    return _in_threads([worker] * depth, errors)
+
+
+def _in_threads(fns, errors: list[Exception]) -> float:
+    """Seconds to run every fn, each in a thread of its own; the first error any of them recorded raised."""
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(depth)]
+    threads = [threading.Thread(target=fn) for fn in fns]
     for t in threads:
         t.start()
     for t in threads:
@@ -110,15 +115,7 @@ def _read_members(targets: list[tuple[int, int, int]], chunk: int, depth: int) -
         except OSError as e:
             errors.append(e)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(targets))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - t0, times
+    return _in_threads([lambda i=i: one(i) for i in range(len(targets))], errors), times
 
 
 def probe_read_bandwidth(kv_dir: Optional[tuple[str, ...]], kv_device: Optional[tuple[str, ...]],

@@ -30,17 +30,23 @@ def member_counts(n: int) -> list[int]:
     return out + [n]
 
 
-def run_bench_stripes(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int], None]] = None,
-                      log: Callable[[str], None] = lambda s: None) -> dict:
-    info, budgets = check_options(opts)
+def check_stripes(opts: BenchOptions) -> tuple[tuple[str, ...], str]:
+    """The members and the policy --stripes measures (after check_options); ConfigError naming the fix."""
     members = tuple(opts.kv_device or opts.kv_dir or ())
-    field = "kv_device" if opts.kv_device else "kv_dir"
     if len(members) < 2:
         raise ConfigError("--stripes compares striping over several devices: give two or more, as --kv-device A,B "
                           "or --kv-dir A,B")
     policy = next((p for p in opts.policies if p in STORAGE_POLICIES), None)
     if policy is None:
         raise ConfigError("--stripes needs a storage policy (direct, mmap or auto) in --policies")
+    return members, policy
+
+
+def run_bench_stripes(opts: BenchOptions, on_progress: Optional[Callable[[str, int, int], None]] = None,
+                      log: Callable[[str], None] = lambda s: None) -> dict:
+    info, budgets = check_options(opts)
+    members, policy = check_stripes(opts)
+    field = "kv_device" if opts.kv_device else "kv_dir"
     label, budget = budgets[0]
     weights = os.path.getsize(opts.model)
     overhead = memory_overhead(opts, weights, log)
