@@ -298,6 +298,31 @@ def _read_direct(dev: str, off: int, n: int) -> bytes:
 
 
 @pytest_loop
+def test_session_moves_between_striped_and_single_devices(tiny_path, tmp_path, make_loop, small_stripes):
+    """The same on raw devices: saved from two striped loop devices, resumed on one device, saved there, resumed
+    on the two again (the other way round), each continuation as the uninterrupted one."""
+    a, b, one = make_loop(64 << 20), make_loop(64 << 20), make_loop(64 << 20)
+    kw = {"n_ctx": TINY_DIRECT_CTX, "flash_attn": True, "seed": 1, "verbose": False, "kv_policy": "direct",
+          "mem_budget": tiny_direct_budget(tiny_path)}
+    s1, s2 = str(tmp_path / "striped.dbkv"), str(tmp_path / "single.dbkv")
+    with closing(Llama(str(tiny_path), kv_device=[a, b], **kw)) as llm:
+        toks = prompt_tokens(llm, 400)
+        llm.eval(toks[:300])
+        llm.save_session(s1)
+        uninterrupted = _continue(llm, toks[300:340])
+    with closing(Llama(str(tiny_path), kv_device=one, **kw)) as llm:
+        assert llm.kv_stats()["store"]["members"] == 1 and llm.kv_stats()["store"]["kind"] == "device"
+        llm.load_session(s1)
+        assert _continue(llm, toks[300:340]) == uninterrupted
+        llm.save_session(s2)
+        after_single = _continue(llm, toks[340:380])
+    with closing(Llama(str(tiny_path), kv_device=[b, a], **kw)) as llm:
+        llm.load_session(s2)
+        assert llm.n_tokens == 340
+        assert _continue(llm, toks[340:380]) == after_single
+
+
+@pytest_loop
 @pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="mkfs.ext4 is not installed")
 def test_member_with_a_file_system_is_refused_before_anything_is_written(tiny_path, make_loop):
     blank, ext4 = make_loop(64 << 20), make_loop(64 << 20, init=init_ext4)
