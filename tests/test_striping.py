@@ -374,7 +374,7 @@ def test_member_failing_mid_decode_is_a_clean_kv_io_error(tiny_path, tmp_path, m
         with pytest.raises(KVIOError, match="Input/output error") as e:
             _complete(llm)
         assert "reset()" in str(e.value) and "reading layer" in e.value.detail
-        assert f"from {dirs[0]}, {dirs[1]} failed" in e.value.detail  # the store named (not which member)
+        assert f"from {dirs[1]} (member 2 of 2) failed" in e.value.detail  # the member that failed, named
         assert llm.kv_stats()["io_errors"] >= 1
         with pytest.raises(KVIOError):  # sticky until reset
             _complete(llm)
@@ -419,6 +419,7 @@ def test_a_member_that_vanishes_mid_decode_is_a_clean_kv_io_error(tiny_path, mak
             for _ in range(4):
                 llm.eval([int(np.argmax(last_logits(llm)))])
         assert "reset()" in str(e.value) and "reading layer" in e.value.detail, e.value.detail
+        assert f"{b} (member 2 of 2)" in e.value.detail  # the drive that went away, named
         with pytest.raises(KVIOError):  # sticky
             llm.eval([1])
     finally:

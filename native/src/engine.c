@@ -107,7 +107,8 @@ static bool next_chunk(struct dblade_io * io, struct chunk * c) {
 
 static void chunk_failed(struct dblade_io * io, const struct chunk * c, int err) {
     if (io->reqs[c->req].res == 0) {
-        io->reqs[c->req].res = err;
+        io->reqs[c->req].res    = err;
+        io->reqs[c->req].member = (int) c->member;
     }
 }
 
@@ -439,7 +440,8 @@ const char * dblade_io_why(const struct dblade_io * io) {
 
 int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n) {
     for (uint32_t i = 0; i < n; i++) {
-        reqs[i].res = 0;
+        reqs[i].res    = 0;
+        reqs[i].member = -1;
     }
     if (n == 0) {
         return 0;

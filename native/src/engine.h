@@ -18,6 +18,7 @@ struct dblade_io_req {
     uint64_t   off;
     int        write;
     int        res;  // out: 0 or the first -errno of this request (-EBADMSG: a checksum mismatch)
+    int        member; // out: the member of a striped store whose transfer failed first (-1: none)
     uint32_t * sums; // per DBLADE_BLOCK of the request, or NULL: a write records the blocks' CRC-32C,
                      // a read checks them (0: not known, not checked)
 };

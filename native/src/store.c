@@ -555,6 +555,14 @@ int dblade_store_wipe(struct dblade_store * st, bool zero) {
 
 // --- the paths' views of the members ---
 
+const char * dblade_store_where(const struct dblade_store * st, int member, char * buf, size_t cap) {
+    if (st->n <= 1 || member < 0 || (uint32_t) member >= st->n) {
+        return st->path;
+    }
+    snprintf(buf, cap, "%s (member %d of %u)", st->members[member].path, member + 1, st->n);
+    return buf;
+}
+
 int dblade_store_mmap(const struct dblade_store * st, void * addr, uint64_t off, uint64_t len) {
     for (uint64_t done = 0; done < len;) {
         uint32_t       m;

@@ -49,6 +49,8 @@ static inline void dblade_store_touch(struct dblade_store * st, uint64_t end) {
 // discards (or overwrites with zeros) everything touched: nothing of a conversation stays
 int  dblade_store_wipe(struct dblade_store * st, bool zero);
 int  dblade_probe_align(int fd, uint32_t * off_align, uint32_t * mem_align);
+// where a failed transfer went, for messages: the store's path, or (striped) the member's and which it is
+const char * dblade_store_where(const struct dblade_store * st, int member, char * buf, size_t cap);
 // [off, off + len) of the store mapped at addr (MAP_SHARED | MAP_FIXED), one mapping per stripe piece
 int  dblade_store_mmap(const struct dblade_store * st, void * addr, uint64_t off, uint64_t len);
 // the page cache lets go of [off, off + len)

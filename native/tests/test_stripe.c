@@ -224,6 +224,10 @@ static void test_store(const char * root) {
     CHECK_EQ(dblade_io_open_map(&io, &st.map), 0);
     struct dblade_io_req r = { .buf = b, .len = len, .off = off };
     CHECK_EQ(dblade_io_run(io, &r, 1), -EIO);
+    CHECK_EQ(r.member, 1); // which member failed, for the message
+    char where[600];
+    CHECK(strstr(dblade_store_where(&st, r.member, where, sizeof(where)), "(member 2 of 3)"));
+    CHECK(strstr(where, dirs[1]));
     uint32_t m;
     uint64_t phys;
     uint64_t k = 0;
@@ -232,6 +236,7 @@ static void test_store(const char * root) {
     }
     struct dblade_io_req r0 = { .buf = b, .len = 65536, .off = k * 65536 };
     CHECK_EQ(dblade_io_run(io, &r0, 1), 0);
+    CHECK_EQ(r0.member, -1);
     dblade_io_close(io);
     unsetenv("DUALBLADE_FAULT");
     unsetenv("DUALBLADE_IO_ENGINE");

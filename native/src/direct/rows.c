@@ -170,9 +170,10 @@ void dblade_direct_io_done(struct dblade_direct * d, struct dblade_tensor * t, c
         return;
     }
     struct dblade_events * ev = d->base.env->events;
+    char                   where[600];
     ev->n_io_errors++;
     dblade_fail(ev, r->res, "%s layer %d %c %s %s failed: %s", r->write ? "writing" : "reading", t->il, "KV"[t->which],
-                r->write ? "to" : "from", d->base.env->store->path,
+                r->write ? "to" : "from", dblade_store_where(d->base.env->store, r->member, where, sizeof(where)),
                 r->res == -EBADMSG ? "checksum mismatch (the store returned other data than was written)"
                                    : strerror(-r->res));
 }

@@ -22,6 +22,7 @@
 #include "vram-impl.h"
 
 #include "../events.h"
+#include "../store.h"
 #include "../pipeline.h"
 
 #include <errno.h>
@@ -164,9 +165,12 @@ static bool read_one(struct dblade_vram * v, int32_t x) {
         const int              e = reqs[i].res < 0 ? reqs[i].res : rc == -EBADF ? rc : 0;
         if (e < 0) {
             v->env.events->n_io_errors++;
-            dblade_fail(v->env.events, e, "reading layer %d %c from the KV store for VRAM failed: %s", t->il,
-                        "KV"[t->which], e == -EBADMSG ? "checksum mismatch (the store returned other data than "
-                                                        "was written)" : strerror(-e));
+            char where[600];
+            dblade_fail(v->env.events, e, "reading layer %d %c from %s for VRAM failed: %s", t->il, "KV"[t->which],
+                        v->env.store ? dblade_store_where(v->env.store, reqs[i].member, where, sizeof(where))
+                                     : "the KV store",
+                        e == -EBADMSG ? "checksum mismatch (the store returned other data than was written)"
+                                      : strerror(-e));
         } else if (!buffered[t->which]) {
             atomic_fetch_add(&t->bytes_read, reqs[i].len); // the page cache counts its own misses
         }
