@@ -363,15 +363,16 @@ class KV:
             "stripe_unit": si.stripe_unit,
         }
 
-    def store_members(self) -> list[dict]:
+    def store_members(self, n: int | None = None) -> list[dict]:
         """Each member of the store, in the order given: its path, kind, O_DIRECT alignment, bytes reserved on it
         (its share of the stripes), file extents, probed O_DIRECT read bandwidth in bytes/s (None: not probed, as
         with one member or DUALBLADE_STRIPE_SHARES), share (its stripes of every pattern of n_pattern). Empty when
-        no layer is offloaded."""
-        si = StoreInfo()
-        _check(self._lib.dblade_kv_store(self._h, ctypes.byref(si)), "reading the KV store")
+        no layer is offloaded. n: the members, where the caller has read them (store()["members"])."""
+        if n is None:
+            store = self.store()
+            n = store["members"] if store else 0
         out = []
-        for m in range(si.n_members if si.kind else 0):
+        for m in range(n):
             mi = StoreInfo()
             _check(self._lib.dblade_kv_store_member(self._h, m, ctypes.byref(mi)), f"reading KV store member {m}")
             out.append({
@@ -421,6 +422,7 @@ class KV:
         # the totals and the layers of one moment (the worker stages and writes back meanwhile)
         n = min(n, _check(self._lib.dblade_kv_snapshot(self._h, ctypes.byref(st), layers, n), "reading KV stats"))
         n_switches, switches = self.switches()
+        store = self.store()
         return {
             "policy": POLICIES[st.policy],
             "budget_bytes": None if st.budget_bytes == BUDGET_UNLIMITED else st.budget_bytes,
@@ -470,9 +472,9 @@ class KV:
                 "pin_failed": st.vram_pin_why.decode(errors="replace") or None,
                 "why": st.vram_why.decode(errors="replace"),
             },
-            "store": self.store(),
+            "store": store,
             # the members the KV is striped over (one: not striped), each with its share and probed bandwidth
-            "store_members": self.store_members(),
+            "store_members": self.store_members(store["members"] if store else 0),
             "layers": [
                 {
                     "layer": layers[i].il,

@@ -88,11 +88,10 @@ static bool next_chunk(struct dblade_io * io, struct chunk * c) {
             c->pos = io->cur_pos;
             // the last bytes of a batch go in smaller chunks: whoever waits for the batch waits for
             // the last chunk to arrive and be checked, and a smaller one is checked sooner
-            uint64_t cap = io->left <= DBLADE_IO_CHUNK ? DBLADE_IO_TAIL_CHUNK : DBLADE_IO_CHUNK;
+            const uint64_t cap  = io->left <= DBLADE_IO_CHUNK ? DBLADE_IO_TAIL_CHUNK : DBLADE_IO_CHUNK;
+            const uint64_t rest = r->len - io->cur_pos;
             // ... and a chunk ends where its stripe does
-            const uint64_t piece = dblade_stripe_at(&io->map, r->off + io->cur_pos, &c->member, &c->phys);
-            cap                  = piece < cap ? piece : cap;
-            c->len               = r->len - io->cur_pos < cap ? r->len - io->cur_pos : cap;
+            c->len = dblade_stripe_piece(&io->map, r->off + io->cur_pos, rest < cap ? rest : cap, &c->member, &c->phys);
             io->cur_pos += c->len;
             io->left -= c->len;
             c->start = c->pos, c->total = c->len;

@@ -367,7 +367,7 @@ static int grow_member(struct dblade_store_member * m, uint64_t need) {
 }
 
 // each member's share of the stripes: DUALBLADE_STRIPE_SHARES=a,b,... as given, else from probed bandwidths
-static int member_shares(struct dblade_store * st, bool dry, uint32_t * share) {
+static int member_shares(struct dblade_store * st, uint32_t * share) {
     const char * env = getenv("DUALBLADE_STRIPE_SHARES");
     if (env && *env) {
         const char * p = env;
@@ -385,7 +385,7 @@ static int member_shares(struct dblade_store * st, bool dry, uint32_t * share) {
         return 0;
     }
     double bps[DBLADE_STRIPE_MEMBERS] = { 0 };
-    for (uint32_t m = 0; m < st->n && !dry; m++) {
+    for (uint32_t m = 0; m < st->n; m++) {
         bps[m] = st->members[m].read_bps = probe_read_bps(&st->members[m]);
     }
     dblade_stripe_shares(st->n, bps, share);
@@ -474,7 +474,7 @@ int dblade_store_open(struct dblade_store * st, const struct dblade_config * cfg
         dblade_store_close(st);
         return -EINVAL;
     }
-    rc = member_shares(st, dry, share);
+    rc = member_shares(st, share);
     if (rc == 0) {
         rc = dblade_stripe_init(&st->map, n, share, unit);
     }
@@ -564,28 +564,24 @@ const char * dblade_store_where(const struct dblade_store * st, int member, char
 }
 
 int dblade_store_mmap(const struct dblade_store * st, void * addr, uint64_t off, uint64_t len) {
-    for (uint64_t done = 0; done < len;) {
-        uint32_t       m;
-        uint64_t       phys;
-        const uint64_t piece = dblade_stripe_at(&st->map, off + done, &m, &phys);
-        const uint64_t n     = len - done < piece ? len - done : piece;
+    for (uint64_t done = 0, n; done < len; done += n) {
+        uint32_t m;
+        uint64_t phys;
+        n = dblade_stripe_piece(&st->map, off + done, len - done, &m, &phys);
         if (mmap((uint8_t *) addr + done, n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, st->map.fd[m],
                  (off_t) phys) == MAP_FAILED) {
             return -errno;
         }
-        done += n;
     }
     return 0;
 }
 
 void dblade_store_dontneed(const struct dblade_store * st, uint64_t off, uint64_t len) {
-    for (uint64_t done = 0; done < len;) {
-        uint32_t       m;
-        uint64_t       phys;
-        const uint64_t piece = dblade_stripe_at(&st->map, off + done, &m, &phys);
-        const uint64_t n     = len - done < piece ? len - done : piece;
+    for (uint64_t done = 0, n; done < len; done += n) {
+        uint32_t m;
+        uint64_t phys;
+        n = dblade_stripe_piece(&st->map, off + done, len - done, &m, &phys);
         posix_fadvise(st->map.fd[m], (off_t) phys, (off_t) n, POSIX_FADV_DONTNEED);
-        done += n;
     }
 }
 

@@ -38,6 +38,12 @@ void     dblade_stripe_shares(uint32_t n, const double * bandwidth, uint32_t * s
 // where logical offset off lives: the member and its offset there; returns the bytes from off to the stripe's
 // end (UINT64_MAX for the identity)
 uint64_t dblade_stripe_at(const struct dblade_stripe * s, uint64_t off, uint32_t * member, uint64_t * phys);
+// the piece of [off, off + left) that starts at off: its member and offset there; returns its length (at most left)
+static inline uint64_t dblade_stripe_piece(const struct dblade_stripe * s, uint64_t off, uint64_t left, uint32_t * member,
+                                           uint64_t * phys) {
+    const uint64_t n = dblade_stripe_at(s, off, member, phys);
+    return n < left ? n : left;
+}
 // the bytes member m must hold for logical offsets below end
 uint64_t dblade_stripe_member_bytes(const struct dblade_stripe * s, uint32_t m, uint64_t end);
 

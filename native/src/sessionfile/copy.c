@@ -153,14 +153,12 @@ int dblade_copy_range(int src, uint64_t soff, int dst, uint64_t doff, uint64_t l
 int dblade_copy_store(const struct dblade_stripe * map, uint64_t off, int fd, uint64_t foff, uint64_t len,
                       bool to_store, struct dblade_fault * fault, int * how) {
     int rc = 0;
-    for (uint64_t done = 0; done < len && rc == 0;) {
-        uint32_t       m;
-        uint64_t       phys;
-        const uint64_t piece = dblade_stripe_at(map, off + done, &m, &phys);
-        const uint64_t n     = len - done < piece ? len - done : piece;
+    for (uint64_t done = 0, n; done < len && rc == 0; done += n) {
+        uint32_t m;
+        uint64_t phys;
+        n  = dblade_stripe_piece(map, off + done, len - done, &m, &phys);
         rc = to_store ? dblade_copy_range(fd, foff + done, map->fd[m], phys, n, fault, how)
                       : dblade_copy_range(map->fd[m], phys, fd, foff + done, n, fault, how);
-        done += n;
     }
     return rc;
 }

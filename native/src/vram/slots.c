@@ -117,8 +117,7 @@ static int engines_open(struct dblade_vram * v) {
     if (rc < 0) {
         return rc;
     }
-    v->has_buffered = true;
-    rc              = dblade_io_open_map(&v->io_direct, &v->env.store->map);
+    rc = dblade_io_open_map(&v->io_direct, &v->env.store->map);
     return rc < 0 ? rc : dblade_io_open_map(&v->io_buffered, &v->buffered);
 }
 
@@ -262,9 +261,7 @@ void dblade_vram_destroy(struct dblade_vram * v) {
     dblade_io_close(v->io_direct);
     dblade_io_close(v->io_buffered);
     dblade_pcopy_close(v->pcopy);
-    if (v->has_buffered) {
-        dblade_store_close_buffered(&v->buffered);
-    }
+    dblade_store_close_buffered(&v->buffered);
     if (v->ctx) {
         CUcontext popped;
         v->cu.CtxPushCurrent(v->ctx);

@@ -64,8 +64,7 @@ struct dblade_vram {
     char      pin_why[96]; // why host memory is not page-locked (a limit), for the stats
     // the engines that read the host paths' store: O_DIRECT (direct path), buffered (page cache)
     struct dblade_io * io_direct, * io_buffered;
-    struct dblade_stripe buffered; // the store's members opened again without O_DIRECT
-    bool                 has_buffered;
+    struct dblade_stripe buffered; // the store's members opened again without O_DIRECT (zeroed: none)
     struct dblade_pcopy * pcopy; // the threads that copy the page cache into the ring
     struct dblade_work work; // reads ahead, on the worker
     // the graph: the streamed layer it computes next, and the one whose new rows are still in VRAM
