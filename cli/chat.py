@@ -236,7 +236,8 @@ class Chat:
             room = "unlimited" if mem["page_cache_room_bytes"] is None else format_size(mem["page_cache_room_bytes"])
             console.print(f"memory: limit {limit}, page cache room for KV {room}, "
                           f"page-cache layers hold {format_size(mem['page_cache_need_bytes'])}, weights keep "
-                          f"{format_size(mem['weights_reserve_bytes'])}", markup=False, soft_wrap=True)
+                          f"{format_size(mem['weights_reserve_bytes'])}, compute buffers yet to fill "
+                          f"{format_size(mem['buffers_reserve_bytes'])}", markup=False, soft_wrap=True)
         if st["switches"]:
             more = st["switch_count"] - len(st["switches"])
             console.print(f"path switches: {st['switch_count']}" + (f" (last {len(st['switches'])})" if more else ""),

@@ -393,8 +393,9 @@ class KV:
             raise ValueError(f"layer {il} is not an offloaded layer, or {path!r} is not mmap or direct")
 
     def set_reserve(self, reserve_bytes: int) -> None:
-        """The page cache the model's weights keep (what auto leaves them), once the model is loaded."""
-        _check(self._lib.dblade_kv_set_reserve(self._h, reserve_bytes), "setting the weights' reserve")
+        """The memory auto leaves to others (the weights' page cache, compute buffers not yet touched), once
+        known: after the model is loaded, and as prompts fill the compute buffers."""
+        _check(self._lib.dblade_kv_set_reserve(self._h, reserve_bytes), "setting auto's reserve")
 
     def set_outputs_max(self, n_outputs: int) -> None:
         """The outputs a ubatch of the context created next asks for at most (its compute buffers hold that many)."""
@@ -451,7 +452,7 @@ class KV:
                 "available_bytes": st.mem_available or None,
                 "page_cache_room_bytes": None if st.page_cache_room == BUDGET_UNLIMITED else st.page_cache_room,
                 "page_cache_need_bytes": st.page_cache_need,
-                "weights_reserve_bytes": st.reserve_bytes,
+                "reserve_bytes": st.reserve_bytes,  # what auto leaves to others (Llama.kv_stats splits it)
             } if st.policy == POLICIES.index("auto") else None,
             "switches": switches,
             "switch_count": n_switches,

@@ -128,6 +128,17 @@ class Llama(llama_cpp.Llama):
         all_on_gpu = info is not None and placement.all_weights_on_gpu(
             len(info.layers), kwargs.get("n_gpu_layers", 0), bool(llama_cpp.llama_supports_gpu_offload()))
         mapped = offloaded and kwargs.get("use_mmap", True) and not all_on_gpu
+        # auto's first room must leave out what llama.cpp allocates after the KV opens and a prompt fills: the
+        # host compute buffers of a full ubatch (the attention masks; on the CPU the activations too). Left in
+        # until prompts have touched them (_reserve_touched), when the monitor counts them itself.
+        self._reserve = None
+        if offloaded and cfg.policy == "auto":
+            n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
+            streamed = any(e[4] for e in layout)
+            ub = min(kwargs.get("n_ubatch", 512), kwargs.get("n_batch", 2048))
+            self._reserve = {"weights": info.weights_working_set() if mapped else 0, "info": info, "ubatch": ub,
+                             "gpu": streamed, "buffers": placement.prefill_host_bytes(info, n_ctx, ub, streamed),
+                             "touched": 0}
         if offloaded and len(cfg.members) > 1:
             # every member checked first, writing nothing: the module opens them in turn, and a device opened
             # before one that is refused would keep the header it got
@@ -137,7 +148,7 @@ class Llama(llama_cpp.Llama):
         try:
             self._kv = _native.KV(cfg.policy, cfg.budget_bytes, cfg.kv_dir, cfg.kv_device,
                                        layout if offloaded else None, force=kv_force,
-                                       reserve_bytes=info.weights_working_set() if mapped else 0,
+                                       reserve_bytes=self._reserve_bytes() if self._reserve else 0,
                                        verify=kv_verify)
         except _native.KVError as e:
             raise StoreError(str(e)) from None
@@ -164,10 +175,26 @@ class Llama(llama_cpp.Llama):
             k_max = min(getattr(self.draft_model, "num_pred_tokens", 10), placement.OUTPUTS_MAX - 1, self.n_batch - 1)
             self._speculation = Speculation(self.draft_model, k_max)
             self.draft_model = self._speculation
-        if mapped:
+        if self._reserve:
             # weights llama.cpp repacked at load live in anonymous memory (the monitor counts that); their
             # file pages are never read again
-            self._kv.set_reserve(info.weights_working_set(load_log.buffers.get("CPU_REPACK", 0)))
+            if mapped:
+                self._reserve["weights"] = info.weights_working_set(load_log.buffers.get("CPU_REPACK", 0))
+            self._reserve["ubatch"] = self.context_params.n_ubatch
+            self._kv.set_reserve(self._reserve_bytes())
+
+    def _reserve_bytes(self) -> int:
+        r = self._reserve
+        return r["weights"] + max(r["buffers"] - r["touched"], 0)
+
+    def _reserve_touched(self, n_tokens: int, n_end: int) -> None:
+        """A batch of n_tokens ending at position n_end was evaluated: its ubatches' masks (and activations) are
+        resident now, counted by the monitor as the process's own memory; auto's reserve keeps the rest."""
+        r = self._reserve
+        touched = placement.prefill_host_bytes(r["info"], n_end, min(n_tokens, r["ubatch"]), r["gpu"])
+        if touched > r["touched"]:
+            r["touched"] = touched
+            self._kv.set_reserve(self._reserve_bytes())
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -267,6 +294,10 @@ class Llama(llama_cpp.Llama):
         resident = [e for e in self._kv_layout if e[1] == "vram"]
         st["vram"]["resident_layers"] = len(resident)
         st["vram"]["resident_bytes"] = sum(e[2] + e[3] for e in resident)
+        if st.get("memory") is not None:  # auto's reserve: the weights' page cache, compute buffers not yet touched
+            r = getattr(self, "_reserve", None) or {"weights": st["memory"]["reserve_bytes"], "buffers": 0, "touched": 0}
+            st["memory"]["weights_reserve_bytes"] = r["weights"]
+            st["memory"]["buffers_reserve_bytes"] = max(r["buffers"] - r["touched"], 0)
         # speculative decoding (draft_model=): drafted, accepted, mean accepted length; None without
         st["speculation"] = self._speculation.stats() if getattr(self, "_speculation", None) else None
         return st
@@ -324,6 +355,8 @@ class Llama(llama_cpp.Llama):
             else:
                 super().eval(batch)
             done += len(batch)
+            if self._reserve and self._reserve["touched"] < self._reserve["buffers"]:
+                self._reserve_touched(len(batch), self.n_tokens)
             self._kv_check()
             if self.eval_progress is not None and total > 1:
                 self.eval_progress(done, total)

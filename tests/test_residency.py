@@ -333,6 +333,31 @@ def test_state_moves_between_policies(tiny_path, tmp_path):
         ram.close()
 
 
+def test_auto_reserves_the_compute_buffers_a_prompt_fills(tiny_path, tmp_path):
+    """auto's first room leaves out the host compute buffers of a full prompt ubatch (llama.cpp allocates them after
+    the KV opens, and a first long prompt fills them): reserved until prompts have touched them, then counted by the
+    monitor as the process's own memory, and the reserve goes."""
+    from dualblade import placement
+
+    llm = Llama(str(tiny_path), n_ctx=2048, verbose=False, kv_policy="auto", kv_dir=str(tmp_path), flash_attn=True,
+                mem_budget=min_budget(tiny_path, 2048, "auto"))
+    try:
+        info, ub = model_info(tiny_path), llm.context_params.n_ubatch
+        m = llm.kv_stats()["memory"]
+        full = placement.prefill_host_bytes(info, 2048, ub, False)
+        assert ub == 2048 and m["buffers_reserve_bytes"] == full > 0
+        assert m["reserve_bytes"] == m["weights_reserve_bytes"] + full
+        llm.eval(llm.tokenize(b"the state of things " * 200)[:300])
+        m = llm.kv_stats()["memory"]
+        assert m["buffers_reserve_bytes"] == full - placement.prefill_host_bytes(info, 300, 300, False)
+        assert m["reserve_bytes"] == m["weights_reserve_bytes"] + m["buffers_reserve_bytes"]
+        llm.eval(llm.tokenize(b" and of others" * 700, add_bos=False)[:2048 - 300])  # the context full
+        m = llm.kv_stats()["memory"]
+        assert m["buffers_reserve_bytes"] < full // 4 and m["reserve_bytes"] < m["weights_reserve_bytes"] + full // 4
+    finally:
+        llm.close()
+
+
 def test_auto_leaves_the_weights_what_they_keep_cached(heavy_path, gemma_path, tmp_path):
     """auto's page-cache room leaves the mmap'ed weights their working set, not the file's size: every tensor
     but the token-embedding table (a token reads one row of it) unless it is also the output matrix (Gemma

@@ -60,8 +60,9 @@ struct dblade_config {
     uint64_t     budget_bytes; /* pinned + staging bytes allowed; DBLADE_BUDGET_UNLIMITED for none */
     const char * kv_dir;       /* directory for the KV file, or NULL */
     const char * kv_device;    /* block device for the KV, or NULL */
-    uint64_t     reserve_bytes; /* memory the model's weights need (mmap'ed: the auto policy leaves them
-                                   this much page cache) */
+    uint64_t     reserve_bytes; /* memory the auto policy leaves to what is not yet allocated or touched:
+                                   the model's mmap'ed weights' page cache, the compute buffers a first
+                                   prompt fills (the VRAM tier's ring is added by the module) */
 };
 
 /* The placement and counters of one layer, as reported to the user. */
@@ -163,8 +164,8 @@ struct dblade_layout_layer {
  */
 DBLADE_API int  dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers,
                                  const struct dblade_layout_layer * layers, struct dblade_kv ** out);
-/* The memory the model's weights keep in the page cache (what the auto policy leaves them), once
- * it is known (after the model is loaded); replaces cfg->reserve_bytes. */
+/* The memory the auto policy leaves to others, once known (after the model is loaded, and as prompts
+ * touch the compute buffers): replaces cfg->reserve_bytes and the VRAM ring's share (allocated by then). */
 DBLADE_API int  dblade_kv_set_reserve(struct dblade_kv * kv, uint64_t reserve_bytes);
 /* The outputs (logits rows) a ubatch of the context created while kv is bound asks for at most: llama.cpp then
  * reserves its compute buffers for that many, not for every token of the largest ubatch (n_vocab floats a

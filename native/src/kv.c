@@ -242,8 +242,9 @@ int dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers, const 
         kv->pipeline.paths[DBLADE_PATH_DIRECT] = kv->direct;
     }
     if (cfg->policy == DBLADE_POLICY_AUTO && kv->n_offloaded > 0) {
-        rc = dblade_policy_open(&kv->policy, &kv->env, &kv->caches, kv->direct, &kv->worker, cfg->reserve_bytes,
-                                kv->layout, kv->n_layout);
+        // the first room leaves out the VRAM tier's ring, allocated (page-locked) when the context is
+        rc = dblade_policy_open(&kv->policy, &kv->env, &kv->caches, kv->direct, &kv->worker,
+                                cfg->reserve_bytes + kv->ring_bytes, kv->layout, kv->n_layout);
         if (rc < 0) {
             dblade_kv_unref(kv);
             return rc;
