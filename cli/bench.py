@@ -307,7 +307,12 @@ def render_speculative(res: dict, console: Console) -> None:
                   _fmt(e["draft_bytes_per_token"], "bytes"), _fmt(e.get("tokens_differ_vs_plain"), "n"))
     console.print(t)
     bad = [r for r in res["rows"] if r.get("tokens_equal_ram") is False]
-    console.print("exact: every cell's tokens equal the all-in-RAM run's with the same drafts" if not bad else
+    oracle = "all-in-VRAM" if res.get("reference") == "vram" else "all-in-RAM"
+    gpu = (res["machine"].get("gpu") or {}).get("name") if res.get("gpu") else None
+    if gpu:
+        hb = res.get("host_budget") or {}
+        console.print(f"on {gpu}: budgets are VRAM budgets; the host tiers' budget {hb.get('label')}", markup=False)
+    console.print(f"exact: every cell's tokens equal the {oracle} run's with the same drafts" if not bad else
                   f"NOT EXACT: {', '.join(r['workload'] + '/' + r['policy'] for r in bad)}", markup=False)
     failed = [r for r in res["rows"] if r["status"] != "ok"]
     for r in failed:
@@ -432,9 +437,6 @@ def run_bench_cli(model, synthetic, policies, budgets, ctx_size, prompt_tokens, 
         from dualblade.gguf_header import model_info
         from dualblade.speculative import check_draft_model, lookup
 
-        if gpu:
-            raise ConfigError("--draft compares speculative decoding on the host tiers; on a GPU build run it "
-                              "without --gpu (the GPU cells do not take drafts yet)")
         try:
             if draft_model is not None:
                 if draft is not None:

@@ -194,3 +194,51 @@ def test_gpu_plot_draws_every_cell(tmp_path):
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == [r["decode_ms"] for r in ROWS]
     plt.close(fig)
+
+
+def test_draft_cells_on_the_gpu(tiny_path, monkeypatch):
+    """bench --draft --gpu, its cell plan and pairs on faked cells (no GPU here): the reference is the drop-in with
+    every layer in VRAM (stock llama_cpp cannot run draft_model=), the budgets are VRAM budgets, the host tiers get
+    the host budget and the GPU cells' host limit, and exactness is against the reference."""
+    from dualblade.bench import speculative
+
+    calls = []
+
+    def fake_cell(opts, policy, budget, limit, prompt, gen, n_ctx, timeout, extra):
+        calls.append((policy, budget, limit, extra))
+        fast = extra["draft"] is not None and extra["workload"] == "repeat"
+        return {"ok": True, "ttft_s": 1.0, "decode_ms": 10.0, "decode_tok_s": 20.0 if fast else 8.0,
+                "decode_bytes_read_per_token": 0 if policy == "vram" else (MiB if fast else 3 * MiB),
+                "decode_io_wait_share": 0.0 if policy == "vram" else 0.7, "tokens": [1, 2, 3],
+                "speculation": {"mean_accepted_length": 2.5, "acceptance": 0.6} if extra["draft"] else None}
+
+    from dualblade.gguf_header import model_info
+
+    info = model_info(tiny_path)
+    monkeypatch.setattr(speculative, "check_options", lambda opts: (info, [("25%", 8 * MiB)]))
+    monkeypatch.setattr(speculative, "prepare", lambda opts, log: {"read_gib_s": 2.0})
+    monkeypatch.setattr(speculative, "memory_overhead", lambda opts, w, log: 900 * MiB)
+    monkeypatch.setattr(speculative, "run_cell", fake_cell)
+    monkeypatch.setattr(speculative, "gpu_machine", lambda: {"name": "a test GPU"})
+    monkeypatch.setattr(speculative, "describe_location", lambda d, v: {"path": "/kv"})
+    opts = matrix.BenchOptions(model=tiny_path, policies=["ram", "direct", "auto"], budgets=["25%"], n_ctx=2048,
+                               prompt_tokens=1024, gen_tokens=16, gpu=True, host_budget="16M")
+    res = speculative.run_bench_speculative(opts, "lookup")
+    assert res["reference"] == "vram" and res["gpu"] and res["host_budget"]["bytes"] == 16 * MiB
+    refs = [c for c in calls if c[0] == "vram"]
+    assert len(refs) == 4 and all(c[3]["dropin"] and c[3]["vram_budget"] is None and c[1] is None for c in refs)
+    for policy, budget, limit, extra in calls:
+        assert extra["gpu"]
+        if policy != "vram":
+            assert extra["vram_budget"] == 8 * MiB
+            assert budget == (16 * MiB if policy in ("direct", "auto") else None)  # ram: every host copy pinned
+        if policy in ("direct", "auto"):
+            assert limit == gpu.host_weights(info, tiny_path.stat().st_size) + 16 * MiB + 900 * MiB
+    pairs = {(e["workload"], e["policy"]): e for e in res["pairs"]}
+    assert pairs[("repeat", "direct")]["draft_vs_plain"] == 2.5 and pairs[("fresh", "direct")]["draft_vs_plain"] == 1
+    assert all(r["tokens_equal_ram"] for r in res["rows"])
+    out = io.StringIO()
+    from dualblade.cli.bench import render_speculative
+
+    render_speculative(res, Console(file=out, width=200))
+    assert "all-in-VRAM" in out.getvalue() and "a test GPU" in out.getvalue()

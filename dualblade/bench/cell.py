@@ -87,6 +87,12 @@ GPU_STOCK = {
 
 
 def _make_llm(a: dict, kw: dict):
+    if a.get("gpu") and a.get("dropin") and a["policy"] == "vram":
+        # bench --draft --gpu: stock llama_cpp cannot run draft_model=, the drop-in places as stock does
+        from dualblade import Llama
+
+        kw.update(GPU_STOCK["vram"])
+        return Llama(a["model"], **kw)
     if a.get("gpu") and a["policy"] in GPU_STOCK:
         import llama_cpp
 

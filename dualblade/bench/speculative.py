@@ -15,9 +15,9 @@ from dataclasses import asdict
 from typing import Callable, Optional
 
 from ..speculative import WORKLOADS
-from .matrix import BenchOptions, Cell, check_options, host_cell_limit, median, memory_overhead, prepare, run_cell, \
-    summarize
-from .probes import describe_location, machine
+from .matrix import GPU_STOCK, BenchOptions, Cell, check_options, host_budget, host_cell_limit, median, \
+    memory_overhead, prepare, run_cell, summarize
+from .probes import describe_location, gpu_machine, machine
 
 
 def run_bench_speculative(opts: BenchOptions, draft: str,
@@ -27,24 +27,45 @@ def run_bench_speculative(opts: BenchOptions, draft: str,
     weights = os.path.getsize(opts.model)
     probe = prepare(opts, log)
     overhead = memory_overhead(opts, weights, log)
-    policies = [p for p in opts.policies if p != "stock"]  # stock llama_cpp 0.3.36 cannot run draft_model=
+    # stock llama_cpp 0.3.36 cannot run draft_model=: the references are the drop-in with every layer in RAM, or
+    # on a GPU (--gpu; the budgets are VRAM budgets) with every layer in VRAM as stock places them
+    ref = "vram" if opts.gpu else "ram"
+    policies = [p for p in opts.policies if p not in ("stock", ref) and p not in GPU_STOCK]
+    if opts.gpu:
+        from .gpu import gpu_cell_limit, host_weights
+
+        host_label, host_bytes = host_budget(opts, info)
+        kv_total = sum(info.layer_bytes(opts.n_ctx))
+
+        def limit(p: str, b: Optional[int]) -> Optional[int]:
+            return gpu_cell_limit(p, weights, host_weights(info, weights), kv_total, host_bytes, overhead) \
+                if opts.use_cgroup else None
+    else:
+        host_label, host_bytes = None, None
+
+        def limit(p: str, b: Optional[int]) -> Optional[int]:
+            return host_cell_limit(opts, weights, b, overhead)
     cells: list[tuple[str, Optional[str], Cell]] = []
     for w in WORKLOADS:
         for d in (None, draft):
-            cells.append((w, d, Cell("ram", "unlimited", None, None)))  # the reference: every layer in RAM
+            cells.append((w, d, Cell(ref, "unlimited", None, limit(ref, None) if opts.gpu else None)))
             for label, b in budgets:
                 for p in policies:
-                    if p != "ram":
-                        cells.append((w, d, Cell(p, label, b, host_cell_limit(opts, weights, b, overhead))))
+                    cells.append((w, d, Cell(p, label, b, limit(p, b))))
     total, done = opts.reps * len(cells), 0
     for rep in range(opts.reps):
         for w, d, c in cells:
             if on_progress:
                 on_progress(f"{w} {'drafts' if d else 'plain'} {c.policy} @ {c.budget_label} (rep {rep + 1})", done,
                             total)
-            budget = None if c.policy == "ram" else c.budget_bytes
+            extra = {"workload": w, "draft": d}
+            if opts.gpu:  # every layer on the GPU; the VRAM budget, and the host budget of the host tiers
+                extra.update(gpu=True, dropin=True, vram_budget=c.budget_bytes)
+                budget = host_bytes if c.policy in ("mmap", "direct", "auto") else None
+            else:
+                budget = None if c.policy == "ram" else c.budget_bytes
             r = run_cell(opts, c.policy, budget, c.limit_bytes, opts.prompt_tokens, opts.gen_tokens, opts.n_ctx,
-                         opts.timeout or 1800, extra={"workload": w, "draft": d})
+                         opts.timeout or 1800, extra=extra)
             r["rep"] = rep
             c.runs.append(r)
             done += 1
@@ -67,10 +88,10 @@ def run_bench_speculative(opts: BenchOptions, draft: str,
         return next((r for r in rows if r["workload"] == w and r["draft"] == d and r["policy"] == policy
                      and r["budget"] == label), None)
 
-    for r in rows:  # exact: the all-in-RAM run of the same workload and drafts
-        ref = find(r["workload"], r["draft"], "ram", "unlimited")
-        r["tokens_equal_ram"] = None if not ref or not r["_tokens"] or not ref["_tokens"] else \
-            r["_tokens"] == ref["_tokens"]
+    for r in rows:  # exact: the all-in-RAM (all-in-VRAM) run of the same workload and drafts
+        oracle = find(r["workload"], r["draft"], ref, "unlimited")
+        r["tokens_equal_ram"] = None if not oracle or not r["_tokens"] or not oracle["_tokens"] else \
+            r["_tokens"] == oracle["_tokens"]
     pairs = []
     for w in WORKLOADS:
         for policy, label in {(r["policy"], r["budget"]) for r in rows}:
@@ -88,19 +109,22 @@ def run_bench_speculative(opts: BenchOptions, draft: str,
             if plain["_tokens"] and spec["_tokens"]:
                 e["tokens_differ_vs_plain"] = sum(a != b for a, b in zip(plain["_tokens"], spec["_tokens"]))
             pairs.append(e)
-    pairs.sort(key=lambda e: (e["workload"], e["policy"] != "ram", e["policy"], e["budget"]))
+    pairs.sort(key=lambda e: (e["workload"], e["policy"] != ref, e["policy"], e["budget"]))
     for r in rows:
         r.pop("_tokens")
     return {
         "mode": "speculative",
         "command": " ".join(["dualblade", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None,
-        "machine": machine(),
+        "machine": {**machine(), "gpu": gpu_machine()} if opts.gpu else machine(),
         "location": describe_location(opts.kv_dir, opts.kv_device),
         "model": {"path": str(opts.model), "label": opts.model_label, "arch": info.arch,
                   "n_layer": len(info.layers), "weights_bytes": weights,
                   "kv_bytes_total": sum(info.layer_bytes(opts.n_ctx))},
         "workload": {"n_ctx": opts.n_ctx, "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens,
                      "reps": opts.reps, "threads": opts.threads, "draft": draft, "workloads": list(WORKLOADS)},
+        "gpu": opts.gpu,
+        "reference": ref,
+        "host_budget": {"label": host_label, "bytes": host_bytes} if opts.gpu else None,
         "memory_enforced": opts.use_cgroup,
         "overhead_bytes": overhead,
         "probe": probe,
