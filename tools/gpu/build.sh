@@ -28,7 +28,11 @@ t0=$SECONDS
 # ggml from an earlier call where .gpu/ggml holds it for this key (tools/gpu/ggml-cache.sh): only llama.cpp's own
 # sources and libdualblade are built then (DUALBLADE_GGML_CACHE=0: build it all)
 ggml=/tmp/ggml-prebuilt prebuilt=0
-if [ "$gpu" = 1 ] && [ "${DUALBLADE_GGML_CACHE:-1}" = 1 ] && tools/gpu/ggml-cache.sh unpack .gpu/ggml "$ggml"; then
+# (a warm machine keeps what an earlier call unpacked: a later call need not carry the pieces again)
+key=$(tools/gpu/ggml-cache.sh key)
+if [ "$gpu" = 1 ] && [ "${DUALBLADE_GGML_CACHE:-1}" = 1 ] &&
+    { [ "$(cat "$ggml/.key" 2>/dev/null)" = "$key" ] ||
+      { tools/gpu/ggml-cache.sh unpack .gpu/ggml "$ggml" && echo "$key" >"$ggml/.key"; }; }; then
     args+=(-DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR="$ggml/lib/cmake/ggml")
     prebuilt=1
 fi
