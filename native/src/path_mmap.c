@@ -66,7 +66,7 @@ static int mmap_attach(struct dblade_tier * p, struct dblade_tensor * t) {
         // path has written them
         memset(t->sums, 0, t->map_bytes / DBLADE_BLOCK * sizeof(*t->sums));
     }
-    t->cached = 0;
+    t->cached = DBLADE_CACHED_UNKNOWN; // the policy does not judge the cache by a layer it has not read yet
     return 0;
 }
 

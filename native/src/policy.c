@@ -100,11 +100,18 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
     const bool over = need > cap;
     // stalls show the effect of a demotion only once the layers have moved and the kernel has
     // reclaimed: a spike that stays is one demotion, not one per sample while it lasts
-    const bool stalling = had_prev && stall > DBLADE_AUTO_STALL_HIGH && need > 0 &&
-                          m->t_ns - st->last_switch_ns >= st->hold_ns;
-    if (over || stalling) {
+    const bool calm     = m->t_ns - st->last_switch_ns >= st->hold_ns;
+    const bool stalling = had_prev && stall > DBLADE_AUTO_STALL_HIGH && need > 0 && calm;
+    // A resident set that does not stay resident: decoding (the context not filling), the page-cache layers'
+    // last reads found pages missing. A cyclic scan is LRU's worst case: each pass evicts what the next needs,
+    // and a missing page comes in at the page cache's pace and is copied after, where the direct path reads it
+    // once at the device's. Keep in the cache what it held, with a margin; the rest goes direct.
+    const uint64_t missing  = need > cached ? need - cached : 0;
+    const bool     thrash   = had_prev && calm && st->fill_rate >= 0 && st->fill_rate < (double) DBLADE_AUTO_FILL_RATE &&
+                        missing > need / DBLADE_AUTO_MISS_SHARE && missing > DBLADE_AUTO_MISS_MIN;
+    if (over || stalling || thrash) {
         // largest first: the most memory back per switch
-        uint64_t target = over ? cap - cap / 8 : need - need / 4;
+        uint64_t target = over ? cap - cap / 8 : thrash ? cached - cached / 8 : need - need / 4;
         while (need > target) {
             int best = -1;
             for (uint32_t i = 0; i < n; i++) {
@@ -128,6 +135,10 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
             if (over) {
                 snprintf(why, why_cap, "page cache short: layers need %llu MiB, %llu MiB available",
                          (unsigned long long) (st->need_bytes >> 20), (unsigned long long) (cap >> 20));
+            } else if (thrash) {
+                st->held_bytes = target, st->held_cap = cap;
+                snprintf(why, why_cap, "page cache thrashing: %llu of %llu MiB missing at the last reads",
+                         (unsigned long long) (missing >> 20), (unsigned long long) (st->need_bytes >> 20));
             } else {
                 snprintf(why, why_cap, "memory pressure: %.0f%% of the time stalled", stall * 100);
             }
@@ -141,7 +152,10 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
     // stalls: it would promote early and demote again, paying both ways)
     if (stall < DBLADE_AUTO_STALL_LOW && m->t_ns - st->last_switch_ns >= st->hold_ns &&
         st->fill_rate >= 0 && st->fill_rate < (double) DBLADE_AUTO_FILL_RATE) {
-        const uint64_t room = cap / 10 * 7;
+        if (st->held_bytes && cap > st->held_cap + st->held_cap / 4) {
+            st->held_bytes = 0; // memory grew since the cache thrashed: the capacity rules again
+        }
+        const uint64_t room = st->held_bytes && st->held_bytes < cap / 10 * 7 ? st->held_bytes : cap / 10 * 7;
         uint64_t       full = 0;
         for (uint32_t i = 0; i < n; i++) {
             if (layers[i].want == DBLADE_PATH_MMAP) {
@@ -218,7 +232,8 @@ static void sample(struct dblade_work * w) {
             a->want                      = k->want;
             a->need_bytes                = dblade_align_up(k->hwm, k->page) + dblade_align_up(v->hwm, v->page);
             a->full_bytes                = k->map_bytes + v->map_bytes;
-            a->resident_bytes            = k->path == DBLADE_PATH_MMAP ? k->cached + v->cached : 0;
+            const bool unknown           = k->cached == DBLADE_CACHED_UNKNOWN || v->cached == DBLADE_CACHED_UNKNOWN;
+            a->resident_bytes            = k->path != DBLADE_PATH_MMAP ? 0 : unknown ? a->need_bytes : k->cached + v->cached;
         }
     }
     char      why[sizeof(((struct dblade_switch *) 0)->reason)];

@@ -15,6 +15,8 @@
 #define DBLADE_AUTO_FILL_RATE      (4ull << 20) // new rows per second above which the context is filling
                                                 // (a prefill): no promotion
 #define DBLADE_AUTO_FILL_WINDOW_NS (200ull * 1000 * 1000) // the rate is measured over this
+#define DBLADE_AUTO_MISS_SHARE     16                           // decoding, over 1/16 of the page-cache layers
+#define DBLADE_AUTO_MISS_MIN       (8ull << 20)                 // (and 8 MiB) missing at their reads: demote
 
 // --- the decision: pure, tested on its own (test_monitor) ---
 
@@ -24,6 +26,8 @@ struct dblade_auto_state {
     uint64_t cap_bytes, need_bytes; // of the last decision
     uint64_t fill_t_ns, fill_bytes; // the rows of all offloaded layers at the start of the rate window
     double   fill_rate;             // bytes per second they grew by in the last window (< 0: not known yet)
+    uint64_t held_bytes, held_cap;  // after thrashing: what the page cache proved to hold, at that capacity;
+                                    // promotions stay within it until the capacity grows by a quarter
 };
 
 struct dblade_auto_layer {

@@ -11,6 +11,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#define DBLADE_CACHED_UNKNOWN UINT64_MAX // dblade_tensor.cached of a layer not read since it came to the page cache
+
 struct dblade_direct_tensor; // the direct path's state of a tensor (direct/direct-impl.h)
 
 struct dblade_tensor {

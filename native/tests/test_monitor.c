@@ -155,6 +155,51 @@ int main(void) {
     CHECK(demoted >= 2 && demoted <= 4); // room 160 MiB: down to 7/8 of it, not every layer
     printf("held spike: %d decision, %d layers demoted\n", decisions, demoted);
 
+    // A resident set that does not stay resident: decoding, the page-cache layers' reads found a quarter of their
+    // pages missing while the capacity looks ample (it misjudged the memory). The largest go direct until what the
+    // cache held covers the rest with a margin, and none comes back while the capacity stays; once it grows by more
+    // than a quarter, they do.
+    {
+        struct dblade_auto_layer T[4];
+        for (int i = 0; i < 4; i++) {
+            struct dblade_auto_layer x = { DBLADE_PATH_MMAP, 100 * MiB, 100 * MiB, 75 * MiB };
+            T[i] = x;
+        }
+        struct dblade_auto_state ts = { .last_psi_us = UINT64_MAX };
+        m = sample(400, 4096 * MiB, 0, 0);
+        CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 0); // the fill rate: not known yet
+        // a prefill (rows growing fast) misses pages it has not written yet: not a verdict
+        for (int i = 0; i < 4; i++) {
+            T[i].need_bytes += 50 * MiB;
+        }
+        m.t_ns += DBLADE_AUTO_FILL_WINDOW_NS;
+        CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 0);
+        for (int i = 0; i < 4; i++) {
+            T[i].need_bytes = 100 * MiB;
+        }
+        // decoding: a sixteenth missing or less is not thrashing
+        for (int i = 0; i < 4; i++) {
+            T[i].resident_bytes = 95 * MiB;
+        }
+        m.t_ns += DBLADE_AUTO_FILL_WINDOW_NS;
+        CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 0);
+        m.t_ns += DBLADE_AUTO_FILL_WINDOW_NS;
+        for (int i = 0; i < 4; i++) {
+            T[i].resident_bytes = 75 * MiB; // 100 of 400 MiB missing: 300 held, 262 kept (7/8)
+        }
+        CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 2);
+        CHECK(strstr(why, "thrashing") != NULL);
+        printf("thrash: %s\n", why);
+        for (int i = 0; i < 4; i++) {
+            T[i].resident_bytes = T[i].want == DBLADE_PATH_MMAP ? 100 * MiB : 0; // the rest stays cached now
+        }
+        m.t_ns += 10 * DBLADE_AUTO_HOLD_NS; // calm, long after: the same capacity promotes nothing
+        CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 0);
+        m.cg_limit = 8192 * MiB; // memory grew: the capacity rules again
+        m.t_ns += DBLADE_AUTO_FILL_WINDOW_NS;
+        CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 2);
+    }
+
     // no room at all: every layer goes direct
     m = sample(30, 400 * MiB, 300 * MiB, 600000);
     dblade_auto_decide(&st, &m, 300 * MiB, L, 4, why, sizeof(why));
