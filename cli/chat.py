@@ -197,6 +197,9 @@ class Chat:
         if spec and spec["passes"]:
             drafts = (f", drafts {spec['accepted']}/{spec['drafted']} accepted "
                       f"({spec['mean_accepted_length']:.2f} tok a pass)")
+        per = st["generation"]["bytes_read_per_token"]
+        if per is not None and st["offloaded_bytes"]:
+            drafts += f", {format_size(per)} read a generated token"
         self.err.print(f"{prompt} prompt tok, {generated} generated, {rate:.1f} tok/s, {first}, "
                        f"KV {format_size(st['resident_bytes'])} resident{cached} / "
                        f"{format_size(st['offloaded_bytes'])} offloaded{paths}{drafts}", style="dim", markup=False,

@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 
 PATHS = ("ram", "mmap", "direct", "vram")  # "vram": in VRAM as stock (GPU builds)
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -220,6 +220,7 @@ def lib() -> ctypes.CDLL:
         "dblade_kv_release": (None, [c_void_p]),
         "dblade_kv_bind": (c_int, [c_void_p]),
         "dblade_kv_snapshot": (c_int, [c_void_p, POINTER(Stats), POINTER(LayerStats), c_uint32]),
+        "dblade_kv_bytes_read": (c_uint64, [c_void_p]),
         "dblade_kv_switches": (c_int, [c_void_p, POINTER(Switch), c_uint32]),
         "dblade_kv_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
         "dblade_kv_set_reserve": (c_int, [c_void_p, c_uint64]),
@@ -415,6 +416,10 @@ class KV:
             }
             for e in log[: min(total, SWITCH_LOG)]
         ]
+
+    def bytes_read(self) -> int:
+        """Bytes read from storage so far (stats()["bytes_read"], cheaply)."""
+        return self._lib.dblade_kv_bytes_read(self._h)
 
     def stats(self) -> dict:
         st = Stats()

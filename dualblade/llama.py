@@ -121,8 +121,11 @@ class Llama(llama_cpp.Llama):
         self._kv_wipe = bool(kv_wipe)
         self.eval_progress: Optional[Callable[[int, int], None]] = None
         # prompt_tokens: evaluated other than as a step of generation (a sampled token and its drafts)
-        self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0, "prompt_tokens": 0}
-        self._just_sampled = False
+        # generation steps (an evaluation after a sample): the storage bytes they read, and the tokens sampled after
+        # them (generated: their bytes per token is what speculation divides)
+        self._counters = {"eval_tokens": 0, "eval_s": 0.0, "sampled": 0, "prompt_tokens": 0,
+                          "step_bytes_read": 0, "step_sampled": 0}
+        self._just_sampled = self._after_step = False
         # the weights are mmap'ed (unless use_mmap=False): auto leaves their working set its page cache; with
         # every layer on a GPU they live in VRAM, and their file pages are read once, at load
         all_on_gpu = info is not None and placement.all_weights_on_gpu(
@@ -300,6 +303,13 @@ class Llama(llama_cpp.Llama):
             st["memory"]["buffers_reserve_bytes"] = max(r["buffers"] - r["touched"], 0)
         # speculative decoding (draft_model=): drafted, accepted, mean accepted length; None without
         st["speculation"] = self._speculation.stats() if getattr(self, "_speculation", None) else None
+        # what generation read from storage per token it generated (with speculation: per token, not per pass)
+        c = self._counters
+        st["generation"] = {"tokens": c["step_sampled"], "bytes_read": c["step_bytes_read"],
+                            "bytes_read_per_token": c["step_bytes_read"] / c["step_sampled"] if c["step_sampled"]
+                            else None}
+        if st["speculation"] is not None:
+            st["speculation"]["bytes_read_per_token"] = st["generation"]["bytes_read_per_token"]
         return st
 
     def kv_trim(self) -> int:
@@ -339,6 +349,8 @@ class Llama(llama_cpp.Llama):
         self._kv_check()
         # evaluated batch by batch so that a long prompt can report progress; same result as one call
         total = len(tokens)
+        step, self._after_step = self._just_sampled, False
+        read0 = self._kv.bytes_read() if step else 0
         start = time.perf_counter()
         done = 0
         if self._speculation is not None:
@@ -363,7 +375,10 @@ class Llama(llama_cpp.Llama):
             if done >= total:
                 break
         self._counters["eval_tokens"] += total
-        if not self._just_sampled:
+        if step:
+            self._counters["step_bytes_read"] += self._kv.bytes_read() - read0
+            self._after_step = True
+        else:
             self._counters["prompt_tokens"] += total
         self._just_sampled = False
         self._counters["eval_s"] += time.perf_counter() - start
@@ -458,6 +473,7 @@ class Llama(llama_cpp.Llama):
     def sample(self, *args, **kwargs):
         token = super().sample(*args, **kwargs)
         self._counters["sampled"] += 1
+        self._counters["step_sampled"] += self._after_step
         self._just_sampled = True
         return token
 

@@ -102,6 +102,27 @@ def test_offloaded_policies_equal_the_oracle(gemma_path, repeat_tokens, oracle, 
         assert st["speculation"]["drafted"] == oracle[2]["drafted"]
 
 
+def test_storage_bytes_per_generated_token(gemma_path, repeat_tokens, tmp_path):
+    """kv_stats()["generation"]: what the generation steps read from storage per token they generated. A
+    verification batch reads each direct layer once for all its tokens: with drafts that hold, the bytes per
+    generated token fall by about the mean accepted length."""
+    got = {}
+    for draft in (False, True):
+        with closing(_open(gemma_path, tmp_path / str(draft), "direct", draft=draft)) as llm:
+            _generate(llm, repeat_tokens)
+            st = llm.kv_stats()
+        g = st["generation"]
+        assert g["tokens"] == N_GEN - 1 and g["bytes_read"] > 0, g  # the first token comes from the prompt's pass
+        assert g["bytes_read_per_token"] == g["bytes_read"] / g["tokens"]
+        if draft:
+            assert st["speculation"]["bytes_read_per_token"] == g["bytes_read_per_token"]
+            assert st["speculation"]["mean_accepted_length"] > 1.5
+        got[draft] = (g["bytes_read_per_token"], st["speculation"])
+    print(f"bytes per generated token: plain {got[False][0]:.0f}, drafts {got[True][0]:.0f} "
+          f"(mean accepted length {got[True][1]['mean_accepted_length']:.2f})")
+    assert got[True][0] < got[False][0] / 1.4
+
+
 def test_a_layer_switch_between_a_batch_and_its_rejection(gemma_path, repeat_tokens, oracle, tmp_path):
     """auto: layers move between the direct path and the page cache while generate runs, after every token, so
     that verification batches are written on one path and rolled back on the other."""
@@ -332,6 +353,8 @@ def test_serve_with_lookup_drafts(tmp_path, gemma_path):
         assert r.choices[0].text.strip() and r.usage.completion_tokens == 48
         status, _, kv = s.request("GET", "/v1/kv")
         assert status == 200 and kv["speculation"]["accepted"] > 0, kv["speculation"]
+        # storage bytes per generated token, as kv_stats() gives them
+        assert kv["generation"]["tokens"] >= 47 and kv["speculation"]["bytes_read_per_token"] > 0, kv["generation"]
     finally:
         log = s.stop()
     assert "Traceback" not in log, log

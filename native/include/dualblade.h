@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout or a function its meaning; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 11
+#define DBLADE_ABI_VERSION 12
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -181,6 +181,9 @@ DBLADE_API int  dblade_kv_bind(struct dblade_kv * kv);
 DBLADE_API int dblade_kv_snapshot(struct dblade_kv * kv, struct dblade_stats * out, struct dblade_layer_stats * layers,
                                   uint32_t cap);
 DBLADE_API int dblade_kv_stats(struct dblade_kv * kv, struct dblade_stats * out);
+/* Bytes read from storage so far, every layer's (dblade_stats.bytes_read), without the rest of a snapshot: cheap
+ * enough to read around every generation step. */
+DBLADE_API uint64_t dblade_kv_bytes_read(struct dblade_kv * kv);
 DBLADE_API int dblade_kv_layers(struct dblade_kv * kv, struct dblade_layer_stats * out, uint32_t cap);
 /* One change of path of a layer (il -1: the initial placement), with its reason in words. */
 struct dblade_switch {

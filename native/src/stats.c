@@ -112,6 +112,18 @@ int dblade_kv_snapshot(struct dblade_kv * kv, struct dblade_stats * out, struct 
     return (int) n;
 }
 
+uint64_t dblade_kv_bytes_read(struct dblade_kv * kv) {
+    uint64_t n = 0;
+    pthread_mutex_lock(&kv->lock);
+    for (struct dblade_cache * c = kv->caches; c; c = c->next) {
+        for (uint32_t i = 0; i < c->n_tensors; i++) {
+            n += atomic_load(&c->tensors[i].bytes_read);
+        }
+    }
+    pthread_mutex_unlock(&kv->lock);
+    return n;
+}
+
 int dblade_kv_stats(struct dblade_kv * kv, struct dblade_stats * out) {
     const int n = dblade_kv_snapshot(kv, out, NULL, 0);
     return n < 0 ? n : 0;
