@@ -296,7 +296,7 @@ void dblade_cache_clear(struct dblade_cache * c) {
         DBLADE_KV_PATH_CALL(kv, t, settle);
         // metadata only: nothing is written to the store, rows above hwm are never read back
         DBLADE_KV_PATH_CALL(kv, t, clear);
-        t->hwm = 0, t->cached = 0;
+        t->hwm = 0, t->cached = 0, t->missing = 0;
     }
     if (kv->pipeline.active && kv->pipeline.active->cache == c) {
         dblade_pipeline_leave(&kv->pipeline);

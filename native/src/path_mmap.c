@@ -66,7 +66,8 @@ static int mmap_attach(struct dblade_tier * p, struct dblade_tensor * t) {
         // path has written them
         memset(t->sums, 0, t->map_bytes / DBLADE_BLOCK * sizeof(*t->sums));
     }
-    t->cached = DBLADE_CACHED_UNKNOWN; // the policy does not judge the cache by a layer it has not read yet
+    t->cached  = DBLADE_CACHED_UNKNOWN; // the policy does not judge the cache by a layer it has not read yet
+    t->missing = 0;
     return 0;
 }
 
@@ -94,7 +95,8 @@ static void mmap_make_resident(struct dblade_tier * p, struct dblade_tensor * t,
     const uint64_t upto    = need < t->hwm ? need : t->hwm;
     const uint64_t missing = pages_missing(t->addr, upto, t->page);
     atomic_fetch_add(&t->bytes_read, missing);
-    t->cached = dblade_align_up(upto, t->page) - missing;
+    t->cached  = dblade_align_up(upto, t->page) - missing;
+    t->missing = missing;
 }
 
 // the kernel writes back the pages these rows dirty
@@ -138,7 +140,8 @@ static int mmap_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint6
     const uint64_t upto    = len < t->hwm ? len : t->hwm;
     const uint64_t missing = pages_missing(t->addr, upto, t->page);
     atomic_fetch_add(&t->bytes_read, missing);
-    t->cached = dblade_align_up(upto, t->page) - missing;
+    t->cached  = dblade_align_up(upto, t->page) - missing;
+    t->missing = missing;
     if (missing == 0 && len <= t->map_bytes && copy_from_mapping()) {
         *copy_from = t->addr;
         return 0;

@@ -60,11 +60,12 @@ uint64_t dblade_auto_place(uint64_t room, const uint64_t * full, uint32_t n, uin
 
 int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sample * m, uint64_t reserve,
                        struct dblade_auto_layer * layers, uint32_t n, char * why, size_t why_cap) {
-    uint64_t need = 0, cached = 0;
+    uint64_t need = 0, cached = 0, missing = 0;
     for (uint32_t i = 0; i < n; i++) {
         if (layers[i].want == DBLADE_PATH_MMAP) {
             need += layers[i].need_bytes;
             cached += layers[i].resident_bytes;
+            missing += layers[i].missing_bytes;
         }
     }
     const uint64_t cap = dblade_auto_capacity(m, reserve, cached);
@@ -106,12 +107,12 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
     // last reads found pages missing. A cyclic scan is LRU's worst case: each pass evicts what the next needs,
     // and a missing page comes in at the page cache's pace and is copied after, where the direct path reads it
     // once at the device's. Keep in the cache what it held, with a margin; the rest goes direct.
-    const uint64_t missing  = need > cached ? need - cached : 0;
+    const uint64_t held     = need > missing ? need - missing : 0;
     const bool     thrash   = had_prev && calm && st->fill_rate >= 0 && st->fill_rate < (double) DBLADE_AUTO_FILL_RATE &&
                         missing > need / DBLADE_AUTO_MISS_SHARE && missing > DBLADE_AUTO_MISS_MIN;
     if (over || stalling || thrash) {
         // largest first: the most memory back per switch
-        uint64_t target = over ? cap - cap / 8 : thrash ? cached - cached / 8 : need - need / 4;
+        uint64_t target = over ? cap - cap / 8 : thrash ? held - held / 8 : need - need / 4;
         while (need > target) {
             int best = -1;
             for (uint32_t i = 0; i < n; i++) {
@@ -234,6 +235,8 @@ static void sample(struct dblade_work * w) {
             a->full_bytes                = k->map_bytes + v->map_bytes;
             const bool unknown           = k->cached == DBLADE_CACHED_UNKNOWN || v->cached == DBLADE_CACHED_UNKNOWN;
             a->resident_bytes            = k->path != DBLADE_PATH_MMAP ? 0 : unknown ? a->need_bytes : k->cached + v->cached;
+            // (not need less resident: rows written since the last read were not there to be missed)
+            a->missing_bytes             = k->path != DBLADE_PATH_MMAP || unknown ? 0 : k->missing + v->missing;
         }
     }
     char      why[sizeof(((struct dblade_switch *) 0)->reason)];

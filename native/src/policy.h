@@ -35,6 +35,7 @@ struct dblade_auto_layer {
     uint64_t need_bytes;     // what the layer holds now (rows written)
     uint64_t full_bytes;     // what it holds when the context is full
     uint64_t resident_bytes; // of it in the page cache now (mmap layers)
+    uint64_t missing_bytes;  // of what its last reads looked at, not in the page cache (mmap layers)
 };
 
 // bytes of page cache the offloaded layers may use; reserve = the weights' working set

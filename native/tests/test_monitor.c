@@ -162,7 +162,7 @@ int main(void) {
     {
         struct dblade_auto_layer T[4];
         for (int i = 0; i < 4; i++) {
-            struct dblade_auto_layer x = { DBLADE_PATH_MMAP, 100 * MiB, 100 * MiB, 75 * MiB };
+            struct dblade_auto_layer x = { DBLADE_PATH_MMAP, 100 * MiB, 100 * MiB, 75 * MiB, 25 * MiB };
             T[i] = x;
         }
         struct dblade_auto_state ts = { .last_psi_us = UINT64_MAX };
@@ -177,21 +177,29 @@ int main(void) {
         for (int i = 0; i < 4; i++) {
             T[i].need_bytes = 100 * MiB;
         }
+        // rows written since the last reads (a ubatch of a prompt, computing longer than the rate's window): less
+        // resident than needed, nothing missed
+        for (int i = 0; i < 4; i++) {
+            T[i].missing_bytes = 0;
+        }
+        m.t_ns += DBLADE_AUTO_FILL_WINDOW_NS;
+        CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 0);
         // decoding: a sixteenth missing or less is not thrashing
         for (int i = 0; i < 4; i++) {
-            T[i].resident_bytes = 95 * MiB;
+            T[i].missing_bytes = 5 * MiB;
         }
         m.t_ns += DBLADE_AUTO_FILL_WINDOW_NS;
         CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 0);
         m.t_ns += DBLADE_AUTO_FILL_WINDOW_NS;
         for (int i = 0; i < 4; i++) {
-            T[i].resident_bytes = 75 * MiB; // 100 of 400 MiB missing: 300 held, 262 kept (7/8)
+            T[i].missing_bytes = 25 * MiB; // 100 of 400 MiB missing: 300 held, 262 kept (7/8)
         }
         CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 2);
         CHECK(strstr(why, "thrashing") != NULL);
         printf("thrash: %s\n", why);
         for (int i = 0; i < 4; i++) {
             T[i].resident_bytes = T[i].want == DBLADE_PATH_MMAP ? 100 * MiB : 0; // the rest stays cached now
+            T[i].missing_bytes  = 0;
         }
         m.t_ns += 10 * DBLADE_AUTO_HOLD_NS; // calm, long after: the same capacity promotes nothing
         CHECK_EQ(dblade_auto_decide(&ts, &m, 300 * MiB, T, 4, why, sizeof(why)), 0);
