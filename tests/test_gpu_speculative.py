@@ -15,7 +15,7 @@ import llama_cpp
 
 import dualblade
 from dualblade.speculative import PromptLookup, repeat_prompt
-from test_speculative import N_GEN, _generate, _logits
+from test_speculative import _generate, _logits, resumed, saved_after_a_rejection
 
 pytestmark = pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(),
                                 reason="no GPU: this llama_cpp build or machine offloads nothing (CI has no GPU)")
@@ -107,19 +107,7 @@ def test_a_layer_switch_between_a_batch_and_its_rejection(gemma, tokens, oracle,
 def test_a_session_saved_right_after_a_rejection(gemma, tokens, oracle, tmp_path):
     """Saved in the step whose verification batch was cut short (the VRAM slots flushed to the host copies), loaded
     into a fresh context on another host tier: generation goes on as the oracle's."""
-    path = tmp_path / "s.dbs"
     with closing(_open(gemma, tmp_path / "a", "direct")) as llm:
-        out = []
-        gen = llm.generate(tokens, temp=0.0, top_k=1)
-        for t in gen:
-            before = llm.kv_stats()["speculation"]
-            out.append(t)
-            if len(out) > 4 and before["drafted"] > before["accepted"]:
-                break  # the last batch settled had a rejection
-        gen.close()
-        assert len(out) < N_GEN, "no rejection happened"
-        llm.save_session(path)
+        saved = saved_after_a_rejection(llm, tokens, tmp_path / "s.dbs")
     with closing(_open(gemma, tmp_path / "b", "mmap")) as fresh:
-        fresh.load_session(path)
-        rest = _generate(fresh, tokens + out, n=N_GEN - len(out))
-    assert out + rest == oracle[0]
+        assert resumed(fresh, tokens, *saved) == oracle[0]

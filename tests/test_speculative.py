@@ -146,22 +146,32 @@ def test_a_layer_switch_between_a_batch_and_its_rejection(gemma_path, repeat_tok
 def test_a_session_saved_right_after_a_rejection(gemma_path, repeat_tokens, oracle, tmp_path):
     """The step in which a verification batch was cut short: saved there, loaded into a fresh context on another
     policy, generation goes on exactly as the oracle's."""
-    path = tmp_path / "s.dbs"
     with closing(_open(gemma_path, tmp_path / "a", "direct")) as llm:
-        out = []
-        gen = llm.generate(repeat_tokens, temp=0.0, top_k=1)
-        for t in gen:
-            before = llm.kv_stats()["speculation"]
-            out.append(t)
-            if len(out) > 4 and before["drafted"] > before["accepted"]:
-                break  # the last batch settled had a rejection
-        gen.close()
-        assert len(out) < N_GEN, "no rejection happened"
-        llm.save_session(path)
+        saved = saved_after_a_rejection(llm, repeat_tokens, tmp_path / "s.dbs")
     with closing(_open(gemma_path, tmp_path / "b", "mmap")) as fresh:
-        fresh.load_session(path)
-        rest = _generate(fresh, repeat_tokens + out, n=N_GEN - len(out))
-    assert out + rest == oracle[0]
+        assert resumed(fresh, repeat_tokens, *saved) == oracle[0]
+
+
+def saved_after_a_rejection(llm, tokens, path):
+    """Generates until the last verification batch settled had a rejection, saves the session there: (its tokens,
+    path). Shared with test_gpu_speculative.py."""
+    out = []
+    gen = llm.generate(tokens, temp=0.0, top_k=1)
+    for t in gen:
+        before = llm.kv_stats()["speculation"]
+        out.append(t)
+        if len(out) > 4 and before["drafted"] > before["accepted"]:
+            break  # the last batch settled had a rejection
+    gen.close()
+    assert len(out) < N_GEN, "no rejection happened"
+    llm.save_session(path)
+    return out, path
+
+
+def resumed(fresh, tokens, out, path):
+    """The session loaded into a fresh context, generation goes on to N_GEN: every token."""
+    fresh.load_session(path)
+    return out + _generate(fresh, tokens + out, n=N_GEN - len(out))
 
 
 def test_a_cut_history_and_a_new_prompt(gemma_path, repeat_tokens, tmp_path):
