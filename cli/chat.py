@@ -197,8 +197,10 @@ class Chat:
         if spec and spec["passes"]:
             drafts = (f", drafts {spec['accepted']}/{spec['drafted']} accepted "
                       f"({spec['mean_accepted_length']:.2f} tok a pass)")
-        per = st["generation"]["bytes_read_per_token"]
-        if per is not None and st["offloaded_bytes"]:
+        # what this reply's generation read from storage per token it generated (speculation divides it)
+        steps = after["step_sampled"] - before["step_sampled"]
+        if steps and st["offloaded_bytes"]:
+            per = (after["step_bytes_read"] - before["step_bytes_read"]) / steps
             drafts += f", {format_size(per)} read a generated token"
         self.err.print(f"{prompt} prompt tok, {generated} generated, {rate:.1f} tok/s, {first}, "
                        f"KV {format_size(st['resident_bytes'])} resident{cached} / "

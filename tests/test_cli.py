@@ -19,7 +19,8 @@ from dualblade.sizes import format_size
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STATUS = re.compile(r"^(\d+) prompt tok, (\d+) generated, (\d+(?:\.\d+)?) tok/s, (?:first token \d+(?:\.\d+)? s|no token), "
                     r"KV (\S+ \S+) resident(?: \+ \S+ \S+ page cache)? / (\S+ \S+) offloaded"
-                    r"(?: \((\d+) layers page cache, (\d+) direct\))?$")
+                    r"(?: \((\d+) layers page cache, (\d+) direct\))?"
+                    r"(?:, drafts \d+/\d+ accepted \([\d.]+ tok a pass\))?(?:, (\S+ \S+) read a generated token)?$")
 # a layer row of the /stats table: "│     0 │ ram  │ 1.00 MiB │ ..."
 STATS_ROW = re.compile(r"^│\s+(\d+)\s+│\s+(ram|mmap|direct)\s+│")
 # a layer row of `info`'s placement table: "│     5 │ global │ 4.00 MiB │ ram    │"
@@ -262,6 +263,10 @@ def test_pipe_offloaded_kv_same_answers_as_ram_f16(tmp_path, policy):
     ram = _ram_reference(tmp_path, "--flash-attn")
     off = _offload_run(tmp_path, "--policy", policy, "--mem-budget", "40M")  # minimum 8 MiB, KV 72 MiB
     assert off.stdout == ram.stdout
+    # each reply's status line says what its generation read from storage per token (the direct path: each token
+    # reads the offloaded rows back)
+    read = [m[8] for m in _status_lines(off.stderr)]
+    assert all(read) and (policy != "direct" or all(r != "0 B" for r in read)), off.stderr
 
 
 @pytest.mark.parametrize("policy", ["direct", "mmap"])
