@@ -97,11 +97,11 @@ class Llama(llama_cpp.Llama):
         layout = self._plan_layout(model_path, cfg, kwargs, info, vram_bytes) if info is not None else []
         # layers the module places away from the stock placement: on the host's offloaded paths, or streamed
         offloaded = any(e[1] in ("mmap", "direct") or e[4] for e in layout)
+        n_ctx = (kwargs.get("n_ctx", 512) or info.n_ctx_train) if offloaded else None
         # their rows are read once per ubatch: the prompt goes in large ubatches (unless the caller chose one),
         # with llama.cpp's compute buffers reserved for the outputs a ubatch asks for
         self._prefill_ubatch = None
         if offloaded and "n_ubatch" not in kwargs and "n_batch" not in kwargs:
-            n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
             self._prefill_ubatch = placement.prefill_ubatch(info, n_ctx, any(e[4] for e in layout))
             kwargs["n_batch"] = kwargs["n_ubatch"] = self._prefill_ubatch
             layout = self._plan_layout(model_path, cfg, kwargs, info, vram_bytes)  # an iSWA cache may grow
@@ -136,12 +136,11 @@ class Llama(llama_cpp.Llama):
         # until prompts have touched them (_reserve_touched), when the monitor counts them itself.
         self._reserve = None
         if offloaded and cfg.policy == "auto":
-            n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
             streamed = any(e[4] for e in layout)
             ub = min(kwargs.get("n_ubatch", 512), kwargs.get("n_batch", 2048))
             self._reserve = {"weights": info.weights_working_set() if mapped else 0, "info": info, "ubatch": ub,
                              "gpu": streamed, "buffers": placement.prefill_host_bytes(info, n_ctx, ub, streamed),
-                             "touched": 0}
+                             "touched": 0}  # of the buffers, what prompts have filled (the most of any ubatch)
         if offloaded and len(cfg.members) > 1:
             # every member checked first, writing nothing: the module opens them in turn, and a device opened
             # before one that is refused would keep the header it got
@@ -186,9 +185,13 @@ class Llama(llama_cpp.Llama):
             self._reserve["ubatch"] = self.context_params.n_ubatch
             self._kv.set_reserve(self._reserve_bytes())
 
-    def _reserve_bytes(self) -> int:
+    def _buffers_left(self) -> int:
+        """Of auto's reserve for the compute buffers, what no prompt has touched yet."""
         r = self._reserve
-        return r["weights"] + max(r["buffers"] - r["touched"], 0)
+        return max(r["buffers"] - r["touched"], 0)
+
+    def _reserve_bytes(self) -> int:
+        return self._reserve["weights"] + self._buffers_left()
 
     def _reserve_touched(self, n_tokens: int, n_end: int) -> None:
         """A batch of n_tokens ending at position n_end was evaluated: its ubatches' masks (and activations) are
@@ -298,9 +301,9 @@ class Llama(llama_cpp.Llama):
         st["vram"]["resident_layers"] = len(resident)
         st["vram"]["resident_bytes"] = sum(e[2] + e[3] for e in resident)
         if st.get("memory") is not None:  # auto's reserve: the weights' page cache, compute buffers not yet touched
-            r = getattr(self, "_reserve", None) or {"weights": st["memory"]["reserve_bytes"], "buffers": 0, "touched": 0}
-            st["memory"]["weights_reserve_bytes"] = r["weights"]
-            st["memory"]["buffers_reserve_bytes"] = max(r["buffers"] - r["touched"], 0)
+            r = getattr(self, "_reserve", None)
+            st["memory"]["weights_reserve_bytes"] = r["weights"] if r else st["memory"]["reserve_bytes"]
+            st["memory"]["buffers_reserve_bytes"] = self._buffers_left() if r else 0
         # speculative decoding (draft_model=): drafted, accepted, mean accepted length; None without
         st["speculation"] = self._speculation.stats() if getattr(self, "_speculation", None) else None
         # what generation read from storage per token it generated (with speculation: per token, not per pass)
@@ -367,7 +370,7 @@ class Llama(llama_cpp.Llama):
             else:
                 super().eval(batch)
             done += len(batch)
-            if self._reserve and self._reserve["touched"] < self._reserve["buffers"]:
+            if self._reserve and self._buffers_left():
                 self._reserve_touched(len(batch), self.n_tokens)
             self._kv_check()
             if self.eval_progress is not None and total > 1:

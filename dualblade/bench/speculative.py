@@ -37,18 +37,18 @@ def run_bench_speculative(opts: BenchOptions, draft: str,
         host_label, host_bytes = host_budget(opts, info)
         kv_total = sum(info.layer_bytes(opts.n_ctx))
 
-        def limit(p: str, b: Optional[int]) -> Optional[int]:
+        def limit(p: str, b: Optional[int]) -> Optional[int]:  # the reference too: all its weights and KV
             return gpu_cell_limit(p, weights, host_weights(info, weights), kv_total, host_bytes, overhead) \
                 if opts.use_cgroup else None
     else:
         host_label, host_bytes = None, None
 
-        def limit(p: str, b: Optional[int]) -> Optional[int]:
-            return host_cell_limit(opts, weights, b, overhead)
+        def limit(p: str, b: Optional[int]) -> Optional[int]:  # the reference (every layer in RAM): none
+            return None if p == ref else host_cell_limit(opts, weights, b, overhead)
     cells: list[tuple[str, Optional[str], Cell]] = []
     for w in WORKLOADS:
         for d in (None, draft):
-            cells.append((w, d, Cell(ref, "unlimited", None, limit(ref, None) if opts.gpu else None)))
+            cells.append((w, d, Cell(ref, "unlimited", None, limit(ref, None))))
             for label, b in budgets:
                 for p in policies:
                     cells.append((w, d, Cell(p, label, b, limit(p, b))))

@@ -156,15 +156,12 @@ static bool read_one(struct dblade_vram * v, int32_t x) {
         }
     }
     // K and V in one batch where one engine reads both: the device's queue does not drain between them
-    const bool one = n[0] > 0 && n[1] > 0 && buffered[0] == buffered[1];
-    for (int w = 0; w < 2 && rc == 0; w++) {
+    const int batches = n[0] > 0 && n[1] > 0 && buffered[0] == buffered[1] ? 1 : 2;
+    for (int w = 0; w < batches && rc == 0; w++) {
         struct dblade_io * io = buffered[w] ? v->io_buffered : v->io_direct;
-        const int          nr = one ? n[0] + n[1] : n[w];
+        const int          nr = batches == 1 ? n[0] + n[1] : n[w];
         if (nr > 0) {
             rc = io ? dblade_io_run(io, reqs + (w ? n[0] : 0), (uint32_t) nr) : -EBADF;
-        }
-        if (one) {
-            break;
         }
     }
     pthread_mutex_lock(v->env.lock);
