@@ -107,8 +107,8 @@ int dblade_vram_wb_reserve(struct dblade_vram * v, uint64_t bytes) {
     return v->wb ? 0 : -ENOMEM;
 }
 
-// the engines reading the store for the ring: O_DIRECT (the direct path), and buffered (the page cache: the
-// same file, opened again without O_DIRECT)
+// the engines reading the store for the ring, per lane: O_DIRECT (the direct path), and buffered (the page
+// cache: the same file, opened again without O_DIRECT)
 static int engines_open(struct dblade_vram * v) {
     if (!v->env.store) {
         return 0;
@@ -117,8 +117,11 @@ static int engines_open(struct dblade_vram * v) {
     if (rc < 0) {
         return rc;
     }
-    rc = dblade_io_open_map(&v->io_direct, &v->env.store->map);
-    return rc < 0 ? rc : dblade_io_open_map(&v->io_buffered, &v->buffered);
+    for (int l = 0; l < VRAM_LANES && rc >= 0; l++) {
+        rc = dblade_io_open_map(&v->lanes[l].io_direct, &v->env.store->map);
+        rc = rc < 0 ? rc : dblade_io_open_map(&v->lanes[l].io_buffered, &v->buffered);
+    }
+    return rc;
 }
 
 // half the CPUs copy the page cache into the ring (the GPU computes: the host's threads wait meanwhile), the
@@ -258,8 +261,12 @@ void dblade_vram_destroy(struct dblade_vram * v) {
     if (!v) {
         return;
     }
-    dblade_io_close(v->io_direct);
-    dblade_io_close(v->io_buffered);
+    dblade_worker_destroy(&v->lane_worker); // lane 0's worker (the KV object's) has stopped already
+    pthread_cond_destroy(&v->read_done);
+    for (int l = 0; l < VRAM_LANES; l++) {
+        dblade_io_close(v->lanes[l].io_direct);
+        dblade_io_close(v->lanes[l].io_buffered);
+    }
     dblade_pcopy_close(v->pcopy);
     dblade_store_close_buffered(&v->buffered);
     if (v->ctx) {
@@ -310,7 +317,13 @@ int dblade_vram_attach(struct dblade_vram ** vp, const struct dblade_vram_env * 
         if (!v) {
             return -ENOMEM;
         }
-        v->env       = *env;
+        v->env = *env;
+        dblade_worker_init(&v->lane_worker, env->lock);
+        pthread_cond_init(&v->read_done, NULL);
+        for (int l = 0; l < VRAM_LANES; l++) {
+            v->lanes[l].v      = v;
+            v->lanes[l].worker = l == 0 ? env->worker : &v->lane_worker;
+        }
         const int rc = setup(v, device, padded_type(type_k) || padded_type(type_v));
         if (rc < 0) {
             char why[256];

@@ -2,11 +2,11 @@
 // layer computes, and the rows it stores come back after, with the storage reads, the copies and the
 // compute of three layers in flight at once.
 //
-//  - Reads ahead (the worker): the host paths' bytes of the next layers, in graph order, into the ring
-//    (page-locked): O_DIRECT reads of the direct path (checked against their CRC-32C as they arrive), the page
-//    cache copied out of its mapping by several threads (pcopy.c) or, where pages are missing, read buffered;
-//    what only memory holds copied (path.h's snapshot). Layer i+2 is read while layer i+1 is copied and layer
-//    i computes.
+//  - Reads ahead (two lanes, a worker each): the host paths' bytes of the next layers, in graph order, into
+//    the ring (page-locked): O_DIRECT reads of the direct path (checked against their CRC-32C as they
+//    arrive), the page cache copied out of its mapping by several threads (pcopy.c) or, where pages are
+//    missing, read buffered; what only memory holds copied (path.h's snapshot). Layer i+2 is read while
+//    layer i+1 is copied and layer i computes; the lanes read two layers at once, each with its own engines.
 //  - Copies (our stream): a layer's bytes from the ring (or from a pinned host copy) into its slot, queued as
 //    soon as the slot's last layer is done with it, with an event per slot: at the layer's cut the host waits
 //    for that event only.
@@ -118,8 +118,9 @@ static int32_t next_to_read(const struct dblade_vram * v) {
 }
 
 // Layer x into the ring: what only memory holds is copied now, the rest read without the lock, on the
-// calling thread (the worker, or the graph's when it needs the layer now). False when the ring is full.
-static bool read_one(struct dblade_vram * v, int32_t x) {
+// calling thread (a lane's worker, or the graph's when it needs the layer now) with the lane's engines.
+// False when the ring is full.
+static bool read_one(struct dblade_vram * v, struct dblade_vram_lane * lane, int32_t x) {
     struct dblade_streamed * s = &v->sl[x];
     struct dblade_tensor *   k = s->k, * vt = k->pair;
     s->k_len                   = dblade_vram_tensor_len(k);
@@ -132,7 +133,9 @@ static bool read_one(struct dblade_vram * v, int32_t x) {
     bool                 buffered[2]  = { false, false };
     const uint8_t *      copy_from[2] = { NULL, NULL };
     int                  n[2]         = { 0, 0 };
-    s->state                         = SL_READY; // on a failure too: the sticky error stops the graph at its cut
+    // READING from here: a snapshot may drop the lock (the direct path waits for a retire running on the
+    // other lane's worker), and nobody may copy the layer or take its place in the ring meanwhile
+    s->state = SL_READING;
     for (int w = 0; w < 2; w++) {
         struct dblade_tensor * t = w ? vt : k;
         struct dblade_tier *   p = dblade_pipeline_path(v->env.pipeline, t->path);
@@ -142,10 +145,11 @@ static bool read_one(struct dblade_vram * v, int32_t x) {
                                      : -EOPNOTSUPP;
         if (n[w] < 0) {
             dblade_fail(v->env.events, n[w], "reading layer %d %c for VRAM: %s", t->il, "KV"[w], strerror(-n[w]));
+            s->state = SL_READY; // the sticky error stops the graph at its cut
+            pthread_cond_broadcast(&v->read_done);
             return true;
         }
     }
-    s->state = SL_READING;
     pthread_mutex_unlock(v->env.lock);
     int rc = 0;
     for (int w = 0; w < 2; w++) {
@@ -158,7 +162,7 @@ static bool read_one(struct dblade_vram * v, int32_t x) {
     // K and V in one batch where one engine reads both: the device's queue does not drain between them
     const int batches = n[0] > 0 && n[1] > 0 && buffered[0] == buffered[1] ? 1 : 2;
     for (int w = 0; w < batches && rc == 0; w++) {
-        struct dblade_io * io = buffered[w] ? v->io_buffered : v->io_direct;
+        struct dblade_io * io = buffered[w] ? lane->io_buffered : lane->io_direct;
         const int          nr = batches == 1 ? n[0] + n[1] : n[w];
         if (nr > 0) {
             rc = io ? dblade_io_run(io, reqs + (w ? n[0] : 0), (uint32_t) nr) : -EBADF;
@@ -182,22 +186,50 @@ static bool read_one(struct dblade_vram * v, int32_t x) {
         atomic_fetch_add(&v->ring_read_bytes, e < 0 ? 0 : reqs[i].len);
     }
     s->state = SL_READY;
+    pthread_cond_broadcast(&v->read_done);
     return true;
 }
 
-static void read_ahead(struct dblade_work * w) {
-    struct dblade_vram * v = (struct dblade_vram *) ((char *) w - offsetof(struct dblade_vram, work));
-    const int32_t        x = next_to_read(v);
-    if (x >= 0 && read_one(v, x) && next_to_read(v) >= 0) {
-        dblade_worker_queue(v->env.worker, &v->work, true);
+// the lock held: until no layer is READING, or layer x is not (x >= 0)
+static void wait_reads(struct dblade_vram * v, int32_t x) {
+    for (;;) {
+        bool reading = false;
+        for (uint32_t i = 0; i < v->n_streamed; i++) {
+            reading |= v->sl[i].state == SL_READING && (x < 0 || (int32_t) i == x);
+        }
+        if (!reading) {
+            return;
+        }
+        pthread_cond_wait(&v->read_done, v->env.lock);
     }
 }
 
-// more to read ahead: the worker is asked (the lock held)
+static void read_ahead(struct dblade_work * w) {
+    struct dblade_vram_lane * lane = (struct dblade_vram_lane *) ((char *) w - offsetof(struct dblade_vram_lane, work));
+    struct dblade_vram *      v    = lane->v;
+    const int32_t             x    = next_to_read(v);
+    if (x >= 0 && read_one(v, lane, x) && next_to_read(v) >= 0) {
+        dblade_worker_queue(lane->worker, &lane->work, true);
+    }
+}
+
+// more to read ahead: the lanes are asked, as many as there are layers to read (the lock held)
 static void kick(struct dblade_vram * v) {
-    if (v->ring && !v->ahead_held && next_to_read(v) >= 0) {
-        v->work.run = read_ahead;
-        dblade_worker_queue(v->env.worker, &v->work, true);
+    if (!v->ring || v->ahead_held) {
+        return;
+    }
+    uint32_t idle = 0;
+    for (uint32_t m = 0; m < v->n_streamed; m++) { // as next_to_read counts, every one at rest up to pending
+        const int32_t                  x = (int32_t) ((v->next + m) % v->n_streamed);
+        const struct dblade_streamed * s = &v->sl[x];
+        if (x == v->pending) {
+            break;
+        }
+        idle += s->k && !from_host_copy(s) && s->state == SL_IDLE;
+    }
+    for (uint32_t l = 0; l < VRAM_LANES && l < idle; l++) {
+        v->lanes[l].work.run = read_ahead;
+        dblade_worker_queue(v->lanes[l].worker, &v->lanes[l].work, true);
     }
 }
 
@@ -260,16 +292,7 @@ static void load_ahead(struct dblade_vram * v, int32_t from) {
 // Every copy and read in flight finished, and nothing of the ring kept: the host copies may change (a
 // clear, a state restore) or the order the graph goes in did (the lock held).
 static void drop_ahead(struct dblade_vram * v) {
-    for (;;) {
-        bool reading = false;
-        for (uint32_t x = 0; x < v->n_streamed; x++) {
-            reading |= v->sl[x].state == SL_READING;
-        }
-        if (!reading) {
-            break;
-        }
-        dblade_worker_wait(v->env.worker);
-    }
+    wait_reads(v, -1);
     v->cu.StreamSynchronize(v->stream);
     for (uint32_t x = 0; x < v->n_streamed; x++) {
         if ((int32_t) x != v->pending) {
@@ -294,11 +317,9 @@ static int load(struct dblade_vram * v, int32_t x) {
             drop_ahead(v); // read for another order than the graph's: start again from this layer
         }
         v->next = x;
-        read_one(v, x); // not read ahead: now, on this thread
+        read_one(v, &v->lanes[0], x); // not read ahead: now, on this thread (lane 0's engines wait their turn)
     }
-    while (s->state == SL_READING) {
-        dblade_worker_wait(v->env.worker);
-    }
+    wait_reads(v, x);
     CUresult r = 0;
     if (s->state != SL_LOADING && !v->env.events->error) {
         if (!slot_free(v, s->slot)) {

@@ -30,6 +30,17 @@ struct dblade_streamed {
     uint64_t               k_len, v_len; // bytes [0, len) of K and V it holds there (or copies from its host path)
 };
 
+// a lane of the reads ahead: the engines that read the host paths' store, O_DIRECT (direct path) and
+// buffered (page cache), and its work item on its worker
+#define VRAM_LANES 2
+struct dblade_vram;
+struct dblade_vram_lane {
+    struct dblade_vram *   v;
+    struct dblade_worker * worker;
+    struct dblade_work     work;
+    struct dblade_io *     io_direct, * io_buffered;
+};
+
 #define VRAM_AHEAD_MAX_ROWS UINT32_MAX // every ubatch reads ahead (DUALBLADE_AHEAD_MAX_ROWS bounds it, a bisection's knob)
 
 struct dblade_vram {
@@ -62,11 +73,14 @@ struct dblade_vram {
     uint64_t  wb_bytes;
     bool      wb_pinned;
     char      pin_why[96]; // why host memory is not page-locked (a limit), for the stats
-    // the engines that read the host paths' store: O_DIRECT (direct path), buffered (page cache)
-    struct dblade_io * io_direct, * io_buffered;
+    // the reads ahead: two lanes, each reading one layer at a time with its own engines, so that the next
+    // layer's reads are in flight while one ends (the device's queue does not drain between layers) and a
+    // page-cache layer's misses, read buffered, do not hold up a direct layer's O_DIRECT reads
+    struct dblade_vram_lane lanes[VRAM_LANES];
+    struct dblade_worker    lane_worker; // lane 1's thread (lane 0 runs on the KV object's worker)
+    pthread_cond_t          read_done;   // a layer left READING (broadcast, the lock held)
     struct dblade_stripe buffered; // the store's members opened again without O_DIRECT (zeroed: none)
     struct dblade_pcopy * pcopy; // the threads that copy the page cache into the ring
-    struct dblade_work work; // reads ahead, on the worker
     // the graph: the streamed layer it computes next, and the one whose new rows are still in VRAM
     int32_t  next, pending;
     uint64_t pending_lo, pending_hi; // rows it stored
