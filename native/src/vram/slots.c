@@ -117,7 +117,7 @@ static int engines_open(struct dblade_vram * v) {
     if (rc < 0) {
         return rc;
     }
-    for (int l = 0; l < VRAM_LANES && rc >= 0; l++) {
+    for (uint32_t l = 0; l < v->n_lanes && rc >= 0; l++) {
         rc = dblade_io_open_map(&v->lanes[l].io_direct, &v->env.store->map);
         rc = rc < 0 ? rc : dblade_io_open_map(&v->lanes[l].io_buffered, &v->buffered);
     }
@@ -142,6 +142,9 @@ static int setup(struct dblade_vram * v, const char * device, bool quantized) {
         v->ahead_max_rows = 0;
     }
     v->ahead_held = v->ahead_max_rows == 0;
+    // DUALBLADE_READ_LANES=1: one lane reads ahead, one layer at a time (as before the second lane)
+    const char * lanes = getenv("DUALBLADE_READ_LANES");
+    v->n_lanes         = lanes && atoi(lanes) == 1 ? 1 : VRAM_LANES;
     v->pending     = -1;
     int rc         = dblade_cuda_load(&v->cu);
     if (rc < 0) {

@@ -77,6 +77,7 @@ struct dblade_vram {
     // layer's reads are in flight while one ends (the device's queue does not drain between layers) and a
     // page-cache layer's misses, read buffered, do not hold up a direct layer's O_DIRECT reads
     struct dblade_vram_lane lanes[VRAM_LANES];
+    uint32_t                n_lanes;     // DUALBLADE_READ_LANES=1: one (a comparison's knob)
     struct dblade_worker    lane_worker; // lane 1's thread (lane 0 runs on the KV object's worker)
     pthread_cond_t          read_done;   // a layer left READING (broadcast, the lock held)
     struct dblade_stripe buffered; // the store's members opened again without O_DIRECT (zeroed: none)
