@@ -1,6 +1,7 @@
 """Issue 22 on the GPU: where the streamed layers' tokens leave the all-in-VRAM oracle's with lookup drafts (run 7
 found tests/test_gpu_speculative.py's streamed runs differing at the 14th token on every host tier, while the bench's
-cells were exact). Each variant against its own oracle (stock placement, same arguments): the first token that
+cells, which give every context the same ubatch, were exact: the likely cause is the larger prompt ubatch a streamed
+context takes when none is given). Each variant against its own oracle (stock placement, same arguments): the first token that
 differs and whether the last logits are equal.   python3 tools/gpu/spec-diag.py MODEL.gguf"""
 import ctypes
 import sys
@@ -65,4 +66,5 @@ compare("no drafts", draft=False)
 compare("drafts, no FA", fa=False)
 compare("drafts, 16384", n_ctx=16384)
 compare("drafts, 4x the least VRAM", scale=4)
-compare("drafts, ubatch 64", ubatch=64)
+compare("drafts, n_ubatch 1024 for both", ubatch=1024)
+compare("no drafts, n_ubatch 1024 for both", draft=False, ubatch=1024)
