@@ -315,6 +315,9 @@ int main(void) {
     CHECK(registered);
     run("2", 2, 1 << 20, "2 slots, a ring");
     CHECK_EQ(registered(), 0); // every page-locked buffer given back
+    // from here two lanes read ahead (layers 2 and 3 on the direct path side by side): a direct layer's snapshot
+    // may drop the lock (a retire running on the other worker), and nobody copies the layer meanwhile
+    setenv("DUALBLADE_READ_LANES", "2", 1);
     run("0", LAYERS, 1 << 20, "a slot each");
     run("3", 3, 1 << 20, "3 slots");
     // the budget leaves the ring no room for a layer: the host paths stage them, copies start from there

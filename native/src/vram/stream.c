@@ -2,11 +2,12 @@
 // layer computes, and the rows it stores come back after, with the storage reads, the copies and the
 // compute of three layers in flight at once.
 //
-//  - Reads ahead (two lanes, a worker each): the host paths' bytes of the next layers, in graph order, into
-//    the ring (page-locked): O_DIRECT reads of the direct path (checked against their CRC-32C as they
+//  - Reads ahead (a lane, or two with DUALBLADE_READ_LANES=2: a worker each): the host paths' bytes of the
+//    next layers, in graph order, into the ring (page-locked): O_DIRECT reads of the direct path (checked against their CRC-32C as they
 //    arrive), the page cache copied out of its mapping by several threads (pcopy.c) or, where pages are
 //    missing, read buffered; what only memory holds copied (path.h's snapshot). Layer i+2 is read while
-//    layer i+1 is copied and layer i computes; the lanes read two layers at once, each with its own engines.
+//    layer i+1 is copied and layer i computes; two lanes read two direct layers at once, each with its own
+//    engines.
 //  - Copies (our stream): a layer's bytes from the ring (or from a pinned host copy) into its slot, queued as
 //    soon as the slot's last layer is done with it, with an event per slot: at the layer's cut the host waits
 //    for that event only.
@@ -210,8 +211,8 @@ static bool on_direct_path(const struct dblade_streamed * s) {
 
 // Layer x may be read now beside the reads in flight: only O_DIRECT reads run together. A page-cache layer's
 // buffered reads beside another layer's O_DIRECT ones were slower than the two in turn (bench_ring mixed:
-// 0.80-0.97x; the kernel's read-ahead of the one breaks up the other's sequence), two direct layers' reads
-// faster (bench_ring direct: 1.04-1.20x; the device's queue does not drain between them). The lock held.
+// 0.80-0.97x). Two direct layers' reads side by side measured 1.04-1.20x one lane in some runs and 0.76x in
+// others on the same disk (bench_ring direct), hence a single lane by default (slots.c). The lock held.
 static bool may_read_now(const struct dblade_vram * v, int32_t x) {
     bool others = false, all_direct = true;
     for (uint32_t i = 0; i < v->n_streamed; i++) {
