@@ -3,11 +3,11 @@
 // compute of three layers in flight at once.
 //
 //  - Reads ahead (a lane, or two with DUALBLADE_READ_LANES=2: a worker each): the host paths' bytes of the
-//    next layers, in graph order, into the ring (page-locked): O_DIRECT reads of the direct path (checked against their CRC-32C as they
-//    arrive), the page cache copied out of its mapping by several threads (pcopy.c) or, where pages are
-//    missing, read buffered; what only memory holds copied (path.h's snapshot). Layer i+2 is read while
-//    layer i+1 is copied and layer i computes; two lanes read two direct layers at once, each with its own
-//    engines.
+//    next layers, in graph order, into the ring (page-locked): O_DIRECT reads of the direct path (checked
+//    against their CRC-32C as they arrive), the page cache copied out of its mapping by several threads
+//    (pcopy.c) or, where pages are missing, read buffered; what only memory holds copied (path.h's
+//    snapshot). Layer i+2 is read while layer i+1 is copied and layer i computes; two lanes read two direct
+//    layers at once, each with its own engines.
 //  - Copies (our stream): a layer's bytes from the ring (or from a pinned host copy) into its slot, queued as
 //    soon as the slot's last layer is done with it, with an event per slot: at the layer's cut the host waits
 //    for that event only.
@@ -233,23 +233,13 @@ static void read_ahead(struct dblade_work * w) {
     }
 }
 
-// more to read ahead: the lanes are asked, as many as there are layers to read (the lock held)
+// more to read ahead: the lanes are asked (the lock held; a lane that finds nothing it may read returns)
 static void kick(struct dblade_vram * v) {
-    if (!v->ring || v->ahead_held) {
-        return;
-    }
-    uint32_t idle = 0;
-    for (uint32_t m = 0; m < v->n_streamed; m++) { // as next_to_read counts, every one at rest up to pending
-        const int32_t                  x = (int32_t) ((v->next + m) % v->n_streamed);
-        const struct dblade_streamed * s = &v->sl[x];
-        if (x == v->pending) {
-            break;
+    if (v->ring && !v->ahead_held && next_to_read(v) >= 0) {
+        for (uint32_t l = 0; l < v->n_lanes; l++) {
+            v->lanes[l].work.run = read_ahead;
+            dblade_worker_queue(v->lanes[l].worker, &v->lanes[l].work, true);
         }
-        idle += s->k && !from_host_copy(s) && s->state == SL_IDLE;
-    }
-    for (uint32_t l = 0; l < v->n_lanes && l < idle; l++) {
-        v->lanes[l].work.run = read_ahead;
-        dblade_worker_queue(v->lanes[l].worker, &v->lanes[l].work, true);
     }
 }
 

@@ -74,7 +74,8 @@ struct dblade_vram {
     bool      wb_pinned;
     char      pin_why[96]; // why host memory is not page-locked (a limit), for the stats
     // the reads ahead: up to two lanes, each reading one layer at a time with its own engines, so that the
-    // next direct layer's reads can be in flight while one ends (the device's queue does not drain between them)
+    // next direct layer's reads can be in flight while one ends (the device's queue does not drain between
+    // them)
     struct dblade_vram_lane lanes[VRAM_LANES];
     uint32_t                n_lanes;     // 1; DUALBLADE_READ_LANES=2: both (slots.c says why not by default)
     struct dblade_worker    lane_worker; // lane 1's thread (lane 0 runs on the KV object's worker)
