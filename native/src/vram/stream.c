@@ -211,7 +211,7 @@ static bool on_direct_path(const struct dblade_streamed * s) {
 
 // Layer x may be read now beside the reads in flight: only O_DIRECT reads run together. A page-cache layer's
 // buffered reads beside another layer's O_DIRECT ones were slower than the two in turn (bench_ring mixed:
-// 0.80-0.97x). Two direct layers' reads side by side measured 1.04-1.20x one lane in some runs and 0.76x in
+// 0.88-0.94x). Two direct layers' reads side by side measured 1.04-1.20x one lane in some runs and 0.76x in
 // others on the same disk (bench_ring direct), hence a single lane by default (slots.c). The lock held.
 static bool may_read_now(const struct dblade_vram * v, int32_t x) {
     bool others = false, all_direct = true;
