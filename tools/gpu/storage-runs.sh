@@ -7,7 +7,8 @@
 #   16k-free    a 16K prompt, 25%, no limit (the page cache may hold everything)
 #   128k        128K context, a 64K prompt, 1 GiB of VRAM and 1 GiB of host budget, under a limit
 # REPS repetitions (default 1), POLICIES (default vram,ram,mmap,direct,auto), SHAPE (default llama-1b: another
-# synthetic shape, e.g. kv-heavy, names its files bench-SHAPE-REGIME.json). TESTS=1 (the default) first runs
+# synthetic shape, e.g. kv-heavy, names its files bench-SHAPE-REGIME.json), LANES (e.g. "1 2": each regime once per
+# count of the VRAM ring's read-ahead lanes, DUALBLADE_READ_LANES, files ...-lanesN.json; empty: the default). TESTS=1 (the default) first runs
 # tests/test_gpu.py and the numpy-first checks (tools/gpu/numpy-first.sh). Results under $OUT: bench-*.json,
 # pytest-gpu.log, numpy-first.log.
 set -uo pipefail
@@ -23,7 +24,10 @@ S=${SHAPE:-llama-1b}
 step 60 weights python3 -c "from dualblade.synthetic import cached_model; print(cached_model('$S'))"
 B="python3 -m dualblade.cli.app bench --gpu --synthetic $S -n 16 -r ${REPS:-1} --timeout 150 --policies ${POLICIES:-vram,ram,mmap,direct,auto}"
 for regime in ${REGIMES:-16k-cgroup 30k-cgroup 16k-free}; do
-    J=$OUT/bench-$regime.json; [ "$S" = llama-1b ] || J=$OUT/bench-$S-$regime.json
+for lanes in ${LANES:-default}; do
+    J=$OUT/bench-$regime; [ "$S" = llama-1b ] || J=$OUT/bench-$S-$regime
+    if [ "$lanes" = default ]; then unset DUALBLADE_READ_LANES; J=$J.json
+    else export DUALBLADE_READ_LANES=$lanes; J=$J-lanes$lanes.json; fi
     case $regime in
     16k-cgroup) step 60 bench-$regime $B -c 32768 -p 16384 --budgets 25% --host-budget 25% --json "$J" ;;
     30k-cgroup) step 90 bench-$regime $B -c 32768 -p 30720 --budgets 15% --host-budget 15% --json "$J" ;;
@@ -31,4 +35,5 @@ for regime in ${REGIMES:-16k-cgroup 30k-cgroup 16k-free}; do
     128k) step 120 bench-$regime $B -c 131072 -p 65536 --budgets 1G --host-budget 1G --timeout 400 --json "$J" ;;
     *) echo "storage-runs.sh: unknown regime $regime" ;;
     esac
+done
 done
