@@ -173,6 +173,9 @@ class Llama(llama_cpp.Llama):
         # for one batch, and fails)
         self._speculation = None
         self._step = None
+        # llama_cpp turns logits_all on for any draft_model; a session keeps every position's logits only when the
+        # user asked for them (a verification batch's logits are used once, and the last token is evaluated again)
+        self._user_logits_all = bool(kwargs.get("logits_all"))
         if self.draft_model is not None and not kwargs.get("logits_all"):
             k_max = min(getattr(self.draft_model, "num_pred_tokens", 10), placement.OUTPUTS_MAX - 1, self.n_batch - 1)
             self._speculation = Speculation(self.draft_model, k_max)
@@ -454,7 +457,7 @@ class Llama(llama_cpp.Llama):
     def _saved_settings(self) -> dict:
         """What a session keeps besides the geometry: the sampling seed, and whether every position's logits are
         kept (a loader must keep them too)."""
-        return {"seed": self._seed, "logits_all": bool(self._logits_all)}
+        return {"seed": self._seed, "logits_all": self._user_logits_all}
 
     def _restore_history(self, tokens: np.ndarray, scores: np.ndarray | None, seed: int | None) -> None:
         """The token history of a restored context (and its logits, with logits_all), and its seed; the logits of

@@ -212,7 +212,8 @@ def check(path, saved: dict, llm) -> None:
             show = (lambda v: GGML_TYPE_NAMES.get(v, v)) if key in ("type_k", "type_v") else (lambda v: v)
             raise SessionError(f"{path} was saved with {label}={show(want)}, this Llama has {label}="
                                f"{show(have[key])}; create it with {label}={show(want)}")
-    if saved.get("logits_all") and not llm._saved_settings()["logits_all"]:
+    # a draft_model context (whose logits_all is llama_cpp's own) skips the logits of a file saved with them
+    if saved.get("logits_all") and not llm._saved_settings()["logits_all"] and not llm._logits_all:
         raise SessionError(f"{path} was saved with logits_all=True; create the Llama with logits_all=True")
 
 

@@ -8,6 +8,7 @@ after a rejection, and a prompt whose history was cut (the chat drops old turns)
 from __future__ import annotations
 
 import ctypes
+import os
 from contextlib import closing
 
 import numpy as np
@@ -145,10 +146,15 @@ def test_a_layer_switch_between_a_batch_and_its_rejection(gemma_path, repeat_tok
 
 def test_a_session_saved_right_after_a_rejection(gemma_path, repeat_tokens, oracle, tmp_path):
     """The step in which a verification batch was cut short: saved there, loaded into a fresh context on another
-    policy, generation goes on exactly as the oracle's."""
-    with closing(_open(gemma_path, tmp_path / "a", "direct")) as llm:
+    policy, generation goes on exactly as the oracle's. Batches of 512, fewer than the prompt's tokens: llama_cpp
+    turns logits_all on for a draft_model and sizes its scores for one batch; the session keeps no logits (it once
+    saved a batch's rows, the loader found them short of the history and called the file damaged)."""
+    small = dict(n_batch=512, n_ubatch=512)
+    with closing(_open(gemma_path, tmp_path / "a", "direct", **small)) as llm:
         saved = saved_after_a_rejection(llm, repeat_tokens, tmp_path / "s.dbs")
-    with closing(_open(gemma_path, tmp_path / "b", "mmap")) as fresh:
+        assert len(repeat_tokens) > 512 and os.path.getsize(saved[1]) < llm.n_tokens * llm.n_vocab(), \
+            "the session kept the drafts' logits"
+    with closing(_open(gemma_path, tmp_path / "b", "mmap", **small)) as fresh:
         assert resumed(fresh, repeat_tokens, *saved) == oracle[0]
 
 
