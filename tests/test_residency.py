@@ -358,6 +358,32 @@ def test_auto_reserves_the_compute_buffers_a_prompt_fills(tiny_path, tmp_path):
         llm.close()
 
 
+def test_auto_places_again_once_loaded(tiny_path, tmp_path):
+    """auto's first placement is made when the KV opens, before llama.cpp loads the weights and makes the context
+    (on a GPU build: the driver's host memory, the ring); set_reserve, which the drop-in calls once both exist, places
+    the layers that hold no rows yet again from memory as it is then. Here a reserve larger than the machine leaves
+    the page cache no room: every offloaded layer goes to the direct path before its first row, and says why."""
+    llm = Llama(str(tiny_path), n_ctx=2048, verbose=False, kv_policy="auto", kv_dir=str(tmp_path), flash_attn=True,
+                mem_budget=min_budget(tiny_path, 2048, "auto"))
+    try:
+        st = llm.kv_stats()
+        offloaded = st["layers_by_path"]["mmap"] + st["layers_by_path"]["direct"]
+        assert offloaded > 0 and st["layers_by_path"]["mmap"] == offloaded, st["switches"]  # ample memory here
+        llm._kv.set_reserve(1 << 50)
+        llm.eval(prompt_tokens(llm, 300))
+        st = llm.kv_stats()
+        assert st["layers_by_path"]["direct"] == offloaded, st["switches"]
+        moved = [s for s in st["switches"] if s["layer"] is not None]
+        assert len(moved) == offloaded and all(s["from"] == "mmap" and s["to"] == "direct" for s in moved), moved
+        assert all(s["reason"].startswith("loaded: 0 MiB of the offloaded layers fit") for s in moved), moved
+        llm._kv.set_reserve(0)  # the layers hold rows now: placed again no more (the samples decide from here on)
+        llm.eval([5])
+        st = llm.kv_stats()
+        assert st["layers_by_path"]["direct"] == offloaded and st["switch_count"] == len(moved) + 1, st["switches"]
+    finally:
+        llm.close()
+
+
 def test_auto_leaves_the_weights_what_they_keep_cached(heavy_path, gemma_path, tmp_path):
     """auto's page-cache room leaves the mmap'ed weights their working set, not the file's size: every tensor
     but the token-embedding table (a token reads one row of it) unless it is also the output matrix (Gemma

@@ -43,9 +43,9 @@ void dblade_kv_unref(struct dblade_kv * kv) {
     if (atomic_fetch_sub(&kv->refs, 1) != 1) {
         return;
     }
+    dblade_policy_close(kv->policy); // its samples first: they read the caches and the direct path
     dblade_worker_destroy(&kv->worker); // nothing runs in the background from here on
     dblade_vram_destroy(kv->vram);
-    dblade_policy_close(kv->policy);
     if (kv->direct) {
         dblade_direct_close(kv->direct);
     }
@@ -243,8 +243,8 @@ int dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers, const 
     }
     if (cfg->policy == DBLADE_POLICY_AUTO && kv->n_offloaded > 0) {
         // the first room leaves out the VRAM tier's ring, allocated (page-locked) when the context is
-        rc = dblade_policy_open(&kv->policy, &kv->env, &kv->caches, kv->direct, &kv->worker,
-                                cfg->reserve_bytes + kv->ring_bytes, kv->layout, kv->n_layout);
+        rc = dblade_policy_open(&kv->policy, &kv->env, &kv->caches, kv->direct, cfg->reserve_bytes + kv->ring_bytes,
+                                kv->layout, kv->n_layout);
         if (rc < 0) {
             dblade_kv_unref(kv);
             return rc;

@@ -8,10 +8,12 @@
 // memory; they come back, smallest first, only when they fit with a wide margin, nothing stalls,
 // and the last switch is a while ago (hysteresis: no flapping).
 //
-// The KV object's side: the initial placement, and a sample taken on the worker (never on the
-// graph's thread) that marks layers to switch; the pipeline applies a switch when the graph next
-// enters the layer. This file owns the policy's state; it calls the monitor, the worker, the events
-// and the direct path (what of its staging allowance is not memory yet).
+// The KV object's side: the initial placement, placed again once the model and its context are loaded
+// (what they took is known then, and no layer holds rows yet), and a sample taken on the policy's own
+// thread (never on the graph's, and never queued behind the reads the KV object's worker runs back to
+// back while decode waits on storage) that marks layers to switch; the pipeline applies a switch when
+// the graph next enters the layer. This file owns the policy's state and its thread; it calls the
+// monitor, the worker, the events and the direct path (what of its staging allowance is not memory yet).
 
 #define _GNU_SOURCE
 #include "policy.h"
@@ -192,11 +194,11 @@ int dblade_auto_decide(struct dblade_auto_state * st, const struct dblade_mem_sa
 }
 
 struct dblade_auto {
-    struct dblade_work         work; // its samples on the worker
+    struct dblade_work         work; // its samples, on the sampler
+    struct dblade_worker       sampler;
     struct dblade_path_env *   env;
     struct dblade_cache **     caches;
     struct dblade_tier *       direct;
-    struct dblade_worker *     worker;
     uint64_t                   reserve_bytes;
     struct dblade_monitor      monitor;
     struct dblade_mem_sample   last_sample;
@@ -261,8 +263,8 @@ static void sample(struct dblade_work * w) {
 }
 
 int dblade_policy_open(struct dblade_auto ** out, struct dblade_path_env * env, struct dblade_cache ** caches,
-                       struct dblade_tier * direct, struct dblade_worker * worker, uint64_t reserve_bytes,
-                       struct dblade_layout_layer * layout, uint32_t n_layout) {
+                       struct dblade_tier * direct, uint64_t reserve_bytes, struct dblade_layout_layer * layout,
+                       uint32_t n_layout) {
     struct dblade_auto * p = calloc(1, sizeof(*p));
     if (!p) {
         return -ENOMEM;
@@ -279,7 +281,7 @@ int dblade_policy_open(struct dblade_auto ** out, struct dblade_path_env * env, 
     p->env           = env;
     p->caches        = caches;
     p->direct        = direct;
-    p->worker        = worker;
+    dblade_worker_init(&p->sampler, env->lock);
     p->reserve_bytes = reserve_bytes;
     dblade_monitor_init(&p->monitor);
     dblade_monitor_sample(&p->monitor, &p->last_sample);
@@ -332,17 +334,73 @@ int dblade_policy_open(struct dblade_auto ** out, struct dblade_path_env * env, 
 
 void dblade_policy_close(struct dblade_auto * p) {
     if (p) {
+        dblade_worker_destroy(&p->sampler);
         free(p->layers);
         free(p);
     }
 }
 
+// The layers that hold no rows yet are placed again, by the rule of the first placement, from memory as it
+// is now: the first was made when the KV object opened, before llama.cpp loaded the weights and made the
+// context (a GPU build's driver, its buffers), so its room was larger than what is left. A layer placed in a
+// page cache that cannot hold it costs twice: its rows are written through a page cache under reclaim, and
+// every token reads it back at the page cache's pace. (The lock held.)
+static void place_again(struct dblade_auto * p) {
+    uint32_t n = 0, empty = 0;
+    for (struct dblade_cache * c = *p->caches; c; c = c->next) {
+        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
+            const struct dblade_tensor * k = &c->tensors[i];
+            if (k->path != DBLADE_PATH_RAM && n < p->n_layers) {
+                p->layers[n++].full_bytes = k->map_bytes + k->pair->map_bytes;
+                empty += k->hwm == 0 && k->pair->hwm == 0;
+            }
+        }
+    }
+    uint64_t * full  = calloc(n ? n : 1, sizeof(*full));
+    uint32_t * paths = calloc(n ? n : 1, sizeof(*paths));
+    if (!full || !paths || empty == 0) {
+        free(full), free(paths);
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        full[i] = p->layers[i].full_bytes;
+    }
+    struct dblade_mem_sample m;
+    dblade_monitor_sample(&p->monitor, &m); // (stateless: the sampler may be sampling too)
+    const uint64_t room   = dblade_auto_capacity(&m, reserve(p), 0);
+    const uint64_t cached = dblade_auto_place(room, full, n, paths);
+    uint32_t       j = 0, moved = 0;
+    char           why[sizeof(((struct dblade_switch *) 0)->reason)];
+    snprintf(why, sizeof(why), "loaded: %llu MiB of the offloaded layers fit the page cache (room %llu MiB)",
+             (unsigned long long) (cached >> 20), (unsigned long long) (room == UINT64_MAX ? 0 : room >> 20));
+    for (struct dblade_cache * c = *p->caches; c; c = c->next) {
+        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
+            struct dblade_tensor * k = &c->tensors[i];
+            if (k->path == DBLADE_PATH_RAM || j >= n) {
+                continue;
+            }
+            const uint32_t want = paths[j++];
+            if (k->hwm == 0 && k->pair->hwm == 0 && want != k->want) {
+                k->want = k->pair->want = want; // switched when the graph enters it (no rows: nothing moves)
+                snprintf(k->want_why, sizeof(k->want_why), "%s", why);
+                moved++;
+            }
+        }
+    }
+    free(full), free(paths);
+    if (moved && room != UINT64_MAX) {
+        p->state.cap_bytes      = room;
+        p->state.last_switch_ns = dblade_now_ns();
+    }
+}
+
 void dblade_policy_set_reserve(struct dblade_auto * p, uint64_t reserve_bytes) {
     p->reserve_bytes = reserve_bytes;
+    place_again(p);
 }
 
 void dblade_policy_tick(struct dblade_auto * p, uint64_t now_ns) {
-    if (now_ns >= p->next_sample_ns && dblade_worker_queue(p->worker, &p->work, false)) {
+    if (now_ns >= p->next_sample_ns && dblade_worker_queue(&p->sampler, &p->work, false)) {
         p->next_sample_ns = now_ns + DBLADE_MONITOR_PERIOD_NS; // the worker reads memory; the graph goes on
     }
 }

@@ -61,12 +61,14 @@ struct dblade_layout_layer;
 
 // Samples memory, and places the offloaded layers of the layout (their path: the page cache when
 // what is available holds all of them whole next to the weights, else the direct path). direct: the
-// direct path (its unheld staging is not room); samples are taken on the worker.
+// direct path (its unheld staging is not room); samples are taken on the policy's own thread.
 int  dblade_policy_open(struct dblade_auto ** out, struct dblade_path_env * env, struct dblade_cache ** caches,
-                        struct dblade_tier * direct, struct dblade_worker * worker, uint64_t reserve_bytes,
-                        struct dblade_layout_layer * layout, uint32_t n_layout);
+                        struct dblade_tier * direct, uint64_t reserve_bytes, struct dblade_layout_layer * layout,
+                        uint32_t n_layout);
+// stops its thread (the lock not held) and frees it
 void dblade_policy_close(struct dblade_auto * p);
-// the lock held: the weights' working set changed
+// the lock held: the reserve changed (the weights' working set, the compute buffers no prompt touched yet);
+// the layers that hold no rows yet are placed again from memory as it is now (the model and context loaded)
 void dblade_policy_set_reserve(struct dblade_auto * p, uint64_t reserve_bytes);
 // the lock held, from the pipeline: the graph progresses; a sample is queued when one is due
 void dblade_policy_tick(struct dblade_auto * p, uint64_t now_ns);
