@@ -257,6 +257,7 @@ static void sample(struct dblade_work * w) {
             if (want != k->want) {
                 k->want = k->pair->want = want;
                 snprintf(k->want_why, sizeof(k->want_why), "%s", why);
+                p->env->write_around |= want == DBLADE_PATH_DIRECT; // the page cache did not hold them all
             }
         }
     }
@@ -318,6 +319,7 @@ int dblade_policy_open(struct dblade_auto ** out, struct dblade_path_env * env, 
     // a limit, pages filled for the rows a prompt has not reached yet take room the prompt's dirty pages need, and
     // it writes them under reclaim (GPU run 9, 16K under the limit: 384 MiB filled, TTFT 2.7 s against 1.0 direct)
     env->populate_page_cache = n_mmap > 0 && n_mmap == n;
+    env->write_around        = n_mmap < n; // a limit: path_mmap.c writes a prompt's rows from VRAM around the cache
     p->state.cap_bytes       = room;
     p->state.last_switch_ns  = dblade_now_ns();
     p->state.last_psi_us     = UINT64_MAX;
@@ -365,8 +367,10 @@ static void place_again(struct dblade_auto * p) {
         free(full), free(paths);
         return;
     }
+    uint64_t total = 0;
     for (uint32_t i = 0; i < n; i++) {
         full[i] = p->layers[i].full_bytes;
+        total += full[i];
     }
     struct dblade_mem_sample m;
     dblade_monitor_sample(&p->monitor, &m); // (stateless: the sampler may be sampling too)
@@ -390,6 +394,7 @@ static void place_again(struct dblade_auto * p) {
             }
         }
     }
+    p->env->write_around = cached < total;
     free(full), free(paths);
     if (moved && room != UINT64_MAX) {
         p->state.cap_bytes      = room;

@@ -576,6 +576,28 @@ int dblade_store_mmap(const struct dblade_store * st, void * addr, uint64_t off,
     return 0;
 }
 
+int dblade_store_write_direct(const struct dblade_store * st, const void * src, uint64_t off, uint64_t len) {
+    if (off % st->align || len % st->align || (uintptr_t) src % st->mem_align) {
+        return -EINVAL;
+    }
+    for (uint64_t done = 0, n; done < len; done += n) {
+        uint32_t m;
+        uint64_t phys;
+        n = dblade_stripe_piece(&st->map, off + done, len - done, &m, &phys);
+        for (uint64_t put = 0; put < n;) {
+            const ssize_t w = pwrite(st->map.fd[m], (const uint8_t *) src + done + put, n - put, (off_t) (phys + put));
+            if (w < 0 && errno == EINTR) {
+                continue;
+            }
+            if (w <= 0) {
+                return w < 0 ? -errno : -EIO;
+            }
+            put += (uint64_t) w;
+        }
+    }
+    return 0;
+}
+
 void dblade_store_dontneed(const struct dblade_store * st, uint64_t off, uint64_t len) {
     for (uint64_t done = 0, n; done < len; done += n) {
         uint32_t m;

@@ -55,6 +55,9 @@ const char * dblade_store_where(const struct dblade_store * st, int member, char
 int  dblade_store_mmap(const struct dblade_store * st, void * addr, uint64_t off, uint64_t len);
 // the page cache lets go of [off, off + len)
 void dblade_store_dontneed(const struct dblade_store * st, uint64_t off, uint64_t len);
+// [off, off + len) of the store written from src with O_DIRECT, now, around the page cache (which the kernel
+// writes back and drops for the range first): src, off and len aligned as the store's O_DIRECT needs; 0 or -errno
+int  dblade_store_write_direct(const struct dblade_store * st, const void * src, uint64_t off, uint64_t len);
 // a copy of the map whose members are opened again without O_DIRECT (buffered reads through the page cache);
 // dblade_store_close_buffered closes them
 int  dblade_store_open_buffered(const struct dblade_store * st, struct dblade_stripe * out);

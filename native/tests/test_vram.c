@@ -3,7 +3,8 @@
 // layer's cut its slot holds exactly the rows written so far, whatever host path they come from (pinned RAM,
 // the direct path, the page cache: read ahead into the ring, or staged when the ring has no room); the rows a
 // layer stores come back to its host path at the next cut (a decode's rows into the tail page, a prefill's
-// across pages, rows rewritten in the middle); clears, flushes, a storage fault, a skipped cut.
+// across pages, rows rewritten in the middle; the page cache's written around it); clears, flushes, a storage
+// fault, a skipped cut.
 #define _GNU_SOURCE
 #include "../src/testing.h"
 #include "dualblade-llama.h"
@@ -325,6 +326,11 @@ int main(void) {
     setenv("DUALBLADE_PIN", "0", 1); // what a failing page lock leaves: pageable copies
     run("2", 2, 1 << 20, "pageable");
     unsetenv("DUALBLADE_PIN");
+    // the page-cache layers' rows from VRAM written to the store with O_DIRECT, around the page cache (auto
+    // under a limit does it for a prompt's ubatches): read back through the mapping, every row as written
+    setenv("DUALBLADE_WRITE_AROUND", "1", 1);
+    run("2", 2, 1 << 20, "written around the page cache");
+    unsetenv("DUALBLADE_WRITE_AROUND");
     storage_fault();
     held_reads();
     ring_stress();
