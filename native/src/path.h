@@ -79,7 +79,7 @@ struct dblade_path_env {
     struct dblade_store *  store;  // the offloaded tensors' extents
     struct dblade_events * events; // failures, stalls
     bool                   thp;    // the kernel has transparent huge pages
-    bool                   populate_page_cache; // auto found room for every offloaded layer in the page cache
+    bool                   populate_page_cache; // auto put offloaded layers in the page cache: fill their pages at load
     bool                   write_around; // auto did not: a prompt's rows from VRAM go to the store around the page cache
     bool                   verify; // the direct path checks a CRC-32C per block
     // written by the pipeline, read by the paths
