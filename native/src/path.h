@@ -80,7 +80,8 @@ struct dblade_path_env {
     struct dblade_events * events; // failures, stalls
     bool                   thp;    // the kernel has transparent huge pages
     bool                   populate_page_cache; // auto put offloaded layers in the page cache: fill their pages at load
-    bool                   write_around; // auto did not: a prompt's rows from VRAM go to the store around the page cache
+    bool                   write_around; // auto under a limit (not every offloaded layer fits the page cache): a
+                                         // prompt's rows from VRAM go to the store around the page cache
     bool                   verify; // the direct path checks a CRC-32C per block
     // written by the pipeline, read by the paths
     const struct dblade_tensor * active;         // K tensor of the layer the graph is at
