@@ -22,8 +22,10 @@ PROBE_MIN, PROBE_MAX = 8, 128
 EMA = 0.2  # weight of the newest sample in the running estimates
 # What a draft adds to a step, as a share of a one-token step. Fixed, not measured: k then depends on the tokens
 # alone, so that every tier and the all-in-RAM run draft alike and give the same tokens (batched and single-token
-# evaluation round differently). Measured here (kv_stats: step_s, draft_s): 0.01-0.02 on the CPU where decode
-# reads the weights once per step; storage-bound steps make it smaller still.
+# evaluation round differently). Measured (kv_stats: step_s, draft_s): 0.01-0.02 on the CPU where decode reads the
+# weights once per step and the output row is small; 0.29 for Gemma-3-270M all in RAM (55 ms a step, 16 ms a draft:
+# each drafted position computes a 262,144-token output row), which is why drafts cost it 0.57-0.86x all in VRAM on
+# the GPU (docs/benchmarks.md). Storage-bound steps make it small: there a verification batch's bytes dominate.
 DRAFT_COST = 0.1
 
 
