@@ -69,6 +69,7 @@ static int mmap_attach(struct dblade_tier * p, struct dblade_tensor * t) {
     }
     t->cached  = DBLADE_CACHED_UNKNOWN; // the policy does not judge the cache by a layer it has not read yet
     t->missing = 0;
+    t->around  = false;
     return 0;
 }
 
@@ -92,12 +93,19 @@ static int mmap_detach(struct dblade_tier * p, struct dblade_tensor * t) {
 }
 
 // what attention will fault in from the store; what was still cached is what the policy counts
+// what a read fence found of [0, upto): the policy judges the cache by it, unless rows were written around the
+// cache since the last read (their pages are missing on purpose, and this read brings them in)
+static void found(struct dblade_tensor * t, uint64_t upto, uint64_t missing) {
+    t->cached  = t->around ? DBLADE_CACHED_UNKNOWN : dblade_align_up(upto, t->page) - missing;
+    t->missing = t->around ? 0 : missing;
+    t->around  = false;
+}
+
 static void mmap_make_resident(struct dblade_tier * p, struct dblade_tensor * t, uint64_t need) {
     const uint64_t upto    = need < t->hwm ? need : t->hwm;
     const uint64_t missing = pages_missing(t->addr, upto, t->page);
     atomic_fetch_add(&t->bytes_read, missing);
-    t->cached  = dblade_align_up(upto, t->page) - missing;
-    t->missing = missing;
+    found(t, upto, missing);
 }
 
 // the kernel writes back the pages these rows dirty
@@ -133,6 +141,7 @@ static void mmap_store_from(struct dblade_tier * p, struct dblade_tensor * t, ui
         const int rc = dblade_store_write_direct(p->env->store, src, t->store_off + src_lo, end - src_lo);
         if (rc == 0) {
             mmap_take_rows(p, t, lo, hi);
+            t->around = true;
             return;
         }
         if (rc != -EINVAL) {
@@ -171,8 +180,7 @@ static int mmap_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint6
     const uint64_t upto    = len < t->hwm ? len : t->hwm;
     const uint64_t missing = pages_missing(t->addr, upto, t->page);
     atomic_fetch_add(&t->bytes_read, missing);
-    t->cached  = dblade_align_up(upto, t->page) - missing;
-    t->missing = missing;
+    found(t, upto, missing);
     if (missing == 0 && len <= t->map_bytes && copy_from_mapping()) {
         *copy_from = t->addr;
         return 0;

@@ -33,6 +33,8 @@ struct dblade_tensor {
     uint64_t               hwm;          // rows below this were written since the last clear
     uint64_t               cached;       // page cache: of [0, hwm), what the last read fence found cached
     uint64_t               missing;      // page cache: of what the last read fence looked at, the bytes not cached
+    bool                   around;       // page cache: rows went to the store around it since the last read (that
+                                         // read's misses are ours, not the cache's)
     uint32_t *             sums;         // offloaded: CRC-32C per block as last written by the direct path
     uint64_t *             changed;      // offloaded: a bit per block written since the session file last matched
     _Atomic uint64_t       bytes_read, bytes_written, io_wait_ns;

@@ -6,6 +6,7 @@
 // across pages, rows rewritten in the middle; the page cache's written around it); clears, flushes, a storage
 // fault, a skipped cut.
 #define _GNU_SOURCE
+#include "../src/tensor.h"
 #include "../src/testing.h"
 #include "dualblade-llama.h"
 #include "check.h"
@@ -155,6 +156,14 @@ static void run(const char * slots_env, int slots, uint64_t budget, const char *
 
     graph(0, 0, 20);   // a prefill across pages (16 rows a page)
     graph(1, 20, 21);  // decode: a row into the tail page
+    if (getenv("DUALBLADE_WRITE_AROUND")) {
+        // the page-cache layers' rows went around the cache: their next reads found pages missing and read them
+        // from storage, and the auto policy is not told that the cache lost them (it would demote the layers)
+        for (int il = 4; il < LAYERS; il++) {
+            const struct dblade_tensor * t = dblade_cache_tensor(c, il, 0);
+            CHECK(atomic_load(&t->bytes_read) > 0 && t->missing == 0 && t->cached == DBLADE_CACHED_UNKNOWN);
+        }
+    }
     graph(2, 21, 22);
     check_rows();
     graph(3, 22, 40);  // more than a page, from the tail on
