@@ -92,7 +92,6 @@ static int mmap_detach(struct dblade_tier * p, struct dblade_tensor * t) {
     return 0;
 }
 
-// what attention will fault in from the store; what was still cached is what the policy counts
 // what a read fence found of [0, upto): the policy judges the cache by it, unless rows were written around the
 // cache since the last read (their pages are missing on purpose, and this read brings them in)
 static void found(struct dblade_tensor * t, uint64_t upto, uint64_t missing) {
@@ -101,6 +100,7 @@ static void found(struct dblade_tensor * t, uint64_t upto, uint64_t missing) {
     t->around  = false;
 }
 
+// what attention will fault in from the store; what was still cached is what the policy counts
 static void mmap_make_resident(struct dblade_tier * p, struct dblade_tensor * t, uint64_t need) {
     const uint64_t upto    = need < t->hwm ? need : t->hwm;
     const uint64_t missing = pages_missing(t->addr, upto, t->page);
