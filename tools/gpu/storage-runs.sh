@@ -8,7 +8,9 @@
 #   128k        128K context, a 64K prompt, 1 GiB of VRAM and 1 GiB of host budget, under a limit
 # REPS repetitions (default 1), POLICIES (default vram,ram,mmap,direct,auto), SHAPE (default llama-1b: another
 # synthetic shape, e.g. kv-heavy, names its files bench-SHAPE-REGIME.json), LANES (e.g. "1 2": each regime once per
-# count of the VRAM ring's read-ahead lanes, DUALBLADE_READ_LANES, files ...-lanesN.json; empty: the default). TESTS=1 (the default) first runs
+# count of the VRAM ring's read-ahead lanes, DUALBLADE_READ_LANES, files ...-lanesN.json; empty: the default), VARIANTS
+# (e.g. "DUALBLADE_WRITE_AROUND=0 -": each regime once per environment setting, "-" for none, files
+# ...-DUALBLADE_WRITE_AROUND-0.json and ...-default.json; side by side in one call). TESTS=1 (the default) first runs
 # tests/test_gpu.py and the numpy-first checks (tools/gpu/numpy-first.sh). Results under $OUT: bench-*.json,
 # pytest-gpu.log, numpy-first.log.
 set -uo pipefail
@@ -25,9 +27,17 @@ step 60 weights python3 -c "from dualblade.synthetic import cached_model; print(
 B="python3 -m dualblade.cli.app bench --gpu --synthetic $S -n 16 -r ${REPS:-1} --timeout 150 --policies ${POLICIES:-vram,ram,mmap,direct,auto}"
 for regime in ${REGIMES:-16k-cgroup 30k-cgroup 16k-free}; do
 for lanes in ${LANES:-default}; do
+for variant in ${VARIANTS:-none}; do
     J=$OUT/bench-$regime; [ "$S" = llama-1b ] || J=$OUT/bench-$S-$regime
-    if [ "$lanes" = default ]; then unset DUALBLADE_READ_LANES; J=$J.json
-    else export DUALBLADE_READ_LANES=$lanes; J=$J-lanes$lanes.json; fi
+    if [ "$lanes" = default ]; then unset DUALBLADE_READ_LANES
+    else export DUALBLADE_READ_LANES=$lanes; J=$J-lanes$lanes; fi
+    case $variant in
+    none) ;;
+    -) J=$J-default ;;
+    *=*) J=$J-${variant%%=*}-${variant#*=}; export "${variant?}" ;;
+    *) echo "storage-runs.sh: a variant is NAME=VALUE or -, not $variant"; continue ;;
+    esac
+    J=$J.json
     case $regime in
     16k-cgroup) step 60 bench-$regime $B -c 32768 -p 16384 --budgets 25% --host-budget 25% --json "$J" ;;
     30k-cgroup) step 90 bench-$regime $B -c 32768 -p 30720 --budgets 15% --host-budget 15% --json "$J" ;;
@@ -35,5 +45,7 @@ for lanes in ${LANES:-default}; do
     128k) step 120 bench-$regime $B -c 131072 -p 65536 --budgets 1G --host-budget 1G --timeout 400 --json "$J" ;;
     *) echo "storage-runs.sh: unknown regime $regime" ;;
     esac
+    case $variant in *=*) unset "${variant%%=*}" ;; esac
+done
 done
 done
