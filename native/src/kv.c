@@ -170,6 +170,12 @@ static int direct_open(struct dblade_kv * kv, uint64_t pinned) {
     return rc;
 }
 
+// DUALBLADE_WRITE_AROUND (path_mmap.c), read once: -1 unset, 0 never, 1 every store
+static int8_t write_around_env(void) {
+    const char * e = getenv("DUALBLADE_WRITE_AROUND");
+    return e && *e ? e[0] != '0' : -1;
+}
+
 int dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers, const struct dblade_layout_layer * layers,
                      struct dblade_kv ** out) {
     dblade_set_error("%s", "");
@@ -196,7 +202,8 @@ int dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers, const 
                                          .store  = &kv->store,
                                          .events = &kv->events,
                                          .thp    = thp_available(),
-                                         .verify = !(cfg->flags & DBLADE_CONFIG_NO_VERIFY) };
+                                         .verify = !(cfg->flags & DBLADE_CONFIG_NO_VERIFY),
+                                         .write_around_env = write_around_env() };
     kv->ram      = (struct dblade_tier) { &dblade_path_ram_ops, &kv->env };
     kv->mmap     = (struct dblade_tier) { &dblade_path_mmap_ops, &kv->env };
     kv->pipeline = (struct dblade_pipeline) { .env = &kv->env, .caches = &kv->caches };

@@ -82,6 +82,7 @@ struct dblade_path_env {
     bool                   populate_page_cache; // auto put offloaded layers in the page cache: fill their pages at load
     bool                   write_around; // auto under a limit (not every offloaded layer fits the page cache): a
                                          // prompt's rows from VRAM go to the store around the page cache
+    int8_t write_around_env; // DUALBLADE_WRITE_AROUND when the KV object opened: -1 unset, 0 never, 1 every store
     bool                   verify; // the direct path checks a CRC-32C per block
     // written by the pipeline, read by the paths
     const struct dblade_tensor * active;         // K tensor of the layer the graph is at

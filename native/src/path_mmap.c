@@ -15,7 +15,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -126,9 +125,8 @@ static uint64_t mmap_resident(struct dblade_tier * p, const struct dblade_tensor
 // (src holds the tensor's bytes around the rows), so nothing the page cache held is lost: the kernel writes
 // the range's dirty pages back and drops its pages first. DUALBLADE_WRITE_AROUND=0 never, =1 every store.
 static bool write_around(const struct dblade_tier * p, uint64_t lo, uint64_t hi) {
-    const char * e = getenv("DUALBLADE_WRITE_AROUND");
-    if (e && *e) {
-        return e[0] != '0';
+    if (p->env->write_around_env >= 0) {
+        return p->env->write_around_env;
     }
     return p->env->write_around && hi - lo >= WRITE_AROUND_MIN;
 }

@@ -362,9 +362,12 @@ static void place_again(struct dblade_auto * p) {
             }
         }
     }
+    if (empty == 0) {
+        return; // (after every prompt: the reserve shrinks as prompts touch the compute buffers)
+    }
     uint64_t * full  = calloc(n ? n : 1, sizeof(*full));
     uint32_t * paths = calloc(n ? n : 1, sizeof(*paths));
-    if (!full || !paths || empty == 0) {
+    if (!full || !paths) {
         free(full), free(paths);
         return;
     }

@@ -584,15 +584,9 @@ int dblade_store_write_direct(const struct dblade_store * st, const void * src, 
         uint32_t m;
         uint64_t phys;
         n = dblade_stripe_piece(&st->map, off + done, len - done, &m, &phys);
-        for (uint64_t put = 0; put < n;) {
-            const ssize_t w = pwrite(st->map.fd[m], (const uint8_t *) src + done + put, n - put, (off_t) (phys + put));
-            if (w < 0 && errno == EINTR) {
-                continue;
-            }
-            if (w <= 0) {
-                return w < 0 ? -errno : -EIO;
-            }
-            put += (uint64_t) w;
+        const int rc = dblade_io_rw_member(st->map.fd[m], m, 1, (uint8_t *) src + done, n, phys, NULL);
+        if (rc < 0) {
+            return rc;
         }
     }
     return 0;

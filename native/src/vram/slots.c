@@ -142,9 +142,9 @@ static int setup(struct dblade_vram * v, const char * device, bool quantized) {
         v->ahead_max_rows = 0;
     }
     v->ahead_held = v->ahead_max_rows == 0;
-    // DUALBLADE_READ_LANES=2: a second lane reads direct layers beside the first. Off by default: on this
+    // DUALBLADE_READ_LANES=2: a second lane reads direct layers beside the first. Off by default: on the dev
     // machine's virtio disk two O_DIRECT streams measured 1.04-1.20x one in some runs and 0.76x in others
-    // (bench_ring direct, interleaved rounds); a side-by-side run on the GPU machine's disk is to decide
+    // (bench_ring direct, interleaved rounds), and side by side on the GPU machine (run 8) no better than one
     const char * lanes = getenv("DUALBLADE_READ_LANES");
     v->n_lanes         = lanes && atoi(lanes) >= 2 ? VRAM_LANES : 1;
     v->pending     = -1;
