@@ -119,6 +119,7 @@ def render(res: dict, console: Console) -> None:
     engines = {f"{r['io_engine']} ({r.get('io_engine_reason')})" for r in res["rows"] if r.get("io_engine")}
     if engines:
         console.print(f"I/O engine: {', '.join(sorted(engines))}", markup=False)
+    _io_shapes(res, console)
     if res["memory_enforced"]:
         console.print(f"memory limit per cell: weights + budget + overhead {format_size(res['overhead_bytes'])} "
                       "(cgroup; RSS + page cache)", markup=False)
@@ -179,6 +180,7 @@ def render_gpu(res: dict, console: Console) -> None:
                      f"{cp.get('d2h_gib_s', 0):.1f} GiB/s" if cp.get("h2d_gib_s")
                      else f"no copy probe ({cp.get('why')}): the bounds lack their copy term"), markup=False)
     _probe_members(p, console)
+    _io_shapes(res, console)
     if res["memory_enforced"]:
         console.print(f"host memory limit per cell: mmap/direct/auto: host weights "
                       f"{format_size(m['host_weights_bytes'])} + host budget + overhead "
@@ -369,6 +371,15 @@ def render_stripes(res: dict, console: Console) -> None:
     console.print("target (decode tok/s >= 0.85 x N the one-device run): " +
                   ("-" if not met else "met" if all(r["met"] for r in met) else "NOT met") +
                   f"; all in RAM decodes at {_fmt(res.get('ram_decode_tok_s'), 'ms')} tok/s", markup=False)
+
+
+def _io_shapes(res: dict, console: Console) -> None:
+    """The shape each cell's store read with at its end (tuned: measured on its own reads; fixed: the environment)."""
+    shapes = [f"{r['policy']} {r['io_shape']['now']}" + (" (DUALBLADE_IO_SHAPE)" if r["io_shape"]["fixed"] else "")
+              for r in res["rows"] if r.get("io_shape") and r["policy"] in ("direct", "auto")]
+    if shapes:
+        console.print(f"O_DIRECT request shape (size x in flight, picked by measuring): {', '.join(shapes)}",
+                      markup=False)
 
 
 def _probe_members(p: dict, console: Console) -> None:

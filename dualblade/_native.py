@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 12
+ABI_VERSION = 13
 
 PATHS = ("ram", "mmap", "direct", "vram")  # "vram": in VRAM as stock (GPU builds)
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -91,6 +91,10 @@ class LayerStats(ctypes.Structure):
     ]
 
 
+class IOShapeStats(ctypes.Structure):
+    _fields_ = [("chunk_bytes", c_uint32), ("depth", c_uint32), ("batches", c_uint64), ("gib_s", ctypes.c_double)]
+
+
 class Stats(ctypes.Structure):
     _fields_ = [
         ("policy", c_uint32),
@@ -132,6 +136,11 @@ class Stats(ctypes.Structure):
         ("reserved1", c_uint32),
         ("vram_why", ctypes.c_char * 96),
         ("vram_pin_why", ctypes.c_char * 96),
+        ("io_chunk_bytes", c_uint32),
+        ("io_depth", c_uint32),
+        ("io_shape_fixed", c_uint32),
+        ("io_n_shapes", c_uint32),
+        ("io_shapes", IOShapeStats * 8),
     ]
 
 
@@ -146,6 +155,18 @@ class Switch(ctypes.Structure):
 
 
 IO_ENGINES = {0: None, 1: "io_uring", 2: "threads"}
+
+
+def shape_name(chunk: int, depth: int) -> str:
+    return f"{chunk / 2**20:g} MiB x{depth}" if chunk >= 2**20 else f"{chunk // 1024} KiB x{depth}"
+
+
+def _io_shape(st: "Stats") -> "dict | None":
+    if not st.io_chunk_bytes:
+        return None
+    return {"now": shape_name(st.io_chunk_bytes, st.io_depth), "fixed": bool(st.io_shape_fixed),
+            "measured": {shape_name(x.chunk_bytes, x.depth): {"batches": x.batches, "gib_s": round(x.gib_s, 3)}
+                         for x in st.io_shapes[:st.io_n_shapes]}}
 SWITCH_LOG = 64
 
 STATE_STOCK, STATE_SAVE_META, STATE_LOAD_META = 0, 1, 2
@@ -445,6 +466,8 @@ class KV:
             "io_engine": IO_ENGINES.get(st.io_engine),
             "io_engine_reason": st.io_engine_why.decode(errors="replace") or None,
             "pipeline_depth": st.depth,
+            # the store's O_DIRECT requests: size x in flight, picked by measuring its reads (shape.c)
+            "io_shape": _io_shape(st),
             "huge_page_bytes": st.huge_page_bytes,
             # the direct path's staging memory: a pool reused from layer to layer (moved, not faulted
             # in again) in chunks of this size

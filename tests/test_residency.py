@@ -194,6 +194,33 @@ def test_direct_path_reports_engine_and_depth(tiny_path, tmp_path):
         llm.close()
 
 
+def test_request_shape_is_reported_and_can_be_fixed(references, tiny_path, tmp_path, monkeypatch):
+    """The store's O_DIRECT requests: by default their shape is picked by measuring (native/tests/test_shape.c
+    tests the picking on real reads); DUALBLADE_IO_SHAPE fixes one, reads with it stay exact (64 KiB chunks cut
+    this model's layers into several), and a value that is no shape is refused with its reason."""
+    kv = {"kv_policy": "direct", "mem_budget": _budget_quarter(tiny_path, "f16"), "kv_dir": str(tmp_path)}
+    monkeypatch.delenv("DUALBLADE_IO_SHAPE", raising=False)
+    llm = Llama(str(tiny_path), n_ctx=N_CTX, verbose=False, flash_attn=True, **kv)
+    try:
+        shape = llm.kv_stats()["io_shape"]
+        assert shape["now"] == "4 MiB x16" and not shape["fixed"], shape  # what reads take until measured
+        assert set(shape["measured"]) == {"4 MiB x16", "1 MiB x4", "1 MiB x16", "4 MiB x4", "8 MiB x4"}
+    finally:
+        llm.close()
+
+    monkeypatch.setenv("DUALBLADE_IO_SHAPE", "64K:2")
+    got = run_greedy(tiny_path, "f16", **kv)
+    assert got["stats"]["io_shape"] == {"now": "64 KiB x2", "fixed": True, "measured": {}}
+    assert got["stats"]["bytes_read"] > 0
+    ref = references("tiny", "f16")
+    assert got["tokens"] == ref["tokens"] and got["hashes"] == ref["hashes"]
+
+    monkeypatch.setenv("DUALBLADE_IO_SHAPE", "4M")
+    with pytest.raises(Exception, match=r"DUALBLADE_IO_SHAPE=4M is not a request shape: use auto, or SIZE:DEPTH"):
+        Llama(str(tiny_path), n_ctx=N_CTX, verbose=False, flash_attn=True, **kv)
+    assert not os.listdir(tmp_path)
+
+
 def test_counters_match_the_layout(tiny_path, tmp_path):
     """Prefill N tokens then decode one: bytes read and written are exactly what the layout implies."""
     info = model_info(tiny_path)

@@ -240,6 +240,7 @@ def run(a: dict) -> dict:
             "switches": st["switches"][-8:],
             "io_engine": st["io_engine"],
             "io_engine_reason": st["io_engine_reason"],
+            "io_shape": st["io_shape"],
             "staging": st["staging"],
             "pipeline_depth": st["pipeline_depth"],
             "staged_peak_bytes": st["staged_peak_bytes"],

@@ -284,6 +284,7 @@ def summarize(cells: list[Cell]) -> list[dict]:
             row["switch_count"] = ok[-1].get("switch_count")
             row["io_engine"] = ok[-1].get("io_engine")
             row["io_engine_reason"] = ok[-1].get("io_engine_reason")
+            row["io_shape"] = ok[-1].get("io_shape")
             row["n_gpu_layers"] = ok[-1].get("n_gpu_layers")
             v = ok[-1].get("vram")
             if v:

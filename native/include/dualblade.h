@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout or a function its meaning; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 12
+#define DBLADE_ABI_VERSION 13
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -78,6 +78,14 @@ struct dblade_layer_stats {
     uint32_t reserved;
 };
 
+/* One request shape the store's O_DIRECT reads were measured with. */
+struct dblade_io_shape_stats {
+    uint32_t chunk_bytes;    /* each request's size */
+    uint32_t depth;          /* requests in flight */
+    uint64_t batches;        /* read batches measured with it */
+    double   gib_s;          /* their recent average */
+};
+
 struct dblade_stats {
     uint32_t policy;
     uint32_t n_layers;
@@ -119,6 +127,13 @@ struct dblade_stats {
     uint32_t reserved1;
     char     vram_why[96];   /* why nothing is streamed, or which driver and device streams */
     char     vram_pin_why[96]; /* why host memory for copies is not page-locked ("" when it is) */
+    /* the store's O_DIRECT requests: the shape reads use now, picked by measuring them (the candidates
+     * below), or fixed by DUALBLADE_IO_SHAPE */
+    uint32_t io_chunk_bytes;
+    uint32_t io_depth;
+    uint32_t io_shape_fixed;
+    uint32_t io_n_shapes;    /* of io_shapes filled (0: fixed, or no store) */
+    struct dblade_io_shape_stats io_shapes[8];
 };
 
 struct dblade_kv;

@@ -1,6 +1,7 @@
 // The asynchronous I/O engine of the direct path: a batch of O_DIRECT transfers is cut into chunks
-// and kept DBLADE_IO_DEPTH chunks deep in flight, so one staged layer (or several) saturates the
-// device (measured here: >= 32 MiB in flight reaches the ceiling; one request at a time does not).
+// and kept several chunks deep in flight, so one staged layer (or several) saturates the device (one
+// request at a time does not). How large and how deep is the store's measured shape (shape.c): devices
+// disagree.
 //
 // Two engines, picked at run time:
 //  - io_uring (uring.c, on the kernel's ABI, where the kernel lets us: it may be missing, disabled
@@ -23,6 +24,7 @@
 #include "crc32c.h"
 #include "fault.h"
 #include "io.h"
+#include "shape.h"
 #include "stripe.h"
 #include "uring.h"
 
@@ -34,7 +36,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define IO_THREADS 4
+#define IO_THREADS 4 // also the thread pool's depth, whatever the shape says
 
 struct chunk {
     uint32_t req;
@@ -52,7 +54,9 @@ struct dblade_io {
     struct dblade_fault fault; // DUALBLADE_FAULT, for tests
     char            why[160]; // why this engine (a fallback says what failed)
     pthread_mutex_t lock;     // one batch at a time
+    struct dblade_io_shape * shape; // the store's, or NULL: DBLADE_IO_CHUNK x DBLADE_IO_DEPTH
     // the batch in progress
+    uint32_t               chunk, depth; // its shape
     struct dblade_io_req * reqs;
     uint32_t               n_reqs;
     uint32_t               cur_req; // next chunk: request and position
@@ -88,7 +92,8 @@ static bool next_chunk(struct dblade_io * io, struct chunk * c) {
             c->pos = io->cur_pos;
             // the last bytes of a batch go in smaller chunks: whoever waits for the batch waits for
             // the last chunk to arrive and be checked, and a smaller one is checked sooner
-            const uint64_t cap  = io->left <= DBLADE_IO_CHUNK ? DBLADE_IO_TAIL_CHUNK : DBLADE_IO_CHUNK;
+            const uint64_t tail = io->chunk < DBLADE_IO_TAIL_CHUNK ? io->chunk : DBLADE_IO_TAIL_CHUNK;
+            const uint64_t cap  = io->left <= io->chunk ? tail : io->chunk;
             const uint64_t rest = r->len - io->cur_pos;
             // ... and a chunk ends where its stripe does
             c->len = dblade_stripe_piece(&io->map, r->off + io->cur_pos, rest < cap ? rest : cap, &c->member, &c->phys);
@@ -265,9 +270,9 @@ static void uring_prep(struct dblade_io * io, struct chunk * c, uint32_t slot) {
 
 static int uring_run(struct dblade_io * io) {
     struct chunk slots[DBLADE_IO_DEPTH];
-    uint32_t     free_slots[DBLADE_IO_DEPTH], n_free = DBLADE_IO_DEPTH, in_flight = 0;
-    for (uint32_t i = 0; i < DBLADE_IO_DEPTH; i++) {
-        free_slots[i] = DBLADE_IO_DEPTH - 1 - i;
+    uint32_t     free_slots[DBLADE_IO_DEPTH], n_free = io->depth, in_flight = 0;
+    for (uint32_t i = 0; i < io->depth; i++) {
+        free_slots[i] = io->depth - 1 - i;
     }
     uint32_t retry[DBLADE_IO_DEPTH], n_retry = 0; // slots to submit again (short or interrupted)
     int      fatal = 0;
@@ -429,6 +434,10 @@ void dblade_io_close(struct dblade_io * io) {
     free(io);
 }
 
+void dblade_io_tune(struct dblade_io * io, struct dblade_io_shape * shape) {
+    io->shape = shape;
+}
+
 int dblade_io_kind(const struct dblade_io * io) {
     return io ? io->kind : 0;
 }
@@ -458,13 +467,22 @@ int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n
     io->cur_req = 0;
     io->cur_pos = 0;
     io->left    = 0;
+    int write   = 0;
     for (uint32_t i = 0; i < n; i++) {
         io->left += reqs[i].len;
+        write |= reqs[i].write;
+    }
+    const uint64_t bytes = io->left;
+    int            which = -1;
+    io->chunk = DBLADE_IO_CHUNK, io->depth = DBLADE_IO_DEPTH;
+    if (io->shape) {
+        dblade_io_shape_pick(io->shape, write, bytes, &io->chunk, &io->depth, &which);
     }
     if (io->kind == DBLADE_IO_THREADS) {
         pthread_mutex_unlock(&io->pool_lock);
     }
-    int rc = 0;
+    const uint64_t t0 = dblade_now_ns();
+    int            rc = 0;
 #ifdef DBLADE_HAVE_URING
     if (io->kind == DBLADE_IO_URING) {
         rc = uring_run(io);
@@ -472,6 +490,12 @@ int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n
 #endif
     if (io->kind == DBLADE_IO_THREADS) {
         rc = pool_run(io);
+    }
+    for (uint32_t i = 0; rc == 0 && i < n; i++) {
+        rc = reqs[i].res;
+    }
+    if (rc == 0 && which >= 0) {
+        dblade_io_shape_done(io->shape, which, bytes, dblade_now_ns() - t0);
     }
     if (io->kind == DBLADE_IO_THREADS) {
         pthread_mutex_lock(&io->pool_lock); // a thread waking late must see the batch gone
@@ -482,8 +506,5 @@ int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n
         pthread_mutex_unlock(&io->pool_lock);
     }
     pthread_mutex_unlock(&io->lock);
-    for (uint32_t i = 0; rc == 0 && i < n; i++) {
-        rc = reqs[i].res;
-    }
     return rc;
 }

@@ -6,9 +6,10 @@
 
 #include <stdint.h>
 
+// the shape of an engine without a store's (shape.h: a store's engines measure theirs)
 #define DBLADE_IO_CHUNK      (4u << 20)
-#define DBLADE_IO_TAIL_CHUNK (1u << 20) // the last DBLADE_IO_CHUNK of a batch goes in pieces of this
-#define DBLADE_IO_DEPTH      16u        // 64 MiB in flight at most
+#define DBLADE_IO_TAIL_CHUNK (1u << 20) // the last chunk of a batch goes in pieces of this (or the chunk's size)
+#define DBLADE_IO_DEPTH      16u        // 64 MiB in flight; also the most any shape keeps in flight
 
 enum { DBLADE_IO_URING = 1, DBLADE_IO_THREADS = 2 };
 
@@ -24,6 +25,7 @@ struct dblade_io_req {
 };
 
 struct dblade_io;
+struct dblade_io_shape;
 struct dblade_stripe;
 // picks io_uring where it works, else the thread pool (DUALBLADE_IO_ENGINE forces one); requests' offsets
 // are the map's logical ones, and a striped map's members all have transfers in flight at once
@@ -31,6 +33,8 @@ int          dblade_io_open_map(struct dblade_io ** out, const struct dblade_str
 // one file, at its own offsets
 int          dblade_io_open(struct dblade_io ** out, int fd);
 void         dblade_io_close(struct dblade_io * io);
+// the engine's batches take their shape from (and report their reads' speed to) the store's shape
+void         dblade_io_tune(struct dblade_io * io, struct dblade_io_shape * shape);
 int          dblade_io_kind(const struct dblade_io * io);
 const char * dblade_io_why(const struct dblade_io * io);
 const char * dblade_io_engine_name(int kind);

@@ -10,6 +10,8 @@
 #include "base.h"
 #include "direct/direct.h"
 #include "policy.h"
+#include "shape.h"
+#include "store.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -85,6 +87,18 @@ int dblade_kv_snapshot(struct dblade_kv * kv, struct dblade_stats * out, struct 
         out->staged_peak     = ds.staged_peak;
         out->pool_bytes      = ds.pool_bytes;
         out->pool_moves      = ds.pool_moves;
+    }
+    if (kv->store.shape) {
+        struct dblade_io_shape_report r;
+        dblade_io_shape_report(kv->store.shape, &r);
+        out->io_chunk_bytes = r.chunk;
+        out->io_depth       = r.depth;
+        out->io_shape_fixed = (uint32_t) r.fixed;
+        for (uint32_t i = 0; i < r.n && i < sizeof(out->io_shapes) / sizeof(out->io_shapes[0]); i++) {
+            out->io_shapes[out->io_n_shapes++] = (struct dblade_io_shape_stats) {
+                r.rates[i].chunk, r.rates[i].depth, r.rates[i].batches, r.rates[i].gib_s
+            };
+        }
     }
     dblade_vram_stats(kv->vram, out);
     for (struct dblade_cache * c = kv->caches; c; c = c->next) {

@@ -7,6 +7,7 @@
 #include "base.h"
 #include "header.h"
 #include "io.h"
+#include "shape.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -444,7 +445,7 @@ int dblade_store_open(struct dblade_store * st, const struct dblade_config * cfg
         dblade_set_error("DUALBLADE_STRIPE_UNIT must be a positive multiple of 4096");
         return -EINVAL;
     }
-    int rc = 0;
+    int rc = dblade_io_shape_new(&st->shape);
     for (uint32_t m = 0; m < n && rc == 0; m++) {
         const uint64_t even = n > 1 ? dblade_stripe_member_bytes(&st->map, m, data_bytes) : data_bytes;
         rc                  = open_member(&st->members[m], cfg, paths[m], even, geometry, dry);
@@ -503,6 +504,8 @@ void dblade_store_close(struct dblade_store * st) {
         }
     }
     st->n = 0;
+    dblade_io_shape_free(st->shape);
+    st->shape = NULL;
 }
 
 static int wipe_member(struct dblade_store_member * m, uint64_t len, bool zero) {

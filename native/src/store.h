@@ -34,6 +34,7 @@ struct dblade_store {
     uint64_t                   data_bytes;  // logical bytes reserved for extents
     uint64_t                   touched_end; // logical: written below this since it opened (what a wipe covers)
     char                       path[512];   // for messages: the member, or the members joined by ", "
+    struct dblade_io_shape *   shape;       // its O_DIRECT reads' shape, measured by its engines (shape.c)
 };
 
 // opens (creates) the store for data_bytes of extents; -errno with dblade_get_error() set. cfg's kv_dir and

@@ -71,6 +71,10 @@ int dblade_direct_open(struct dblade_tier ** out, struct dblade_path_env * env, 
         if (rc == 0) {
             rc = dblade_io_open_map(&d->io_now, &env->store->map);
         }
+        if (rc == 0) {
+            dblade_io_tune(d->io, env->store->shape);
+            dblade_io_tune(d->io_now, env->store->shape);
+        }
     }
     if (rc < 0) {
         dblade_direct_close(&d->base);

@@ -119,6 +119,9 @@ static int engines_open(struct dblade_vram * v) {
     }
     for (uint32_t l = 0; l < v->n_lanes && rc >= 0; l++) {
         rc = dblade_io_open_map(&v->lanes[l].io_direct, &v->env.store->map);
+        if (rc == 0) {
+            dblade_io_tune(v->lanes[l].io_direct, v->env.store->shape); // the buffered one reads the page cache
+        }
         rc = rc < 0 ? rc : dblade_io_open_map(&v->lanes[l].io_buffered, &v->buffered);
     }
     return rc;
