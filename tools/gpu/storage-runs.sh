@@ -10,7 +10,8 @@
 # synthetic shape, e.g. kv-heavy, names its files bench-SHAPE-REGIME.json), LANES (e.g. "1 2": each regime once per
 # count of the VRAM ring's read-ahead lanes, DUALBLADE_READ_LANES, files ...-lanesN.json; empty: the default), VARIANTS
 # (e.g. "DUALBLADE_WRITE_AROUND=0 -": each regime once per environment setting, "-" for none, files
-# ...-DUALBLADE_WRITE_AROUND-0.json and ...-default.json; side by side in one call). TESTS=1 (the default) first runs
+# ...-DUALBLADE_WRITE_AROUND-0.json and ...-default.json, a value's other characters as '-': DUALBLADE_IO_SHAPE=4M:16
+# gives ...-DUALBLADE_IO_SHAPE-4M-16.json; side by side in one call). TESTS=1 (the default) first runs
 # tests/test_gpu.py and the numpy-first checks (tools/gpu/numpy-first.sh). Results under $OUT: bench-*.json,
 # pytest-gpu.log, numpy-first.log.
 set -uo pipefail
@@ -34,7 +35,7 @@ for variant in ${VARIANTS:-none}; do
     case $variant in
     none) ;;
     -) J=$J-default ;;
-    *=*) J=$J-${variant%%=*}-${variant#*=}; export "${variant?}" ;;
+    *=*) v=${variant#*=}; J=$J-${variant%%=*}-${v//[^A-Za-z0-9_.-]/-}; export "${variant?}" ;; # (what a call brings back: no ':')
     *) echo "storage-runs.sh: a variant is NAME=VALUE or -, not $variant"; continue ;;
     esac
     J=$J.json
