@@ -141,6 +141,7 @@ class Stats(ctypes.Structure):
         ("io_shape_fixed", c_uint32),
         ("io_n_shapes", c_uint32),
         ("io_shapes", IOShapeStats * 8),
+        ("vram_ring_around_bytes", c_uint64),
     ]
 
 
@@ -497,6 +498,8 @@ class KV:
                 # page-locked host memory the page cache and direct paths are read into, ahead of the graph
                 "ring_bytes": st.vram_ring_bytes,
                 "ring_read_bytes": st.vram_ring_read_bytes,
+                # of those, a prompt's page-cache rows read back around the cache (written around it under a limit)
+                "ring_around_bytes": st.vram_ring_around_bytes,
                 "ring_pinned": bool(st.vram_ring_pinned),
                 "pin_failed": st.vram_pin_why.decode(errors="replace") or None,
                 "why": st.vram_why.decode(errors="replace"),

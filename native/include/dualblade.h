@@ -134,6 +134,8 @@ struct dblade_stats {
     uint32_t io_shape_fixed;
     uint32_t io_n_shapes;    /* of io_shapes filled (0: fixed, or no store) */
     struct dblade_io_shape_stats io_shapes[8];
+    uint64_t vram_ring_around_bytes; /* of vram_ring_read_bytes: page-cache layers' rows a prompt wrote around the
+                                        cache, read back around it (O_DIRECT) while the prompt computed */
 };
 
 struct dblade_kv;

@@ -203,7 +203,8 @@ int dblade_kv_create(const struct dblade_config * cfg, uint32_t n_layers, const 
                                          .events = &kv->events,
                                          .thp    = thp_available(),
                                          .verify = !(cfg->flags & DBLADE_CONFIG_NO_VERIFY),
-                                         .write_around_env = write_around_env() };
+                                         .write_around_env = write_around_env(),
+                                         .read_around      = !dblade_env_off("DUALBLADE_READ_AROUND") };
     kv->ram      = (struct dblade_tier) { &dblade_path_ram_ops, &kv->env };
     kv->mmap     = (struct dblade_tier) { &dblade_path_mmap_ops, &kv->env };
     kv->pipeline = (struct dblade_pipeline) { .env = &kv->env, .caches = &kv->caches };
@@ -468,4 +469,12 @@ void dblade_kv_quiesce(struct dblade_kv * kv) {
     if (kv->direct) {
         dblade_direct_quiesce(kv->direct);
     }
+}
+
+void dblade_kv_lock(struct dblade_kv * kv) {
+    pthread_mutex_lock(&kv->lock);
+}
+
+void dblade_kv_unlock(struct dblade_kv * kv) {
+    pthread_mutex_unlock(&kv->lock);
 }

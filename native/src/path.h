@@ -83,9 +83,11 @@ struct dblade_path_env {
     bool                   write_around; // auto under a limit (not every offloaded layer fits the page cache): a
                                          // prompt's rows from VRAM go to the store around the page cache
     int8_t write_around_env; // DUALBLADE_WRITE_AROUND when the KV object opened: -1 unset, 0 never, 1 every store
+    bool   read_around;      // mid-prompt, rows written around are read back around the cache (DUALBLADE_READ_AROUND=0: no)
     bool                   verify; // the direct path checks a CRC-32C per block
     // written by the pipeline, read by the paths
     const struct dblade_tensor * active;         // K tensor of the layer the graph is at
+    bool                         prompt;         // the ubatch computing has more than one row (the VRAM tier's)
     double                       compute_ema_ns; // between two offloaded layers, stalls excluded
 };
 

@@ -174,6 +174,20 @@ static int mmap_snapshot(struct dblade_tier * p, struct dblade_tensor * t, uint6
     if (cap < 1) {
         return -ENOSPC;
     }
+    // Mid-prompt, rows written around the cache are read back around it too (O_DIRECT, as the direct path reads):
+    // brought in under the limit that made auto write them around, they only pushed each other and the weights
+    // out before the prompt ended (GPU run 12: kv-heavy's prefill 0.90x direct's, its four page-cache layers read
+    // through the cache). around stays set: the first read after the prompt brings them in, its misses not the
+    // cache's. The kernel writes the range's dirty pages (rows stored through the mapping) before the read.
+    const struct dblade_store * st = p->env->store;
+    if (t->around && p->env->prompt && p->env->read_around && len <= t->map_bytes && len % st->align == 0 &&
+        (uintptr_t) dst % st->mem_align == 0) {
+        t->cached  = DBLADE_CACHED_UNKNOWN; // (the caller counts an O_DIRECT read's bytes)
+        t->missing = 0;
+        reqs[0]    = (struct dblade_io_req) { .buf = dst, .len = len, .off = t->store_off };
+        *buffered  = false;
+        return 1;
+    }
     // what is not in the page cache is read from storage: counted as the read fence counts it
     const uint64_t upto    = len < t->hwm ? len : t->hwm;
     const uint64_t missing = pages_missing(t->addr, upto, t->page);

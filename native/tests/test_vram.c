@@ -142,6 +142,20 @@ static void check_rows(void) {
     dblade_cache_state_end(c, 0);
 }
 
+// bytes of layer il's K and V in the page cache (or memory) now
+static uint64_t layer_resident(int il) {
+    struct dblade_stats       st;
+    struct dblade_layer_stats ls[LAYERS];
+    CHECK(dblade_kv_snapshot(s, &st, ls, LAYERS) >= 0);
+    for (uint32_t i = 0; i < st.n_layers && i < LAYERS; i++) {
+        if (ls[i].il == il) {
+            return ls[i].resident_bytes;
+        }
+    }
+    CHECK(0);
+    return 0;
+}
+
 static void run(const char * slots_env, int slots, uint64_t budget, const char * what) {
     setenv("DUALBLADE_VRAM_SLOTS", slots_env, 1);
     char dir[512];
@@ -161,14 +175,34 @@ static void run(const char * slots_env, int slots, uint64_t budget, const char *
         // from storage, and the auto policy is not told that the cache lost them (it would demote the layers)
         for (int il = 4; il < LAYERS; il++) {
             const struct dblade_tensor * t = dblade_cache_tensor(c, il, 0);
+            dblade_kv_lock(s); // (the next pass's reads may be running)
             CHECK(atomic_load(&t->bytes_read) > 0 && t->missing == 0 && t->cached == DBLADE_CACHED_UNKNOWN);
+            dblade_kv_unlock(s);
         }
     }
     graph(2, 21, 22);
     check_rows();
     graph(3, 22, 40);  // more than a page, from the tail on
     graph(4, 5, 9);    // rows rewritten in the middle (a prefix reused)
+    if (getenv("DUALBLADE_WRITE_AROUND")) {
+        // a prompt's reads of rows written around go around the cache too (O_DIRECT; DUALBLADE_READ_AROUND=0:
+        // through it). Graph 4's reads ran during graph 3 or 4, both prompts: the page-cache layers' K and V, 40
+        // rows each, at least
+        CHECK_EQ(dblade_kv_stats(s, &st), 0);
+        if (getenv("DUALBLADE_READ_AROUND")) {
+            CHECK_EQ(st.vram_ring_around_bytes, 0u);
+        } else {
+            CHECK(st.vram_ring_around_bytes >= (uint64_t) (LAYERS - 4) * 2 * 40 * ROW);
+        }
+    }
     graph(5, 40, 41);
+    graph(6, 41, 42);
+    if (getenv("DUALBLADE_WRITE_AROUND")) {
+        // decode's reads bring them in: graph 6's for certain (graph 5's may have been read ahead during the prompt)
+        for (int il = 4; il < LAYERS; il++) {
+            CHECK(layer_resident(il) > 0);
+        }
+    }
     check_rows();
     CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
     CHECK_EQ(dblade_kv_stats(s, &st), 0);
@@ -339,6 +373,9 @@ int main(void) {
     // under a limit does it for a prompt's ubatches): read back through the mapping, every row as written
     setenv("DUALBLADE_WRITE_AROUND", "1", 1);
     run("2", 2, 1 << 20, "written around the page cache");
+    setenv("DUALBLADE_READ_AROUND", "0", 1);
+    run("2", 2, 1 << 20, "written around the page cache, a prompt's reads through it");
+    unsetenv("DUALBLADE_READ_AROUND");
     unsetenv("DUALBLADE_WRITE_AROUND");
     storage_fault();
     held_reads();

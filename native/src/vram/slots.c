@@ -411,6 +411,7 @@ void dblade_vram_stats(const struct dblade_vram * v, struct dblade_stats * out) 
     out->vram_ring_bytes  = v->ring_bytes;
     out->vram_ring_pinned = v->ring ? v->ring_pinned : 0;
     out->vram_ring_read_bytes = v->ring_read_bytes;
+    out->vram_ring_around_bytes = v->ring_around_bytes;
     snprintf(out->vram_pin_why, sizeof(out->vram_pin_why), "%s", v->pin_why);
     snprintf(out->vram_why, sizeof(out->vram_why), "%u layers take turns in %u slots of %.1f MiB (device %d)",
              v->n_streamed, v->n_slots, (double) v->slot_bytes / (1 << 20), v->dev);

@@ -185,6 +185,9 @@ static bool read_one(struct dblade_vram * v, struct dblade_vram_lane * lane, int
             atomic_fetch_add(&t->bytes_read, reqs[i].len); // the page cache counts its own misses
         }
         atomic_fetch_add(&v->ring_read_bytes, e < 0 ? 0 : reqs[i].len);
+        if (e == 0 && !buffered[t->which] && t->path == DBLADE_PATH_MMAP) {
+            atomic_fetch_add(&v->ring_around_bytes, reqs[i].len); // a prompt's, read around the cache
+        }
     }
     s->state = SL_READY;
     pthread_cond_broadcast(&v->read_done);
@@ -606,6 +609,7 @@ void dblade_vram_ubatch(struct dblade_vram * v, struct dblade_cache * c, const i
     // DUALBLADE_AHEAD_MAX_ROWS: a ubatch larger than this reads each layer at its cut, none ahead (a bisection's
     // knob; the inexact tokens it once isolated were the ring's lost block, fixed in ring_free's caller)
     v->ahead_held = n > (int64_t) v->ahead_max_rows;
+    v->env.pipeline->env->prompt = n > 1; // (path_mmap.c reads a prompt's rows written around back around the cache)
     if (v->pending < 0) {
         v->next = 0;
         load_ahead(v, 0);

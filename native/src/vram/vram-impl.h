@@ -91,6 +91,7 @@ struct dblade_vram {
     bool     ahead_held;
     // counters, read by stats without the lock
     _Atomic uint64_t h2d_bytes, h2d_pinned_bytes, d2h_bytes, copy_wait_ns, ring_read_bytes;
+    _Atomic uint64_t ring_around_bytes; // of ring_read_bytes: page-cache layers' reads around the cache (O_DIRECT)
 };
 
 // slots.c
