@@ -214,6 +214,18 @@ static uint64_t reserve(const struct dblade_auto * p) {
     return p->reserve_bytes + (p->direct ? dblade_direct_unheld(p->direct) : 0);
 }
 
+// path_mmap.c writes a prompt's rows around the page cache while auto wants some offloaded layer on the direct
+// path (a limit: the cache does not hold them all). The lock held.
+static void set_write_around(struct dblade_auto * p) {
+    bool some_direct = false;
+    for (struct dblade_cache * c = *p->caches; c; c = c->next) {
+        for (uint32_t i = 0; i + 1 < c->n_tensors; i += 2) {
+            some_direct |= c->tensors[i].path != DBLADE_PATH_RAM && c->tensors[i].want == DBLADE_PATH_DIRECT;
+        }
+    }
+    p->env->write_around = some_direct;
+}
+
 // On the worker, the lock held: read memory without the lock, decide with it. What the page-cache
 // layers hold in memory is what their last read fence found (no second mincore).
 static void sample(struct dblade_work * w) {
@@ -257,10 +269,10 @@ static void sample(struct dblade_work * w) {
             if (want != k->want) {
                 k->want = k->pair->want = want;
                 snprintf(k->want_why, sizeof(k->want_why), "%s", why);
-                p->env->write_around |= want == DBLADE_PATH_DIRECT; // the page cache did not hold them all
             }
         }
     }
+    set_write_around(p);
 }
 
 int dblade_policy_open(struct dblade_auto ** out, struct dblade_path_env * env, struct dblade_cache ** caches,
@@ -371,10 +383,8 @@ static void place_again(struct dblade_auto * p) {
         free(full), free(paths);
         return;
     }
-    uint64_t total = 0;
     for (uint32_t i = 0; i < n; i++) {
         full[i] = p->layers[i].full_bytes;
-        total += full[i];
     }
     struct dblade_mem_sample m;
     dblade_monitor_sample(&p->monitor, &m); // (stateless: the sampler may be sampling too)
@@ -398,7 +408,7 @@ static void place_again(struct dblade_auto * p) {
             }
         }
     }
-    p->env->write_around = cached < total;
+    set_write_around(p);
     free(full), free(paths);
     if (moved && room != UINT64_MAX) {
         p->state.cap_bytes      = room;
