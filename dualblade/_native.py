@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_uint32, c_uint64, c_void_p
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 
 PATHS = ("ram", "mmap", "direct", "vram")  # "vram": in VRAM as stock (GPU builds)
 POLICIES = ("ram", "mmap", "direct", "auto")
@@ -142,6 +142,7 @@ class Stats(ctypes.Structure):
         ("io_n_shapes", c_uint32),
         ("io_shapes", IOShapeStats * 8),
         ("vram_ring_around_bytes", c_uint64),
+        ("vram_ring_overlapped", c_uint64),
     ]
 
 
@@ -500,6 +501,8 @@ class KV:
                 "ring_read_bytes": st.vram_ring_read_bytes,
                 # of those, a prompt's page-cache rows read back around the cache (written around it under a limit)
                 "ring_around_bytes": st.vram_ring_around_bytes,
+                # layers whose reads started beside the last reads of the layer before (the queue kept full)
+                "ring_overlapped": st.vram_ring_overlapped,
                 "ring_pinned": bool(st.vram_ring_pinned),
                 "pin_failed": st.vram_pin_why.decode(errors="replace") or None,
                 "why": st.vram_why.decode(errors="replace"),

@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout or a function its meaning; the Python binding checks it. */
-#define DBLADE_ABI_VERSION 13
+#define DBLADE_ABI_VERSION 14
 
 enum dblade_path {
     DBLADE_PATH_RAM    = 0, /* pinned in anonymous memory, never dropped */
@@ -136,6 +136,8 @@ struct dblade_stats {
     struct dblade_io_shape_stats io_shapes[8];
     uint64_t vram_ring_around_bytes; /* of vram_ring_read_bytes: page-cache layers' rows a prompt wrote around the
                                         cache, read back around it (O_DIRECT) while the prompt computed */
+    uint64_t vram_ring_overlapped; /* layers read into it whose reads started beside the last of another's (the
+                                      device's queue kept full across layers) */
 };
 
 struct dblade_kv;

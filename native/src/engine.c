@@ -15,7 +15,8 @@
 // request instead, which is cheap for multi-MiB requests.
 //
 // One batch runs at a time per engine (callers serialize on its lock); the lock is never held while
-// taking the session's.
+// taking the session's, except by a batch's tail callback (dblade_io_run_tail), whose callers hold no
+// session lock while they run a batch.
 
 #define _GNU_SOURCE
 #include "engine.h"
@@ -62,6 +63,8 @@ struct dblade_io {
     uint32_t               cur_req; // next chunk: request and position
     uint64_t               cur_pos;
     uint64_t               left; // bytes not handed out yet
+    void (*tail)(void *);        // called once when left reaches 0 with chunks in flight (NULL: none, or done)
+    void * tail_arg;
 #ifdef DBLADE_HAVE_URING
     struct dblade_ring ring;
 #endif
@@ -113,6 +116,15 @@ static void chunk_failed(struct dblade_io * io, const struct chunk * c, int err)
     if (io->reqs[c->req].res == 0) {
         io->reqs[c->req].res    = err;
         io->reqs[c->req].member = (int) c->member;
+    }
+}
+
+// every chunk has gone to the device: the caller's next batch may start on another engine (once per batch)
+static void tail_reached(struct dblade_io * io) {
+    void (*tail)(void *) = io->tail;
+    io->tail             = NULL;
+    if (tail) {
+        tail(io->tail_arg);
     }
 }
 
@@ -204,6 +216,12 @@ static int pool_run(struct dblade_io * io) {
         io->cur_req = save_req, io->cur_pos = save_pos, io->left = save_left;
         if (!more && io->busy == 0) {
             break;
+        }
+        if (!more && io->tail) { // the pool's threads hold the last chunks
+            pthread_mutex_unlock(&io->pool_lock);
+            tail_reached(io);
+            pthread_mutex_lock(&io->pool_lock);
+            continue;
         }
         pthread_cond_wait(&io->pool_done, &io->pool_lock);
     }
@@ -308,6 +326,9 @@ static int uring_run(struct dblade_io * io) {
                 queued     = 0;
             }
             in_flight += queued;
+        }
+        if (io->tail && !fatal && io->left == 0 && n_retry == 0 && in_flight > 0) {
+            tail_reached(io);
         }
         if (in_flight == 0) {
             break;
@@ -447,6 +468,11 @@ const char * dblade_io_why(const struct dblade_io * io) {
 }
 
 int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n) {
+    return dblade_io_run_tail(io, reqs, n, NULL, NULL);
+}
+
+int dblade_io_run_tail(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n, void (*tail)(void *),
+                       void * arg) {
     for (uint32_t i = 0; i < n; i++) {
         reqs[i].res    = 0;
         reqs[i].member = -1;
@@ -467,6 +493,8 @@ int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n
     io->cur_req = 0;
     io->cur_pos = 0;
     io->left    = 0;
+    io->tail    = tail;
+    io->tail_arg = arg;
     int write   = 0;
     for (uint32_t i = 0; i < n; i++) {
         io->left += reqs[i].len;
@@ -491,6 +519,9 @@ int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n
     if (io->kind == DBLADE_IO_THREADS) {
         rc = pool_run(io);
     }
+    if (rc == 0) {
+        tail_reached(io); // where the last chunks came back before anyone looked
+    }
     for (uint32_t i = 0; rc == 0 && i < n; i++) {
         rc = reqs[i].res;
     }
@@ -502,6 +533,7 @@ int dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n
     }
     io->reqs   = NULL;
     io->n_reqs = 0;
+    io->tail   = NULL;
     if (io->kind == DBLADE_IO_THREADS) {
         pthread_mutex_unlock(&io->pool_lock);
     }

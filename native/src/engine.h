@@ -40,5 +40,13 @@ const char * dblade_io_why(const struct dblade_io * io);
 const char * dblade_io_engine_name(int kind);
 // every request to completion; 0 or the first failing request's -errno
 int          dblade_io_run(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n);
+// ... and tail(arg) is called once on the calling thread as soon as every chunk of the batch has gone to the
+// device, while the last are in flight where the engine sees them so (at the latest before it returns; not at
+// all where a submission failed, or for an empty batch): a caller that reads a
+// stream of batches starts the next one on another engine then, so that the device's queue does not drain
+// between two batches. tail may take the session's lock: the caller must not hold it (nor any lock a holder of
+// the session's takes) while it runs the batch.
+int          dblade_io_run_tail(struct dblade_io * io, struct dblade_io_req * reqs, uint32_t n, void (*tail)(void *),
+                                void * arg);
 
 #endif

@@ -1,9 +1,10 @@
-// The VRAM tier's reads ahead on real storage, one lane against two, side by side (not a test: a benchmark,
+// The VRAM tier's reads ahead on real storage: one lane, two lanes overlapping only at a layer's last reads (the
+// default), and two lanes reading layers whole side by side (DUALBLADE_READ_LANES=2) (not a test: a benchmark,
 // run by hand; no GPU needed). The stand-in driver (fake_cuda.c) takes the copies into "VRAM"; the layers live
 // on the direct path (O_DIRECT) of a store in DUALBLADE_TEST_DIR (default /var/tmp), or, with "mixed", every
 // other layer on the page cache with its pages dropped before each pass (so that it is read buffered). Each
 // decode pass reads every layer's K and V whole; the graph computes nothing (or COMPUTE_US per layer), so a
-// pass takes what the reads take. Rounds alternate one lane and two, and the ratio is of the medians.
+// pass takes what the reads take. Rounds alternate the three, and the ratios are of the medians.
 //   DUALBLADE_CUDA_LIB=build/bin/libfake_cuda.so build/bin/bench_ring [direct|mixed] [ROUNDS] [COMPUTE_US]
 #define _GNU_SOURCE
 #include "../src/testing.h"
@@ -98,9 +99,13 @@ static void drop_cache(void) {
     }
 }
 
-// GiB/s of the decode passes with `lanes` lanes reading ahead
+// GiB/s of the decode passes with DUALBLADE_READ_LANES=lanes (NULL: the default)
 static double run(const char * lanes) {
-    setenv("DUALBLADE_READ_LANES", lanes, 1);
+    if (lanes) {
+        setenv("DUALBLADE_READ_LANES", lanes, 1);
+    } else {
+        unsetenv("DUALBLADE_READ_LANES");
+    }
     setenv("DUALBLADE_VRAM_SLOTS", "2", 1);
     test_mkdtemp(dir, sizeof(dir), "bench-ring");
     struct dblade_layout_layer lay[LAYERS];
@@ -157,19 +162,23 @@ int main(int argc, char ** argv) {
     mixed            = argc > 1 && !strcmp(argv[1], "mixed");
     const int rounds = argc > 2 && atoi(argv[2]) > 0 ? (atoi(argv[2]) < MAX_ROUNDS ? atoi(argv[2]) : MAX_ROUNDS) : 5;
     compute_us       = argc > 3 ? atoi(argv[3]) : 0;
-    double one[MAX_ROUNDS], two[MAX_ROUNDS];
+    double one[MAX_ROUNDS], tail[MAX_ROUNDS], two[MAX_ROUNDS];
     for (int r = 0; r < rounds; r++) {
-        one[r] = run("1");
-        two[r] = run("2");
-        printf("round %d: one lane %.2f GiB/s, two lanes %.2f GiB/s\n", r, one[r], two[r]);
+        one[r]  = run("1");
+        tail[r] = run(NULL);
+        two[r]  = run("2");
+        printf("round %d: one lane %.2f GiB/s, two overlapping at the tail %.2f GiB/s, two side by side %.2f GiB/s\n",
+               r, one[r], tail[r], two[r]);
         fflush(stdout);
     }
     qsort(one, (size_t) rounds, sizeof(double), by_value);
+    qsort(tail, (size_t) rounds, sizeof(double), by_value);
     qsort(two, (size_t) rounds, sizeof(double), by_value);
     printf("%s layers, %d rounds of %d decode passes over %d layers of %llu MiB, %d us of compute a layer: "
-           "median one lane %.2f GiB/s, two lanes %.2f GiB/s: %.2fx\n",
+           "median one lane %.2f GiB/s, two at the tail (default) %.2f GiB/s: %.2fx, two side by side %.2f GiB/s: "
+           "%.2fx\n",
            mixed ? "mixed (every other one on the page cache, dropped)" : "direct", rounds, PASSES, LAYERS,
-           (unsigned long long) (2 * BYTES >> 20), compute_us, one[rounds / 2], two[rounds / 2],
-           two[rounds / 2] / one[rounds / 2]);
+           (unsigned long long) (2 * BYTES >> 20), compute_us, one[rounds / 2], tail[rounds / 2],
+           tail[rounds / 2] / one[rounds / 2], two[rounds / 2], two[rounds / 2] / one[rounds / 2]);
     return 0;
 }

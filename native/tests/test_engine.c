@@ -1,5 +1,6 @@
 // The I/O engine: both engines move many chunks in flight and get every byte right, errors come
-// back per request, and the engine choice follows DUALBLADE_IO_ENGINE.
+// back per request, a batch's tail hook starts the next batch on another engine while its last chunks are in
+// flight, and the engine choice follows DUALBLADE_IO_ENGINE.
 #define _GNU_SOURCE
 #include "../src/base.h"
 #include "../src/engine.h"
@@ -7,10 +8,34 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+// the tail hook: counts its calls and starts the next batch (on another engine, on a thread of its own)
+struct next_batch {
+    int                    tails;
+    struct dblade_io *     io;
+    struct dblade_io_req * reqs;
+    uint32_t               n;
+    int                    rc;
+    pthread_t              thread;
+};
+
+static void * next_main(void * arg) {
+    struct next_batch * b = arg;
+    b->rc                 = dblade_io_run(b->io, b->reqs, b->n);
+    return NULL;
+}
+
+static void start_next(void * arg) {
+    struct next_batch * b = arg;
+    if (b->tails++ == 0 && b->io) {
+        CHECK(pthread_create(&b->thread, NULL, next_main, b) == 0);
+    }
+}
 
 static void exercise(const char * engine) {
     const int fd = test_open_direct("engine", NULL);
@@ -43,12 +68,37 @@ static void exercise(const char * engine) {
         CHECK(memcmp(buf[i], back[i], sizes[i]) == 0);
     }
 
+    // a stream of two batches: the first's tail starts the second on another engine (as the VRAM tier's
+    // lanes do), once; both get every byte
+    struct dblade_io * io2 = NULL;
+    CHECK(test_io_open(engine, fd, &io2));
+    for (int i = 0; i < 3; i++) {
+        memset(back[i], 0xEE, sizes[i]);
+    }
+    struct next_batch next = { .io = io2, .reqs = r + 1, .n = 2 };
+    CHECK_EQ(dblade_io_run_tail(io, r, 1, start_next, &next), 0);
+    CHECK_EQ(next.tails, 1);
+    CHECK(pthread_join(next.thread, NULL) == 0);
+    CHECK_EQ(next.rc, 0);
+    for (int i = 0; i < 3; i++) {
+        CHECK(memcmp(buf[i], back[i], sizes[i]) == 0);
+    }
+    // once per batch, a batch of one chunk too; none for an empty one
+    struct next_batch count = { 0 };
+    CHECK_EQ(dblade_io_run_tail(io, r + 1, 1, start_next, &count), 0);
+    CHECK_EQ(count.tails, 1);
+    CHECK_EQ(dblade_io_run_tail(io, NULL, 0, start_next, &count), 0);
+    CHECK_EQ(count.tails, 1);
+    dblade_io_close(io2);
+
     // a read past the end of the file fails with -EIO, the good request next to it succeeds
     struct dblade_io_req mixed[2] = {
         { .buf = back[1], .len = 4096, .off = off + (64u << 20) },
         { .buf = back[0], .len = 1u << 20, .off = 0 },
     };
-    CHECK_EQ(dblade_io_run(io, mixed, 2), -EIO);
+    struct next_batch failing = { 0 };
+    CHECK_EQ(dblade_io_run_tail(io, mixed, 2, start_next, &failing), -EIO);
+    CHECK_EQ(failing.tails, 1); // its chunks all went to the device
     CHECK_EQ(mixed[0].res, -EIO);
     CHECK_EQ(mixed[1].res, 0);
     CHECK(memcmp(back[0], buf[0], 1u << 20) == 0);

@@ -207,10 +207,16 @@ static void run(const char * slots_env, int slots, uint64_t budget, const char *
     CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
     CHECK_EQ(dblade_kv_stats(s, &st), 0);
     CHECK(st.h2d_bytes > 0 && st.d2h_bytes > 0);
-    printf("%s: %u slots, ring %llu KiB (%s), h2d %llu KiB (pinned %llu), read into the ring %llu KiB\n", what,
-           st.vram_slots, (unsigned long long) st.vram_ring_bytes >> 10, st.vram_ring_pinned ? "page-locked" : "pageable",
-           (unsigned long long) st.h2d_bytes >> 10, (unsigned long long) st.h2d_pinned_bytes >> 10,
-           (unsigned long long) st.vram_ring_read_bytes >> 10);
+    printf("%s: %u slots, ring %llu KiB (%s), h2d %llu KiB (pinned %llu), read into the ring %llu KiB, %llu layers "
+           "beside another's reads\n",
+           what, st.vram_slots, (unsigned long long) st.vram_ring_bytes >> 10,
+           st.vram_ring_pinned ? "page-locked" : "pageable", (unsigned long long) st.h2d_bytes >> 10,
+           (unsigned long long) st.h2d_pinned_bytes >> 10, (unsigned long long) st.vram_ring_read_bytes >> 10,
+           (unsigned long long) st.vram_ring_overlapped);
+    const char * lanes = getenv("DUALBLADE_READ_LANES");
+    if (lanes && !strcmp(lanes, "1")) {
+        CHECK_EQ(st.vram_ring_overlapped, 0u); // one lane: a layer's reads never start beside another's
+    }
 
     // a flush outside a graph brings the last layer's rows back (no result_norm: embeddings graphs)
     const int64_t rows[2] = { 41, 42 };
@@ -357,9 +363,12 @@ int main(void) {
     CHECK(h);
     int (*registered)(void) = (int (*)(void)) dlsym(h, "fake_cuda_registered");
     CHECK(registered);
+    // two lanes (the default): the next direct layer's reads start beside the last of the one before
     run("2", 2, 1 << 20, "2 slots, a ring");
     CHECK_EQ(registered(), 0); // every page-locked buffer given back
-    // from here two lanes read ahead (layers 2 and 3 on the direct path side by side): a direct layer's snapshot
+    setenv("DUALBLADE_READ_LANES", "1", 1);
+    run("2", 2, 1 << 20, "2 slots, a ring, one lane");
+    // from here two lanes read direct layers whole side by side (layers 2 and 3): a direct layer's snapshot
     // may drop the lock (a retire running on the other worker), and nobody copies the layer meanwhile
     setenv("DUALBLADE_READ_LANES", "2", 1);
     run("0", LAYERS, 1 << 20, "a slot each");

@@ -145,11 +145,14 @@ static int setup(struct dblade_vram * v, const char * device, bool quantized) {
         v->ahead_max_rows = 0;
     }
     v->ahead_held = v->ahead_max_rows == 0;
-    // DUALBLADE_READ_LANES=2: a second lane reads direct layers beside the first. Off by default: on the dev
-    // machine's virtio disk two O_DIRECT streams measured 1.04-1.20x one in some runs and 0.76x in others
-    // (bench_ring direct, interleaved rounds), and side by side on the GPU machine (run 8) no better than one
+    // Two lanes: the next direct layer's reads start on the second lane once the last of the layer before have
+    // gone to the device (its engine's tail), so that the queue stays full across layers and two layers are
+    // never read whole side by side. DUALBLADE_READ_LANES=1: one lane (the queue drains at every layer);
+    // DUALBLADE_READ_LANES=2: two direct layers read whole side by side, which measured 1.04-1.20x one lane in
+    // some runs and 0.73-0.76x in others on virtio disks (bench_ring direct, interleaved rounds)
     const char * lanes = getenv("DUALBLADE_READ_LANES");
-    v->n_lanes         = lanes && atoi(lanes) >= 2 ? VRAM_LANES : 1;
+    v->n_lanes         = lanes && atoi(lanes) == 1 ? 1 : VRAM_LANES;
+    v->side_by_side    = lanes && atoi(lanes) >= 2;
     v->pending     = -1;
     int rc         = dblade_cuda_load(&v->cu);
     if (rc < 0) {
@@ -412,6 +415,7 @@ void dblade_vram_stats(const struct dblade_vram * v, struct dblade_stats * out) 
     out->vram_ring_pinned = v->ring ? v->ring_pinned : 0;
     out->vram_ring_read_bytes = v->ring_read_bytes;
     out->vram_ring_around_bytes = v->ring_around_bytes;
+    out->vram_ring_overlapped   = v->ring_overlapped;
     snprintf(out->vram_pin_why, sizeof(out->vram_pin_why), "%s", v->pin_why);
     snprintf(out->vram_why, sizeof(out->vram_why), "%u layers take turns in %u slots of %.1f MiB (device %d)",
              v->n_streamed, v->n_slots, (double) v->slot_bytes / (1 << 20), v->dev);

@@ -118,6 +118,23 @@ static int32_t next_to_read(const struct dblade_vram * v) {
     return -1;
 }
 
+static void kick(struct dblade_vram * v);
+
+// every read of layer x has gone to the device: the next layer's may start beside its last (on the engine's
+// thread, the lock not held)
+struct read_tail {
+    struct dblade_vram * v;
+    int32_t              x;
+};
+
+static void read_issued(void * arg) {
+    const struct read_tail * t = arg;
+    pthread_mutex_lock(t->v->env.lock);
+    t->v->sl[t->x].issued = true;
+    kick(t->v);
+    pthread_mutex_unlock(t->v->env.lock);
+}
+
 // Layer x into the ring: what only memory holds is copied now, the rest read without the lock, on the
 // calling thread (a lane's worker, or the graph's when it needs the layer now) with the lane's engines.
 // False when the ring is full.
@@ -136,7 +153,14 @@ static bool read_one(struct dblade_vram * v, struct dblade_vram_lane * lane, int
     int                  n[2]         = { 0, 0 };
     // READING from here: a snapshot may drop the lock (the direct path waits for a retire running on the
     // other lane's worker), and nobody may copy the layer or take its place in the ring meanwhile
-    s->state = SL_READING;
+    for (uint32_t i = 0; i < v->n_streamed; i++) {
+        if (v->sl[i].state == SL_READING) {
+            atomic_fetch_add(&v->ring_overlapped, 1);
+            break;
+        }
+    }
+    s->state  = SL_READING;
+    s->issued = false;
     for (int w = 0; w < 2; w++) {
         struct dblade_tensor * t = w ? vt : k;
         struct dblade_tier *   p = dblade_pipeline_path(v->env.pipeline, t->path);
@@ -162,11 +186,15 @@ static bool read_one(struct dblade_vram * v, struct dblade_vram_lane * lane, int
     }
     // K and V in one batch where one engine reads both: the device's queue does not drain between them
     const int batches = n[0] > 0 && n[1] > 0 && buffered[0] == buffered[1] ? 1 : 2;
+    // the last batch's tail lets the other lane start the next layer
+    struct read_tail tail = { v, x };
     for (int w = 0; w < batches && rc == 0; w++) {
         struct dblade_io * io = buffered[w] ? lane->io_buffered : lane->io_direct;
         const int          nr = batches == 1 ? n[0] + n[1] : n[w];
         if (nr > 0) {
-            rc = io ? dblade_io_run(io, reqs + (w ? n[0] : 0), (uint32_t) nr) : -EBADF;
+            rc = io ? dblade_io_run_tail(io, reqs + (w ? n[0] : 0), (uint32_t) nr,
+                                         w == batches - 1 ? read_issued : NULL, &tail)
+                    : -EBADF;
         }
     }
     pthread_mutex_lock(v->env.lock);
@@ -212,19 +240,23 @@ static bool on_direct_path(const struct dblade_streamed * s) {
     return s->k->path == DBLADE_PATH_DIRECT && s->k->pair->path == DBLADE_PATH_DIRECT;
 }
 
-// Layer x may be read now beside the reads in flight: only O_DIRECT reads run together. A page-cache layer's
-// buffered reads beside another layer's O_DIRECT ones were slower than the two in turn (bench_ring mixed:
-// 0.88-0.94x). Two direct layers' reads side by side measured 1.04-1.20x one lane in some runs and 0.76x in
-// others on the same disk (bench_ring direct), hence a single lane by default (slots.c). The lock held.
+// Layer x may be read now beside the reads in flight: with two lanes, only O_DIRECT reads run together, and
+// only beside a layer whose reads have all gone to the device (its last in flight), unless side_by_side; with
+// one lane (DUALBLADE_READ_LANES=1), never beside another (the graph's thread reads too). A page-cache
+// layer's buffered reads beside another layer's O_DIRECT ones were slower than the two in turn (bench_ring
+// mixed: 0.88-0.94x); two direct layers read whole side by side measured both faster and slower than one
+// lane (slots.c). The lock held.
 static bool may_read_now(const struct dblade_vram * v, int32_t x) {
-    bool others = false, all_direct = true;
+    bool others = false, all_direct = true, all_issued = true;
     for (uint32_t i = 0; i < v->n_streamed; i++) {
         if (v->sl[i].state == SL_READING) {
             others = true;
             all_direct &= on_direct_path(&v->sl[i]);
+            all_issued &= v->sl[i].issued;
         }
     }
-    return !others || (all_direct && on_direct_path(&v->sl[x]));
+    return !others ||
+           (v->n_lanes > 1 && all_direct && on_direct_path(&v->sl[x]) && (all_issued || v->side_by_side));
 }
 
 static void read_ahead(struct dblade_work * w) {

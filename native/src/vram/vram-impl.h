@@ -28,6 +28,7 @@ struct dblade_streamed {
     int                    state;
     uint64_t               off, bytes;   // its place in the ring (K at off, V at off + k_len)
     uint64_t               k_len, v_len; // bytes [0, len) of K and V it holds there (or copies from its host path)
+    bool                   issued; // READING, and every read of it has gone to the device (the rest in flight)
 };
 
 // a lane of the reads ahead: the engines that read the host paths' store, O_DIRECT (direct path) and
@@ -74,10 +75,11 @@ struct dblade_vram {
     bool      wb_pinned;
     char      pin_why[96]; // why host memory is not page-locked (a limit), for the stats
     // the reads ahead: up to two lanes, each reading one layer at a time with its own engines, so that the
-    // next direct layer's reads can be in flight while one ends (the device's queue does not drain between
-    // them)
+    // next direct layer's reads are in flight while one ends (the device's queue does not drain between them)
     struct dblade_vram_lane lanes[VRAM_LANES];
-    uint32_t                n_lanes;     // 1; DUALBLADE_READ_LANES=2: both (slots.c says why not by default)
+    uint32_t                n_lanes;      // 2; DUALBLADE_READ_LANES=1: one (slots.c)
+    bool                    side_by_side; // two direct layers read whole side by side (DUALBLADE_READ_LANES=2), not
+                                          // only the next one's beside the last reads of the one before
     struct dblade_worker    lane_worker; // lane 1's thread (lane 0 runs on the KV object's worker)
     pthread_cond_t          read_done;   // a layer left READING (broadcast, the lock held)
     struct dblade_stripe buffered; // the store's members opened again without O_DIRECT (zeroed: none)
@@ -92,6 +94,7 @@ struct dblade_vram {
     // counters, read by stats without the lock
     _Atomic uint64_t h2d_bytes, h2d_pinned_bytes, d2h_bytes, copy_wait_ns, ring_read_bytes;
     _Atomic uint64_t ring_around_bytes; // of ring_read_bytes: page-cache layers' reads around the cache (O_DIRECT)
+    _Atomic uint64_t ring_overlapped;   // layers whose reads started while another's were in flight
 };
 
 // slots.c
