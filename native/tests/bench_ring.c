@@ -1,5 +1,5 @@
-// The VRAM tier's reads ahead on real storage: one lane, two lanes overlapping only at a layer's last reads (the
-// default), and two lanes reading layers whole side by side (DUALBLADE_READ_LANES=2) (not a test: a benchmark,
+// The VRAM tier's reads ahead on real storage: DUALBLADE_READ_LANES=1 (one lane), tail (two lanes overlapping only
+// at a layer's last reads) and 2 (two lanes reading layers whole side by side) (not a test: a benchmark,
 // run by hand; no GPU needed). The stand-in driver (fake_cuda.c) takes the copies into "VRAM"; the layers live
 // on the direct path (O_DIRECT) of a store in DUALBLADE_TEST_DIR (default /var/tmp), or, with "mixed", every
 // other layer on the page cache with its pages dropped before each pass (so that it is read buffered). Each
@@ -99,13 +99,9 @@ static void drop_cache(void) {
     }
 }
 
-// GiB/s of the decode passes with DUALBLADE_READ_LANES=lanes (NULL: the default)
+// GiB/s of the decode passes with DUALBLADE_READ_LANES=lanes
 static double run(const char * lanes) {
-    if (lanes) {
-        setenv("DUALBLADE_READ_LANES", lanes, 1);
-    } else {
-        unsetenv("DUALBLADE_READ_LANES");
-    }
+    setenv("DUALBLADE_READ_LANES", lanes, 1);
     setenv("DUALBLADE_VRAM_SLOTS", "2", 1);
     test_mkdtemp(dir, sizeof(dir), "bench-ring");
     struct dblade_layout_layer lay[LAYERS];
@@ -165,7 +161,7 @@ int main(int argc, char ** argv) {
     double one[MAX_ROUNDS], tail[MAX_ROUNDS], two[MAX_ROUNDS];
     for (int r = 0; r < rounds; r++) {
         one[r]  = run("1");
-        tail[r] = run(NULL);
+        tail[r] = run("tail");
         two[r]  = run("2");
         printf("round %d: one lane %.2f GiB/s, two overlapping at the tail %.2f GiB/s, two side by side %.2f GiB/s\n",
                r, one[r], tail[r], two[r]);
@@ -175,7 +171,7 @@ int main(int argc, char ** argv) {
     qsort(tail, (size_t) rounds, sizeof(double), by_value);
     qsort(two, (size_t) rounds, sizeof(double), by_value);
     printf("%s layers, %d rounds of %d decode passes over %d layers of %llu MiB, %d us of compute a layer: "
-           "median one lane %.2f GiB/s, two at the tail (default) %.2f GiB/s: %.2fx, two side by side %.2f GiB/s: "
+           "median one lane %.2f GiB/s, two at the tail %.2f GiB/s: %.2fx, two side by side %.2f GiB/s: "
            "%.2fx\n",
            mixed ? "mixed (every other one on the page cache, dropped)" : "direct", rounds, PASSES, LAYERS,
            (unsigned long long) (2 * BYTES >> 20), compute_us, one[rounds / 2], tail[rounds / 2],

@@ -363,11 +363,12 @@ int main(void) {
     CHECK(h);
     int (*registered)(void) = (int (*)(void)) dlsym(h, "fake_cuda_registered");
     CHECK(registered);
-    // two lanes (the default): the next direct layer's reads start beside the last of the one before
-    run("2", 2, 1 << 20, "2 slots, a ring");
-    CHECK_EQ(registered(), 0); // every page-locked buffer given back
     setenv("DUALBLADE_READ_LANES", "1", 1);
     run("2", 2, 1 << 20, "2 slots, a ring, one lane");
+    CHECK_EQ(registered(), 0); // every page-locked buffer given back
+    // two lanes: the next direct layer's reads start beside the last of the one before
+    setenv("DUALBLADE_READ_LANES", "tail", 1);
+    run("2", 2, 1 << 20, "2 slots, a ring, two lanes at the tail");
     // from here two lanes read direct layers whole side by side (layers 2 and 3): a direct layer's snapshot
     // may drop the lock (a retire running on the other worker), and nobody copies the layer meanwhile
     setenv("DUALBLADE_READ_LANES", "2", 1);
@@ -389,13 +390,25 @@ int main(void) {
     storage_fault();
     held_reads();
     ring_stress();
-    // without the driver: a clear error, no KV object
-    setenv("DUALBLADE_CUDA_LIB", "/nonexistent/libcuda.so.1", 1);
+    setenv("DUALBLADE_READ_LANES", "tail", 1); // the same with the next layer's reads started at a layer's tail
+    storage_fault();
+    ring_stress();
     struct dblade_layout_layer lay = { 0, DBLADE_PATH_RAM, BYTES, BYTES, DBLADE_LAYOUT_STREAMED, 0 };
     struct dblade_layer_desc   d   = { 0, 0, ROWS, 1, BYTES, BYTES, ROW, ROW, "CUDA0" };
     struct dblade_config       cfg = { .policy = DBLADE_POLICY_RAM, .budget_bytes = DBLADE_BUDGET_UNLIMITED };
-    CHECK_EQ(dblade_kv_create(&cfg, 1, &lay, &s), 0);
     const struct dblade_cache_desc desc = { "", 1, 1, 0, 1, &d };
+    // a lane setting that is none: a clear error that names the choices
+    setenv("DUALBLADE_READ_LANES", "3", 1);
+    CHECK_EQ(dblade_kv_create(&cfg, 1, &lay, &s), 0);
+    dblade_kv_bind(s);
+    CHECK(dblade_cache_open(&desc, &c) < 0);
+    CHECK(strstr(dblade_last_error(), "DUALBLADE_READ_LANES=3 is not a lane setting: use 1, tail or 2"));
+    dblade_kv_bind(NULL);
+    dblade_kv_release(s);
+    unsetenv("DUALBLADE_READ_LANES");
+    // without the driver: a clear error, no KV object
+    setenv("DUALBLADE_CUDA_LIB", "/nonexistent/libcuda.so.1", 1);
+    CHECK_EQ(dblade_kv_create(&cfg, 1, &lay, &s), 0);
     dblade_kv_bind(s);
     CHECK(dblade_cache_open(&desc, &c) < 0);
     CHECK(strstr(dblade_last_error(), "cannot load the CUDA driver"));

@@ -145,14 +145,20 @@ static int setup(struct dblade_vram * v, const char * device, bool quantized) {
         v->ahead_max_rows = 0;
     }
     v->ahead_held = v->ahead_max_rows == 0;
-    // Two lanes: the next direct layer's reads start on the second lane once the last of the layer before have
-    // gone to the device (its engine's tail), so that the queue stays full across layers and two layers are
-    // never read whole side by side. DUALBLADE_READ_LANES=1: one lane (the queue drains at every layer);
-    // DUALBLADE_READ_LANES=2: two direct layers read whole side by side, which measured 1.04-1.20x one lane in
-    // some runs and 0.73-0.76x in others on virtio disks (bench_ring direct, interleaved rounds)
+    // DUALBLADE_READ_LANES (VRAM_READ_LANES by default):
+    //   1     one lane: a layer's reads never start beside another's (the queue drains between layers);
+    //   tail  two: the next direct layer's reads start on the second lane once the last of the layer before
+    //         have gone to the device (its engine's tail), so the queue stays full across layers;
+    //   2     two: direct layers read whole side by side, which measured 1.04-1.20x one lane in some runs
+    //         and 0.73-0.76x in others on virtio disks (bench_ring direct, interleaved rounds)
     const char * lanes = getenv("DUALBLADE_READ_LANES");
-    v->n_lanes         = lanes && atoi(lanes) == 1 ? 1 : VRAM_LANES;
-    v->side_by_side    = lanes && atoi(lanes) >= 2;
+    const char * mode  = lanes && *lanes ? lanes : VRAM_READ_LANES;
+    if (strcmp(mode, "1") && strcmp(mode, "tail") && strcmp(mode, "2")) {
+        dblade_set_error("DUALBLADE_READ_LANES=%s is not a lane setting: use 1, tail or 2", mode);
+        return -EINVAL;
+    }
+    v->n_lanes      = strcmp(mode, "1") ? VRAM_LANES : 1;
+    v->side_by_side = !strcmp(mode, "2");
     v->pending     = -1;
     int rc         = dblade_cuda_load(&v->cu);
     if (rc < 0) {

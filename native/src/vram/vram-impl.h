@@ -34,6 +34,9 @@ struct dblade_streamed {
 // a lane of the reads ahead: the engines that read the host paths' store, O_DIRECT (direct path) and
 // buffered (page cache), and its work item on its worker
 #define VRAM_LANES 2
+// the lanes that read unless DUALBLADE_READ_LANES says otherwise (slots.c): one. Two overlapping at a layer's
+// tail ("tail") keep the device's queue full across layers; GPU runs have not yet measured them side by side
+#define VRAM_READ_LANES "1"
 struct dblade_vram;
 struct dblade_vram_lane {
     struct dblade_vram *   v;
@@ -77,7 +80,7 @@ struct dblade_vram {
     // the reads ahead: up to two lanes, each reading one layer at a time with its own engines, so that the
     // next direct layer's reads are in flight while one ends (the device's queue does not drain between them)
     struct dblade_vram_lane lanes[VRAM_LANES];
-    uint32_t                n_lanes;      // 2; DUALBLADE_READ_LANES=1: one (slots.c)
+    uint32_t                n_lanes;      // 1 or 2 (DUALBLADE_READ_LANES, slots.c)
     bool                    side_by_side; // two direct layers read whole side by side (DUALBLADE_READ_LANES=2), not
                                           // only the next one's beside the last reads of the one before
     struct dblade_worker    lane_worker; // lane 1's thread (lane 0 runs on the KV object's worker)
