@@ -7,8 +7,8 @@
 #   16k-free    a 16K prompt, 25%, no limit (the page cache may hold everything)
 #   128k        128K context, a 64K prompt, 1 GiB of VRAM and 1 GiB of host budget, under a limit
 # REPS repetitions (default 1), POLICIES (default vram,ram,mmap,direct,auto), SHAPE (default llama-1b: another
-# synthetic shape, e.g. kv-heavy, names its files bench-SHAPE-REGIME.json), LANES (e.g. "1 2": each regime once per
-# count of the VRAM ring's read-ahead lanes, DUALBLADE_READ_LANES, files ...-lanesN.json; empty: the default), VARIANTS
+# synthetic shape, e.g. kv-heavy, names its files bench-SHAPE-REGIME.json), LANES (e.g. "1 tail 2": each regime once
+# per setting of the VRAM ring's read-ahead lanes, DUALBLADE_READ_LANES, files ...-lanesX.json; empty: the default), VARIANTS
 # (e.g. "DUALBLADE_WRITE_AROUND=0 -": each regime once per environment setting, "-" for none, files
 # ...-DUALBLADE_WRITE_AROUND-0.json and ...-default.json, a value's other characters as '-': DUALBLADE_IO_SHAPE=4M:16
 # gives ...-DUALBLADE_IO_SHAPE-4M-16.json; side by side in one call). TESTS=1 (the default) first runs
