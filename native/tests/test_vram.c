@@ -353,6 +353,20 @@ static void ring_stress(void) {
     printf("ring: 40 prompts of large ubatches read ahead, every slot exact\n");
 }
 
+// one streamed layer's cache cannot open: the error says why
+static void open_fails(const char * why) {
+    struct dblade_layout_layer lay = { 0, DBLADE_PATH_RAM, BYTES, BYTES, DBLADE_LAYOUT_STREAMED, 0 };
+    struct dblade_layer_desc   d   = { 0, 0, ROWS, 1, BYTES, BYTES, ROW, ROW, "CUDA0" };
+    struct dblade_config       cfg = { .policy = DBLADE_POLICY_RAM, .budget_bytes = DBLADE_BUDGET_UNLIMITED };
+    const struct dblade_cache_desc desc = { "", 1, 1, 0, 1, &d };
+    CHECK_EQ(dblade_kv_create(&cfg, 1, &lay, &s), 0);
+    dblade_kv_bind(s);
+    CHECK(dblade_cache_open(&desc, &c) < 0);
+    CHECK(strstr(dblade_last_error(), why));
+    dblade_kv_bind(NULL);
+    dblade_kv_release(s);
+}
+
 int main(void) {
     const char * lib = getenv("DUALBLADE_CUDA_LIB");
     if (!lib) {
@@ -393,27 +407,13 @@ int main(void) {
     setenv("DUALBLADE_READ_LANES", "tail", 1); // the same with the next layer's reads started at a layer's tail
     storage_fault();
     ring_stress();
-    struct dblade_layout_layer lay = { 0, DBLADE_PATH_RAM, BYTES, BYTES, DBLADE_LAYOUT_STREAMED, 0 };
-    struct dblade_layer_desc   d   = { 0, 0, ROWS, 1, BYTES, BYTES, ROW, ROW, "CUDA0" };
-    struct dblade_config       cfg = { .policy = DBLADE_POLICY_RAM, .budget_bytes = DBLADE_BUDGET_UNLIMITED };
-    const struct dblade_cache_desc desc = { "", 1, 1, 0, 1, &d };
     // a lane setting that is none: a clear error that names the choices
     setenv("DUALBLADE_READ_LANES", "3", 1);
-    CHECK_EQ(dblade_kv_create(&cfg, 1, &lay, &s), 0);
-    dblade_kv_bind(s);
-    CHECK(dblade_cache_open(&desc, &c) < 0);
-    CHECK(strstr(dblade_last_error(), "DUALBLADE_READ_LANES=3 is not a lane setting: use 1, tail or 2"));
-    dblade_kv_bind(NULL);
-    dblade_kv_release(s);
+    open_fails("DUALBLADE_READ_LANES=3 is not a lane setting: use 1, tail or 2");
     unsetenv("DUALBLADE_READ_LANES");
     // without the driver: a clear error, no KV object
     setenv("DUALBLADE_CUDA_LIB", "/nonexistent/libcuda.so.1", 1);
-    CHECK_EQ(dblade_kv_create(&cfg, 1, &lay, &s), 0);
-    dblade_kv_bind(s);
-    CHECK(dblade_cache_open(&desc, &c) < 0);
-    CHECK(strstr(dblade_last_error(), "cannot load the CUDA driver"));
-    dblade_kv_bind(NULL);
-    dblade_kv_release(s);
+    open_fails("cannot load the CUDA driver");
     printf("test_vram: ok\n");
     return 0;
 }
