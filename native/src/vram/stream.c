@@ -186,14 +186,15 @@ static bool read_one(struct dblade_vram * v, struct dblade_vram_lane * lane, int
     }
     // K and V in one batch where one engine reads both: the device's queue does not drain between them
     const int batches = n[0] > 0 && n[1] > 0 && buffered[0] == buffered[1] ? 1 : 2;
-    // the last batch's tail lets the other lane start the next layer
+    // the last batch's tail lets the other lane start the next layer (where there is one)
     struct read_tail tail = { v, x };
+    void (*issued)(void *) = v->n_lanes > 1 ? read_issued : NULL;
     for (int w = 0; w < batches && rc == 0; w++) {
         struct dblade_io * io = buffered[w] ? lane->io_buffered : lane->io_direct;
         const int          nr = batches == 1 ? n[0] + n[1] : n[w];
         if (nr > 0) {
             rc = io ? dblade_io_run_tail(io, reqs + (w ? n[0] : 0), (uint32_t) nr,
-                                         w == batches - 1 ? read_issued : NULL, &tail)
+                                         w == batches - 1 ? issued : NULL, &tail)
                     : -EBADF;
         }
     }
