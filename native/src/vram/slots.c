@@ -77,12 +77,11 @@ static uint8_t * host_alloc(struct dblade_vram * v, uint64_t bytes, bool * pinne
         return NULL;
     }
     // DUALBLADE_PIN=0: never page-locked (what a failing lock leaves; for tests and comparison)
-    const char * env = getenv("DUALBLADE_PIN");
-    CUresult     r   = env && !strcmp(env, "0") ? 1 : v->cu.MemHostRegister(p, bytes, 0);
-    *pinned          = r == 0;
+    const bool off = dblade_env_off("DUALBLADE_PIN");
+    CUresult   r   = off ? 1 : v->cu.MemHostRegister(p, bytes, 0);
+    *pinned        = r == 0;
     if (r != 0 && !*v->pin_why) {
-        snprintf(v->pin_why, sizeof(v->pin_why), "%s", env && !strcmp(env, "0") ? "DUALBLADE_PIN=0" :
-                 dblade_cuda_error(&v->cu, r));
+        snprintf(v->pin_why, sizeof(v->pin_why), "%s", off ? "DUALBLADE_PIN=0" : dblade_cuda_error(&v->cu, r));
     }
     return p;
 }
@@ -376,10 +375,9 @@ int dblade_vram_attach(struct dblade_vram ** vp, const struct dblade_vram_env * 
     // a pinned host copy is page-locked: copies from it run at the link's full speed (it is counted in
     // the budget already, and never moves)
     if (t->path == DBLADE_PATH_RAM) {
-        CUcontext    popped;
-        const char * env_pin = getenv("DUALBLADE_PIN");
+        CUcontext popped;
         v->cu.CtxPushCurrent(v->ctx);
-        t->host_registered = !(env_pin && !strcmp(env_pin, "0")) && v->cu.MemHostRegister(t->addr, t->map_bytes, 0) == 0;
+        t->host_registered = !dblade_env_off("DUALBLADE_PIN") && v->cu.MemHostRegister(t->addr, t->map_bytes, 0) == 0;
         v->cu.CtxPopCurrent(&popped);
     }
     return 0;
