@@ -12,12 +12,19 @@
 # (e.g. "DUALBLADE_WRITE_AROUND=0 -": each regime once per environment setting, "-" for none, files
 # ...-DUALBLADE_WRITE_AROUND-0.json and ...-default.json, a value's other characters as '-': DUALBLADE_IO_SHAPE=4M:16
 # gives ...-DUALBLADE_IO_SHAPE-4M-16.json; side by side in one call). TESTS=1 (the default) first runs
-# tests/test_gpu.py and the numpy-first checks (tools/gpu/numpy-first.sh). Results under $OUT: bench-*.json,
-# pytest-gpu.log, numpy-first.log.
+# tests/test_gpu.py and the numpy-first checks (tools/gpu/numpy-first.sh). BENCH_RING=N first runs
+# native/tests/bench_ring.c for N rounds on the disk the benches' store lives on (the read-ahead lanes' settings
+# side by side, no GPU needed). Results under $OUT: bench-*.json, pytest-gpu.log, numpy-first.log, bench-ring.log.
 set -uo pipefail
 R=$PWD
 export XDG_CACHE_HOME=$R/build/xdg
 . "$R/tools/gpu/deadline.sh"
+if [ "${BENCH_RING:-0}" -gt 0 ]; then
+    ring=$(find -L "$R/build/cuda" -name bench_ring -type f | head -1) fake=$(find -L "$R/build/cuda" -name libfake_cuda.so | head -1)
+    mkdir -p "$XDG_CACHE_HOME"
+    [ -n "$ring" ] && [ -n "$fake" ] || echo "== bench-ring: no bench_ring or libfake_cuda.so under build/cuda"
+    [ -n "$ring" ] && [ -n "$fake" ] && step 40 bench-ring bash -c "cd /tmp && DUALBLADE_TEST_DIR=$XDG_CACHE_HOME DUALBLADE_CUDA_LIB=$fake $ring direct $BENCH_RING >$OUT/bench-ring.log 2>&1; tail -1 $OUT/bench-ring.log"
+fi
 if [ "${TESTS:-1}" = 1 ]; then
     step 60 numpy-first bash -c "PYTEST_K=::test_numpy_imported_first tools/gpu/numpy-first.sh >$OUT/numpy-first.log 2>&1; grep -E '^==|passed|failed|needs' $OUT/numpy-first.log"
     step 60 pytest-gpu bash -c "cd /tmp; timeout 150 python3 -m pytest -q -rs -p no:cacheprovider --rootdir=$R $R/tests/test_gpu.py >$OUT/pytest-gpu.log 2>&1; tail -3 $OUT/pytest-gpu.log"
