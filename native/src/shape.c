@@ -11,6 +11,7 @@
 #include "shape.h"
 
 #include "base.h"
+#include "engine.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -22,13 +23,13 @@
 #define EXPLORE       16u
 #define KEEP          0.7 // of the average, per new batch
 #define MAX_CHUNK     (64u << 20)
-#define MAX_DEPTH     16u // DBLADE_IO_DEPTH
+#define MAX_DEPTH     DBLADE_IO_DEPTH // what an engine's batch keeps in flight at most
 
 // the first is what reads use until the others are measured (the engine's shape before this file)
 static const struct {
     uint32_t chunk, depth;
 } candidates[DBLADE_SHAPES] = {
-    { 4u << 20, 16 }, { 1u << 20, 4 }, { 1u << 20, 16 }, { 4u << 20, 4 }, { 8u << 20, 4 },
+    { DBLADE_IO_CHUNK, DBLADE_IO_DEPTH }, { 1u << 20, 4 }, { 1u << 20, 16 }, { 4u << 20, 4 }, { 8u << 20, 4 },
 };
 
 struct dblade_io_shape {
