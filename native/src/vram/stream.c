@@ -120,6 +120,16 @@ static int32_t next_to_read(const struct dblade_vram * v) {
 
 static void kick(struct dblade_vram * v);
 
+// some layer is READING, or layer x is (x >= 0) (the lock held)
+static bool reading(const struct dblade_vram * v, int32_t x) {
+    for (uint32_t i = 0; i < v->n_streamed; i++) {
+        if (v->sl[i].state == SL_READING && (x < 0 || (int32_t) i == x)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 // every read of layer x has gone to the device: the next layer's may start beside its last (on the engine's
 // thread, the lock not held)
 struct read_tail {
@@ -153,11 +163,8 @@ static bool read_one(struct dblade_vram * v, struct dblade_vram_lane * lane, int
     int                  n[2]         = { 0, 0 };
     // READING from here: a snapshot may drop the lock (the direct path waits for a retire running on the
     // other lane's worker), and nobody may copy the layer or take its place in the ring meanwhile
-    for (uint32_t i = 0; i < v->n_streamed; i++) {
-        if (v->sl[i].state == SL_READING) {
-            atomic_fetch_add(&v->ring_overlapped, 1);
-            break;
-        }
+    if (reading(v, -1)) {
+        atomic_fetch_add(&v->ring_overlapped, 1);
     }
     s->state  = SL_READING;
     s->issued = false;
@@ -225,14 +232,7 @@ static bool read_one(struct dblade_vram * v, struct dblade_vram_lane * lane, int
 
 // the lock held: until no layer is READING, or layer x is not (x >= 0)
 static void wait_reads(struct dblade_vram * v, int32_t x) {
-    for (;;) {
-        bool reading = false;
-        for (uint32_t i = 0; i < v->n_streamed; i++) {
-            reading |= v->sl[i].state == SL_READING && (x < 0 || (int32_t) i == x);
-        }
-        if (!reading) {
-            return;
-        }
+    while (reading(v, x)) {
         pthread_cond_wait(&v->read_done, v->env.lock);
     }
 }
