@@ -61,6 +61,19 @@ static uint64_t find_key(const char * text, const char * key, uint64_t scale) {
     return UINT64_MAX;
 }
 
+// What a group cannot reclaim: its usage less the file pages on its LRU lists. Anonymous memory alone
+// leaves out shmem (on a GPU machine the driver's page-locked host buffers, hundreds of MiB for a large
+// prompt ubatch: room counted from anon alone was overcommitted by as much, run 14) and kernel memory.
+// stat: the group's memory.stat; anon_key where the usage or the LRU is unknown.
+static uint64_t held(uint64_t usage, const char * stat, const char * active, const char * inactive,
+                     const char * anon_key) {
+    const uint64_t a = find_key(stat, active, 1), i = find_key(stat, inactive, 1);
+    if (usage == UINT64_MAX || a == UINT64_MAX || i == UINT64_MAX) {
+        return find_key(stat, anon_key, 1);
+    }
+    return usage > a + i ? usage - a - i : 0;
+}
+
 // "some avg10=0.00 avg60=0.00 avg300=0.00 total=123" -> the total stall, microseconds
 static uint64_t psi_some_total(const char * path) {
     char buf[512];
@@ -120,7 +133,8 @@ void dblade_monitor_sample(const struct dblade_monitor * m, struct dblade_mem_sa
         snprintf(path, sizeof(path), "%s/memory.stat", m->cg_dir);
         if (read_small(path, buf, sizeof(buf)) > 0) {
             o->cg_limit = find_key(buf, "hierarchical_memory_limit", 1);
-            o->cg_anon  = find_key(buf, "total_rss", 1);
+            o->cg_held  = held(read_u64(m->cg_dir, "memory.usage_in_bytes"), buf, "total_active_file",
+                               "total_inactive_file", "total_rss");
         }
     } else if (m->cg_version == 2) {
         // the tightest memory.max on the way up to the root
@@ -138,7 +152,7 @@ void dblade_monitor_sample(const struct dblade_monitor * m, struct dblade_mem_sa
         char path[600];
         snprintf(path, sizeof(path), "%s/memory.stat", m->cg_dir);
         if (read_small(path, buf, sizeof(buf)) > 0) {
-            o->cg_anon = find_key(buf, "anon", 1);
+            o->cg_held = held(read_u64(m->cg_dir, "memory.current"), buf, "active_file", "inactive_file", "anon");
         }
         snprintf(path, sizeof(path), "%s/memory.pressure", m->cg_dir);
         o->psi_us = psi_some_total(path);
@@ -150,7 +164,7 @@ void dblade_monitor_sample(const struct dblade_monitor * m, struct dblade_mem_sa
         o->mem_total     = find_key(buf, "MemTotal", 1024);
         o->mem_available = find_key(buf, "MemAvailable", 1024);
     }
-    if (o->cg_anon == UINT64_MAX) {
-        o->cg_anon = 0;
+    if (o->cg_held == UINT64_MAX) {
+        o->cg_held = 0;
     }
 }

@@ -15,7 +15,9 @@ struct dblade_monitor {
 struct dblade_mem_sample {
     uint64_t t_ns;
     uint64_t cg_limit; // UINT64_MAX: no limit
-    uint64_t cg_anon;  // the group's anonymous memory
+    // what the group holds that it cannot reclaim: its usage less its file LRU (anonymous memory, kernel memory,
+    // and shmem, which the GPU driver's page-locked host buffers are: without swap, as good as anonymous)
+    uint64_t cg_held;
     uint64_t mem_total, mem_available; // UINT64_MAX: unknown
     uint64_t psi_us;                   // memory stall ("some"), cumulative microseconds; UINT64_MAX: no PSI
 };

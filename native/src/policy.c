@@ -41,9 +41,9 @@ uint64_t dblade_auto_capacity(const struct dblade_mem_sample * m, uint64_t reser
         cap = sub0(m->mem_available + page_cached, reserve + margin);
     }
     if (m->cg_limit != UINT64_MAX) {
-        // the group: its limit less its anonymous memory (ours: pinned KV, staging, compute buffers)
+        // the group: its limit less what it cannot reclaim (ours: pinned KV, staging, compute buffers)
         const uint64_t margin = m->cg_limit / 16 > (32ull << 20) ? m->cg_limit / 16 : (32ull << 20);
-        const uint64_t c      = sub0(m->cg_limit, m->cg_anon + reserve + margin);
+        const uint64_t c      = sub0(m->cg_limit, m->cg_held + reserve + margin);
         cap = c < cap ? c : cap;
     }
     return cap;
