@@ -186,6 +186,10 @@ class Llama(llama_cpp.Llama):
             if mapped:
                 self._reserve["weights"] = info.weights_working_set(load_log.buffers.get("CPU_REPACK", 0))
             self._reserve["ubatch"] = self.context_params.n_ubatch
+            # compute buffers in page-locked host memory (a GPU build's masks) are resident from their allocation,
+            # and the monitor counts them already: reserved on top, they were counted twice (run 14: room 0)
+            self._reserve["touched"] = max(self._reserve["touched"],
+                                           min(self._reserve["buffers"], load_log.pinned_compute_bytes()))
             self._kv.set_reserve(self._reserve_bytes())
 
     def _buffers_left(self) -> int:

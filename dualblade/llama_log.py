@@ -20,19 +20,32 @@ _LEVEL_ERROR, _LEVEL_CONT = 4, 5  # ggml_log_level
 
 class LoadLog(list):
     """llama.cpp's error lines (the list), and the size of each model buffer it allocated, by the buffer's
-    name ("CPU_Mapped": weights used from the mapped file, "CPU_REPACK": weights copied and rearranged)."""
+    name ("CPU_Mapped": weights used from the mapped file, "CPU_REPACK": weights copied and rearranged), and of
+    each compute buffer ("CPU", "CUDA0", "CUDA_Host": page-locked host memory, resident from its allocation)."""
 
     def __init__(self):
         super().__init__()
         self.buffers: dict[str, int] = {}
+        self.compute: dict[str, int] = {}
+
+    def note(self, text: str) -> None:
+        """Records the buffer size a log line reports, if it reports one."""
+        m = _BUFFER_LINE.search(text)
+        if m:
+            sizes = self.buffers if m[2] == "model" else self.compute
+            sizes[m[1]] = sizes.get(m[1], 0) + round(float(m[3]) * 2**20)
+
+    def pinned_compute_bytes(self) -> int:
+        """Of the compute buffers, those in page-locked host memory (a GPU backend's "<name>_Host" type)."""
+        return sum(n for name, n in self.compute.items() if name.endswith("_Host"))
 
 
-_BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([0-9.]+) MiB")
+_BUFFER_LINE = re.compile(r"(\S+) (model|compute) buffer size =\s*([0-9.]+) MiB")
 
 
 @contextlib.contextmanager
 def errors():
-    """Yields a LoadLog that collects llama.cpp's error log lines (and its model buffers) while the block runs."""
+    """Yields a LoadLog that collects llama.cpp's error log lines (and its buffers' sizes) while the block runs."""
     lines = LoadLog()
     prev_cb = llama_cpp.llama_log_callback()
     prev_ud = ctypes.c_void_p()
@@ -44,10 +57,8 @@ def errors():
             last[0] = level
         if last[0] == _LEVEL_ERROR and text:
             lines.append(text.decode(errors="replace"))
-        elif text and b"model buffer size" in text:
-            m = _BUFFER_LINE.search(text.decode(errors="replace"))
-            if m:
-                lines.buffers[m[1]] = lines.buffers.get(m[1], 0) + round(float(m[2]) * 2**20)
+        elif text and b" buffer size" in text:
+            lines.note(text.decode(errors="replace"))
         if prev_cb:
             prev_cb(level, text, prev_ud)
 

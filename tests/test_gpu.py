@@ -201,6 +201,19 @@ def test_sessions_of_streamed_layers(model, tmp_path):
                               mem_budget=direct) == stock
 
 
+def test_auto_counts_page_locked_compute_buffers_once(model, tmp_path):
+    """A GPU build keeps a prompt ubatch's attention masks in page-locked host memory (CUDA_Host), resident from the
+    context's creation and counted by auto's monitor (shmem): not reserved on top. Run 14 found them counted twice
+    (auto's room was 0 under every limit) and, before, not at all (its page-cache layers thrashed)."""
+    kw = dict(vram_budget=_streamed_budget(model, 1), kv_policy="direct", kv_dir=str(tmp_path))
+    kw.update(kv_policy="auto", mem_budget=_minimum(model, "mem_budget", **kw))
+    with closing(_llm(model, **kw)) as llm:
+        m = llm.kv_stats()["memory"]
+        assert llm._reserve is not None and llm._reserve["buffers"] > 0
+        assert m["buffers_reserve_bytes"] == 0, m
+        assert m["reserve_bytes"] == m["weights_reserve_bytes"], m
+
+
 def test_without_vram_budget_a_gpu_build_is_stock(model):
     toks_stock = None
     with closing(llama_cpp.Llama(str(model), n_ctx=N_CTX, n_gpu_layers=-1, flash_attn=True, verbose=False)) as llm:

@@ -374,6 +374,9 @@ def test_auto_reserves_the_compute_buffers_a_prompt_fills(tiny_path, tmp_path):
         full = placement.prefill_host_bytes(info, 2048, ub, False)
         assert ub == 2048 and m["buffers_reserve_bytes"] == full > 0
         assert m["reserve_bytes"] == m["weights_reserve_bytes"] + full
+        # the CPU's compute buffer is malloc'ed, resident only once touched (a GPU build's page-locked one is counted
+        # as it is allocated: test_gpu.py)
+        assert llm._reserve["touched"] == 0
         llm.eval(llm.tokenize(b"the state of things " * 200)[:300])
         m = llm.kv_stats()["memory"]
         assert m["buffers_reserve_bytes"] == full - placement.prefill_host_bytes(info, 300, 300, False)
@@ -383,6 +386,24 @@ def test_auto_reserves_the_compute_buffers_a_prompt_fills(tiny_path, tmp_path):
         assert m["buffers_reserve_bytes"] < full // 4 and m["reserve_bytes"] < m["weights_reserve_bytes"] + full // 4
     finally:
         llm.close()
+
+
+def test_load_log_records_buffer_sizes():
+    """llama.cpp's log lines of model and compute buffers, by buffer type; the page-locked host ones ("<backend>_Host")
+    are what a GPU build's compute buffers hold resident from the start."""
+    from dualblade.llama_log import LoadLog
+
+    log = LoadLog()
+    for line in ("load_tensors:   CPU_Mapped model buffer size =   242.00 MiB",
+                 "llama_context:      CUDA0 compute buffer size =   300.50 MiB",
+                 "llama_context:  CUDA_Host compute buffer size =   743.00 MiB",
+                 "llama_context:        CPU compute buffer size =    10.00 MiB",
+                 "llama_context: graph nodes  = 1234"):
+        log.note(line)
+    assert log.buffers == {"CPU_Mapped": 242 << 20}
+    assert log.compute == {"CUDA0": round(300.5 * 2**20), "CUDA_Host": 743 << 20, "CPU": 10 << 20}
+    assert log.pinned_compute_bytes() == 743 << 20
+    assert LoadLog().pinned_compute_bytes() == 0
 
 
 def test_auto_places_again_once_loaded(tiny_path, tmp_path):
