@@ -1,6 +1,6 @@
-#define _GNU_SOURCE // memfd_create
 // The memory monitor reads this machine; the auto decision demotes the largest layers when the
 // page cache cannot hold them (or tasks stall), and promotes back only with room, calm and time.
+#define _GNU_SOURCE // memfd_create
 #include "../src/base.h"
 #include "../src/monitor.h"
 #include "../src/policy.h"
