@@ -1,6 +1,7 @@
 """`dualblade chat`: a streaming terminal chat, or a line-by-line responder on a pipe."""
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -374,6 +375,9 @@ def _interactive(chat: Chat, err: Console) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    # Ctrl-C stops a reply: a chat started from a script's background job inherits SIGINT ignored, and Python then
+    # installs no handler of its own; the person at the terminal still needs the key
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out = Console(highlight=False)
     out.print(f"[bold]dualblade chat[/bold] — /help for commands, Ctrl-D to quit", highlight=False)
     chat.trims_when_idle = True

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import time
 
 import pexpect
@@ -283,9 +284,12 @@ def test_pipe_storage_policy_without_budget_pins_everything(tmp_path, policy):
 TTY_TIMEOUT = 120
 
 
-def _spawn(*args: str):
+def _spawn(*args: str, sigint_ignored: bool = False):
+    # (sigint_ignored: started as a script's background job starts it; the suite itself may run as one)
     child = pexpect.spawn(dualblade_exe(), ["chat", *args], encoding="utf-8", timeout=TTY_TIMEOUT,
-                          dimensions=(50, 200), env={**os.environ, "TERM": "xterm-256color"})
+                          dimensions=(50, 200), env={**os.environ, "TERM": "xterm-256color"},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored
+                                                           else signal.SIG_DFL))
     child.expect(r"\n> ")
     return child
 
@@ -423,6 +427,20 @@ def test_tty_commands_ctrl_c_at_prompt_and_ctrl_d():
         child.expect(pexpect.EOF)
         child.close()
         assert child.exitstatus == 0 and child.signalstatus is None
+    finally:
+        _finish(child)
+
+
+def test_tty_ctrl_c_works_when_started_with_sigint_ignored():
+    """A chat started from a script's background job (`cmd &` in a non-interactive shell) inherits SIGINT ignored;
+    at a terminal its Ctrl-C handling is still there (at the prompt: the hint, not an exit; during a reply:
+    test_tty_ctrl_c_stops_a_long_reply, the same handler)."""
+    child = _spawn("-c", "1024", "-n", "200", "--temp", "0", sigint_ignored=True)
+    try:
+        child.sendintr()
+        child.expect(r"Ctrl-D or /exit quits")
+        child.expect(r"\n> ")
+        _exit_cleanly(child)
     finally:
         _finish(child)
 
