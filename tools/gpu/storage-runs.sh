@@ -7,8 +7,7 @@
 #   16k-free    a 16K prompt, 25%, no limit (the page cache may hold everything)
 #   128k        128K context, a 64K prompt, 1 GiB of VRAM and 1 GiB of host budget, under a limit
 # REPS repetitions (default 1), POLICIES (default vram,ram,mmap,direct,auto), SHAPE (default llama-1b: another
-# synthetic shape, e.g. kv-heavy, names its files bench-SHAPE-REGIME.json), LANES (e.g. "1 tail 2": each regime once
-# per setting of the VRAM ring's read-ahead lanes, DUALBLADE_READ_LANES, files ...-lanesX.json; empty: the default), VARIANTS
+# synthetic shape, e.g. kv-heavy, names its files bench-SHAPE-REGIME.json), VARIANTS
 # (e.g. "DUALBLADE_WRITE_AROUND=0 -": each regime once per environment setting, "-" for none, files
 # ...-DUALBLADE_WRITE_AROUND-0.json and ...-default.json, a value's other characters as '-': DUALBLADE_IO_SHAPE=4M:16
 # gives ...-DUALBLADE_IO_SHAPE-4M-16.json; side by side in one call). TESTS=1 (the default) first runs
@@ -34,11 +33,8 @@ S=${SHAPE:-llama-1b}
 step 60 weights python3 -c "from dualblade.synthetic import cached_model; print(cached_model('$S'))"
 B="python3 -m dualblade.cli.app bench --gpu --synthetic $S -n 16 -r ${REPS:-1} --timeout 150 --policies ${POLICIES:-vram,ram,mmap,direct,auto}"
 for regime in ${REGIMES:-16k-cgroup 30k-cgroup 16k-free}; do
-for lanes in ${LANES:-default}; do
 for variant in ${VARIANTS:-none}; do
     J=$OUT/bench-$regime; [ "$S" = llama-1b ] || J=$OUT/bench-$S-$regime
-    if [ "$lanes" = default ]; then unset DUALBLADE_READ_LANES
-    else export DUALBLADE_READ_LANES=$lanes; J=$J-lanes$lanes; fi
     case $variant in
     none) ;;
     -) J=$J-default ;;
@@ -54,6 +50,5 @@ for variant in ${VARIANTS:-none}; do
     *) echo "storage-runs.sh: unknown regime $regime" ;;
     esac
     case $variant in *=*) unset "${variant%%=*}" ;; esac
-done
 done
 done
