@@ -98,10 +98,11 @@ def _exit_cleanly(signum, frame):
 def run_serve(opts: ServeOptions) -> None:
     quota, body_limit = _check(opts)  # first: it says so when the server extra is missing
     from dualblade import conversations
-    from dualblade.server import Engine, Limits, ServedLlama, create_app, serve_forever
+    from dualblade.server import Engine, Limits, ServedLlama, create_app, fix_malloc_thresholds, serve_forever
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     sock = _bind(opts.host, opts.port)
+    fix_malloc_thresholds()  # before the model and the worker allocate: memory goes back when requests end
     try:
         if quota > 0 and opts.chat.flash_attn is None:
             # conversations are saved after every reply: with flash attention V is kept by cell, so a save
