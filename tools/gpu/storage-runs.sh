@@ -13,11 +13,18 @@
 # gives ...-DUALBLADE_IO_SHAPE-4M-16.json; side by side in one call). TESTS=1 (the default) first runs
 # tests/test_gpu.py and the numpy-first checks (tools/gpu/numpy-first.sh). BENCH_RING=N first runs
 # native/tests/bench_ring.c for N rounds on the disk the benches' store lives on (the read-ahead lanes' settings
-# side by side, no GPU needed). Results under $OUT: bench-*.json, pytest-gpu.log, numpy-first.log, bench-ring.log.
+# side by side, no GPU needed). CGSTAT=1 samples the cells' cgroups beside the runs (tools/gpu/cgstat.sh, started
+# here: after device-test.sh has delegated the memory controller, which a process of the command's own group
+# left running would refuse). Results under $OUT: bench-*.json, pytest-gpu.log, numpy-first.log, bench-ring.log,
+# cgstat.log.
 set -uo pipefail
 R=$PWD
 export XDG_CACHE_HOME=$R/build/xdg
 . "$R/tools/gpu/deadline.sh"
+if [ "${CGSTAT:-0}" = 1 ]; then
+    "$R/tools/gpu/cgstat.sh" >"$OUT/cgstat.log" 2>&1 &
+    trap "kill $! 2>/dev/null" EXIT
+fi
 if [ "${BENCH_RING:-0}" -gt 0 ]; then
     ring=$(find -L "$R/build/cuda" -name bench_ring -type f | head -1) fake=$(find -L "$R/build/cuda" -name libfake_cuda.so | head -1)
     mkdir -p "$XDG_CACHE_HOME"
