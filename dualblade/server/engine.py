@@ -299,8 +299,8 @@ def fix_malloc_thresholds() -> None:
     """For a long-running server: glibc's malloc keeps its thresholds fixed. By default they grow with the
     largest block freed (up to 32 MiB for mmap, 64 MiB for trimming), and malloc_trim does not trim the top of
     a thread's arena (the worker's, where a request's buffers come and go): a burst of requests then left up
-    to 11 MiB resident at idle, at random. Fixed (the defaults' starting point, 256 KiB), free() trims the top
-    of every arena as it goes and large blocks go back to the system when freed. A no-op elsewhere."""
+    to 11 MiB resident at idle, at random. Fixed at 256 KiB (glibc starts from 128 KiB), free() trims the top of
+    every arena as it goes and large blocks go back to the system when freed. A no-op elsewhere."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD)
