@@ -201,6 +201,33 @@ def test_sessions_of_streamed_layers(model, tmp_path):
                               mem_budget=direct) == stock
 
 
+def test_streamed_layers_switch_paths_exactly(model, reference, tmp_path):
+    """auto moves streamed layers between the page cache and the direct path mid-decode (every limited GPU run
+    demotes some; with room again it promotes them): the ring then reads a layer's rows from its new path. Each
+    step here flips one streamed layer, both ways in turn: the tokens equal all-in-VRAM's."""
+    kw = dict(vram_budget=_streamed_budget(model, 1), kv_policy="direct", kv_dir=str(tmp_path))
+    kw.update(kv_policy="auto", mem_budget=_minimum(model, "mem_budget", **kw))
+    with closing(_llm(model, **kw)) as llm:
+        layers = [l for l in llm.kv_stats()["layers"] if l["streamed"] and l["path"] != "ram"]
+        assert layers, llm.kv_stats()["layers"]
+        llm.reset()
+        llm.eval(llm.tokenize(PROMPT.encode()))
+        assert last_logits(llm).tobytes() == reference[1][1], "logits differ from the all-in-VRAM run"
+        out = []
+        for step in range(N_GEN):
+            t = llm.sample(temp=0.0)
+            out.append(t)
+            il = layers[step % len(layers)]["layer"]
+            now = {l["layer"]: l["path"] for l in llm.kv_stats()["layers"]}[il]
+            llm.kv_set_path(il, "direct" if now == "mmap" else "mmap")
+            llm.eval([t])
+        st = llm.kv_stats()
+    assert out == reference[1][0]
+    assert st["vram"]["streamed_layers"] > 0 and st["vram"]["ring_read_bytes"] > 0, st["vram"]
+    moved = [e for e in st["switches"] if e["layer"] is not None and e["reason"].startswith("requested")]
+    assert {e["to"] for e in moved} == {"mmap", "direct"}, st["switches"]  # both ways
+
+
 def test_auto_counts_page_locked_compute_buffers_once(model, tmp_path):
     """A GPU build keeps a prompt ubatch's attention masks in page-locked host memory (CUDA_Host), resident from the
     context's creation and counted by auto's monitor (shmem): not reserved on top. Run 14 found them counted twice
