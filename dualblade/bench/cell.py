@@ -25,10 +25,10 @@ def _proc_io() -> dict:
         return {}
 
 
-def _memory_now(llm) -> dict:
+def _memory_now(kv_stats: dict | None) -> dict:
     """The process's resident memory by kind (/proc/self/status) and, under auto, its page-cache room and
-    reserve: what a cell holds after loading, after its prompt and at its end (auto's first room is measured
-    before the prompt; what the prompt allocates on top is the difference)."""
+    reserve (from kv_stats, taken then): what a cell holds after loading, after its prompt and at its end
+    (auto's first room is measured before the prompt; what the prompt allocates on top is the difference)."""
     out = {}
     try:
         with open("/proc/self/status") as f:
@@ -38,7 +38,7 @@ def _memory_now(llm) -> dict:
                     out[key.lower().replace("rss", "rss_") + "_bytes"] = int(value.split()[0]) * 1024
     except OSError:
         pass
-    mem = (llm.kv_stats().get("memory") or {}) if hasattr(llm, "kv_stats") else {}
+    mem = (kv_stats or {}).get("memory") or {}
     for key in ("page_cache_room_bytes", "page_cache_need_bytes", "reserve_bytes"):
         out[key] = mem.get(key)
     return out
@@ -202,13 +202,13 @@ def run(a: dict) -> dict:
 
     io0, ru0 = _proc_io(), resource.getrusage(resource.RUSAGE_SELF)
     st0 = llm.kv_stats() if hasattr(llm, "kv_stats") else None
-    memory_at = {"loaded": _memory_now(llm)}
+    memory_at = {"loaded": _memory_now(st0)}
     t0 = time.perf_counter()
     llm.eval(toks)
     tok = llm.sample(temp=0.0)
     ttft = time.perf_counter() - t0
     st1 = llm.kv_stats() if st0 is not None else None
-    memory_at["prefilled"] = _memory_now(llm)
+    memory_at["prefilled"] = _memory_now(st1)
     ru_dec, io_dec = resource.getrusage(resource.RUSAGE_SELF), _proc_io()
     steps, out = [], [tok]
     for _ in range(a["gen_tokens"]):
@@ -218,6 +218,7 @@ def run(a: dict) -> dict:
         steps.append(time.perf_counter() - ts)
         out.append(tok)
     io1, ru1 = _proc_io(), resource.getrusage(resource.RUSAGE_SELF)
+    st = llm.kv_stats() if st0 is not None else None
     res = {
         "ok": True,
         "load_s": load_s,
@@ -237,7 +238,7 @@ def run(a: dict) -> dict:
         "proc_write_bytes": io1.get("write_bytes", 0) - io0.get("write_bytes", 0),
         # what the decode read from storage, as the kernel counts it (O_DIRECT reads and page-cache misses)
         "decode_proc_read_bytes": io1.get("read_bytes", 0) - io_dec.get("read_bytes", 0),
-        "memory_at": {**memory_at, "end": _memory_now(llm)},
+        "memory_at": {**memory_at, "end": _memory_now(st)},
     }
     if vram is not None:
         res.update(vram.stop())
@@ -245,7 +246,6 @@ def run(a: dict) -> dict:
         res["offload_kqv"] = kw.get("offload_kqv", True)
         res["flash_attn"] = kw.get("flash_attn")
     if st0 is not None:
-        st = llm.kv_stats()
         res.update({
             "bytes_read": st["bytes_read"] - st0["bytes_read"],
             "bytes_written": st["bytes_written"] - st0["bytes_written"],
