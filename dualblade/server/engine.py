@@ -268,9 +268,9 @@ def release_idle_memory(llm: Llama | None = None) -> None:
     if llm is not None:
         llm.kv_trim()
     gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -288,11 +288,6 @@ def _libc():
         return libc
     except (OSError, AttributeError):  # not glibc
         return None
-
-
-def _malloc_trim():
-    libc = _libc()
-    return libc.malloc_trim if libc is not None else None
 
 
 def fix_malloc_thresholds() -> None:
