@@ -51,6 +51,7 @@ struct dblade_tensor {
 struct dblade_ubatch {
     bool     set;
     uint32_t cuts;  // streamed layers of this cache the graph stopped at so far
+    uint32_t expect; // ... and where it must stop: those of the layers it computes (all, or a segment)
     uint32_t n_kv;  // rows attention reads: [0, n_kv)
     uint64_t lo, hi; // rows stored
 };

@@ -353,6 +353,73 @@ static void ring_stress(void) {
     printf("ring: 40 prompts of large ubatches read ahead, every slot exact\n");
 }
 
+static uint64_t h2d(void) {
+    struct dblade_stats st;
+    CHECK_EQ(dblade_kv_stats(s, &st), 0);
+    return st.h2d_bytes;
+}
+
+// A batch of three ubatches computed layer by layer (patch 0006): each graph computes one layer for one ubatch
+// (dblade_kv_graph_layers), the three graphs of a layer in a row. The layer's rows are copied into its slot for
+// the first ubatch only: the next ones find them there, with the rows the ubatch before stored. Every slot exact,
+// every host copy exact after; fewer bytes copied than the same batch in llama.cpp's order; a segment's graph
+// is held to its own layers' cuts.
+static void layer_major(void) {
+    char dir[512];
+    open_ahead(dir, sizeof(dir), "vram-layer-major", "1000000");
+    const int ub[4] = { 16, 24, 32, 40 };
+    uint64_t  copied[2];
+    for (int order = 0; order < 2; order++) { // 0: llama.cpp's, 1: layer by layer
+        hwm = 0;
+        graph(0, 0, 16); // an earlier turn's rows
+        const uint64_t h2d0 = h2d();
+        if (order == 0) {
+            for (int u = 0; u < 3; u++) {
+                graph(1 + u, ub[u], ub[u + 1]);
+            }
+        } else {
+            for (int il = 0; il < LAYERS; il++) {
+                dblade_kv_graph_layers(s, il, il + 1);
+                for (int u = 0; u < 3; u++) {
+                    graph_begin(ub[u], ub[u + 1]);
+                    cut_layer(il);
+                    for (int w = 0; w < 2; w++) {
+                        CHECK(!memcmp(dev[il][w], shadow[il][w], (size_t) ub[u] * ROW)); // the rows below the ubatch
+                        memset(dev[il][w] + ub[u] * ROW, mark(il, w, 1 + u, 0), (size_t) (ub[u + 1] - ub[u]) * ROW);
+                        memset(shadow[il][w] + ub[u] * ROW, mark(il, w, 1 + u, 0), (size_t) (ub[u + 1] - ub[u]) * ROW);
+                    }
+                    if (il == LAYERS - 1) {
+                        cut("result_norm", 1);
+                    }
+                }
+            }
+            dblade_kv_graph_layers(s, 0, INT32_MAX);
+            hwm = ub[3];
+        }
+        copied[order] = h2d() - h2d0;
+        check_rows();
+        CHECK_EQ(dblade_kv_error(s, NULL, 0), 0);
+        dblade_cache_clear(c);
+        memset(shadow, 0, sizeof(shadow));
+    }
+    // llama.cpp's order copies every layer's rows below each ubatch (16 + 24 + 32 rows); layer by layer those below
+    // the first (16), and the stand-in's slots keep them (a pinned layer is copied from its host copy, no ring)
+    CHECK(copied[1] < copied[0] / 2);
+
+    // a segment's graph that skips its layer's cut is refused when the next one starts
+    dblade_kv_graph_layers(s, 2, 3);
+    graph_begin(0, 4);
+    const int64_t rows[1] = { 4 };
+    dblade_cache_ubatch(c, rows, 1, N_KV);
+    char msg[256];
+    CHECK_EQ(dblade_kv_error(s, msg, sizeof(msg)), -EPROTO);
+    CHECK(strstr(msg, "before 1 of 1 streamed layers"));
+    close_all();
+    rmdir(dir);
+    printf("layer by layer: a layer copied into its slot once per batch (%llu KiB against %llu), every slot exact\n",
+           (unsigned long long) copied[1] >> 10, (unsigned long long) copied[0] >> 10);
+}
+
 // one streamed layer's cache cannot open: the error says why
 static void open_fails(const char * why) {
     struct dblade_layout_layer lay = { 0, DBLADE_PATH_RAM, BYTES, BYTES, DBLADE_LAYOUT_STREAMED, 0 };
@@ -404,6 +471,7 @@ int main(void) {
     storage_fault();
     held_reads();
     ring_stress();
+    layer_major();
     setenv("DUALBLADE_READ_LANES", "tail", 1); // the same with the next layer's reads started at a layer's tail
     storage_fault();
     ring_stress();

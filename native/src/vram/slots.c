@@ -159,6 +159,8 @@ static int setup(struct dblade_vram * v, const char * device, bool quantized) {
     v->n_lanes      = strcmp(mode, "1") ? VRAM_LANES : 1;
     v->side_by_side = !strcmp(mode, "2");
     v->pending     = -1;
+    v->il0         = 0;
+    v->il1         = INT32_MAX;
     int rc         = dblade_cuda_load(&v->cu);
     if (rc < 0) {
         return rc;

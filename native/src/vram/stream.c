@@ -98,6 +98,21 @@ static void ring_free(struct dblade_vram * v, const struct dblade_streamed * s) 
     v->ring_used -= bytes;
 }
 
+// layer x's slot still holds its rows: the last copy into the slot was x's, and nothing has changed its
+// host copy since it computed (the lock held)
+static bool held_in_slot(const struct dblade_vram * v, int32_t x) {
+    return v->sl[x].in_slot && v->slot_owner[v->sl[x].slot] == x;
+}
+
+// layer x goes into its slot: the layer there before is no longer held in it (the lock held)
+static void take_slot(struct dblade_vram * v, int32_t x) {
+    const int32_t o = v->slot_owner[v->sl[x].slot];
+    if (o >= 0 && o != x) {
+        v->sl[o].in_slot = false;
+    }
+    v->slot_owner[v->sl[x].slot] = x;
+}
+
 // --- reads ahead, on the worker ---
 
 // the next layer to read into the ring: the first at rest, in graph order from the one the graph computes
@@ -110,7 +125,7 @@ static int32_t next_to_read(const struct dblade_vram * v) {
         if (x == v->pending) {
             return -1;
         }
-        if (!s->k || from_host_copy(s) || s->state != SL_IDLE) {
+        if (!s->k || from_host_copy(s) || s->state != SL_IDLE || held_in_slot(v, x)) {
             continue;
         }
         return x;
@@ -307,8 +322,8 @@ static CUresult load_async(struct dblade_vram * v, int32_t x) {
         r = v->cu.EventRecord(v->slot_ev[s->slot], v->stream);
     }
     if (r == 0) {
-        s->state               = SL_LOADING;
-        v->slot_owner[s->slot] = x;
+        s->state = SL_LOADING;
+        take_slot(v, x);
     }
     return r;
 }
@@ -325,7 +340,7 @@ static void load_ahead(struct dblade_vram * v, int32_t from) {
     for (uint32_t m = 0; m < v->n_slots; m++) {
         const int32_t            x = (int32_t) ((from + m) % v->n_streamed);
         struct dblade_streamed * s = &v->sl[x];
-        if (!s->k || x == v->pending || s->state == SL_LOADING || s->state == SL_LOADED) {
+        if (!s->k || x == v->pending || s->state == SL_LOADING || s->state == SL_LOADED || held_in_slot(v, x)) {
             continue;
         }
         const bool ready = from_host_copy(s) ? s->state == SL_IDLE : s->state == SL_READY;
@@ -344,6 +359,7 @@ static void drop_ahead(struct dblade_vram * v) {
         if ((int32_t) x != v->pending) {
             v->sl[x].state = SL_IDLE;
         }
+        v->sl[x].in_slot = false; // the host copies may change
     }
     v->ring_used = v->ring_head = v->ring_tail = 0;
 }
@@ -354,6 +370,11 @@ static int load(struct dblade_vram * v, int32_t x) {
     struct dblade_streamed * s  = &v->sl[x];
     const uint64_t           t0 = dblade_now_ns();
     pthread_mutex_lock(v->env.lock);
+    if (s->state == SL_IDLE && held_in_slot(v, x)) {
+        s->state = SL_LOADED; // the graph before computed this layer too, and its rows went back from the slot
+        pthread_mutex_unlock(v->env.lock);
+        return 0;
+    }
     if (s->state == SL_IDLE && !from_host_copy(s)) {
         if (!v->ring || dblade_vram_tensor_len(s->k) + dblade_vram_tensor_len(s->k->pair) > v->ring_bytes) {
             pthread_mutex_unlock(v->env.lock);
@@ -393,7 +414,8 @@ static int load(struct dblade_vram * v, int32_t x) {
     if (!from_host_copy(s)) {
         ring_free(v, s); // a layer with no rows yet holds a block of the ring too (ring_alloc)
     }
-    s->state = SL_LOADED;
+    s->state   = SL_LOADED;
+    s->in_slot = true;
     kick(v); // room in the ring
     pthread_mutex_unlock(v->env.lock);
     return 0;
@@ -418,8 +440,9 @@ static int load_from_staging(struct dblade_vram * v, int32_t x) {
     if (!err && r == 0) {
         r = v->cu.StreamSynchronize(v->stream);
     }
-    s->state               = SL_LOADED;
-    v->slot_owner[s->slot] = x;
+    s->state   = SL_LOADED;
+    take_slot(v, x);
+    s->in_slot = !err && r == 0;
     pthread_mutex_unlock(v->env.lock);
     waited(v, s->k, t0);
     if (r != 0) {
@@ -544,6 +567,17 @@ void dblade_vram_forget(struct dblade_vram * v, const struct dblade_cache * c) {
 
 // --- the cut protocol ---
 
+// the first streamed layer a graph computes: of all, or of the segment a prompt computed layer by layer is at
+// (the lock held)
+static int32_t first_of_graph(const struct dblade_vram * v) {
+    for (uint32_t x = 0; x < v->n_streamed; x++) {
+        if (v->sl[x].il >= v->il0) {
+            return (int32_t) x;
+        }
+    }
+    return 0;
+}
+
 // "attn_norm-<il>" -> il; "result_norm" -> INT32_MAX; anything else -> -1
 static int32_t cut_layer(const char * name) {
     if (name[0] == 'a' && !strncmp(name, "attn_norm-", 10)) {
@@ -604,13 +638,22 @@ int dblade_vram_cut(struct dblade_vram * v, const char * name, int ask) {
     } else if (rc == 0) {
         // result_norm: every layer of this graph has computed; the next graph starts from the first again
         pthread_mutex_lock(v->env.lock);
-        v->next = 0;
-        load_ahead(v, 0);
+        v->next = first_of_graph(v);
+        load_ahead(v, v->next);
         kick(v);
         pthread_mutex_unlock(v->env.lock);
     }
     v->cu.CtxPopCurrent(&popped);
     return rc == 0 && !sticky_error(v);
+}
+
+void dblade_vram_layers(struct dblade_vram * v, int32_t il0, int32_t il1) {
+    if (v) {
+        pthread_mutex_lock(v->env.lock);
+        v->il0 = il0;
+        v->il1 = il1;
+        pthread_mutex_unlock(v->env.lock);
+    }
 }
 
 void dblade_vram_ubatch(struct dblade_vram * v, struct dblade_cache * c, const int64_t * rows, int64_t n,
@@ -619,10 +662,10 @@ void dblade_vram_ubatch(struct dblade_vram * v, struct dblade_cache * c, const i
         return;
     }
     // every streamed layer of the last graph stopped at its cut, or its slot held another layer
-    if (c->ub.set && c->ub.cuts < c->n_streamed) {
+    if (c->ub.set && c->ub.cuts < c->ub.expect) {
         fail(v, -EPROTO, "the graph stopped before %u of %u streamed layers: this model's graph does not name its "
              "layers' attention norms (attn_norm-<il>); VRAM streaming cannot run it",
-             c->n_streamed - c->ub.cuts, c->n_streamed);
+             c->ub.expect - c->ub.cuts, c->ub.expect);
     }
     int64_t lo = rows[0], hi = rows[0];
     for (int64_t i = 1; i < n; i++) {
@@ -632,8 +675,13 @@ void dblade_vram_ubatch(struct dblade_vram * v, struct dblade_cache * c, const i
     c->ub.lo   = (uint64_t) lo;
     c->ub.hi   = (uint64_t) hi + 1;
     c->ub.n_kv = n_kv;
-    c->ub.cuts = 0;
-    c->ub.set  = true;
+    c->ub.cuts   = 0;
+    c->ub.set    = true;
+    c->ub.expect = 0;
+    for (uint32_t x = 0; x < v->n_streamed; x++) {
+        const struct dblade_streamed * s = &v->sl[x];
+        c->ub.expect += s->k && s->k->cache == c && s->il >= v->il0 && s->il < v->il1;
+    }
     // the graph's first streamed layers are copied while the layers before them compute (and the inputs
     // travel), where their slots are free
     CUcontext popped;
@@ -644,8 +692,8 @@ void dblade_vram_ubatch(struct dblade_vram * v, struct dblade_cache * c, const i
     v->ahead_held = n > (int64_t) v->ahead_max_rows;
     v->env.pipeline->env->prompt = n > 1; // (path_mmap.c reads a prompt's rows written around back around the cache)
     if (v->pending < 0) {
-        v->next = 0;
-        load_ahead(v, 0);
+        v->next = first_of_graph(v);
+        load_ahead(v, v->next);
         kick(v);
     }
     pthread_mutex_unlock(v->env.lock);

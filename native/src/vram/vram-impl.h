@@ -29,6 +29,9 @@ struct dblade_streamed {
     uint64_t               off, bytes;   // its place in the ring (K at off, V at off + k_len)
     uint64_t               k_len, v_len; // bytes [0, len) of K and V it holds there (or copies from its host path)
     bool                   issued; // READING, and every read of it has gone to the device (the rest in flight)
+    bool                   in_slot; // its slot still holds what its host path does (nothing went into the slot
+                                    // since it computed): the next graph that computes it needs no copy (a
+                                    // prompt computed layer by layer visits a layer once per ubatch)
 };
 
 // a lane of the reads ahead: the engines that read the host paths' store, O_DIRECT (direct path) and
@@ -89,6 +92,7 @@ struct dblade_vram {
     struct dblade_pcopy * pcopy; // the threads that copy the page cache into the ring
     // the graph: the streamed layer it computes next, and the one whose new rows are still in VRAM
     int32_t  next, pending;
+    int32_t  il0, il1; // the layers the graphs compute (dblade_vram_layers): all, or a prompt's segment
     uint64_t pending_lo, pending_hi; // rows it stored
     // no layer is read ahead while a ubatch of more than ahead_max_rows tokens computes (a prompt's): GPU
     // runs 2 and 3 of issue 21 found tokens that differed from all-in-VRAM only there (docs/gpu.md)

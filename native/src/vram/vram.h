@@ -48,5 +48,7 @@ void dblade_vram_stats(const struct dblade_vram * v, struct dblade_stats * out);
 int  dblade_vram_cut(struct dblade_vram * v, const char * name, int ask);
 void dblade_vram_ubatch(struct dblade_vram * v, struct dblade_cache * c, const int64_t * rows, int64_t n,
                         uint32_t n_kv);
+// the next graphs compute layers [il0, il1) only (dblade_kv_graph_layers)
+void dblade_vram_layers(struct dblade_vram * v, int32_t il0, int32_t il1);
 
 #endif
