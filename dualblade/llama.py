@@ -98,12 +98,15 @@ class Llama(llama_cpp.Llama):
         # layers the module places away from the stock placement: on the host's offloaded paths, or streamed
         offloaded = any(e[1] in ("mmap", "direct") or e[4] for e in layout)
         n_ctx = (kwargs.get("n_ctx", 512) or info.n_ctx_train) if offloaded else None
-        # their rows are read once per ubatch: the prompt goes in large ubatches (unless the caller chose one),
-        # with llama.cpp's compute buffers reserved for the outputs a ubatch asks for
+        # their rows are read once per graph that computes them: the prompt goes in large ubatches (unless the
+        # caller chose one), with llama.cpp's compute buffers reserved for the outputs a ubatch asks for, several
+        # ubatches a batch, which llama.cpp computes layer by layer (patch 0006)
         self._prefill_ubatch = None
         if offloaded and "n_ubatch" not in kwargs and "n_batch" not in kwargs:
-            self._prefill_ubatch = placement.prefill_ubatch(info, n_ctx, any(e[4] for e in layout))
-            kwargs["n_batch"] = kwargs["n_ubatch"] = self._prefill_ubatch
+            streamed = any(e[4] for e in layout)
+            self._prefill_ubatch = placement.prefill_ubatch(info, n_ctx, streamed)
+            kwargs["n_ubatch"] = self._prefill_ubatch
+            kwargs["n_batch"] = placement.prefill_batch(info, n_ctx, self._prefill_ubatch, streamed)
             layout = self._plan_layout(model_path, cfg, kwargs, info, vram_bytes)  # an iSWA cache may grow
         self._flash_attn_forced = offloaded and self._flash_attn_arg is not True
         if self._flash_attn_forced:
@@ -138,9 +141,13 @@ class Llama(llama_cpp.Llama):
         if offloaded and cfg.policy == "auto":
             streamed = any(e[4] for e in layout)
             ub = min(kwargs.get("n_ubatch", 512), kwargs.get("n_batch", 2048))
+            # on the CPU a batch's hidden states wait in host memory while it runs (on a GPU in VRAM)
+            n_batch = kwargs.get("n_batch", 2048)
+            stash = 0 if streamed or n_batch <= ub else placement.prefill_stash_bytes(info, n_batch)
             self._reserve = {"weights": info.weights_working_set() if mapped else 0, "info": info, "ubatch": ub,
                              "gpu": streamed, "buffers": placement.prefill_host_bytes(info, n_ctx, ub, streamed),
-                             "touched": 0}  # of the buffers, what prompts have filled (the most of any ubatch)
+                             "touched": 0,  # of the buffers, what prompts have filled (the most of any ubatch)
+                             "stash": stash}
         if offloaded and len(cfg.members) > 1:
             # every member checked first, writing nothing: the module opens them in turn, and a device opened
             # before one that is refused would keep the header it got
@@ -198,7 +205,7 @@ class Llama(llama_cpp.Llama):
         return max(r["buffers"] - r["touched"], 0)
 
     def _reserve_bytes(self) -> int:
-        return self._reserve["weights"] + self._buffers_left()
+        return self._reserve["weights"] + self._buffers_left() + self._reserve["stash"]
 
     def _reserve_touched(self, n_tokens: int, n_end: int) -> None:
         """A batch of n_tokens ending at position n_end was evaluated: its ubatches' masks (and activations) are

@@ -11,6 +11,7 @@ the budget once the slots are reserved. How much VRAM a budget may take is dualb
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from . import _native
@@ -146,6 +147,12 @@ def place(kv: list[tuple[int, int, int]], policy: str, budget: int | None, gpu: 
 PREFILL_COMPUTE_HOST = 1 << 30
 PREFILL_COMPUTE_GPU = 4 << 30
 PREFILL_MASK_HOST = 1 << 30
+# A batch of several ubatches is computed layer by layer (patch 0006: each offloaded layer's rows staged once per
+# batch, not once per ubatch); between segments of layers its hidden states (4 bytes x n_embd a token) wait on the
+# device that computes, in at most this much memory while the batch runs. At most PREFILL_BATCH_UBATCHES ubatches a
+# batch: a prompt's progress (chat) and a server's cancellation are seen between batches.
+PREFILL_STASH = 256 << 20
+PREFILL_BATCH_UBATCHES = 8
 # The outputs a ubatch of such a context asks for at most (the prompt's last token, a verification batch's
 # drafts): llama.cpp reserves n_vocab floats of compute buffer for each (dblade_kv_set_outputs_max).
 OUTPUTS_MAX = 64
@@ -164,6 +171,24 @@ def prefill_host_bytes(info, n_ctx: int, ubatch: int, gpu: bool) -> int:
     GPU the masks only."""
     mask, activations = _per_token(info, n_ctx)
     return ubatch * (mask + (0 if gpu else activations))
+
+
+def prefill_batch(info, n_ctx: int, ubatch: int, gpu: bool) -> int:
+    """The tokens one llama_decode takes (n_batch) in a context whose KV lives partly off the GPU or RAM: several
+    whole prompt ubatches, which llama.cpp computes layer by layer (as many as PREFILL_STASH holds the hidden states
+    of, at most PREFILL_BATCH_UBATCHES), up to n_ctx. With layers streamed into VRAM one ubatch: there each graph
+    copies the ubatch's attention masks over, which layer by layer costs more than it saves (the C module's
+    dblade_kv_prefill_segments; DUALBLADE_LAYER_MAJOR=1 asks for it there too, =0 nowhere)."""
+    order = os.environ.get("DUALBLADE_LAYER_MAJOR")
+    if order == "0" or (gpu and order != "1"):
+        return ubatch
+    k = min(PREFILL_BATCH_UBATCHES, max(1, PREFILL_STASH // (4 * info.n_embd * ubatch)))
+    return min(n_ctx, k * ubatch)
+
+
+def prefill_stash_bytes(info, n_batch: int) -> int:
+    """The memory a batch of n_batch tokens computed layer by layer keeps its hidden states in while it runs."""
+    return 4 * info.n_embd * n_batch
 
 
 def prefill_ubatch(info, n_ctx: int, gpu: bool) -> int:

@@ -178,7 +178,7 @@ def run(a: dict) -> dict:
     vram = VramSampler() if a.get("gpu") else None  # the baseline before anything is loaded
     t_load = time.perf_counter()
     ubatch = a.get("ubatch") or 512
-    kw = dict(n_ctx=a["n_ctx"], n_batch=ubatch, n_ubatch=ubatch, flash_attn=True, verbose=False, seed=1)
+    kw = dict(n_ctx=a["n_ctx"], n_batch=a.get("batch") or ubatch, n_ubatch=ubatch, flash_attn=True, verbose=False, seed=1)
     if a.get("threads"):
         kw["n_threads"] = a["threads"]
     if a.get("draft"):

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from typing import Callable, Optional
 
 from .. import vram
-from .matrix import GPU_STOCK, BenchOptions, Cell, cell_ubatch, check_options, host_budget, memory_overhead, paired, \
+from .matrix import GPU_STOCK, BenchOptions, Cell, cell_batch, cell_ubatch, check_options, host_budget, memory_overhead, paired, \
     prepare, run_cell, summarize
 from .probes import GiB, describe_location, gpu_machine, machine, probe_copy_bandwidth
 
@@ -204,7 +204,7 @@ def run_bench_gpu(opts: BenchOptions, on_progress: Optional[Callable[[str, int, 
                   "n_layer": len(info.layers), "weights_bytes": weights, "host_weights_bytes": host_w,
                   "kv_bytes_total": kv_total},
         "workload": {"n_ctx": opts.n_ctx, "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens,
-                     "ubatch": cell_ubatch(opts, opts.n_ctx),
+                     "ubatch": cell_ubatch(opts, opts.n_ctx), "batch": cell_batch(opts, opts.n_ctx),
                      "reps": opts.reps, "threads": opts.threads},
         "host_budget": {"label": host_label, "bytes": host_bytes},
         "ngl": ngl,

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from .matrix import BenchOptions, Cell, c_runs, cell_ubatch, check_options, host_cell_limit, median, memory_overhead, \
+from .matrix import BenchOptions, Cell, c_runs, cell_batch, cell_ubatch, check_options, host_cell_limit, median, memory_overhead, \
     paired, prepare, run_cell, summarize
 from .probes import GiB, describe_location, machine
 
@@ -101,7 +101,7 @@ def run_bench_host(opts: BenchOptions, on_progress: Optional[Callable[[str, int,
         "model": {"path": str(opts.model), "label": opts.model_label, "arch": info.arch,
                   "n_layer": len(info.layers), "weights_bytes": weights, "kv_bytes_total": kv_total},
         "workload": {"n_ctx": opts.n_ctx, "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens,
-                     "ubatch": cell_ubatch(opts, opts.n_ctx),
+                     "ubatch": cell_ubatch(opts, opts.n_ctx), "batch": cell_batch(opts, opts.n_ctx),
                      "reps": opts.reps, "threads": opts.threads},
         "memory_enforced": opts.use_cgroup,
         "cgroup_version": next((r.get("cgroup_version") for c in cells for r in c.runs if r.get("cgroup_version")),

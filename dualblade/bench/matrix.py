@@ -161,6 +161,7 @@ def prepare(opts: BenchOptions, log: Callable[[str], None]) -> dict:
 def _cell_args(opts: BenchOptions, policy: str, budget: Optional[int], prompt_tokens: int, gen_tokens: int,
                n_ctx: int, extra: Optional[dict] = None) -> list[str]:
     a = {"model": str(opts.model), "policy": policy, "budget": budget, "n_ctx": n_ctx, "ubatch": cell_ubatch(opts, n_ctx),
+         "batch": cell_batch(opts, n_ctx),
          "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "kv_dir": opts.kv_dir,
          "kv_device": opts.kv_device, "kv_force": opts.force, "threads": opts.threads, **(extra or {})}
     return [sys.executable, "-m", "dualblade.bench.cell", json.dumps(a)]
@@ -175,6 +176,18 @@ def cell_ubatch(opts: BenchOptions, n_ctx: int) -> int:
     from ..placement import prefill_ubatch
 
     return prefill_ubatch(model_info(opts.model), n_ctx, gpu=opts.gpu)
+
+
+def cell_batch(opts: BenchOptions, n_ctx: int) -> int:
+    """The tokens every cell's llama_decode takes (n_batch): the ubatch with --ubatch, else the batch dualblade picks
+    (placement.prefill_batch: several ubatches, computed layer by layer where the KV is offloaded)."""
+    ubatch = cell_ubatch(opts, n_ctx)
+    if opts.ubatch:
+        return ubatch
+    from ..gguf_header import model_info
+    from ..placement import prefill_batch
+
+    return prefill_batch(model_info(opts.model), n_ctx, ubatch, opts.gpu)
 
 
 def run_cell(opts: BenchOptions, policy: str, budget: Optional[int], limit: Optional[int], prompt_tokens: int,
@@ -218,7 +231,7 @@ def calibrate_overhead(opts: BenchOptions, weights: int) -> int:
     """The memory a run needs besides weights and KV (interpreter, libraries, compute buffers; with --gpu the
     CUDA runtime's host memory), from a small stock run, plus what the cells' compute buffers take in host memory
     with their ubatch and the context full (placement.prefill_host_bytes: the masks grow with both)."""
-    from ..placement import prefill_host_bytes
+    from ..placement import prefill_host_bytes, prefill_stash_bytes
 
     if opts.gpu:
         r = run_cell(opts, "vram", None, 8 * GiB, 64, 4, 512, extra={"gpu": True})
@@ -228,7 +241,10 @@ def calibrate_overhead(opts: BenchOptions, weights: int) -> int:
         raise RuntimeError(f"the calibration run failed: {r.get('error')}")
     info = model_info(opts.model)
     kv_small = sum(info.layer_bytes(512))
-    compute = prefill_host_bytes(info, opts.n_ctx, cell_ubatch(opts, opts.n_ctx), opts.gpu)
+    ubatch, batch = cell_ubatch(opts, opts.n_ctx), cell_batch(opts, opts.n_ctx)
+    compute = prefill_host_bytes(info, opts.n_ctx, ubatch, opts.gpu)
+    if not opts.gpu and batch > ubatch:
+        compute += prefill_stash_bytes(info, batch)  # a batch's hidden states between segments of layers
     return max(64 * MiB, r["peak_bytes"] - weights - kv_small) + compute + 64 * MiB
 
 
