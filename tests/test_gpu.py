@@ -228,6 +228,36 @@ def test_streamed_layers_switch_paths_exactly(model, reference, tmp_path):
     assert {e["to"] for e in moved} == {"mmap", "direct"}, st["switches"]  # both ways
 
 
+def test_a_prompt_computed_layer_by_layer_is_exact(model, tmp_path, monkeypatch):
+    """DUALBLADE_LAYER_MAJOR=1 computes a prompt batch of several ubatches layer by layer with its layers streamed
+    into VRAM too (off by default on a GPU, where each graph copies its ubatch's masks over: GPU run 16). Its tokens
+    and logits equal all-in-VRAM's in the same ubatches, and its layers are copied into VRAM once per batch, not once
+    per ubatch as in llama.cpp's order."""
+    ub = dict(n_batch=N_CTX, n_ubatch=64)  # the prompt in 3 ubatches, one batch
+    with closing(_llm(model, **ub)) as llm:
+        ref = _run(llm)
+    kw = dict(vram_budget=_streamed_budget(model, 1), kv_policy="direct", kv_dir=str(tmp_path), **ub)
+    kw["mem_budget"] = _minimum(model, "mem_budget", **kw)
+    copied = {}
+    for order in ("1", "0"):
+        monkeypatch.setenv("DUALBLADE_LAYER_MAJOR", order)
+        with closing(_llm(model, **kw)) as llm:
+            assert llm.kv_stats()["vram"]["streamed_layers"] > 0
+            toks = llm.tokenize(PROMPT.encode())
+            assert len(toks) > 2 * 64
+            h2d0 = llm.kv_stats()["vram"]["h2d_bytes"]
+            llm.reset()
+            llm.eval(toks)
+            copied[order] = llm.kv_stats()["vram"]["h2d_bytes"] - h2d0
+            assert last_logits(llm).tobytes() == ref[1], f"DUALBLADE_LAYER_MAJOR={order}: logits differ from all-in-VRAM"
+            out = []
+            for _ in range(N_GEN):
+                out.append(llm.sample(temp=0.0))
+                llm.eval(out[-1:])
+            assert out == ref[0], f"DUALBLADE_LAYER_MAJOR={order}"
+    assert copied["1"] < copied["0"], copied
+
+
 def test_auto_counts_page_locked_compute_buffers_once(model, tmp_path):
     """A GPU build keeps a prompt ubatch's attention masks in page-locked host memory (CUDA_Host), resident from the
     context's creation and counted by auto's monitor (shmem): not reserved on top. Run 14 found them counted twice
