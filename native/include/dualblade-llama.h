@@ -144,10 +144,10 @@ DBLADE_API int dblade_kv_graph_cut(struct dblade_kv * kv, const char * name, int
 /*
  * A batch of n_ubatches ubatches of one sequence (positions ascending) may be computed layer-major: every
  * ubatch through a segment of the layers before any ubatch enters the next segment, so that the rows of
- * a layer on storage (or streamed into VRAM) are staged once per batch instead of once per ubatch. Writes
- * the first layer of each segment to starts (ascending, starts[0] == 0; each segment holds at most one
- * such layer) and returns how many (at most max); 0 or 1: the stock order. DUALBLADE_LAYER_MAJOR=0 in the
- * environment keeps the stock order.
+ * a layer on the direct path (or streamed into VRAM) are staged once per batch instead of once per ubatch.
+ * Writes the first layer of each segment to starts (ascending, starts[0] == 0; each segment holds at most
+ * one such layer) and returns how many (at most max); 0 or 1: the stock order. By default not with layers
+ * streamed into VRAM; DUALBLADE_LAYER_MAJOR=1 in the environment asks for it there too, =0 nowhere.
  */
 DBLADE_API uint32_t dblade_kv_prefill_segments(struct dblade_kv * kv, uint32_t n_ubatches, uint32_t n_layer,
                                                int32_t * starts, uint32_t max);

@@ -325,12 +325,12 @@ int dblade_kv_graph_cut(struct dblade_kv * kv, const char * name, int ask) {
     return dblade_vram_cut(kv ? kv->vram : NULL, name, ask);
 }
 
-// layer il's rows are brought in per graph that computes it: from storage or the page cache, or copied
-// into VRAM (the lock held)
+// layer il's rows are brought in per graph that computes it: read from storage by the direct path, or copied
+// into VRAM (the lock held). (The page cache keeps what a prompt's graphs read of a layer for the next one.)
 static bool layer_brought_in(const struct dblade_kv * kv, int32_t il) {
     for (const struct dblade_cache * c = kv->caches; c; c = c->next) {
         const struct dblade_tensor * k = dblade_layer_of(c, il);
-        if (k && (k->dev || dblade_path_offloaded(k->path))) {
+        if (k && (k->dev || k->path == DBLADE_PATH_DIRECT)) {
             return true;
         }
     }
@@ -339,11 +339,12 @@ static bool layer_brought_in(const struct dblade_kv * kv, int32_t il) {
 
 uint32_t dblade_kv_prefill_segments(struct dblade_kv * kv, uint32_t n_ubatches, uint32_t n_layer, int32_t * starts,
                                     uint32_t max) {
-    // By default only where the host reads the layers (no layer streamed into VRAM): each graph of a ubatch
-    // needs its attention masks, which llama.cpp fills on the host and copies over per graph, as large as
-    // the ubatch times n_kv. On a GPU a prompt's large ubatches then cost more than the reads they save (GPU
-    // run 16, kv-heavy, 30K prompt in 3 ubatches: reads 0.27x of the writes instead of 1.20x, TTFT 14.6 s
-    // instead of 2.5 s). DUALBLADE_LAYER_MAJOR=1 asks for it there too, =0 nowhere.
+    // A segment starts at each layer the direct path stages. Each graph of a ubatch fills its attention
+    // masks on the host (as large as the ubatch times n_kv; on a GPU copied over too), so more segments cost
+    // more masks: by default only where no layer is streamed into VRAM. On a GPU a prompt's large ubatches
+    // cost more than the reads they save (GPU run 16, kv-heavy, 30K prompt in 3 ubatches: reads 0.27x of
+    // the writes instead of 1.20x, TTFT 14.6 s instead of 2.5 s). DUALBLADE_LAYER_MAJOR=1 asks for it there
+    // too, =0 nowhere.
     const char * env = getenv("DUALBLADE_LAYER_MAJOR");
     if (!kv || !starts || max < 2 || n_ubatches < 2 || n_layer < 2 || (env && !strcmp(env, "0")) ||
         (dblade_kv_streams(kv) && !(env && !strcmp(env, "1")))) {
