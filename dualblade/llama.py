@@ -147,7 +147,7 @@ class Llama(llama_cpp.Llama):
             self._reserve = {"weights": info.weights_working_set() if mapped else 0, "info": info, "ubatch": ub,
                              "gpu": streamed, "buffers": placement.prefill_host_bytes(info, n_ctx, ub, streamed),
                              "touched": 0,  # of the buffers, what prompts have filled (the most of any ubatch)
-                             "stash": stash}
+                             "stash": stash, "hold": 0}
         if offloaded and len(cfg.members) > 1:
             # every member checked first, writing nothing: the module opens them in turn, and a device opened
             # before one that is refused would keep the header it got
@@ -197,6 +197,15 @@ class Llama(llama_cpp.Llama):
             # and the monitor counts them already: reserved on top, they were counted twice (run 14: room 0)
             self._reserve["touched"] = max(self._reserve["touched"],
                                            min(self._reserve["buffers"], load_log.pinned_compute_bytes()))
+            # Under a memory limit a GPU build's first prompt takes memory that no estimate here names (GPU runs 15
+            # and 16: a kv-heavy 30K prompt added about 120 MiB of anonymous memory, 85 of it in a stock run: the
+            # driver's kernels, host buffers touched first): page-cache layers placed from the room at load were
+            # taken back mid-prompt, at the prompt's cost. There the offloaded layers wait on the direct path until
+            # the first prompt has run (a prompt's rows go around the page cache under a limit anyway), and auto
+            # places them from the memory that prompt left.
+            limit = self._kv.stats()["memory"]["limit_bytes"]
+            if self._reserve["gpu"] and limit:
+                self._reserve["hold"] = limit
             self._kv.set_reserve(self._reserve_bytes())
 
     def _buffers_left(self) -> int:
@@ -205,7 +214,8 @@ class Llama(llama_cpp.Llama):
         return max(r["buffers"] - r["touched"], 0)
 
     def _reserve_bytes(self) -> int:
-        return self._reserve["weights"] + self._buffers_left() + self._reserve["stash"]
+        r = self._reserve
+        return r["weights"] + self._buffers_left() + r["stash"] + r["hold"]
 
     def _reserve_touched(self, n_tokens: int, n_end: int) -> None:
         """A batch of n_tokens ending at position n_end was evaluated: its ubatches' masks (and activations) are
@@ -318,6 +328,7 @@ class Llama(llama_cpp.Llama):
             r = getattr(self, "_reserve", None)
             st["memory"]["weights_reserve_bytes"] = r["weights"] if r else st["memory"]["reserve_bytes"]
             st["memory"]["buffers_reserve_bytes"] = self._buffers_left() if r else 0
+            st["memory"]["first_prompt_hold"] = bool(r and r["hold"])  # offloaded layers on the direct path until then
         # speculative decoding (draft_model=): drafted, accepted, mean accepted length; None without
         st["speculation"] = self._speculation.stats() if getattr(self, "_speculation", None) else None
         # what generation read from storage per token it generated (with speculation: per token, not per pass)
@@ -386,6 +397,9 @@ class Llama(llama_cpp.Llama):
             done += len(batch)
             if self._reserve and self._buffers_left():
                 self._reserve_touched(len(batch), self.n_tokens)
+            if self._reserve and self._reserve["hold"] and done >= total:
+                self._reserve["hold"] = 0  # the first evaluation has run: auto places the layers from what it left
+                self._kv.set_reserve(self._reserve_bytes())
             self._kv_check()
             if self.eval_progress is not None and total > 1:
                 self.eval_progress(done, total)

@@ -277,6 +277,37 @@ def test_auto_counts_page_locked_compute_buffers_once(model, tmp_path):
         assert m["reserve_bytes"] == m["weights_reserve_bytes"], m
 
 
+def test_under_a_limit_streamed_layers_wait_for_the_first_prompt(model, tmp_path):
+    """Under a memory limit auto keeps a GPU build's offloaded layers on the direct path until the first evaluation
+    has run (its memory is not foreseen: GPU runs 15 and 16), then places them from what it left. In a child
+    process under a real cgroup limit (generous: only that there is one matters)."""
+    import json
+    import sys
+
+    from dualblade.bench import cgroup
+
+    if cgroup.available() is not None:
+        pytest.skip(f"no memory cgroup: {cgroup.available()}")
+    kw = dict(vram_budget=_streamed_budget(model, 1), kv_policy="direct", kv_dir=str(tmp_path))
+    kw.update(kv_policy="auto", mem_budget=_minimum(model, "mem_budget", **kw))
+    script = f"""
+import json, dualblade
+llm = dualblade.Llama({str(model)!r}, n_ctx={N_CTX}, n_gpu_layers=-1, flash_attn=True, verbose=False, seed=1, **{kw!r})
+st = llm.kv_stats()
+before = dict(hold=st["memory"]["first_prompt_hold"], limit=st["memory"]["limit_bytes"],
+              paths=sorted({{l["path"] for l in st["layers"] if l["streamed"] and l["path"] != "ram"}}))
+llm.eval(llm.tokenize({PROMPT!r}.encode()))
+print(json.dumps(dict(before=before, after=llm.kv_stats()["memory"]["first_prompt_hold"])))
+llm.close()
+"""
+    r = cgroup.run_limited([sys.executable, "-c", script], 16 << 30, timeout=300, cold=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["before"]["limit"] and out["before"]["hold"], out
+    assert out["before"]["paths"] == ["direct"], out
+    assert out["after"] is False, out
+
+
 def test_without_vram_budget_a_gpu_build_is_stock(model):
     toks_stock = None
     with closing(llama_cpp.Llama(str(model), n_ctx=N_CTX, n_gpu_layers=-1, flash_attn=True, verbose=False)) as llm:
@@ -323,7 +354,6 @@ def test_vram_budget_errors(model):
 def test_numpy_imported_first(model, tmp_path):
     """`import numpy` before dualblade, then a model: the GPU image's numpy loads libstdc++ privately and ggml's
     static copy of it used to take libllama's references (SIGSEGV in llama_model::print_info, issue 21)."""
-    import subprocess
     import sys
 
     code = ("import numpy; import dualblade; from contextlib import closing; "
