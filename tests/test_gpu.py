@@ -230,7 +230,7 @@ def test_streamed_layers_switch_paths_exactly(model, reference, tmp_path):
 
 def test_a_prompt_computed_layer_by_layer_is_exact(model, tmp_path, monkeypatch):
     """DUALBLADE_LAYER_MAJOR=1 computes a prompt batch of several ubatches layer by layer with its layers streamed
-    into VRAM too (off by default on a GPU, where each graph copies its ubatch's masks over: GPU runs 16 and 17). Its tokens
+    into VRAM too (off by default on a GPU, where each graph copies its ubatch's masks over: GPU run 16). Its tokens
     and logits equal all-in-VRAM's in the same ubatches, and its layers are copied into VRAM once per batch, not once
     per ubatch as in llama.cpp's order (an iSWA model's, whose sliding-window cells a later ubatch reuses, keeps
     that order)."""
