@@ -100,6 +100,22 @@ def test_a_prompt_computed_layer_by_layer_is_exact(heavy_path, tmp_path, monkeyp
     assert layer_major[2] < stock[2]  # and it did read less
 
 
+def test_the_prefill_batch(heavy_path, gemma_path, monkeypatch):
+    info = model_info(heavy_path)
+    monkeypatch.delenv("DUALBLADE_LAYER_MAJOR", raising=False)
+    # the CPU: up to 8 ubatches a batch, as far as the stash holds their hidden states (4 x n_embd a token)
+    assert placement.prefill_batch(info, 4096, 1536, gpu=False) == 4096
+    assert placement.prefill_batch(info, 131072, 3840, gpu=False) == 8 * 3840
+    assert placement.prefill_batch(info, 131072, 512, gpu=False) == min(8, placement.PREFILL_STASH // (4 * info.n_embd * 512)) * 512
+    # streamed layers, an iSWA model, or llama.cpp's order asked for: one ubatch
+    assert placement.prefill_batch(info, 131072, 4096, gpu=True) == 4096
+    assert placement.prefill_batch(model_info(gemma_path), 8192, 2816, gpu=False) == 2816
+    monkeypatch.setenv("DUALBLADE_LAYER_MAJOR", "0")
+    assert placement.prefill_batch(info, 4096, 1536, gpu=False) == 1536
+    monkeypatch.setenv("DUALBLADE_LAYER_MAJOR", "1")
+    assert placement.prefill_batch(info, 131072, 4096, gpu=True) == 8 * 4096
+
+
 def test_the_prefill_ubatch_follows_the_compute_allowance(heavy_path):
     info = model_info(heavy_path)
     # small contexts: the whole context in one ubatch
