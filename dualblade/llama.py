@@ -141,9 +141,7 @@ class Llama(llama_cpp.Llama):
         if offloaded and cfg.policy == "auto":
             streamed = any(e[4] for e in layout)
             ub = min(kwargs.get("n_ubatch", 512), kwargs.get("n_batch", 2048))
-            # on the CPU a batch's hidden states wait in host memory while it runs (on a GPU in VRAM)
-            n_batch = kwargs.get("n_batch", 2048)
-            stash = 0 if streamed or n_batch <= ub else placement.prefill_stash_bytes(info, n_batch)
+            stash = placement.prefill_stash_bytes(info, kwargs.get("n_batch", 2048), ub, streamed)
             self._reserve = {"weights": info.weights_working_set() if mapped else 0, "info": info, "ubatch": ub,
                              "gpu": streamed, "buffers": placement.prefill_host_bytes(info, n_ctx, ub, streamed),
                              "touched": 0,  # of the buffers, what prompts have filled (the most of any ubatch)

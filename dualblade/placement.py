@@ -186,9 +186,10 @@ def prefill_batch(info, n_ctx: int, ubatch: int, gpu: bool) -> int:
     return min(n_ctx, k * ubatch)
 
 
-def prefill_stash_bytes(info, n_batch: int) -> int:
-    """The memory a batch of n_batch tokens computed layer by layer keeps its hidden states in while it runs."""
-    return 4 * info.n_embd * n_batch
+def prefill_stash_bytes(info, n_batch: int, ubatch: int, gpu: bool) -> int:
+    """The host memory a batch of n_batch tokens computed layer by layer keeps its hidden states in while it runs:
+    none for a batch of one ubatch, nor on a GPU (they stay in VRAM there)."""
+    return 0 if gpu or n_batch <= ubatch else 4 * info.n_embd * n_batch
 
 
 def prefill_ubatch(info, n_ctx: int, gpu: bool) -> int:

@@ -242,9 +242,7 @@ def calibrate_overhead(opts: BenchOptions, weights: int) -> int:
     info = model_info(opts.model)
     kv_small = sum(info.layer_bytes(512))
     ubatch, batch = cell_ubatch(opts, opts.n_ctx), cell_batch(opts, opts.n_ctx)
-    compute = prefill_host_bytes(info, opts.n_ctx, ubatch, opts.gpu)
-    if not opts.gpu and batch > ubatch:
-        compute += prefill_stash_bytes(info, batch)  # a batch's hidden states between segments of layers
+    compute = prefill_host_bytes(info, opts.n_ctx, ubatch, opts.gpu) + prefill_stash_bytes(info, batch, ubatch, opts.gpu)
     return max(64 * MiB, r["peak_bytes"] - weights - kv_small) + compute + 64 * MiB
 
 
