@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dualblade.errors import ConfigError, DualbladeError, KVIOError
+from dualblade.heap import fix_malloc_thresholds
 from dualblade.sizes import format_size
 
 from .common import ChatOptions, load, print_sessions
@@ -293,6 +294,7 @@ class _PromptProgress:
 def run_chat(opts: ChatOptions) -> None:
     interactive = sys.stdin.isatty()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    fix_malloc_thresholds()  # a chat runs for long: a reply's freed buffers go back, and auto sees the room
     llm, chat_format = load(opts, err, live=interactive and err.is_terminal)
     try:
         show = opts.stats if opts.stats is not None else interactive

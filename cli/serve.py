@@ -98,7 +98,8 @@ def _exit_cleanly(signum, frame):
 def run_serve(opts: ServeOptions) -> None:
     quota, body_limit = _check(opts)  # first: it says so when the server extra is missing
     from dualblade import conversations
-    from dualblade.server import Engine, Limits, ServedLlama, create_app, fix_malloc_thresholds, serve_forever
+    from dualblade.heap import fix_malloc_thresholds
+    from dualblade.server import Engine, Limits, ServedLlama, create_app, serve_forever
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     sock = _bind(opts.host, opts.port)

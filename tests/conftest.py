@@ -1,9 +1,6 @@
 """Shared fixtures: the real bundled model, a synthetic dense GQA model, running the CLI."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import mmap
 import os
 import shutil
@@ -15,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import dualblade
+from dualblade.heap import release_idle_memory
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,14 +31,7 @@ def _memory_back_after_each_module():
     freed heap back to the kernel. glibc keeps freed memory mapped (a Gemma test leaves 100-300 MB of
     it): without this the test process would carry it to the end of the suite."""
     yield
-    gc.collect()
-    _libc().malloc_trim(0)
-
-
-def _libc():
-    if not hasattr(_libc, "lib"):
-        _libc.lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return _libc.lib
+    release_idle_memory()
 
 
 @pytest.fixture(scope="session")

@@ -255,7 +255,7 @@ def test_memory_goes_back_to_idle_after_a_burst(tmp_path_factory, gemma_path):
     where it was at idle: once the queue has been empty for a while the server gives back the direct path's
     staging pool (kept while requests come), the samplers' C buffers (held by uncollected cycles) and malloc's
     free pages. Without the release, 24 requests left 20-40 MiB behind; with it, but glibc's thresholds left to
-    grow (serve fixes them: engine.fix_malloc_thresholds), 2-11 MiB in about one run of four: the top of the
+    grow (serve fixes them: heap.fix_malloc_thresholds), 2-11 MiB in about one run of four: the top of the
     worker's malloc arena, which malloc_trim leaves."""
     s = Server("--queue", "4", *BUDGET, tmp=tmp_path_factory.mktemp("memory"))
     model = _model_id(gemma_path)

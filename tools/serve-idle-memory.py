@@ -2,7 +2,7 @@
 """What a burst of requests leaves in `dualblade serve`'s memory once it is idle again, and where: the bursts of
 tests/test_serve.py::test_memory_goes_back_to_idle_after_a_burst (2 requests, then 24 from 4 clients), repeated,
 with RssAnon after each and, where it grew, the anonymous mappings (/proc/PID/smaps) that grew most. Found the
-worker's malloc arena behind that test's flakes (engine.fix_malloc_thresholds).
+worker's malloc arena behind that test's flakes (heap.fix_malloc_thresholds).
     .venv/bin/python tools/serve-idle-memory.py [TRIALS]      (after pip install '.[test]', from the repo root)
 """
 import pathlib

@@ -6,8 +6,7 @@ limits.py: what a request may be; app.py: the FastAPI app and its routes.
 """
 from .api import ApiError
 from .app import create_app, serve_forever
-from .engine import Engine, Job, ServedLlama, fix_malloc_thresholds, release_idle_memory
+from .engine import Engine, Job, ServedLlama
 from .limits import BodyLimit, Limits
 
-__all__ = ["ApiError", "BodyLimit", "Engine", "Job", "Limits", "ServedLlama", "create_app", "fix_malloc_thresholds",
-           "release_idle_memory", "serve_forever"]
+__all__ = ["ApiError", "BodyLimit", "Engine", "Job", "Limits", "ServedLlama", "create_app", "serve_forever"]
