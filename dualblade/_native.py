@@ -248,6 +248,7 @@ def lib() -> ctypes.CDLL:
         "dblade_kv_set_path": (c_int, [c_void_p, c_int32, c_uint32]),
         "dblade_kv_set_reserve": (c_int, [c_void_p, c_uint64]),
         "dblade_kv_set_outputs_max": (c_int, [c_void_p, c_uint32]),
+        "dblade_prefill_layer_major": (c_int, [c_int]),
         "dblade_kv_state_mode": (c_int, [c_void_p, c_int]),
         "dblade_sessionfile_save_flags": (c_int, [c_void_p, c_char_p, POINTER(Section), c_uint32, c_uint32,
                                                   POINTER(SessionFileStats)]),
@@ -270,6 +271,12 @@ def _check(rc: int, what: str) -> int:
 
         raise NativeError(f"{what}: {os.strerror(-rc)}")
     return rc
+
+
+def prefill_layer_major(streamed: bool) -> bool:
+    """Whether llama.cpp computes a prompt batch of several ubatches layer by layer, in a context that streams
+    layers into VRAM or not (the C module's rule and its DUALBLADE_LAYER_MAJOR)."""
+    return bool(lib().dblade_prefill_layer_major(int(streamed)))
 
 
 def plan(policy: str, budget_bytes: int | None, layer_bytes: list[int]) -> tuple[list[str], int]:

@@ -11,7 +11,6 @@ the budget once the slots are reserved. How much VRAM a budget may take is dualb
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from . import _native
@@ -177,10 +176,9 @@ def prefill_batch(info, n_ctx: int, ubatch: int, gpu: bool) -> int:
     """The tokens one llama_decode takes (n_batch) in a context whose KV lives partly off the GPU or RAM: several
     whole prompt ubatches, which llama.cpp computes layer by layer (as many as PREFILL_STASH holds the hidden states
     of, at most PREFILL_BATCH_UBATCHES), up to n_ctx. One ubatch with layers streamed into VRAM, where each graph
-    copies the ubatch's attention masks over and layer by layer costs more than it saves (the C module's
-    dblade_kv_prefill_segments; DUALBLADE_LAYER_MAJOR=1 asks for it there too, =0 nowhere), and for an iSWA model."""
-    order = os.environ.get("DUALBLADE_LAYER_MAJOR")
-    if order == "0" or (gpu and order != "1") or any(layer.swa for layer in info.layers):
+    copies the ubatch's attention masks over and layer by layer costs more than it saves (the C module decides:
+    _native.prefill_layer_major), and for an iSWA model."""
+    if not _native.prefill_layer_major(gpu) or any(layer.swa for layer in info.layers):
         return ubatch  # (an iSWA model keeps llama.cpp's order: a later ubatch reuses the sliding window's cells)
     k = min(PREFILL_BATCH_UBATCHES, max(1, PREFILL_STASH // (4 * info.n_embd * ubatch)))
     return min(n_ctx, k * ubatch)

@@ -146,9 +146,13 @@ DBLADE_API int dblade_kv_graph_cut(struct dblade_kv * kv, const char * name, int
  * ubatch through a segment of the layers before any ubatch enters the next segment, so that the rows of
  * a layer on the direct path (or streamed into VRAM) are staged once per batch instead of once per ubatch.
  * Writes the first layer of each segment to starts (ascending, starts[0] == 0; each segment holds at most
- * one such layer) and returns how many (at most max); 0 or 1: the stock order. By default not with layers
- * streamed into VRAM; DUALBLADE_LAYER_MAJOR=1 in the environment asks for it there too, =0 nowhere.
+ * one such layer) and returns how many (at most max); 0 or 1: the stock order. Only where
+ * dblade_prefill_layer_major says so.
  */
+/* Whether a prompt is computed layer by layer in a context that streams layers into VRAM (streamed != 0) or
+ * not: by default only where none is streamed; DUALBLADE_LAYER_MAJOR=1 in the environment asks for it there
+ * too, =0 nowhere. (The Python package sizes its prompt batches by it.) */
+DBLADE_API int      dblade_prefill_layer_major(int streamed);
 DBLADE_API uint32_t dblade_kv_prefill_segments(struct dblade_kv * kv, uint32_t n_ubatches, uint32_t n_layer,
                                                int32_t * starts, uint32_t max);
 /* The next graphs compute layers [il0, il1) only (0, INT32_MAX: all, as stock): the cuts a graph stops

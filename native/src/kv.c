@@ -337,17 +337,23 @@ static bool layer_brought_in(const struct dblade_kv * kv, int32_t il) {
     return false;
 }
 
+int dblade_prefill_layer_major(int streamed) {
+    // Each graph of a ubatch fills its attention masks on the host (as large as the ubatch times n_kv; on a GPU
+    // copied over too), so each segment costs the masks again. On a GPU a prompt's large ubatches cost more
+    // than the reads they save (GPU run 16, kv-heavy, 30K prompt in 3 ubatches: reads 0.27x of the writes
+    // instead of 1.20x, TTFT 14.6 s instead of 2.5 s), so by default only where no layer is streamed into VRAM.
+    const char * env = getenv("DUALBLADE_LAYER_MAJOR");
+    if (env && !strcmp(env, "0")) {
+        return 0;
+    }
+    return !streamed || (env && !strcmp(env, "1"));
+}
+
 uint32_t dblade_kv_prefill_segments(struct dblade_kv * kv, uint32_t n_ubatches, uint32_t n_layer, int32_t * starts,
                                     uint32_t max) {
-    // A segment starts at each layer the direct path stages. Each graph of a ubatch fills its attention
-    // masks on the host (as large as the ubatch times n_kv; on a GPU copied over too), so more segments cost
-    // more masks: by default only where no layer is streamed into VRAM. On a GPU a prompt's large ubatches
-    // cost more than the reads they save (GPU run 16, kv-heavy, 30K prompt in 3 ubatches: reads 0.27x of
-    // the writes instead of 1.20x, TTFT 14.6 s instead of 2.5 s). DUALBLADE_LAYER_MAJOR=1 asks for it there
-    // too, =0 nowhere.
-    const char * env = getenv("DUALBLADE_LAYER_MAJOR");
-    if (!kv || !starts || max < 2 || n_ubatches < 2 || n_layer < 2 || (env && !strcmp(env, "0")) ||
-        (dblade_kv_streams(kv) && !(env && !strcmp(env, "1")))) {
+    // A segment starts at each layer the direct path stages (more segments cost more masks)
+    if (!kv || !starts || max < 2 || n_ubatches < 2 || n_layer < 2 ||
+        !dblade_prefill_layer_major(dblade_kv_streams(kv))) {
         return 0;
     }
     uint32_t n = 0;
