@@ -36,11 +36,11 @@ def _one_cxx_runtime() -> None:
 _one_cxx_runtime()
 
 from . import chat_formats  # noqa: E402,F401  (registers the formats)
-from .errors import (BudgetError, ConfigError, DualbladeError, FlashAttentionWarning, ModelError,  # noqa: E402
+from .errors import (BudgetError, ConfigError, DualbladeError, EvalAborted, FlashAttentionWarning, ModelError,  # noqa: E402
                      PinnedMemoryWarning, StoreError)
 from .llama import KVIOError, Llama  # noqa: E402
 from .sizes import format_size, parse_size  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Llama", "KVIOError", "parse_size", "format_size", "DualbladeError", "ConfigError", "ModelError", "BudgetError",
-           "StoreError", "FlashAttentionWarning", "PinnedMemoryWarning", "__version__"]
+           "StoreError", "EvalAborted", "FlashAttentionWarning", "PinnedMemoryWarning", "__version__"]

@@ -249,6 +249,8 @@ def lib() -> ctypes.CDLL:
         "dblade_kv_set_reserve": (c_int, [c_void_p, c_uint64]),
         "dblade_kv_set_outputs_max": (c_int, [c_void_p, c_uint32]),
         "dblade_prefill_layer_major": (c_int, [c_int]),
+        "dblade_kv_abort": (c_int, [c_void_p, c_int]),
+        "dblade_kv_aborting": (ctypes.c_bool, [c_void_p]),
         "dblade_kv_state_mode": (c_int, [c_void_p, c_int]),
         "dblade_sessionfile_save_flags": (c_int, [c_void_p, c_char_p, POINTER(Section), c_uint32, c_uint32,
                                                   POINTER(SessionFileStats)]),
@@ -427,6 +429,22 @@ class KV:
         """The memory auto leaves to others (the weights' page cache, compute buffers not yet touched), once
         known: after the model is loaded, and as prompts fill the compute buffers."""
         _check(self._lib.dblade_kv_set_reserve(self._h, reserve_bytes), "setting auto's reserve")
+
+    def install_abort(self, ctx) -> None:
+        """Makes the context ctx (a llama_context pointer) stop its evaluation between two nodes of a graph once
+        abort(True) is asked (llama.cpp's CPU backend asks; the check is C's, no Python runs in the hot path)."""
+        import llama_cpp
+
+        addr = ctypes.cast(self._lib.dblade_kv_aborting, c_void_p).value
+        self._abort_cb = llama_cpp.ggml_abort_callback(addr)  # kept: the context calls it
+        llama_cpp.llama_set_abort_callback(ctx, self._abort_cb, self._h)
+
+    def abort(self, on: bool = True) -> None:
+        """Asks the evaluation in progress (and any after it) to stop, from any thread; abort(False) withdraws."""
+        _check(self._lib.dblade_kv_abort(self._h, int(on)), "asking the evaluation to stop")
+
+    def aborting(self) -> bool:
+        return bool(self._lib.dblade_kv_aborting(self._h))
 
     def set_outputs_max(self, n_outputs: int) -> None:
         """The outputs a ubatch of the context created next asks for at most (its compute buffers hold that many)."""

@@ -40,6 +40,11 @@ class KVIOError(DualbladeError, OSError):
         self.detail = detail  # what failed, in the C module's words
 
 
+class EvalAborted(DualbladeError):
+    """Llama.abort_eval() stopped an evaluation mid-way: the tokens of the batch it was computing are not in the
+    context (the ones before are); evaluate them again to go on."""
+
+
 class FlashAttentionWarning(UserWarning):
     """Flash attention was switched on because offloaded KV layers need it (V untransposed), though the caller
     did not ask for it (llama_cpp's default is off) or asked for it off. Pass flash_attn=True to silence it."""

@@ -13,7 +13,7 @@ import numpy as np
 from . import _native, llama_log, placement, sessions, vram
 from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file, size_arg
 from .errors import KVIOError  # noqa: F401 (re-exported)
-from .errors import BudgetError, ConfigError, FlashAttentionWarning, ModelError, PinnedMemoryWarning, StoreError
+from .errors import BudgetError, ConfigError, EvalAborted, FlashAttentionWarning, ModelError, PinnedMemoryWarning, StoreError
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
 from .speculative import Speculation
@@ -168,6 +168,7 @@ class Llama(llama_cpp.Llama):
                 super().__init__(model_path, *args, **kwargs)
             except ValueError as e:  # llama_cpp says only "Failed to load model"; llama.cpp's log says why
                 raise llama_log.load_error(e, model_path, load_log) from None
+        self._kv.install_abort(self._ctx.ctx)  # abort_eval()
         why = self._kv.stats()["vram"].get("pin_failed") if any(e[4] for e in layout or ()) else None
         if why and why != "DUALBLADE_PIN=0":
             warnings.warn(f"the VRAM tier's host memory could not be page-locked ({why}): its copies to the GPU run "
@@ -387,11 +388,19 @@ class Llama(llama_cpp.Llama):
                 self._speculation.timed(last[1], start - last[0])
         while True:
             batch = tokens[done:done + self.n_batch]
-            if self._speculation is not None:
-                # a verification batch (or a short prompt) gets every position's logits, a long prompt its last
-                self._decode(batch, len(batch) if total <= placement.OUTPUTS_MAX else 1)
-            else:
-                super().eval(batch)
+            try:
+                if self._speculation is not None:
+                    # a verification batch (or a short prompt) gets every position's logits, a long prompt its last
+                    self._decode(batch, len(batch) if total <= placement.OUTPUTS_MAX else 1)
+                else:
+                    super().eval(batch)
+            except RuntimeError:  # llama_cpp: "llama_decode returned N"
+                if not self._kv.aborting():
+                    raise
+                self._kv.abort(False)
+                self._requires_eval = True
+                raise EvalAborted(f"the evaluation was stopped (abort_eval) after {done} of {total} tokens: the rest "
+                                  "are not in the context; evaluate them again to go on") from None
             done += len(batch)
             if self._reserve and self._buffers_left():
                 self._reserve_touched(len(batch), self.n_tokens)
@@ -411,6 +420,14 @@ class Llama(llama_cpp.Llama):
             self._counters["prompt_tokens"] += total
         self._just_sampled = False
         self._counters["eval_s"] += time.perf_counter() - start
+
+    def abort_eval(self, on: bool = True) -> None:
+        """Stops the evaluation in progress from another thread (a server whose client went away, a user's
+        interrupt): on the CPU within one node of llama.cpp's graph, not at the end of the batch (a long prompt's
+        batch computes several ubatches layer by layer). eval() then raises EvalAborted; the tokens of the batch it
+        was computing are not kept, the ones before are. A request made while no evaluation runs stops the next
+        one; abort_eval(False) withdraws it. (A GPU computes each graph to its end.)"""
+        self._kv.abort(on)
 
     def _decode(self, batch: Sequence[int], n_outputs: int) -> None:
         """llama_cpp's eval of one batch, with logits for its last n_outputs tokens, copied nowhere (sample() reads

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import assert_user_error, dualblade_exe, run_cli
+from conftest import PROMPT_TEXT, assert_user_error, dualblade_exe, min_budget, run_cli
 
 openai = pytest.importorskip("openai", reason="the test extra brings the openai client: pip install '.[test]'")
 pytest.importorskip("fastapi", reason="the server extra is missing: pip install '.[test]' (or '.[server]')")
@@ -27,9 +27,9 @@ GREEDY = {"temperature": 0, "seed": 0}
 class Server:
     """`dualblade serve ... --port 0` in a child process; its port read from the line it prints."""
 
-    def __init__(self, *args: str, tmp, env: dict | None = None):
+    def __init__(self, *args: str, tmp, env: dict | None = None, n_ctx: int = N_CTX):
         self.session_dir = tmp / "sessions"
-        cmd = [dualblade_exe(), "serve", "--port", "0", "-c", str(N_CTX), "--session-dir", str(self.session_dir),
+        cmd = [dualblade_exe(), "serve", "--port", "0", "-c", str(n_ctx), "--session-dir", str(self.session_dir),
                "--kv-dir", str(tmp), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
@@ -225,6 +225,34 @@ def test_disconnect_stops_generation(server, gemma_path):
     assert st["server"]["context_tokens"] < 600
     # the server goes on
     assert server.client().completions.create(model=model, prompt="Hello", max_tokens=2, **GREEDY).choices
+
+
+@pytest.mark.slow
+def test_a_disconnect_stops_a_long_prompt_within_its_batch(tmp_path_factory, heavy_path):
+    """On the CPU a long prompt is one batch of several ubatches, computed layer by layer in one llama_decode. A
+    client that hangs up while it is evaluated stops it within the batch (Engine.cancel -> Llama.abort_eval): the
+    server does not compute the rest of the prompt first, and none of the batch's tokens stay in the context (a
+    check between batches would have evaluated all of them). The next request is served."""
+    s = Server(str(heavy_path), "--queue", "1", "--policy", "direct", "--mem-budget",
+               str(min_budget(heavy_path, 4096, "direct")), tmp=tmp_path_factory.mktemp("abort"), n_ctx=4096)
+    try:
+        model = _model_id(heavy_path)
+
+        def written(st):
+            return sum(layer["bytes_written"] for layer in st["layers"])
+
+        before = s.kv()
+        conn = s.send("/v1/completions", {"model": model, "prompt": PROMPT_TEXT * 90, "max_tokens": 4, **GREEDY})
+        s.wait_for(lambda st: written(st) > written(before), "the prompt's evaluation did not start")
+        conn.sock.shutdown(2)
+        conn.close()
+        st = s.wait_for(lambda st: st["server"]["cancelled"] > before["server"]["cancelled"], "not cancelled")
+        assert st["server"]["context_tokens"] == 0, st["server"]
+        assert st["server"]["prompt_tokens_evaluated"] == before["server"]["prompt_tokens_evaluated"]
+        assert s.client().completions.create(model=model, prompt="Hello", max_tokens=2, **GREEDY).choices
+    finally:
+        log = s.stop()
+    assert "Traceback" not in log, log
 
 
 def test_queue_full_is_503_with_retry_after(server, gemma_path):

@@ -121,11 +121,11 @@ async def completions(request: Request, engine: Engine = Depends(authorized)):
 
 # --- answers -----------------------------------------------------------------------------------------------------
 
-async def _watch(request: Request, job: Job, until: asyncio.Event) -> None:
+async def _watch(request: Request, engine: Engine, job: Job, until: asyncio.Event) -> None:
     """Cancels the job when the client disconnects."""
     while not until.is_set():
         if await request.is_disconnected():
-            job.cancel.set()
+            engine.cancel(job)
             return
         try:
             await asyncio.wait_for(until.wait(), 0.25)
@@ -137,11 +137,11 @@ async def _answer(request: Request, engine: Engine, kind: str, kwargs: dict, bod
     job = Job(kind, kwargs, bool(body.stream), asyncio.get_running_loop())
     engine.submit(job)
     first_seen = asyncio.Event()
-    watcher = asyncio.create_task(_watch(request, job, first_seen))
+    watcher = asyncio.create_task(_watch(request, engine, job, first_seen))
     try:
         event, value = await job.events.get()  # the first chunk, the whole answer or an error
     except asyncio.CancelledError:
-        job.cancel.set()
+        engine.cancel(job)
         raise
     finally:
         first_seen.set()
@@ -179,6 +179,6 @@ async def _answer(request: Request, engine: Engine, kind: str, kwargs: dict, bod
                     return
                 ev, val = await job.events.get()
         finally:
-            job.cancel.set()  # the client went away (or the stream ended): nothing more is generated for it
+            engine.cancel(job)  # the client went away (or the stream ended): nothing more is generated for it
 
     return EventSourceResponse(events(), sep="\n", ping=15)

@@ -21,7 +21,7 @@ import llama_cpp
 import numpy as np
 
 from ..conversations import ConversationStore, common_prefix
-from ..errors import KVIOError, SessionError
+from ..errors import EvalAborted, KVIOError, SessionError
 from ..heap import release_idle_memory
 from ..llama import Llama
 from .api import ApiError
@@ -74,6 +74,7 @@ class Engine:
                          "released_after_requests": 0}  # how many requests had come when memory was last given back
         self._busy_s = []  # recent request durations, for Retry-After
         self._job: Job | None = None
+        self._job_lock = threading.Lock()  # the running job, against cancel() from the event loop
         self.created = int(time.time())
         self._context_prompt_len = 0  # the prompt of the conversation the context holds
         llm.before_prompt = self._before_prompt
@@ -93,10 +94,18 @@ class Engine:
                            headers={"Retry-After": str(retry)}) from None
         self.counters["requests"] += 1
 
+    def cancel(self, job: Job) -> None:
+        """The job's client went away: nothing more is computed for it. A running job's evaluation stops within a
+        node of llama.cpp's graph (Llama.abort_eval), not at the end of the prompt's batch."""
+        with self._job_lock:
+            job.cancel.set()
+            if self._job is job:
+                self.llm.abort_eval()
+
     def stop(self) -> None:
         job = self._job
         if job is not None:
-            job.cancel.set()
+            self.cancel(job)
         while True:
             try:
                 pending = self.queue.get_nowait()
@@ -142,12 +151,16 @@ class Engine:
                 self.counters["cancelled"] += 1
                 job.put("error", Cancelled())
                 continue
-            self._job = job
+            with self._job_lock:
+                self._job = job
+                self.llm.abort_eval(job.cancel.is_set())  # withdraws what a job before asked, or stops this one
             t0 = time.perf_counter()
             try:
                 self._serve(job)
             finally:
-                self._job = None
+                with self._job_lock:
+                    self._job = None
+                    self.llm.abort_eval(False)
                 self._busy_s = (self._busy_s + [time.perf_counter() - t0])[-16:]
 
     def _check_cancel(self, *args):
@@ -219,7 +232,7 @@ class Engine:
                 self.counters["saved"] += 1
             self.counters["completed"] += 1
             job.put("done", (result, usage))
-        except Cancelled:
+        except (Cancelled, EvalAborted):  # EvalAborted: cancel() stopped the evaluation mid-batch
             self.counters["cancelled"] += 1
             job.put("error", Cancelled())
         except KVIOError as e:

@@ -17,6 +17,7 @@
 #ifndef DUALBLADE_H
 #define DUALBLADE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -190,6 +191,13 @@ DBLADE_API int  dblade_kv_set_reserve(struct dblade_kv * kv, uint64_t reserve_by
  * reserves its compute buffers for that many, not for every token of the largest ubatch (n_vocab floats a
  * token: what makes a large prefill ubatch costly). 0: llama.cpp's default (n_batch). Before the context. */
 DBLADE_API int  dblade_kv_set_outputs_max(struct dblade_kv * kv, uint32_t n_outputs);
+/* Asks the evaluation in progress to stop (on != 0; from any thread), or withdraws the request (0). With
+ * dblade_kv_aborting installed as the context's abort callback (llama_set_abort_callback, data: kv), llama.cpp's
+ * CPU backend stops between two nodes of a graph and llama_decode returns 2, the batch's positions removed.
+ * The request stays until withdrawn. */
+DBLADE_API int  dblade_kv_abort(struct dblade_kv * kv, int on);
+/* The abort callback (ggml_abort_callback): whether dblade_kv_abort asked kv's evaluation to stop. */
+DBLADE_API bool dblade_kv_aborting(void * kv);
 /* Drops the caller's reference; caches still open keep the KV object alive until they close. */
 DBLADE_API void dblade_kv_release(struct dblade_kv * kv);
 /* Caches opened by this thread from now on belong to kv (NULL unbinds). */

@@ -317,6 +317,19 @@ int dblade_kv_set_outputs_max(struct dblade_kv * kv, uint32_t n_outputs) {
     return 0;
 }
 
+int dblade_kv_abort(struct dblade_kv * kv, int on) {
+    if (!kv) {
+        return -EINVAL;
+    }
+    atomic_store(&kv->abort, on != 0);
+    return 0;
+}
+
+bool dblade_kv_aborting(void * kv) {
+    // llama.cpp's CPU backend asks between the nodes of a graph: an atomic load, no lock
+    return kv && atomic_load(&((struct dblade_kv *) kv)->abort) != 0;
+}
+
 uint32_t dblade_kv_outputs_max(struct dblade_kv * kv) {
     return kv ? kv->outputs_max : 0;
 }

@@ -47,6 +47,7 @@ struct dblade_kv {
     uint64_t                     ring_bytes; // the VRAM tier's share of the allowance
     int                          state_mode; // enum dblade_state_mode
     uint32_t                     outputs_max; // what a context's ubatch asks for at most (0: llama.cpp's default)
+    _Atomic int                  abort;       // dblade_kv_abort: the evaluation in progress stops (not under lock)
     // the session file whose last commit this KV matched when it was saved or restored (sessionfile/):
     // a save to it writes only what changed since (the offloaded tensors' changed bits, pinned ones' sums)
     struct {
