@@ -1,8 +1,11 @@
 """`dualblade chat`: a streaming terminal chat, or a line-by-line responder on a pipe."""
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -10,7 +13,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from dualblade.errors import ConfigError, DualbladeError, KVIOError
+from dualblade.errors import ConfigError, DualbladeError, EvalAborted, KVIOError
 from dualblade.heap import fix_malloc_thresholds
 from dualblade.sizes import format_size
 
@@ -114,20 +117,21 @@ class Chat:
         try:
             stream = self._stream()
             self.llm.eval_progress = progress.update if progress else None
-            for delta in stream:
-                if t_first is None:
-                    delta = delta.lstrip()
-                    if not delta:
-                        continue
-                    t_first = time.perf_counter()
-                    if progress:
-                        progress.stop()
-                if self.one_line:  # a pipe: one answer, one line
-                    delta = delta.replace("\r", " ").replace("\n", " ")
-                parts.append(delta)
-                self.out.write(delta)
-                self.out.flush()
-        except KeyboardInterrupt:
+            with _interrupt_stops_eval(self.llm):
+                for delta in stream:
+                    if t_first is None:
+                        delta = delta.lstrip()
+                        if not delta:
+                            continue
+                        t_first = time.perf_counter()
+                        if progress:
+                            progress.stop()
+                    if self.one_line:  # a pipe: one answer, one line
+                        delta = delta.replace("\r", " ").replace("\n", " ")
+                    parts.append(delta)
+                    self.out.write(delta)
+                    self.out.flush()
+        except (KeyboardInterrupt, EvalAborted):
             interrupted = True
         except ConfigError:
             self.messages.pop()
@@ -370,6 +374,46 @@ def _turn(chat: Chat, line: str, console: Console, live: bool) -> bool:
 
 
 _KV_FIX = "check the KV storage (dmesg), or give another --kv-dir or --kv-device"
+
+
+@contextlib.contextmanager
+def _interrupt_stops_eval(llm):
+    """Ctrl-C stops an evaluation in llama.cpp too. Python raises KeyboardInterrupt only once the C call returns, and
+    on the CPU a long prompt's batch of several ubatches is one llama_decode: a thread woken by the signal's wakeup
+    byte asks the evaluation to stop (Llama.abort_eval), then the KeyboardInterrupt comes as usual. Outside the main
+    thread (no wakeup fd there) Ctrl-C waits for the batch, as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:
+        os.close(r)
+        os.close(w)
+        yield
+        return
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            got = os.read(r, 64)
+            if not done.is_set() and signal.SIGINT in got:
+                llm.abort_eval()
+
+    watcher = threading.Thread(target=watch, name="dualblade-chat-interrupt", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(old)
+        os.write(w, b"\0")  # wakes the watcher to end
+        watcher.join()
+        os.close(r)
+        os.close(w)
+        llm.abort_eval(False)  # a stop asked as the reply ended must not stop the next one
 
 
 def _interactive(chat: Chat, err: Console) -> None:

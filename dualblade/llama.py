@@ -394,11 +394,13 @@ class Llama(llama_cpp.Llama):
                     self._decode(batch, len(batch) if total <= placement.OUTPUTS_MAX else 1)
                 else:
                     super().eval(batch)
-            except RuntimeError:  # llama_cpp: "llama_decode returned N"
+            except BaseException as e:  # llama_cpp: RuntimeError "llama_decode returned N"
                 if not self._kv.aborting():
                     raise
-                self._kv.abort(False)
+                self._kv.abort(False)  # consumed
                 self._requires_eval = True
+                if not isinstance(e, RuntimeError):
+                    raise  # a KeyboardInterrupt raised as llama_decode returned (the signal that asked for the stop)
                 raise EvalAborted(f"the evaluation was stopped (abort_eval) after {done} of {total} tokens: the rest "
                                   "are not in the context; evaluate them again to go on") from None
             done += len(batch)

@@ -12,7 +12,7 @@ import time
 import pexpect
 import pytest
 
-from conftest import assert_user_error, dualblade_exe, min_budget, placement, run_cli
+from conftest import PROMPT_TEXT, assert_user_error, dualblade_exe, min_budget, placement, run_cli
 from conftest import no_traceback as _no_traceback
 from dualblade.gguf_header import model_info
 from dualblade.sizes import format_size
@@ -356,6 +356,31 @@ def test_tty_ctrl_c_stops_a_long_reply():
         child.expect(TTY_STATUS)
         child.expect(r"\n> ")
         assert child.isalive()
+    finally:
+        _finish(child)
+
+
+@pytest.mark.slow
+def test_tty_ctrl_c_stops_a_long_prompt_within_its_batch(heavy_path, tmp_path):
+    """On the CPU a long prompt is one batch of several ubatches, computed layer by layer in one llama_decode, where
+    Python's KeyboardInterrupt waits for the C call: Ctrl-C wakes a thread that stops the evaluation (abort_eval).
+    Stopped within the batch, the later layers have written nothing; a batch computed to its end writes every
+    layer (about 4 s here for this prompt). The chat goes on."""
+    child = _spawn(str(heavy_path), "-c", "4096", "-n", "4", "--temp", "0", "--policy", "direct", "--mem-budget",
+                   str(min_budget(heavy_path, 4096, "direct")), "--kv-dir", str(tmp_path))
+    try:
+        child.sendline((PROMPT_TEXT * 80).strip())  # about 2,900 tokens: one batch
+        time.sleep(1.0)
+        child.sendintr()
+        child.expect(TTY_STATUS)
+        child.expect(r"\n> ")
+        written = [row.split("│")[6].strip() for row in _stats_table(child).splitlines()
+                   if re.match(r"│\s+\d+ │ direct", row)]
+        assert len(written) == 16 and written[-1] == "0 B", written
+        child.sendline("Hello")
+        child.expect(TTY_STATUS)
+        child.expect(r"\n> ")
+        _exit_cleanly(child)
     finally:
         _finish(child)
 
