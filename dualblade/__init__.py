@@ -36,8 +36,8 @@ def _one_cxx_runtime() -> None:
 _one_cxx_runtime()
 
 from . import chat_formats  # noqa: E402,F401  (registers the formats)
-from .errors import (BudgetError, ConfigError, DualbladeError, EvalAborted, FlashAttentionWarning, ModelError,  # noqa: E402
-                     PinnedMemoryWarning, StoreError)
+from .errors import (BudgetError, ConfigError, DualbladeError, EvalAborted,  # noqa: E402
+                     FlashAttentionWarning, ModelError, PinnedMemoryWarning, StoreError)
 from .llama import KVIOError, Llama  # noqa: E402
 from .sizes import format_size, parse_size  # noqa: E402
 

@@ -13,7 +13,8 @@ import numpy as np
 from . import _native, llama_log, placement, sessions, vram
 from .config import KVConfig, check_cache_type_args, check_context_args, check_model_file, size_arg
 from .errors import KVIOError  # noqa: F401 (re-exported)
-from .errors import BudgetError, ConfigError, EvalAborted, FlashAttentionWarning, ModelError, PinnedMemoryWarning, StoreError
+from .errors import (BudgetError, ConfigError, EvalAborted, FlashAttentionWarning, ModelError, PinnedMemoryWarning,
+                     StoreError)
 from .gguf_header import GGML_TYPE_NAMES, RECURRENT_ARCHS, model_info
 from .sizes import format_size
 from .speculative import Speculation
