@@ -78,6 +78,14 @@ int main(void) {
     close_all();
 
     CHECK_EQ(dblade_kv_prefill_segments(NULL, 3, N, starts, N), 0u);
+
+    // the rule Python sizes its batches by: layer by layer unless layers are streamed into VRAM
+    CHECK(dblade_prefill_layer_major(0) && !dblade_prefill_layer_major(1));
+    setenv("DUALBLADE_LAYER_MAJOR", "1", 1);
+    CHECK(dblade_prefill_layer_major(0) && dblade_prefill_layer_major(1));
+    setenv("DUALBLADE_LAYER_MAJOR", "0", 1);
+    CHECK(!dblade_prefill_layer_major(0) && !dblade_prefill_layer_major(1));
+    unsetenv("DUALBLADE_LAYER_MAJOR");
     rmdir(dir);
     printf("test_segments: ok\n");
     return 0;
