@@ -247,6 +247,20 @@ def tiny_direct_budget(model) -> int:
     return min_budget(model, TINY_DIRECT_CTX, "direct")
 
 
+def heavy_direct(model, kv_dir, n_ctx: int = 4096, **kw):
+    """A dualblade.Llama on kv-heavy whose layers are all on the direct path (the minimum budget), its store in
+    kv_dir, flash attention on; kw: more."""
+    from dualblade import Llama
+
+    return Llama(str(model), n_ctx=n_ctx, mem_budget=min_budget(model, n_ctx, "direct"), kv_policy="direct",
+                 kv_dir=str(kv_dir), flash_attn=True, verbose=False, **kw)
+
+
+def kv_written(stats: dict) -> int:
+    """The bytes every layer has written to storage, from kv_stats() (or a server's /v1/kv)."""
+    return sum(layer["bytes_written"] for layer in stats["layers"])
+
+
 def tiny_direct(model, **kw):
     """A dualblade.Llama on the tiny model whose 8 layers are all on the direct path; kw: the store and more."""
     from dualblade import Llama

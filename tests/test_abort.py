@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from conftest import last_logits, min_budget, prompt_tokens
-from dualblade import EvalAborted, Llama
+from conftest import heavy_direct, kv_written, last_logits, prompt_tokens
+from dualblade import EvalAborted
 
 N_CTX = 4096
 PROMPT = 3600
@@ -23,12 +23,11 @@ PROMPT = 3600
 
 def _direct(heavy_path, tmp_path, **kw):
     tmp_path.mkdir()
-    return Llama(str(heavy_path), n_ctx=N_CTX, mem_budget=min_budget(heavy_path, N_CTX, "direct"), kv_policy="direct",
-                 kv_dir=str(tmp_path), flash_attn=True, verbose=False, **kw)
+    return heavy_direct(heavy_path, tmp_path, N_CTX, **kw)
 
 
 def _written(llm) -> int:
-    return sum(layer["bytes_written"] for layer in llm.kv_stats()["layers"])
+    return kv_written(llm.kv_stats())
 
 
 def _abort_once_under_way(llm, written0: int, after: int, seen: list) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import last_logits, min_budget, prompt_tokens
+from conftest import heavy_direct, last_logits, min_budget, prompt_tokens
 from dualblade import Llama, placement
 from dualblade.gguf_header import model_info
 
@@ -27,8 +27,7 @@ def _bytes(llm) -> tuple[int, int]:
 
 
 def _direct(heavy_path, tmp_path, **kw):
-    return Llama(str(heavy_path), n_ctx=N_CTX, mem_budget=min_budget(heavy_path, N_CTX, "direct"), kv_policy="direct",
-                 kv_dir=str(tmp_path), flash_attn=True, verbose=False, **kw)
+    return heavy_direct(heavy_path, tmp_path, N_CTX, **kw)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import PROMPT_TEXT, assert_user_error, dualblade_exe, min_budget, run_cli
+from conftest import PROMPT_TEXT, assert_user_error, dualblade_exe, kv_written, min_budget, run_cli
 
 openai = pytest.importorskip("openai", reason="the test extra brings the openai client: pip install '.[test]'")
 pytest.importorskip("fastapi", reason="the server extra is missing: pip install '.[test]' (or '.[server]')")
@@ -237,13 +237,9 @@ def test_a_disconnect_stops_a_long_prompt_within_its_batch(tmp_path_factory, hea
                str(min_budget(heavy_path, 4096, "direct")), tmp=tmp_path_factory.mktemp("abort"), n_ctx=4096)
     try:
         model = _model_id(heavy_path)
-
-        def written(st):
-            return sum(layer["bytes_written"] for layer in st["layers"])
-
         before = s.kv()
         conn = s.send("/v1/completions", {"model": model, "prompt": PROMPT_TEXT * 90, "max_tokens": 4, **GREEDY})
-        s.wait_for(lambda st: written(st) > written(before), "the prompt's evaluation did not start")
+        s.wait_for(lambda st: kv_written(st) > kv_written(before), "the prompt's evaluation did not start")
         conn.sock.shutdown(2)
         conn.close()
         st = s.wait_for(lambda st: st["server"]["cancelled"] > before["server"]["cancelled"], "not cancelled")
